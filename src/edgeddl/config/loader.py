@@ -1,0 +1,180 @@
+"""Strict TOML loading of scenarios into typed configs, `--set` overrides, and saving.
+
+Unknown keys, wrong types and impossible values all become one `ConfigError` whose message
+starts with the dotted key (``train.lr: expected a number, got 'fast'``). `--set key=value`
+edits the raw TOML table before validation, so it goes through exactly the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomli_w
+
+from edgeddl.config.schema import Scenario
+
+T = TypeVar("T")
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+DEFAULT_SCENARIO = "paper_fleet"
+
+
+class ConfigError(ValueError):
+    """A scenario, override or profile file that cannot be used; the message is one line."""
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    if get_origin(tp) is list:
+        return "a list"
+    return "a table"
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {value!r}")
+        _, item = get_args(tp)
+        return {k: _convert(item, v, f"{path}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{path}: union types are not supported in configs")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key; {hint}allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: missing; expected {_type_name(hints[name])}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        # Section checks name the field; the root Scenario's checks name the whole key.
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as `ring` is a string
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` to a raw scenario table (list items by index: devices.0)."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.1")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index below {len(node)}")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {where} is not a table")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index below {len(node)}")
+        node[int(last)] = _parse_value(text.strip())
+    elif isinstance(node, dict):
+        node[last] = _parse_value(text.strip())
+    else:
+        raise ConfigError(f"--set {key}: the parent of {last!r} is not a table")
+
+
+def resolve_path(spec: str | Path | None) -> Path:
+    """A scenario path, or the name of a bundled scenario (`edgeddl run paper_fleet`)."""
+    if spec is None:
+        spec = DEFAULT_SCENARIO
+    path = Path(spec)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_DIR / f"{path.stem if path.suffix == '.toml' else spec}.toml"
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_DIR.glob("*.toml")))
+    raise ConfigError(
+        f"scenario {str(spec)!r}: no such file and no bundled scenario; bundled: {names}"
+    )
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def load_scenario(
+    spec: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Scenario:
+    """Load a scenario file (or bundled name), apply `--set` overrides, validate everything."""
+    path = resolve_path(spec)
+    raw = read_toml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return scenario_from_dict(raw)
+
+
+def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
+    return from_dict(Scenario, raw)
+
+
+def to_toml(scenario: Scenario) -> str:
+    """The resolved scenario as TOML; loading it back gives an equal Scenario."""
+    return tomli_w.dumps(dataclasses.asdict(scenario))

@@ -1,0 +1,282 @@
+"""Typed scenario configuration: one dataclass per section of a scenario file.
+
+Every field has a default that makes sense on its own, a docstring, and a check in
+``__post_init__`` that raises ``ValueError`` with a message naming the field and what is
+allowed. The loader (``edgeddl.config.loader``) prefixes the section path, so a user sees
+``train.global_batch: must be >= 1 (got 0)``. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic"]
+ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56"]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceProfile:
+    """How fast one class of device trains, and what it can hold."""
+
+    flops_per_s: float
+    """Effective training throughput in FLOP/s (forward + backward), not the datasheet peak."""
+    memory_bytes: float
+    """Memory available to training (parameters, gradients, optimizer state, activations)."""
+    step_overhead_s: float = 0.0
+    """Fixed cost of one training step whatever its batch and model (loop, data hand-off)."""
+    op_overhead_s: float = 0.0
+    """Cost of dispatching one operator (framework, kernel launch), times the model's count."""
+    io_bytes_per_s: float = 100e6
+    """Sustained read throughput of the device's storage, for data-loading time."""
+    source: str = ""
+    """Where the numbers come from: a paper, a datasheet, or `edgeddl calibrate`."""
+
+    def __post_init__(self) -> None:
+        _require(self.flops_per_s > 0, f"flops_per_s must be > 0 (got {self.flops_per_s})")
+        _require(self.memory_bytes > 0, f"memory_bytes must be > 0 (got {self.memory_bytes})")
+        _require(self.step_overhead_s >= 0, "step_overhead_s must be >= 0")
+        _require(self.op_overhead_s >= 0, "op_overhead_s must be >= 0")
+        _require(self.io_bytes_per_s > 0, f"io_bytes_per_s must be > 0 (got {self.io_bytes_per_s})")
+
+
+@dataclass(kw_only=True, slots=True)
+class LinkProfile:
+    """One device's network link to the rest of the fleet."""
+
+    up_bps: float
+    """Uplink bandwidth in bit/s."""
+    down_bps: float
+    """Downlink bandwidth in bit/s."""
+    latency_s: float = 0.0
+    """One-way latency in seconds."""
+    jitter_s: float = 0.0
+    """Mean extra one-way delay per transfer, drawn from an exponential distribution."""
+    loss: float = 0.0
+    """Packet loss probability; each lost packet is resent and costs one round trip."""
+    source: str = ""
+    """Where the numbers come from."""
+
+    def __post_init__(self) -> None:
+        _require(self.up_bps > 0, f"up_bps must be > 0 bit/s (got {self.up_bps})")
+        _require(self.down_bps > 0, f"down_bps must be > 0 bit/s (got {self.down_bps})")
+        _require(self.latency_s >= 0, f"latency_s must be >= 0 (got {self.latency_s})")
+        _require(self.jitter_s >= 0, f"jitter_s must be >= 0 (got {self.jitter_s})")
+        _require(0 <= self.loss < 1, f"loss must be in [0, 1) (got {self.loss})")
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceGroup:
+    """One device, or `count` identical devices named NAME-0 .. NAME-(count-1)."""
+
+    name: str
+    profile: str
+    """A built-in device profile (`edgeddl profiles` lists them) or one from [profiles]."""
+    link: str = "lan"
+    """A built-in link profile or one from [links]."""
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name must not be empty")
+        _require(self.count >= 1, f"count must be >= 1 (got {self.count})")
+
+    def device_names(self) -> list[str]:
+        if self.count == 1:
+            return [self.name]
+        return [f"{self.name}-{i}" for i in range(self.count)]
+
+
+@dataclass(kw_only=True, slots=True)
+class CoordinatorConfig:
+    """The node that schedules steps and, in the star topology, aggregates."""
+
+    profile: str = "pc"
+    link: str = "lan"
+
+
+@dataclass(kw_only=True, slots=True)
+class FleetConfig:
+    devices: list[DeviceGroup] = field(default_factory=list)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    failure_detection_s: float = 1.0
+    """Time for the others to notice a crashed device (torchft heartbeat measured here: 1.1 s)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.devices) > 0, "devices must list at least one device")
+        _require(self.failure_detection_s >= 0, "failure_detection_s must be >= 0")
+        names = [n for g in self.devices for n in g.device_names()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _require(not dup, f"devices: duplicate device name(s) {dup}")
+
+    def device_names(self) -> list[str]:
+        return [n for g in self.devices for n in g.device_names()]
+
+
+@dataclass(kw_only=True, slots=True)
+class EventConfig:
+    """A membership change at a virtual time: a device leaves, joins, or crashes."""
+
+    at_s: float
+    device: str
+    """A device name, or a group name for every device of the group."""
+    action: Literal["leave", "join", "crash"]
+
+    def __post_init__(self) -> None:
+        _require(self.at_s >= 0, f"at_s must be >= 0 (got {self.at_s})")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    dataset: DatasetName = "mnist1d"
+    root: str = ""
+    """Folder of a local data set (CIFAR-10 in its python format); nothing is downloaded."""
+    num_samples: int = 0
+    """Samples to generate (mnist1d, synthetic); 0 keeps the data set's default."""
+    input_shape: list[int] = field(default_factory=list)
+    """Sample shape for `synthetic`, channel-first; empty for its default (1, 40)."""
+    num_classes: int = 10
+    """Classes for `synthetic`."""
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = 0.5
+    """Dirichlet concentration for `partition = "dirichlet"`: small is more skewed."""
+    shard_sizes: Literal["equal", "capability"] = "equal"
+    """Equal shards per device, or shards proportional to each device's training speed."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 0, f"num_samples must be >= 0 (got {self.num_samples})")
+        _require(self.alpha > 0, f"alpha must be > 0 (got {self.alpha})")
+        _require(self.num_classes >= 2, f"num_classes must be >= 2 (got {self.num_classes})")
+        _require(all(d >= 1 for d in self.input_shape), "input_shape entries must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: ModelName = "cnn1d"
+    width: int = 0
+    """Model width (hidden units, channels); 0 keeps the model's default."""
+
+    def __post_init__(self) -> None:
+        _require(self.width >= 0, f"width must be >= 0 (got {self.width})")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    strategy: Literal["data_parallel"] = "data_parallel"
+    topology: Literal["star", "ring"] = "star"
+    """star: a parameter server on the coordinator; ring: all-reduce among the devices."""
+    balance: Literal["capability", "min_time", "equal"] = "capability"
+    """capability: shares proportional to device speed; min_time: shares that minimise the
+    step time given fixed per-step costs (a device whose fixed costs exceed the step gets no
+    samples, and its data goes unused); equal: the foil."""
+    global_batch: int = 256
+    num_steps: int = 300
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    eval_every: int = 25
+    """Evaluate on the test set every this many steps (and after the last)."""
+    max_virtual_time_s: float = 0.0
+    """Stop once virtual time passes this; 0 for no limit."""
+
+    def __post_init__(self) -> None:
+        _require(self.global_batch >= 1, f"global_batch must be >= 1 (got {self.global_batch})")
+        _require(self.num_steps >= 1, f"num_steps must be >= 1 (got {self.num_steps})")
+        _require(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        _require(0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})")
+        _require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _require(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
+        _require(self.max_virtual_time_s >= 0, "max_virtual_time_s must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    threads: int = 0
+    """torch CPU threads for the simulator; 0 lets torch decide."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name must not be empty")
+        _require(self.threads >= 0, f"threads must be >= 0 (got {self.threads})")
+
+
+@dataclass(kw_only=True, slots=True)
+class Scenario:
+    """A whole job: the fleet, the data, the model, how to train, and what happens when."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    fleet: FleetConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    events: list[EventConfig] = field(default_factory=list)
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
+    """Device profiles of your own, beside the built-ins (`edgeddl calibrate` writes one)."""
+    links: dict[str, LinkProfile] = field(default_factory=dict)
+    """Link profiles of your own, beside the built-ins."""
+
+    def __post_init__(self) -> None:
+        # Lazy: the catalog lives in the fleet layer, which builds on these classes.
+        from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
+
+        devices = {**DEVICE_PROFILES, **self.profiles}
+        links = {**LINK_PROFILES, **self.links}
+        nodes = [
+            (f"fleet.devices[{i}]", g.profile, g.link) for i, g in enumerate(self.fleet.devices)
+        ]
+        nodes.append(
+            ("fleet.coordinator", self.fleet.coordinator.profile, self.fleet.coordinator.link)
+        )
+        for where, profile, link in nodes:
+            _require(
+                profile in devices,
+                f"{where}.profile: unknown profile {profile!r}; "
+                f"allowed: {', '.join(sorted(devices))}",
+            )
+            _require(
+                link in links,
+                f"{where}.link: unknown link {link!r}; allowed: {', '.join(sorted(links))}",
+            )
+        self._check_events()
+
+    def _check_events(self) -> None:
+        groups = {g.name: g.device_names() for g in self.fleet.devices}
+        present: dict[str, bool] = {}
+        for name in self.fleet.device_names():  # a first event `join` means absent at start
+            first = min(
+                (e for e in self.events if name in self.event_devices(e, groups)),
+                key=lambda e: e.at_s,
+                default=None,
+            )
+            present[name] = not (first is not None and first.action == "join")
+        for i, e in enumerate(sorted(self.events, key=lambda e: e.at_s)):
+            targets = self.event_devices(e, groups)
+            _require(
+                bool(targets),
+                f"events[{i}].device: unknown device {e.device!r}; "
+                f"allowed: a device or group name from [fleet]",
+            )
+            for name in targets:
+                if e.action == "join":
+                    _require(
+                        not present[name],
+                        f"events: {name!r} joins at {e.at_s} s but is already in the fleet then",
+                    )
+                else:
+                    _require(
+                        present[name],
+                        f"events: {name!r} cannot {e.action} at "
+                        f"{e.at_s} s: it is not in the fleet then",
+                    )
+                present[name] = e.action == "join"
+
+    @staticmethod
+    def event_devices(event: EventConfig, groups: dict[str, list[str]]) -> list[str]:
+        if event.device in groups:
+            return groups[event.device]
+        return [event.device] if any(event.device in g for g in groups.values()) else []

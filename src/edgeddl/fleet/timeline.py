@@ -1,0 +1,43 @@
+"""One step's timeline: what each participating device did, in virtual seconds.
+
+A device goes through a sequence of phases (communication, data loading, compute, idle) whose
+durations add up to the step's length for it; a crash cuts the sequence short.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STATES = ("compute", "data_loading", "communication", "idle")
+
+
+@dataclass(slots=True)
+class StepTimeline:
+    """What one step cost each participant; arrays are aligned with `devices`."""
+
+    start_s: float
+    end_s: float
+    devices: np.ndarray
+    contributed: np.ndarray
+    """True where the device's work made it into the aggregate (False: crashed)."""
+    phases: list[tuple[str, np.ndarray]]
+    """(state, seconds) in the order the device went through them; sums to its time."""
+    bytes_up: np.ndarray
+    bytes_down: np.ndarray
+
+    def seconds(self, state: str) -> np.ndarray:
+        return sum((d for s, d in self.phases if s == state), np.zeros(len(self.devices)))
+
+
+def truncate_phases(
+    phases: list[tuple[str, np.ndarray]], limit: np.ndarray
+) -> list[tuple[str, np.ndarray]]:
+    """Cut each device's phase sequence at `limit` seconds (a crash ends the device's step)."""
+    out, used = [], np.zeros_like(limit)
+    for state, d in phases:
+        take = np.clip(limit - used, 0.0, d)
+        out.append((state, take))
+        used = used + take
+    return out

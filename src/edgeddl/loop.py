@@ -1,0 +1,248 @@
+"""The reference loop: a scenario trained on the simulated fleet, step by step.
+
+Per step: membership changes due by now take effect; the global batch is balanced over the
+members; the fleet model gives each device's data-loading and compute time for its share;
+the simulated transport lays out the exchange on the links and says whose work arrived
+(crashes lose work); the strategy applies the update from the devices that contributed; the
+clock moves to the step's end; the recorder adds it all up. The maths is real, the clock is
+virtual.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from edgeddl.config.loader import load_scenario, to_toml
+from edgeddl.config.schema import Scenario
+from edgeddl.data import DatasetInfo, ShardSampler, load_dataset, partition
+from edgeddl.fleet.clock import FleetSchedule, VirtualClock
+from edgeddl.fleet.fleet import Fleet
+from edgeddl.models import build_model, model_cost
+from edgeddl.report.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from edgeddl.report.plots import plot_accuracy, plot_timeline
+from edgeddl.report.progress import ProgressDisplay
+from edgeddl.report.recorder import RunRecorder
+from edgeddl.strategy.balance import balance_shares
+from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.transport.sim import SimTransport
+
+OPTIMIZER_STATE_COPIES = 4
+"""Parameter-sized buffers a device holds: weights, gradients, momentum, a received copy."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    model: nn.Module
+
+
+def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of a data set as (inputs, int64 labels) held in memory (the simulator's data)."""
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
+        x, y = ds.tensors
+    else:
+        loader = torch.utils.data.DataLoader(ds, batch_size=4096)
+        xs, ys = zip(*loader, strict=True)
+        x, y = torch.cat(xs), torch.cat(ys)
+    return x.float(), y.long()
+
+
+def _default_run_dir(scenario: Scenario) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{scenario.run.name}-{stamp}"
+
+
+def run(
+    config: Scenario | str | Path | None = None,
+    *,
+    model: nn.Module | None = None,
+    train_set: Dataset | None = None,
+    test_set: Dataset | None = None,
+    loss_fn: LossFn | None = None,
+    out_dir: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+) -> RunResult:
+    """Train `config` (a Scenario, a scenario file, or a bundled scenario name) on the
+    simulated fleet and write its run folder.
+
+    Bring your own `model` (any nn.Module) and `train_set`/`test_set` (any torch Dataset of
+    (input, class index) pairs) to replace the scenario's; `loss_fn` must average over samples.
+    """
+    scenario = config if isinstance(config, Scenario) else load_scenario(config, overrides)
+    wall_start = time.perf_counter()
+    seed = scenario.run.seed
+    torch.manual_seed(seed)
+    if scenario.run.threads:
+        torch.set_num_threads(scenario.run.threads)
+
+    d = scenario.data
+    custom_data, custom_model = train_set is not None, model is not None
+    if (train_set is None) != (test_set is None):
+        raise ValueError("pass both train_set and test_set, or neither")
+    if train_set is None or test_set is None:
+        train_set, test_set, info = load_dataset(
+            d.dataset,
+            root=d.root,
+            seed=seed,
+            num_samples=d.num_samples,
+            input_shape=tuple(d.input_shape),
+            num_classes=d.num_classes,
+        )
+    x_train, y_train = _tensors(train_set)
+    x_test, y_test = _tensors(test_set)
+    info = DatasetInfo(
+        name="custom" if custom_data else d.dataset,
+        input_shape=tuple(x_train.shape[1:]),
+        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        sample_bytes=x_train[0].numel() * x_train.element_size(),
+    )
+    if model is None:
+        model = build_model(
+            scenario.model.name,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
+            width=scenario.model.width,
+        )
+    cost = model_cost(model, info.input_shape)
+
+    fleet = Fleet.from_scenario(scenario)
+    schedule = FleetSchedule(scenario)
+    clock = VirtualClock()
+    per_sample_s = fleet.seconds_per_sample(cost.train_flops_per_sample, info.sample_bytes)
+    weights = 1.0 / per_sample_s if d.shard_sizes == "capability" else None
+    shards = partition(
+        y_train, fleet.num_devices, scheme=d.partition, alpha=d.alpha, seed=seed, weights=weights
+    )
+    sampler = ShardSampler(shards, seed)
+    strategy = DataParallel(model, scenario.train, **({"loss_fn": loss_fn} if loss_fn else {}))
+    t = scenario.train
+    transport = SimTransport(fleet, t.topology, seed)
+    up_bytes, down_bytes = strategy.payload_bytes()
+    caps = fleet.max_samples(
+        OPTIMIZER_STATE_COPIES * cost.param_bytes,
+        2 * cost.activation_bytes_per_sample + info.sample_bytes,
+    )
+
+    run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(scenario)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
+    rec = RunRecorder(fleet.names, fleet.profile_names, fleet.link_names)
+
+    members_key: tuple[int, ...] = ()
+    shares = np.zeros(0, dtype=np.int64)
+    active = np.zeros(0, dtype=np.int64)
+    last_participants: set[int] = set()
+    last_loss, step = float("nan"), 0
+    with ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress) as display:
+        while step < t.num_steps:
+            for ev in schedule.advance_to(clock.now_s):
+                rec.add_event(ev.at_s, ev.device, ev.action)
+            members = tuple(schedule.members())
+            if not members:  # everyone is gone: wait for the next join, or stop
+                nxt = schedule.next_event_s()
+                if nxt is None:
+                    break
+                clock.advance_to(nxt)
+                continue
+            if members != members_key:  # rebalance only when membership changes
+                members_key = members
+                idx = np.asarray(members, dtype=np.int64)
+                fixed = fleet.fixed_step_s(cost.ops_per_step)[idx] + transport.expected_link_s(
+                    idx, up_bytes, down_bytes
+                )
+                all_shares = balance_shares(
+                    t.global_batch, per_sample_s[idx], fixed, caps[idx], t.balance
+                )
+                active, shares = idx[all_shares > 0], all_shares[all_shares > 0]
+            data_s, compute_s = fleet.work_time_s(
+                active, shares, cost.train_flops_per_sample, info.sample_bytes, cost.ops_per_step
+            )
+            needs_model = np.array([int(i) not in last_participants for i in active])
+            if step == 0:
+                needs_model[:] = False  # every replica starts from the same seeded model
+            tl = transport.step(
+                clock.now_s,
+                active,
+                data_s,
+                compute_s,
+                up_bytes,
+                down_bytes,
+                schedule.crash_times(clock.now_s, np.inf),
+                needs_model,
+                strategy.aggregation_flops(),
+            )
+            picks = [sampler.take(int(i), int(n)) for i, n in zip(active, shares, strict=True)]
+            ok = np.flatnonzero(tl.contributed)
+            if len(ok):
+                rows = torch.from_numpy(np.concatenate([picks[k] for k in ok]))
+                last_loss = strategy.step(
+                    x_train[rows], y_train[rows], [int(shares[k]) for k in ok]
+                )
+            clock.advance_to(tl.end_s)
+            rec.add_step(tl, shares, last_loss if len(ok) else float("nan"))
+            last_participants = {int(i) for i in active[tl.contributed]}
+            step += 1
+            done = step == t.num_steps or (
+                t.max_virtual_time_s and clock.now_s >= t.max_virtual_time_s
+            )
+            if step % t.eval_every == 0 or done:
+                test_loss, acc = strategy.evaluate(x_test, y_test)
+                row = rec.add_eval(
+                    step=step,
+                    virtual_time_s=clock.now_s,
+                    wall_time_s=time.perf_counter() - wall_start,
+                    test_loss=test_loss,
+                    test_accuracy=acc,
+                    num_members=len(members),
+                )
+                write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
+                display.update(step, clock.now_s, row["train_loss"], acc)
+            else:
+                display.update(step, clock.now_s)
+            if done:
+                break
+        if not rec.evals:  # stopped before any evaluation (the fleet emptied)
+            test_loss, acc = strategy.evaluate(x_test, y_test)
+            rec.add_eval(
+                step=step,
+                virtual_time_s=clock.now_s,
+                wall_time_s=time.perf_counter() - wall_start,
+                test_loss=test_loss,
+                test_accuracy=acc,
+                num_members=0,
+            )
+            write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
+
+        summary = rec.summary(
+            virtual_time_s=clock.now_s,
+            wall_time_s=time.perf_counter() - wall_start,
+            extra={
+                "scenario": scenario.run.name,
+                "strategy": t.strategy,
+                "topology": t.topology,
+                "balance": t.balance,
+                "dataset": info.name,
+                "model": {
+                    "name": "custom" if custom_model else scenario.model.name,
+                    "num_params": cost.num_params,
+                    "train_flops_per_sample": cost.train_flops_per_sample,
+                },
+                "num_crashes": schedule.num_crashes,
+            },
+        )
+        write_json_atomic(run_dir / "summary.json", summary)
+        plot_accuracy(rec.evals, run_dir / "accuracy.png", f"{scenario.run.name}: test accuracy")
+        plot_timeline(rec, run_dir / "timeline.png")
+        display.print_summary(summary, str(run_dir))
+    return RunResult(run_dir=run_dir, summary=summary, model=model)

@@ -1,0 +1,75 @@
+"""PNG plots of a run: accuracy against virtual time, and each device's busy/idle timeline."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+
+from edgeddl.report.files import write_bytes_atomic
+from edgeddl.report.recorder import RunRecorder
+
+COLORS = {
+    "compute": "#2b8a3e",
+    "data_loading": "#f08c00",
+    "communication": "#1c7ed6",
+    "idle": "#ced4da",
+}
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_accuracy(evals: list[dict[str, Any]], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(
+        [r["virtual_time_s"] for r in evals],
+        [r["test_accuracy"] for r in evals],
+        marker="o",
+        markersize=3,
+    )
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_timeline(rec: RunRecorder, path: Path, max_devices: int = 40) -> None:
+    """Horizontal bars per device over the first steps, coloured by what it was doing."""
+    devices = sorted({s.device for s in rec.timeline})[:max_devices]
+    row = {d: i for i, d in enumerate(devices)}
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(devices) + 1.6))
+    for state, color in COLORS.items():
+        for d in devices:
+            bars = [
+                (s.start_s, s.seconds) for s in rec.timeline if s.device == d and s.state == state
+            ]
+            if bars:
+                ax.broken_barh(bars, (row[d] - 0.4, 0.8), facecolors=color, linewidth=0)
+    ax.set_yticks(range(len(devices)), [rec.names[d] for d in devices], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("virtual time (s)")
+    steps = min(rec.num_steps, max(1, len({s.start_s for s in rec.timeline})))
+    ax.set_title(f"device timeline, first {steps} steps")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    ax.legend(
+        handles,
+        list(COLORS),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25 if len(devices) < 8 else -0.08),
+        ncol=4,
+        fontsize=8,
+        frameon=False,
+    )
+    _save(fig, path)

@@ -1,0 +1,107 @@
+"""Capability-aware batch balancing: split a fixed global batch by what devices can do.
+
+Each device's time for a step is linear in its share ``b``: ``t_i(b) = fixed_i + b * per_i``
+(``per_i`` its seconds per sample, ``fixed_i`` its per-step overheads plus, in the star
+topology, its own transfer times). Three modes:
+
+* ``capability`` — shares proportional to speed ``1 / per_i``: every member takes part, so
+  every shard of data is used, and compute finishes together when fixed costs are small.
+* ``min_time`` — minimise the slowest device's time: every busy device finishes at the same
+  ``T`` (water-filling, ``b_i = (T - fixed_i) / per_i``), so slow or far devices get less, and
+  a device whose fixed costs alone exceed ``T`` sits the step out (its data goes unused).
+* ``equal`` — the foil.
+
+Shares are rounded to whole samples (largest remainder) within each device's memory cap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class BalanceError(ValueError):
+    """The global batch cannot be placed on the devices (e.g. it does not fit in memory)."""
+
+
+def _round_to(total: int, ideal: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    base = np.minimum(np.floor(ideal).astype(np.int64), cap)
+    left = total - int(base.sum())
+    if left > 0:
+        frac = ideal - np.floor(ideal)
+        order = np.argsort(-frac, kind="stable")
+        for i in order:  # at most len(ideal) passes, usually `left` < number of devices
+            if left == 0:
+                break
+            if base[i] < cap[i]:
+                base[i] += 1
+                left -= 1
+        while left > 0:  # rounding met caps: fill wherever room is left
+            room = np.flatnonzero(base < cap)
+            take = min(left, len(room))
+            base[room[:take]] += 1
+            left -= take
+    return base
+
+
+def _capped_proportional(total: int, weight: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Real shares proportional to `weight`, capped; what a cap cuts goes to the others."""
+    ideal = np.zeros(len(weight))
+    free = np.ones(len(weight), dtype=bool)
+    left = float(total)
+    while left > 1e-9 and free.any():
+        share = left * weight * free / weight[free].sum()
+        over = free & (ideal + share > cap)
+        if not over.any():
+            return ideal + share
+        ideal[over] = cap[over]
+        free &= ~over
+        left = total - ideal.sum()
+    return ideal
+
+
+def balance_shares(
+    global_batch: int,
+    per_sample_s: np.ndarray,
+    fixed_s: np.ndarray,
+    cap: np.ndarray,
+    mode: str = "capability",
+) -> np.ndarray:
+    """Integer samples per device summing to `global_batch` (see the module docstring)."""
+    n = len(per_sample_s)
+    if n == 0:
+        raise BalanceError("no device is in the fleet to take the batch")
+    cap = np.asarray(cap, dtype=np.int64)
+    if int(cap.sum()) < global_batch:
+        raise BalanceError(
+            f"global batch {global_batch} does not fit in the devices' memory "
+            f"(room for {int(cap.sum())} samples); lower train.global_batch"
+        )
+    if mode == "equal":
+        ideal = np.full(n, global_batch / n)
+        if np.any(ideal > cap):
+            raise BalanceError(
+                f"an equal share of {global_batch / n:.0f} samples exceeds a "
+                "device's memory; lower train.global_batch or use "
+                'balance = "capability"'
+            )
+        return _round_to(global_batch, ideal, cap)
+    per = np.asarray(per_sample_s, dtype=np.float64)
+    if mode == "capability":
+        return _round_to(global_batch, _capped_proportional(global_batch, 1.0 / per, cap), cap)
+    if mode != "min_time":
+        raise ValueError(f"unknown balance mode {mode!r}; allowed: capability, min_time, equal")
+    fixed = np.asarray(fixed_s, dtype=np.float64)
+
+    def placed(t: float) -> float:
+        return float(np.clip((t - fixed) / per, 0.0, cap).sum())
+
+    lo, hi = float(fixed.min()), float((fixed + per * global_batch).max())
+    for _ in range(100):  # bisection on the common finish time
+        mid = 0.5 * (lo + hi)
+        if placed(mid) < global_batch:
+            lo = mid
+        else:
+            hi = mid
+    ideal = np.clip((hi - fixed) / per, 0.0, cap)
+    ideal *= global_batch / ideal.sum()
+    return _round_to(global_batch, np.minimum(ideal, cap), cap)

@@ -1,0 +1,211 @@
+"""The simulated transport: when each device's payloads arrive, on the virtual clock.
+
+Given who takes part in a step, their local work times and the real payload sizes, it lays
+out the step on each device's link (``edgeddl.fleet.link``) for one of two topologies:
+
+* ``star`` — parameter server on the coordinator. A step is: the coordinator sends the
+  parameters to every device (its uplink serves them one after another, fastest link first),
+  each device loads data and computes, uploads its gradient (the coordinator's downlink takes
+  them in arrival order), the coordinator sums what arrived. A device's path to the
+  coordinator crosses both access links: their latencies add.
+* ``ring`` — all-reduce among the devices, which keep replicas of the model. Every device
+  computes; when the last is done a ring reduce-scatter + all-gather of ``2 (m - 1)`` phases,
+  each moving ``1/m`` of the payload to the next device, runs; a phase lasts as long as its
+  slowest hop. A device joining mid-run first downloads the model from a peer.
+
+A crash before a device's gradient is in (star) or before the all-reduce finishes (ring)
+loses that device's work; the others notice after ``failure_detection_s`` and the step ends
+without it (in the ring, a broken all-reduce runs again among the survivors).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeddl.fleet.fleet import Fleet
+from edgeddl.fleet.link import fifo_finish_s, transfer_time_s
+from edgeddl.fleet.timeline import StepTimeline, truncate_phases
+
+
+class SimTransport:
+    """Times one step's exchange on the fleet's links; draws jitter and loss from `seed`."""
+
+    def __init__(self, fleet: Fleet, topology: str, seed: int) -> None:
+        if topology not in ("star", "ring"):
+            raise ValueError(f"unknown topology {topology!r}; allowed: star, ring")
+        self.fleet = fleet
+        self.topology = topology
+        self.rng = np.random.default_rng(seed)
+
+    def _to_coordinator(self, idx: np.ndarray, num_bytes: float, up: bool) -> np.ndarray:
+        f, c = self.fleet, self.fleet.coordinator_link
+        bw = np.minimum(f.up_bps[idx], c.down_bps) if up else np.minimum(f.down_bps[idx], c.up_bps)
+        return transfer_time_s(
+            num_bytes,
+            bw,
+            f.latency_s[idx] + c.latency_s,
+            f.jitter_s[idx] + c.jitter_s,
+            1 - (1 - f.loss[idx]) * (1 - c.loss),
+            self.rng,
+        )
+
+    def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float) -> np.ndarray:
+        """Jitter- and loss-free transfer time per device, for balancing (0 in a ring)."""
+        if self.topology == "ring":
+            return np.zeros(len(idx))
+        f, c = self.fleet, self.fleet.coordinator_link
+        lat = f.latency_s[idx] + c.latency_s
+        return (
+            2 * lat
+            + 8 * up_bytes / np.minimum(f.up_bps[idx], c.down_bps)
+            + 8 * down_bytes / np.minimum(f.down_bps[idx], c.up_bps)
+        )
+
+    def step(
+        self,
+        start_s: float,
+        idx: np.ndarray,
+        data_s: np.ndarray,
+        compute_s: np.ndarray,
+        up_bytes: int,
+        down_bytes: int,
+        crash_at_s: dict[int, float],
+        needs_model: np.ndarray,
+        agg_flops: float,
+    ) -> StepTimeline:
+        crash = np.array([crash_at_s.get(int(i), np.inf) for i in idx]) - start_s
+        if self.topology == "star":
+            return self._star(
+                start_s, idx, data_s, compute_s, up_bytes, down_bytes, crash, agg_flops
+            )
+        return self._ring(start_s, idx, data_s, compute_s, up_bytes, down_bytes, crash, needs_model)
+
+    def _star(
+        self,
+        start_s: float,
+        idx: np.ndarray,
+        data_s: np.ndarray,
+        compute_s: np.ndarray,
+        up_bytes: int,
+        down_bytes: int,
+        crash: np.ndarray,
+        agg_flops: float,
+    ) -> StepTimeline:
+        c = self.fleet.coordinator_link
+        down_own = self._to_coordinator(idx, down_bytes, up=False)
+        serve_out = np.full(len(idx), 8.0 * down_bytes / c.up_bps)
+        order = np.argsort(down_own, kind="stable")
+        recv = np.empty(len(idx))
+        recv[order] = fifo_finish_s(np.maximum(down_own, serve_out)[order], serve_out[order])
+        done = recv + data_s + compute_s
+        up_own = self._to_coordinator(idx, up_bytes, up=True)
+        serve_in = 8.0 * up_bytes / c.down_bps
+
+        def arrivals(mask: np.ndarray) -> np.ndarray:
+            ready = done + np.maximum(up_own, serve_in)
+            out = np.full(len(idx), np.inf)
+            sel = np.flatnonzero(mask)
+            o = sel[np.argsort(ready[sel], kind="stable")]
+            out[o] = fifo_finish_s(ready[o], np.full(len(o), serve_in))
+            return out
+
+        arrive = arrivals(np.ones(len(idx), dtype=bool))
+        lost = crash < arrive
+        if lost.any():
+            arrive = arrivals(~lost)
+        detect = (crash[lost] + self.fleet.failure_detection_s).max() if lost.any() else 0.0
+        in_s = arrive[~lost].max() if (~lost).any() else 0.0
+        num_in = int((~lost).sum())
+        end = max(in_s, detect) + agg_flops * num_in / self.fleet.coordinator.flops_per_s
+        arrive = np.where(lost, end, arrive)
+        phases = [
+            ("communication", recv),
+            ("data_loading", data_s),
+            ("compute", compute_s),
+            ("communication", arrive - done),
+            ("idle", end - arrive),
+        ]
+        phases = truncate_phases(phases, np.minimum(crash, end))
+        return StepTimeline(
+            start_s=start_s,
+            end_s=start_s + end,
+            devices=idx,
+            contributed=~lost,
+            phases=phases,
+            bytes_up=np.where(lost, 0, up_bytes).astype(np.int64),
+            bytes_down=np.where(crash >= recv, down_bytes, 0).astype(np.int64),
+        )
+
+    def _ring_time(self, members: np.ndarray, num_bytes: int) -> float:
+        m = len(members)
+        if m < 2:
+            return 0.0
+        f = self.fleet
+        src, dst = members, np.roll(members, -1)
+        shape = (2 * (m - 1), m)
+        hop = transfer_time_s(
+            np.broadcast_to(num_bytes / m, shape),
+            np.minimum(f.up_bps[src], f.down_bps[dst]),
+            f.latency_s[src] + f.latency_s[dst],
+            f.jitter_s[src] + f.jitter_s[dst],
+            1 - (1 - f.loss[src]) * (1 - f.loss[dst]),
+            self.rng,
+        )
+        return float(np.broadcast_to(hop, shape).max(axis=1).sum())
+
+    def _ring(
+        self,
+        start_s: float,
+        idx: np.ndarray,
+        data_s: np.ndarray,
+        compute_s: np.ndarray,
+        up_bytes: int,
+        down_bytes: int,
+        crash: np.ndarray,
+        needs_model: np.ndarray,
+    ) -> StepTimeline:
+        f = self.fleet
+        fetch = np.where(
+            needs_model,
+            transfer_time_s(
+                down_bytes,
+                f.down_bps[idx],
+                2 * f.latency_s[idx],
+                f.jitter_s[idx],
+                f.loss[idx],
+                self.rng,
+            ),
+            0.0,
+        )
+        done = fetch + data_s + compute_s
+        lost = crash < done
+        detect = (crash[lost] + f.failure_detection_s).max() if lost.any() else 0.0
+        reduce_at = max(done[~lost].max() if (~lost).any() else 0.0, detect)
+        end = reduce_at + self._ring_time(idx[~lost], up_bytes)
+        broke = ~lost & (crash < end)  # a crash during the all-reduce: run it again
+        if broke.any():
+            lost |= broke
+            reduce_at = float((crash[broke] + f.failure_detection_s).max())
+            end = reduce_at + self._ring_time(idx[~lost], up_bytes)
+        m = int((~lost).sum())
+        ring_bytes = int(round(2 * (m - 1) / m * up_bytes)) if m > 1 else 0
+        phases = [
+            ("communication", fetch),
+            ("data_loading", data_s),
+            ("compute", compute_s),
+            ("idle", np.maximum(reduce_at - done, 0.0)),
+            ("communication", end - np.maximum(reduce_at, done)),
+        ]
+        phases = truncate_phases(phases, np.minimum(crash, end))
+        moved = np.where(lost, 0, ring_bytes)
+        return StepTimeline(
+            start_s=start_s,
+            end_s=start_s + end,
+            devices=idx,
+            contributed=~lost,
+            phases=phases,
+            bytes_up=moved.astype(np.int64),
+            bytes_down=(moved + np.where(needs_model & (crash >= fetch), down_bytes, 0)).astype(
+                np.int64
+            ),
+        )
