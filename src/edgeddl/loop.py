@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from edgeddl.config.loader import load_scenario, to_toml
+from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo, ShardSampler, load_dataset, partition
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
@@ -99,8 +99,11 @@ def run(
             input_shape=tuple(d.input_shape),
             num_classes=d.num_classes,
         )
-    x_train, y_train = _tensors(train_set)
-    x_test, y_test = _tensors(test_set)
+    if scenario.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: \"cuda\" asked for but torch sees no CUDA device")
+    device = torch.device(scenario.run.device)
+    x_train, y_train = (t.to(device) for t in _tensors(train_set))
+    x_test, y_test = (t.to(device) for t in _tensors(test_set))
     info = DatasetInfo(
         name="custom" if custom_data else d.dataset,
         input_shape=tuple(x_train.shape[1:]),
@@ -114,6 +117,7 @@ def run(
             num_classes=info.num_classes,
             width=scenario.model.width,
         )
+    model.to(device)
     cost = model_cost(model, info.input_shape)
 
     fleet = Fleet.from_scenario(scenario)
@@ -185,7 +189,7 @@ def run(
             picks = [sampler.take(int(i), int(n)) for i, n in zip(active, shares, strict=True)]
             ok = np.flatnonzero(tl.contributed)
             if len(ok):
-                rows = torch.from_numpy(np.concatenate([picks[k] for k in ok]))
+                rows = torch.from_numpy(np.concatenate([picks[k] for k in ok])).to(device)
                 last_loss = strategy.step(
                     x_train[rows], y_train[rows], [int(shares[k]) for k in ok]
                 )

@@ -166,9 +166,32 @@ def load_scenario(
     """Load a scenario file (or bundled name), apply `--set` overrides, validate everything."""
     path = resolve_path(spec)
     raw = read_toml(path)
+    _merge_includes(raw, path)
     for assignment in overrides:
         apply_override(raw, assignment)
     return scenario_from_dict(raw)
+
+
+def _merge_includes(raw: dict[str, Any], path: Path) -> None:
+    """Merge `include = ["profiles.toml"]`: files of [profiles.*] and [links.*] tables
+    (e.g. written by `edgeddl calibrate`), relative to the scenario; the scenario wins."""
+    includes = raw.pop("include", [])
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"include: expected a list of file names, got {includes!r}")
+    for name in includes:
+        inc_path = path.parent / name
+        if not inc_path.is_file():
+            raise ConfigError(f"include: {inc_path}: no such file")
+        inc = read_toml(inc_path)
+        extra = sorted(set(inc) - {"profiles", "links"})
+        if extra:
+            raise ConfigError(f"{inc_path}: an included file may hold only [profiles.*] and "
+                              f"[links.*] tables, not {', '.join(extra)}")
+        for table in ("profiles", "links"):
+            merged = dict(inc.get(table, {}))
+            merged.update(raw.get(table, {}))
+            if merged:
+                raw[table] = merged
 
 
 def scenario_from_dict(raw: dict[str, Any]) -> Scenario:

@@ -199,6 +199,8 @@ class RunConfig:
     seed: int = 0
     threads: int = 0
     """torch CPU threads for the simulator; 0 lets torch decide."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the simulator does the maths (the simulated devices' speeds come from profiles)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")

@@ -1,0 +1,1 @@
+"""edgeddl.cli layer (see shared/DESIGN.md)."""

@@ -1,0 +1,119 @@
+"""The `edgeddl` command: builds configs and calls the library; knows no internals.
+
+Every user mistake (a bad scenario, override or argument) ends in one line on stderr,
+``edgeddl: error: ...``, and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeddl.config.loader import ConfigError, load_scenario, to_toml
+from edgeddl.strategy.balance import BalanceError
+
+USER_ERRORS = (ConfigError, BalanceError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeddl",
+        description="Distributed deep learning on IoT and edge fleets, simulated or real.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def scenario_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("scenario", nargs="?", default=None,
+                        help="scenario file, or a bundled scenario name (default: paper_fleet)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a scenario value, e.g. --set train.lr=0.1 (repeatable)")
+
+    r = sub.add_parser("run", help="train a scenario on the simulated fleet")
+    scenario_args(r)
+    r.add_argument("--out", type=Path, default=None,
+                   help="run folder (default: runs/NAME-TIMESTAMP)")
+    r.add_argument("--quiet", action="store_true", help="no progress display")
+
+    v = sub.add_parser("validate", help="check a scenario and print it fully resolved")
+    scenario_args(v)
+
+    sub.add_parser("profiles", help="list the built-in device and link profiles")
+
+    c = sub.add_parser("calibrate", help="measure this machine and write a device profile")
+    c.add_argument("--name", default="this_machine", help="profile name (default: %(default)s)")
+    c.add_argument("--out", type=Path, default=None,
+                   help="TOML file to write (default: NAME.toml); include it from a scenario")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgeddl.loop import run  # torch is imported only when it is needed
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    result = run(scenario, out_dir=args.out, progress=not args.quiet)
+    print(result.run_dir)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    print(to_toml(load_scenario(args.scenario, args.overrides)), end="")
+    return 0
+
+
+def _cmd_profiles(_: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
+
+    dev = Table("device profile", "GFLOP/s", "memory GiB", "us/op", "source", title="devices")
+    for name, d in DEVICE_PROFILES.items():
+        dev.add_row(name, f"{d.flops_per_s / 1e9:.1f}", f"{d.memory_bytes / 2**30:.0f}",
+                    f"{d.op_overhead_s * 1e6:.0f}", d.source)
+    lnk = Table("link profile", "up Mbit/s", "down Mbit/s", "latency ms", "jitter ms", "loss",
+                title="links")
+    for name, x in LINK_PROFILES.items():
+        lnk.add_row(name, f"{x.up_bps / 1e6:g}", f"{x.down_bps / 1e6:g}",
+                    f"{x.latency_s * 1e3:g}", f"{x.jitter_s * 1e3:g}", f"{x.loss:.2%}")
+    console = Console()
+    console.print(dev)
+    console.print(lnk)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgeddl.fleet.calibrate import calibrate_profile, profile_toml
+    from edgeddl.report.files import write_text_atomic
+
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (got {args.threads})")
+    out = args.out or Path(f"{args.name}.toml")
+    profile, report = calibrate_profile(threads=args.threads)
+    write_text_atomic(out, profile_toml(args.name, profile))
+    print(report)
+    print(f"wrote {out}: add `include = [\"{out}\"]` at the top of a scenario to use "
+          f"profile = \"{args.name}\"")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "profiles": _cmd_profiles,
+            "calibrate": _cmd_calibrate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"edgeddl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeddl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

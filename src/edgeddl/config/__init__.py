@@ -1,0 +1,1 @@
+"""edgeddl.config layer (see shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""edgeddl.fleet layer (see shared/DESIGN.md)."""

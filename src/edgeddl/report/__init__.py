@@ -1,0 +1,1 @@
+"""edgeddl.report layer (see shared/DESIGN.md)."""

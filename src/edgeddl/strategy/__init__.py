@@ -1,0 +1,1 @@
+"""edgeddl.strategy layer (see shared/DESIGN.md)."""

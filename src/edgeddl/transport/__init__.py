@@ -1,0 +1,1 @@
+"""edgeddl.transport layer (see shared/DESIGN.md)."""

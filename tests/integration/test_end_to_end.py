@@ -1,0 +1,146 @@
+"""End to end on the simulated fleet: a small heterogeneous fleet learns, and its run folder
+and summary are complete and add up."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import edgeddl
+from edgeddl.config.loader import scenario_from_dict
+
+SMALL_FLEET = {
+    "run": {"name": "small", "seed": 3},
+    "fleet": {
+        "coordinator": {"profile": "pc", "link": "lan"},
+        "devices": [
+            {"name": "pc", "profile": "pc", "link": "lan"},
+            {"name": "jetson", "profile": "jetson_nano", "link": "wifi"},
+            {"name": "pi", "profile": "rpi4", "link": "wifi", "count": 2},
+        ],
+    },
+    "data": {"dataset": "mnist1d", "shard_sizes": "capability"},
+    "model": {"name": "cnn1d"},
+    "train": {"global_batch": 128, "num_steps": 400, "eval_every": 100, "lr": 0.05},
+}
+
+
+def _scenario(**sections: dict) -> edgeddl.Scenario:
+    raw = json.loads(json.dumps(SMALL_FLEET))
+    for name, values in sections.items():
+        if isinstance(values, list):
+            raw[name] = values
+        else:
+            raw.setdefault(name, {}).update(values)
+    return scenario_from_dict(raw)
+
+
+def _check_summary(s: dict) -> None:
+    devices = s["per_device"]
+    assert s["num_devices"] == len(devices)
+    assert sum(d["bytes_up"] for d in devices) == s["bytes_up"]
+    assert sum(d["bytes_down"] for d in devices) == s["bytes_down"]
+    assert sum(d["samples"] for d in devices) == s["samples"]
+    for d in devices:
+        assert math.isclose(sum(d["breakdown_s"].values()), d["time_s"], rel_tol=1e-9,
+                            abs_tol=1e-12)
+        assert math.isclose(d["busy_s"] + d["idle_s"], d["time_s"], rel_tol=1e-9, abs_tol=1e-12)
+        assert d["time_s"] <= s["virtual_time_s"] * (1 + 1e-9)
+    for state, total in s["breakdown_s"].items():
+        assert math.isclose(total, sum(d["breakdown_s"][state] for d in devices), rel_tol=1e-9)
+    assert math.isclose(s["samples_per_virtual_s"], s["samples"] / s["virtual_time_s"])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> edgeddl.RunResult:
+    return edgeddl.run(_scenario(), out_dir=tmp_path_factory.mktemp("run"), progress=False)
+
+
+def test_small_fleet_learns_and_summary_adds_up(small_run: edgeddl.RunResult) -> None:
+    s = small_run.summary
+    assert s["final_test_accuracy"] >= 0.6  # chance is 0.1
+    assert s["num_steps"] == 400
+    assert s["samples"] == 400 * 128  # no crash: every sample of every step counted
+    _check_summary(s)
+    # Every device took part and the pc, the fastest, took the largest share.
+    by_name = {d["name"]: d for d in s["per_device"]}
+    assert all(d["samples"] > 0 for d in by_name.values())
+    assert by_name["pc"]["samples"] > by_name["jetson"]["samples"] > by_name["pi-0"]["samples"]
+
+
+def test_run_folder_files(small_run: edgeddl.RunResult) -> None:
+    d = small_run.run_dir
+    for name in ("config.resolved.toml", "metrics.jsonl", "summary.json", "accuracy.png",
+                 "timeline.png"):
+        assert (d / name).stat().st_size > 0, name
+    resolved = tomllib.loads((d / "config.resolved.toml").read_text())
+    assert scenario_from_dict(resolved) == _scenario()
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [100, 200, 300, 400]
+    assert all(a["virtual_time_s"] < b["virtual_time_s"] for a, b in zip(rows, rows[1:]))
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]
+    assert not list(d.glob(".*.tmp"))  # atomic writes leave no temporaries behind
+
+
+def test_same_seed_same_run(tmp_path, small_run: edgeddl.RunResult) -> None:
+    again = edgeddl.run(_scenario(), out_dir=tmp_path, progress=False).summary
+    s = small_run.summary
+    assert again["virtual_time_s"] == s["virtual_time_s"]
+    assert again["final_test_accuracy"] == s["final_test_accuracy"]
+    assert again["per_device"] == s["per_device"]
+
+
+def test_crash_loses_that_step_and_the_rest_go_on(tmp_path) -> None:
+    base = edgeddl.run(_scenario(train={"num_steps": 30, "eval_every": 30}),
+                       out_dir=tmp_path / "a", progress=False).summary
+    t_crash = base["virtual_time_s"] / 2
+    events = [{"at_s": t_crash, "device": "jetson", "action": "crash"},
+              {"at_s": t_crash * 1.5, "device": "jetson", "action": "join"}]
+    s = edgeddl.run(_scenario(train={"num_steps": 30, "eval_every": 30}, events=events),
+                    out_dir=tmp_path / "b", progress=False).summary
+    _check_summary(s)
+    assert s["num_steps"] == 30
+    assert s["steps_with_lost_work"] >= 1
+    assert s["samples"] < 30 * 128  # the crashed step's share is missing...
+    jetson = next(d for d in s["per_device"] if d["name"] == "jetson")
+    assert jetson["steps"] < 30  # ...and the jetson sat out until it rejoined
+    assert [e["action"] for e in s["events"]] == ["crash", "join"]
+    # The others wait out failure detection (1 s by default) before the crashed step ends.
+    assert s["virtual_time_s"] > t_crash + 1.0
+    assert s["virtual_time_s"] > base["virtual_time_s"] + 0.5
+
+
+class _ListDataset(Dataset):
+    """Not a TensorDataset: the API must take any map-style torch Dataset."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.items = list(zip(x, y, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.items[i]
+
+
+def test_python_api_takes_any_model_and_dataset(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 6, generator=g) * 3
+    y = torch.randint(0, 3, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 6, generator=g)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    result = edgeddl.run(
+        _scenario(train={"num_steps": 60, "eval_every": 30, "global_batch": 64}),
+        model=model, train_set=_ListDataset(x[:500], y[:500]),
+        test_set=_ListDataset(x[500:], y[500:]), out_dir=tmp_path, progress=False)
+    assert result.model is model
+    assert result.summary["model"]["name"] == "custom"
+    assert result.summary["dataset"] == "custom"
+    assert result.summary["final_test_accuracy"] > 0.8
