@@ -32,7 +32,9 @@ from edgeddl.report.plots import plot_accuracy, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
 from edgeddl.report.recorder import RunRecorder
 from edgeddl.strategy.balance import balance_shares
+from edgeddl.strategy.base import Strategy
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
 
 OPTIMIZER_STATE_COPIES = 4
@@ -124,14 +126,14 @@ def run(
     schedule = FleetSchedule(scenario)
     clock = VirtualClock()
     per_sample_s = fleet.seconds_per_sample(cost.train_flops_per_sample, info.sample_bytes)
-    weights = 1.0 / per_sample_s if d.shard_sizes == "capability" else None
+    weights = (1.0 / per_sample_s).tolist() if d.shard_sizes == "capability" else None
     shards = partition(
         y_train, fleet.num_devices, scheme=d.partition, alpha=d.alpha, seed=seed, weights=weights
     )
     sampler = ShardSampler(shards, seed)
-    strategy = DataParallel(model, scenario.train, **({"loss_fn": loss_fn} if loss_fn else {}))
     t = scenario.train
-    transport = SimTransport(fleet, t.topology, seed)
+    strategy: Strategy = DataParallel(model, t, **({"loss_fn": loss_fn} if loss_fn else {}))
+    transport: Transport = SimTransport(fleet, t.topology, seed)
     up_bytes, down_bytes = strategy.payload_bytes()
     caps = fleet.max_samples(
         OPTIMIZER_STATE_COPIES * cost.param_bytes,
@@ -146,7 +148,7 @@ def run(
     members_key: tuple[int, ...] = ()
     shares = np.zeros(0, dtype=np.int64)
     active = np.zeros(0, dtype=np.int64)
-    last_participants: set[int] = set()
+    participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
     last_loss, step = float("nan"), 0
     with ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress) as display:
         while step < t.num_steps:
@@ -172,9 +174,9 @@ def run(
             data_s, compute_s = fleet.work_time_s(
                 active, shares, cost.train_flops_per_sample, info.sample_bytes, cost.ops_per_step
             )
-            needs_model = np.array([int(i) not in last_participants for i in active])
-            if step == 0:
-                needs_model[:] = False  # every replica starts from the same seeded model
+            # Every replica starts from the same seeded model; later, a device that sat out
+            # the previous step must fetch the current one.
+            needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
             tl = transport.step(
                 clock.now_s,
                 active,
@@ -195,7 +197,8 @@ def run(
                 )
             clock.advance_to(tl.end_s)
             rec.add_step(tl, shares, last_loss if len(ok) else float("nan"))
-            last_participants = {int(i) for i in active[tl.contributed]}
+            participated[:] = False
+            participated[active[tl.contributed]] = True
             step += 1
             done = step == t.num_steps or (
                 t.max_virtual_time_s and clock.now_s >= t.max_virtual_time_s

@@ -45,7 +45,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table, got {value!r}")
-        return from_dict(tp, value, path)
+        return from_dict(typing.cast(type, tp), value, path)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")

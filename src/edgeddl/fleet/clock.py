@@ -44,7 +44,7 @@ class FleetSchedule:
         index = {n: i for i, n in enumerate(names)}
         groups = {g.name: g.device_names() for g in scenario.fleet.devices}
         self.present = [True] * len(names)
-        events = []
+        events: list[FleetEvent] = []
         for e in sorted(scenario.events, key=lambda e: e.at_s):
             for name in Scenario.event_devices(e, groups):
                 events.append(FleetEvent(e.at_s, len(events), index[name], e.action))

@@ -55,12 +55,13 @@ class RunRecorder:
 
     def add_step(self, tl: StepTimeline, shares: np.ndarray, loss: float) -> None:
         idx = tl.devices
+        # A device appears at most once per step, so fancy-index += is exact (and fast).
         for state, secs in tl.phases:
-            np.add.at(self.seconds[state], idx, secs)
-        np.add.at(self.bytes_up, idx, tl.bytes_up)
-        np.add.at(self.bytes_down, idx, tl.bytes_down)
-        np.add.at(self.samples, idx, np.where(tl.contributed, shares, 0))
-        np.add.at(self.steps, idx, tl.contributed.astype(np.int64))
+            self.seconds[state][idx] += secs
+        self.bytes_up[idx] += tl.bytes_up
+        self.bytes_down[idx] += tl.bytes_down
+        self.samples[idx] += np.where(tl.contributed, shares, 0)
+        self.steps[idx] += tl.contributed
         self.steps_with_lost_work += int(not tl.contributed.all())
         if self.num_steps < TIMELINE_STEPS:
             t = np.full(len(idx), tl.start_s)

@@ -8,7 +8,7 @@ server, or identically on every replica after an all-reduce). Devices whose work
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from edgeddl.strategy.fused import segmented_batchnorm
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -14,6 +14,7 @@ real replicas would each keep their own).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -44,14 +45,15 @@ def _segmented_forward(
     if bn.affine:
         wview = (1, -1) + (1,) * (x.dim() - 2)
         y = y * bn.weight.view(wview) + bn.bias.view(wview)
-    if bn.track_running_stats and bn.running_mean is not None:
+    rm, rv, nbt = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    if bn.track_running_stats and rm is not None and rv is not None and nbt is not None:
         with torch.no_grad():
-            bn.num_batches_tracked += 1
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            nbt.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(nbt)
             w = (num / num.sum()).unsqueeze(1)
             unbiased = var * (num / (num - 1).clamp(min=1)).unsqueeze(1)
-            bn.running_mean.mul_(1 - m).add_((w * mean).sum(0), alpha=m)
-            bn.running_var.mul_(1 - m).add_((w * unbiased).sum(0), alpha=m)
+            rm.mul_(1 - m).add_((w * mean).sum(0), alpha=m)
+            rv.mul_(1 - m).add_((w * unbiased).sum(0), alpha=m)
     return y
 
 
@@ -72,7 +74,8 @@ def segmented_batchnorm(model: nn.Module, counts: list[int]) -> Iterator[None]:
     cnt = torch.tensor(counts, device=device)
     seg = torch.repeat_interleave(torch.arange(len(counts), device=device), cnt)
     for bn in layers:
-        bn.forward = lambda x, bn=bn: _segmented_forward(bn, seg, cnt, x)  # type: ignore[method-assign]
+        # An instance attribute shadows the class's forward until deleted below.
+        bn.forward = functools.partial(_segmented_forward, bn, seg, cnt)  # type: ignore[method-assign]
     try:
         yield
     finally:

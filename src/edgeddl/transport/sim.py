@@ -73,7 +73,10 @@ class SimTransport:
         needs_model: np.ndarray,
         agg_flops: float,
     ) -> StepTimeline:
-        crash = np.array([crash_at_s.get(int(i), np.inf) for i in idx]) - start_s
+        crash = np.full(len(idx), np.inf)
+        if crash_at_s:
+            crash = np.array([crash_at_s.get(int(i), np.inf) for i in idx])
+        crash = crash - start_s
         if self.topology == "star":
             return self._star(
                 start_s, idx, data_s, compute_s, up_bytes, down_bytes, crash, agg_flops

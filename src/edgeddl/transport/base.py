@@ -1,0 +1,28 @@
+"""The Transport interface: how one step's payloads move, and what that cost each device.
+
+`sim` lays the step out on the virtual clock; a real transport (torch.distributed) will move
+the same payloads between processes and report measured times in the same `StepTimeline`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from edgeddl.fleet.timeline import StepTimeline
+
+
+class Transport(Protocol):
+    topology: str
+
+    def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float
+                        ) -> np.ndarray:
+        """Each device's own transfer time on the step's critical path, for balancing."""
+        ...
+
+    def step(self, start_s: float, idx: np.ndarray, data_s: np.ndarray, compute_s: np.ndarray,
+             up_bytes: int, down_bytes: int, crash_at_s: dict[int, float],
+             needs_model: np.ndarray, agg_flops: float) -> StepTimeline:
+        """Carry one step's exchange among devices `idx`; say whose work arrived."""
+        ...
