@@ -13,14 +13,15 @@ import platform
 import time
 
 import tomli_w
+import torch
 
 from edgeddl.config.schema import DeviceProfile
 
 SMALL_BATCH, LARGE_BATCH = 2, 64
 
 
-def _median_step_s(model, x, y, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    import torch
+def _median_step_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   repeats: int) -> float:
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times = []
@@ -35,8 +36,6 @@ def _median_step_s(model, x, y, repeats: int) -> float:  # type: ignore[no-untyp
 
 
 def calibrate_profile(threads: int = 0) -> tuple[DeviceProfile, str]:
-    import torch
-
     from edgeddl.models import build_model, model_cost
 
     if threads:

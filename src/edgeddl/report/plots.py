@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
 from edgeddl.report.files import write_bytes_atomic
-from edgeddl.report.recorder import RunRecorder
+from edgeddl.report.recorder import TIMELINE_STEPS, RunRecorder
 
 COLORS = {
     "compute": "#2b8a3e",
@@ -60,16 +60,8 @@ def plot_timeline(rec: RunRecorder, path: Path, max_devices: int = 40) -> None:
     ax.set_yticks(range(len(devices)), [rec.names[d] for d in devices], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("virtual time (s)")
-    steps = min(rec.num_steps, max(1, len({s.start_s for s in rec.timeline})))
-    ax.set_title(f"device timeline, first {steps} steps")
+    ax.set_title(f"device timeline, first {min(rec.num_steps, TIMELINE_STEPS)} steps", pad=22)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(
-        handles,
-        list(COLORS),
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.25 if len(devices) < 8 else -0.08),
-        ncol=4,
-        fontsize=8,
-        frameon=False,
-    )
+    ax.legend(handles, list(COLORS), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+              fontsize=8, frameon=False)
     _save(fig, path)

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeddl.fleet.timeline import STATES, StepTimeline
 
-TIMELINE_STEPS = 60
+TIMELINE_STEPS = 12
 """Steps kept, interval by interval, for the busy/idle timeline plot."""
 
 

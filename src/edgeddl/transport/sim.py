@@ -191,7 +191,7 @@ class SimTransport:
             reduce_at = float((crash[broke] + f.failure_detection_s).max())
             end = reduce_at + self._ring_time(idx[~lost], up_bytes)
         m = int((~lost).sum())
-        ring_bytes = int(round(2 * (m - 1) / m * up_bytes)) if m > 1 else 0
+        ring_bytes = round(2 * (m - 1) / m * up_bytes) if m > 1 else 0
         phases = [
             ("communication", fetch),
             ("data_loading", data_s),
