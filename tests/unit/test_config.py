@@ -74,8 +74,11 @@ global_batch = 32
     [
         (lambda r: r.setdefault("train", {}).update(lrr=0.1), "train.lrr", "lr"),
         (lambda r: r.update(trian={}), "trian", "train"),
-        (lambda r: r["fleet"]["devices"][0].update(profil="pc"), "fleet.devices[0].profil",
-         "profile"),
+        (
+            lambda r: r["fleet"]["devices"][0].update(profil="pc"),
+            "fleet.devices[0].profil",
+            "profile",
+        ),
         (lambda r: r["links"]["slow"].update(latency=0.1), "links.slow.latency", "latency_s"),
         (lambda r: r["fleet"].update(coordinatr={}), "fleet.coordinatr", "coordinator"),
     ],
@@ -229,8 +232,9 @@ def test_unknown_event_device_is_named_by_its_position_in_the_file() -> None:
 def test_valid_membership_changes_are_accepted() -> None:
     raw = _raw()
     # box starts absent (its first event is a join), pi leaves as a group and pi-0 rejoins.
-    _events((3.0, "box", "join"), (1.0, "pi", "leave"), (2.0, "pi-0", "join"),
-            (4.0, "pi-0", "crash"))(raw)
+    _events(
+        (3.0, "box", "join"), (1.0, "pi", "leave"), (2.0, "pi-0", "join"), (4.0, "pi-0", "crash")
+    )(raw)
     scenario = scenario_from_dict(raw)
     assert [e.device for e in scenario.events] == ["box", "pi", "pi-0", "pi-0"]
 
@@ -276,8 +280,8 @@ def test_apply_override_parses_toml_values_and_bare_words() -> None:
     apply_override(raw, "train.lr=0.25")
     apply_override(raw, "train.topology=ring")
     apply_override(raw, "run.name = my run ")
-    apply_override(raw, 'data.input_shape=[1, 8]')
-    apply_override(raw, "data.partition=\"dirichlet\"")
+    apply_override(raw, "data.input_shape=[1, 8]")
+    apply_override(raw, 'data.partition="dirichlet"')
     apply_override(raw, "run.seed=7")
     apply_override(raw, "train.global_batch=64")
     assert raw["train"] == {"lr": 0.25, "topology": "ring", "global_batch": 64}
@@ -363,8 +367,12 @@ def test_overrides_apply_in_order_to_a_loaded_file(tmp_path: Path) -> None:
 def test_overrides_can_define_a_link_and_use_it(tmp_path: Path) -> None:
     scenario = load_scenario(
         _small(tmp_path),
-        ["links.sat.up_bps=1e6", "links.sat.down_bps=4e6", "links.sat.latency_s=0.3",
-         "fleet.devices.0.link=sat"],
+        [
+            "links.sat.up_bps=1e6",
+            "links.sat.down_bps=4e6",
+            "links.sat.latency_s=0.3",
+            "fleet.devices.0.link=sat",
+        ],
     )
     assert scenario.fleet.devices[0].link == "sat"
     assert scenario.links["sat"] == LinkProfile(up_bps=1e6, down_bps=4e6, latency_s=0.3)
@@ -471,7 +479,7 @@ def test_include_with_a_malformed_profiles_value_is_a_config_error(tmp_path: Pat
 
 def _rich_scenario() -> Scenario:
     raw = _raw()
-    raw["run"] = {"name": "rich \"quoted\" name", "seed": 3}
+    raw["run"] = {"name": 'rich "quoted" name', "seed": 3}
     raw["data"] = {"dataset": "synthetic", "input_shape": [2, 8], "num_classes": 3}
     raw["train"] = {"topology": "ring", "balance": "min_time", "lr": 1, "max_virtual_time_s": 9}
     raw["fleet"]["coordinator"] = {"profile": "mine", "link": "slow"}
@@ -496,7 +504,7 @@ def test_scenario_equality_sees_a_changed_value() -> None:
     assert other != scenario
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     name=st.text(alphabet=string.ascii_letters + string.digits + " -_'\"\\é", min_size=1).filter(
         lambda s: s.strip()

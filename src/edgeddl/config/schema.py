@@ -256,7 +256,7 @@ class Scenario:
                 default=None,
             )
             present[name] = not (first is not None and first.action == "join")
-        for i, e in enumerate(sorted(self.events, key=lambda e: e.at_s)):
+        for i, e in sorted(enumerate(self.events), key=lambda p: p[1].at_s):
             targets = self.event_devices(e, groups)
             _require(
                 bool(targets),

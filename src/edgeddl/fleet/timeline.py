@@ -37,7 +37,8 @@ def truncate_phases(
     """Cut each device's phase sequence at `limit` seconds (a crash ends the device's step)."""
     out, used = [], np.zeros_like(limit)
     for state, d in phases:
-        take = np.clip(limit - used, 0.0, d)
+        # A lost device's planned phases can run past the step's end: never negative.
+        take = np.clip(limit - used, 0.0, np.maximum(d, 0.0))
         out.append((state, take))
         used = used + take
     return out

@@ -120,7 +120,7 @@ class SimTransport:
         in_s = arrive[~lost].max() if (~lost).any() else 0.0
         num_in = int((~lost).sum())
         end = max(in_s, detect) + agg_flops * num_in / self.fleet.coordinator.flops_per_s
-        arrive = np.where(lost, end, arrive)
+        arrive = np.where(lost, np.maximum(end, done), arrive)
         phases = [
             ("communication", recv),
             ("data_loading", data_s),
@@ -182,8 +182,13 @@ class SimTransport:
         )
         done = fetch + data_s + compute_s
         lost = crash < done
-        detect = (crash[lost] + f.failure_detection_s).max() if lost.any() else 0.0
-        reduce_at = max(done[~lost].max() if (~lost).any() else 0.0, detect)
+        while True:  # a device crashing while it waits for slower peers is lost too
+            detect = (crash[lost] + f.failure_detection_s).max() if lost.any() else 0.0
+            reduce_at = max(done[~lost].max() if (~lost).any() else 0.0, detect)
+            waiting = ~lost & (crash < reduce_at)
+            if not waiting.any():
+                break
+            lost |= waiting
         end = reduce_at + self._ring_time(idx[~lost], up_bytes)
         broke = ~lost & (crash < end)  # a crash during the all-reduce: run it again
         if broke.any():

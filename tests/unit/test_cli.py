@@ -1,0 +1,178 @@
+"""The `edgeddl` command: one-line errors with exit code 2, `validate`, and a tiny `run`."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edgeddl.cli.main import main
+from edgeddl.config.loader import load_scenario, scenario_from_dict
+
+TINY = """
+[run]
+name = "tiny"
+seed = 1
+
+[[fleet.devices]]
+name = "pc"
+profile = "pc"
+count = 2
+
+[[fleet.devices]]
+name = "pi"
+profile = "rpi4"
+link = "wifi"
+
+[data]
+dataset = "synthetic"
+num_samples = 240
+input_shape = [1, 12]
+num_classes = 3
+
+[model]
+name = "mlp"
+width = 16
+
+[train]
+global_batch = 24
+num_steps = 20
+eval_every = 10
+lr = 0.05
+"""
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("edgeddl: error: ")
+    assert err.endswith("\n")
+    return lines[0].removeprefix("edgeddl: error: ")
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["train.lrr=0.1"], "train.lrr: unknown key; did you mean 'lr'?"),
+        (["train.lr=fast"], "train.lr: expected a number, got 'fast'"),
+        (["fleet.devices.0.count=0"], "fleet.devices[0].count"),
+        (["train.lr"], "--set 'train.lr': expected KEY=VALUE"),
+    ],
+)
+def test_bad_override_is_one_line_and_exit_code_2(
+    tiny: Path, capsys: pytest.CaptureFixture[str], command, overrides, start
+) -> None:
+    argv = [command, str(tiny)]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    assert _one_error_line(capsys).startswith(start)
+    assert capsys.readouterr().out == ""
+
+
+def test_missing_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(tmp_path / "nope.toml")]) == 2
+    message = _one_error_line(capsys)
+    assert "nope.toml" in message and "no such file" in message
+
+
+def test_invalid_toml_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nlr = = 0.1\n", encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert _one_error_line(capsys).startswith(f"{path}: invalid TOML")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_that_does_not_fit_is_a_user_error(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 10 bytes of memory cannot hold the model: the balancer's error, not a traceback.
+    overrides = [
+        "profiles.tiny_mem.flops_per_s=1e9",
+        "profiles.tiny_mem.memory_bytes=10",
+        "fleet.devices.0.profile=tiny_mem",
+        "fleet.devices.1.profile=tiny_mem",
+    ]
+    argv = ["run", str(tiny), "--quiet", "--out", str(tmp_path / "run")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    assert "global batch 24" in _one_error_line(capsys)
+
+
+def test_validate_prints_toml_that_loads_back(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "validate",
+                str(tiny),
+                "--set",
+                "train.topology=ring",
+                "--set",
+                "fleet.devices.0.count=3",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    expected = load_scenario(tiny, ["train.topology=ring", "fleet.devices.0.count=3"])
+    assert scenario_from_dict(tomllib.loads(out)) == expected
+    assert expected.train.topology == "ring" and len(expected.fleet.device_names()) == 4
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(out, encoding="utf-8")
+    assert load_scenario(resolved) == expected
+
+
+def test_validate_default_scenario_is_the_paper_fleet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate"]) == 0
+    scenario = scenario_from_dict(tomllib.loads(capsys.readouterr().out))
+    assert scenario == load_scenario("paper_fleet")
+    assert len(scenario.fleet.device_names()) == 11
+
+
+def test_run_tiny_scenario_writes_the_run_folder(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out_dir), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == str(out_dir)
+    for name in (
+        "config.resolved.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "timeline.png",
+    ):
+        assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
+    resolved = load_scenario(out_dir / "config.resolved.toml")
+    assert resolved == load_scenario(tiny)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]  # every eval_every steps, the last included
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+    times = [r["virtual_time_s"] for r in rows]
+    assert 0.0 < times[0] < times[1]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["scenario"] == "tiny"
+    assert summary["model"]["name"] == "mlp"
+    assert summary["num_steps"] == 20 and summary["num_crashes"] == 0
+    assert summary["samples"] == 20 * 24  # the whole global batch every step
+    # Star topology: each step, every participating device uploads its fp32 gradient.
+    steps = sum(d["steps"] for d in summary["per_device"])
+    assert summary["bytes_up"] == steps * 4 * summary["model"]["num_params"]
+    for name in ("accuracy.png", "timeline.png"):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
