@@ -102,7 +102,7 @@ def run(
             num_classes=d.num_classes,
         )
     if scenario.run.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: \"cuda\" asked for but torch sees no CUDA device")
+        raise ConfigError('run.device: "cuda" asked for but torch sees no CUDA device')
     device = torch.device(scenario.run.device)
     x_train, y_train = (t.to(device) for t in _tensors(train_set))
     x_test, y_test = (t.to(device) for t in _tensors(test_set))

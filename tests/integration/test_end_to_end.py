@@ -3,6 +3,7 @@ and summary are complete and add up."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tomllib
@@ -48,8 +49,9 @@ def _check_summary(s: dict) -> None:
     assert sum(d["bytes_down"] for d in devices) == s["bytes_down"]
     assert sum(d["samples"] for d in devices) == s["samples"]
     for d in devices:
-        assert math.isclose(sum(d["breakdown_s"].values()), d["time_s"], rel_tol=1e-9,
-                            abs_tol=1e-12)
+        assert math.isclose(
+            sum(d["breakdown_s"].values()), d["time_s"], rel_tol=1e-9, abs_tol=1e-12
+        )
         assert math.isclose(d["busy_s"] + d["idle_s"], d["time_s"], rel_tol=1e-9, abs_tol=1e-12)
         assert d["time_s"] <= s["virtual_time_s"] * (1 + 1e-9)
     for state, total in s["breakdown_s"].items():
@@ -76,14 +78,19 @@ def test_small_fleet_learns_and_summary_adds_up(small_run: edgeddl.RunResult) ->
 
 def test_run_folder_files(small_run: edgeddl.RunResult) -> None:
     d = small_run.run_dir
-    for name in ("config.resolved.toml", "metrics.jsonl", "summary.json", "accuracy.png",
-                 "timeline.png"):
+    for name in (
+        "config.resolved.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "timeline.png",
+    ):
         assert (d / name).stat().st_size > 0, name
     resolved = tomllib.loads((d / "config.resolved.toml").read_text())
     assert scenario_from_dict(resolved) == _scenario()
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [100, 200, 300, 400]
-    assert all(a["virtual_time_s"] < b["virtual_time_s"] for a, b in zip(rows, rows[1:]))
+    assert all(a["virtual_time_s"] < b["virtual_time_s"] for a, b in itertools.pairwise(rows))
     summary = json.loads((d / "summary.json").read_text())
     assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]
     assert not list(d.glob(".*.tmp"))  # atomic writes leave no temporaries behind
@@ -98,13 +105,19 @@ def test_same_seed_same_run(tmp_path, small_run: edgeddl.RunResult) -> None:
 
 
 def test_crash_loses_that_step_and_the_rest_go_on(tmp_path) -> None:
-    base = edgeddl.run(_scenario(train={"num_steps": 30, "eval_every": 30}),
-                       out_dir=tmp_path / "a", progress=False).summary
+    base = edgeddl.run(
+        _scenario(train={"num_steps": 30, "eval_every": 30}), out_dir=tmp_path / "a", progress=False
+    ).summary
     t_crash = base["virtual_time_s"] / 2
-    events = [{"at_s": t_crash, "device": "jetson", "action": "crash"},
-              {"at_s": t_crash * 1.5, "device": "jetson", "action": "join"}]
-    s = edgeddl.run(_scenario(train={"num_steps": 30, "eval_every": 30}, events=events),
-                    out_dir=tmp_path / "b", progress=False).summary
+    events = [
+        {"at_s": t_crash, "device": "jetson", "action": "crash"},
+        {"at_s": t_crash * 1.5, "device": "jetson", "action": "join"},
+    ]
+    s = edgeddl.run(
+        _scenario(train={"num_steps": 30, "eval_every": 30}, events=events),
+        out_dir=tmp_path / "b",
+        progress=False,
+    ).summary
     _check_summary(s)
     assert s["num_steps"] == 30
     assert s["steps_with_lost_work"] >= 1
@@ -138,8 +151,12 @@ def test_python_api_takes_any_model_and_dataset(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     result = edgeddl.run(
         _scenario(train={"num_steps": 60, "eval_every": 30, "global_batch": 64}),
-        model=model, train_set=_ListDataset(x[:500], y[:500]),
-        test_set=_ListDataset(x[500:], y[500:]), out_dir=tmp_path, progress=False)
+        model=model,
+        train_set=_ListDataset(x[:500], y[:500]),
+        test_set=_ListDataset(x[500:], y[500:]),
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert result.model is model
     assert result.summary["model"]["name"] == "custom"
     assert result.summary["dataset"] == "custom"

@@ -20,20 +20,31 @@ USER_ERRORS = (ConfigError, BalanceError, FileNotFoundError)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeddl",
-        description="Distributed deep learning on IoT and edge fleets, simulated or real.")
+        description="Distributed deep learning on IoT and edge fleets, simulated or real.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def scenario_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("scenario", nargs="?", default=None,
-                        help="scenario file, or a bundled scenario name (default: paper_fleet)")
-        sp.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a scenario value, e.g. --set train.lr=0.1 (repeatable)")
+        sp.add_argument(
+            "scenario",
+            nargs="?",
+            default=None,
+            help="scenario file, or a bundled scenario name (default: paper_fleet)",
+        )
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a scenario value, e.g. --set train.lr=0.1 (repeatable)",
+        )
 
     r = sub.add_parser("run", help="train a scenario on the simulated fleet")
     scenario_args(r)
-    r.add_argument("--out", type=Path, default=None,
-                   help="run folder (default: runs/NAME-TIMESTAMP)")
+    r.add_argument(
+        "--out", type=Path, default=None, help="run folder (default: runs/NAME-TIMESTAMP)"
+    )
     r.add_argument("--quiet", action="store_true", help="no progress display")
 
     v = sub.add_parser("validate", help="check a scenario and print it fully resolved")
@@ -43,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="measure this machine and write a device profile")
     c.add_argument("--name", default="this_machine", help="profile name (default: %(default)s)")
-    c.add_argument("--out", type=Path, default=None,
-                   help="TOML file to write (default: NAME.toml); include it from a scenario")
+    c.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="TOML file to write (default: NAME.toml); include it from a scenario",
+    )
     c.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     return p
 
@@ -71,13 +86,25 @@ def _cmd_profiles(_: argparse.Namespace) -> int:
 
     dev = Table("device profile", "GFLOP/s", "memory GiB", "us/op", "source", title="devices")
     for name, d in DEVICE_PROFILES.items():
-        dev.add_row(name, f"{d.flops_per_s / 1e9:.1f}", f"{d.memory_bytes / 2**30:.0f}",
-                    f"{d.op_overhead_s * 1e6:.0f}", d.source)
-    lnk = Table("link profile", "up Mbit/s", "down Mbit/s", "latency ms", "jitter ms", "loss",
-                title="links")
+        dev.add_row(
+            name,
+            f"{d.flops_per_s / 1e9:.1f}",
+            f"{d.memory_bytes / 2**30:.0f}",
+            f"{d.op_overhead_s * 1e6:.0f}",
+            d.source,
+        )
+    lnk = Table(
+        "link profile", "up Mbit/s", "down Mbit/s", "latency ms", "jitter ms", "loss", title="links"
+    )
     for name, x in LINK_PROFILES.items():
-        lnk.add_row(name, f"{x.up_bps / 1e6:g}", f"{x.down_bps / 1e6:g}",
-                    f"{x.latency_s * 1e3:g}", f"{x.jitter_s * 1e3:g}", f"{x.loss:.2%}")
+        lnk.add_row(
+            name,
+            f"{x.up_bps / 1e6:g}",
+            f"{x.down_bps / 1e6:g}",
+            f"{x.latency_s * 1e3:g}",
+            f"{x.jitter_s * 1e3:g}",
+            f"{x.loss:.2%}",
+        )
     console = Console()
     console.print(dev)
     console.print(lnk)
@@ -94,13 +121,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     profile, report = calibrate_profile(threads=args.threads)
     write_text_atomic(out, profile_toml(args.name, profile))
     print(report)
-    print(f"wrote {out}: add `include = [\"{out}\"]` at the top of a scenario to use "
-          f"profile = \"{args.name}\"")
+    print(
+        f'wrote {out}: add `include = ["{out}"]` at the top of a scenario to use '
+        f'profile = "{args.name}"'
+    )
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "profiles": _cmd_profiles,
-            "calibrate": _cmd_calibrate}
+COMMANDS = {
+    "run": _cmd_run,
+    "validate": _cmd_validate,
+    "profiles": _cmd_profiles,
+    "calibrate": _cmd_calibrate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -185,13 +185,16 @@ def _merge_includes(raw: dict[str, Any], path: Path) -> None:
         inc = read_toml(inc_path)
         extra = sorted(set(inc) - {"profiles", "links"})
         if extra:
-            raise ConfigError(f"{inc_path}: an included file may hold only [profiles.*] and "
-                              f"[links.*] tables, not {', '.join(extra)}")
+            raise ConfigError(
+                f"{inc_path}: an included file may hold only [profiles.*] and "
+                f"[links.*] tables, not {', '.join(extra)}"
+            )
         for table in ("profiles", "links"):
             for where, value in ((inc_path, inc.get(table, {})), ("scenario", raw.get(table, {}))):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{where}: {table}: expected a table of named "
-                                      f"profiles, got {value!r}")
+                    raise ConfigError(
+                        f"{where}: {table}: expected a table of named profiles, got {value!r}"
+                    )
             merged = dict(inc.get(table, {}))
             merged.update(raw.get(table, {}))
             if merged:

@@ -20,8 +20,7 @@ from edgeddl.config.schema import DeviceProfile
 SMALL_BATCH, LARGE_BATCH = 2, 64
 
 
-def _median_step_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   repeats: int) -> float:
+def _median_step_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times = []
@@ -44,10 +43,12 @@ def calibrate_profile(threads: int = 0) -> tuple[DeviceProfile, str]:
     shape = (3, 32, 32)
     model = build_model("resnet32", input_shape=shape, num_classes=10)
     cost = model_cost(model, shape)
-    t_small = _median_step_s(model, torch.randn(SMALL_BATCH, *shape),
-                             torch.randint(0, 10, (SMALL_BATCH,)), repeats=9)
-    t_large = _median_step_s(model, torch.randn(LARGE_BATCH, *shape),
-                             torch.randint(0, 10, (LARGE_BATCH,)), repeats=5)
+    t_small = _median_step_s(
+        model, torch.randn(SMALL_BATCH, *shape), torch.randint(0, 10, (SMALL_BATCH,)), repeats=9
+    )
+    t_large = _median_step_s(
+        model, torch.randn(LARGE_BATCH, *shape), torch.randint(0, 10, (LARGE_BATCH,)), repeats=5
+    )
     per_sample = max((t_large - t_small) / (LARGE_BATCH - SMALL_BATCH), 1e-9)
     fixed = max(t_small - SMALL_BATCH * per_sample, 0.0)
     memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -56,12 +57,14 @@ def calibrate_profile(threads: int = 0) -> tuple[DeviceProfile, str]:
         memory_bytes=memory,
         op_overhead_s=fixed / cost.ops_per_step,
         source=f"edgeddl calibrate on {platform.node()} ({platform.machine()}, "
-               f"{torch.get_num_threads()} threads): ResNet-32 {1 / per_sample:.1f} img/s",
+        f"{torch.get_num_threads()} threads): ResNet-32 {1 / per_sample:.1f} img/s",
     )
-    report = (f"ResNet-32: {1 / per_sample:.1f} img/s at batch {LARGE_BATCH} "
-              f"({profile.flops_per_s / 1e9:.1f} GFLOP/s effective), fixed {fixed * 1e3:.2f} ms "
-              f"per step ({profile.op_overhead_s * 1e6:.1f} us/op over {cost.ops_per_step} ops), "
-              f"memory {memory / 2**30:.1f} GiB")
+    report = (
+        f"ResNet-32: {1 / per_sample:.1f} img/s at batch {LARGE_BATCH} "
+        f"({profile.flops_per_s / 1e9:.1f} GFLOP/s effective), fixed {fixed * 1e3:.2f} ms "
+        f"per step ({profile.op_overhead_s * 1e6:.1f} us/op over {cost.ops_per_step} ops), "
+        f"memory {memory / 2**30:.1f} GiB"
+    )
     return profile, report
 
 

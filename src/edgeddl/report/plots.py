@@ -62,6 +62,13 @@ def plot_timeline(rec: RunRecorder, path: Path, max_devices: int = 40) -> None:
     ax.set_xlabel("virtual time (s)")
     ax.set_title(f"device timeline, first {min(rec.num_steps, TIMELINE_STEPS)} steps", pad=22)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
-              fontsize=8, frameon=False)
+    ax.legend(
+        handles,
+        list(COLORS),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=4,
+        fontsize=8,
+        frameon=False,
+    )
     _save(fig, path)

@@ -16,13 +16,21 @@ from edgeddl.fleet.timeline import StepTimeline
 class Transport(Protocol):
     topology: str
 
-    def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float
-                        ) -> np.ndarray:
+    def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float) -> np.ndarray:
         """Each device's own transfer time on the step's critical path, for balancing."""
         ...
 
-    def step(self, start_s: float, idx: np.ndarray, data_s: np.ndarray, compute_s: np.ndarray,
-             up_bytes: int, down_bytes: int, crash_at_s: dict[int, float],
-             needs_model: np.ndarray, agg_flops: float) -> StepTimeline:
+    def step(
+        self,
+        start_s: float,
+        idx: np.ndarray,
+        data_s: np.ndarray,
+        compute_s: np.ndarray,
+        up_bytes: int,
+        down_bytes: int,
+        crash_at_s: dict[int, float],
+        needs_model: np.ndarray,
+        agg_flops: float,
+    ) -> StepTimeline:
         """Carry one step's exchange among devices `idx`; say whose work arrived."""
         ...
