@@ -26,6 +26,7 @@ from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo, ShardSampler, load_dataset, partition
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
 from edgeddl.fleet.fleet import Fleet
+from edgeddl.fleet.timeline import StepRequest
 from edgeddl.models import build_model, model_cost
 from edgeddl.report.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from edgeddl.report.plots import plot_accuracy, plot_timeline
@@ -177,17 +178,21 @@ def run(
             # Every replica starts from the same seeded model; later, a device that sat out
             # the previous step must fetch the current one.
             needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
-            tl = transport.step(
-                clock.now_s,
-                active,
-                data_s,
-                compute_s,
-                up_bytes,
-                down_bytes,
-                schedule.crash_times(clock.now_s, np.inf),
-                needs_model,
-                strategy.aggregation_flops(),
+            crash_at_s = np.full(fleet.num_devices, np.inf)
+            for dev, at_s in schedule.crash_times(clock.now_s, np.inf).items():
+                crash_at_s[dev] = at_s
+            request = StepRequest(
+                start_s=clock.now_s,
+                devices=active,
+                data_s=data_s,
+                compute_s=compute_s,
+                up_bytes=up_bytes,
+                down_bytes=down_bytes,
+                crash_at_s=crash_at_s[active],
+                needs_model=needs_model,
+                agg_flops=strategy.aggregation_flops(),
             )
+            tl = transport.step(request)
             picks = [sampler.take(int(i), int(n)) for i, n in zip(active, shares, strict=True)]
             ok = np.flatnonzero(tl.contributed)
             if len(ok):

@@ -13,7 +13,7 @@ import pytest
 
 from edgeddl.config.loader import scenario_from_dict
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.fleet.timeline import StepTimeline
+from edgeddl.fleet.timeline import StepRequest, StepTimeline
 from edgeddl.transport.sim import SimTransport
 
 LINKS = {
@@ -58,16 +58,20 @@ def _step(
     down_bytes: int = D_BYTES,
 ) -> StepTimeline:
     n = len(data_s)
+    devices = np.arange(n) if idx is None else np.array(idx)
+    crashes = crash_at_s or {}
     return transport.step(
-        start_s,
-        np.arange(n) if idx is None else np.array(idx),
-        np.array(data_s, dtype=np.float64),
-        np.array(compute_s, dtype=np.float64),
-        up_bytes,
-        down_bytes,
-        crash_at_s or {},
-        np.array(needs_model if needs_model is not None else [False] * n),
-        AGG_FLOPS,
+        StepRequest(
+            start_s=start_s,
+            devices=devices,
+            data_s=np.array(data_s, dtype=np.float64),
+            compute_s=np.array(compute_s, dtype=np.float64),
+            up_bytes=up_bytes,
+            down_bytes=down_bytes,
+            crash_at_s=np.array([crashes.get(int(i), np.inf) for i in devices]),
+            needs_model=np.array(needs_model if needs_model is not None else [False] * n),
+            agg_flops=AGG_FLOPS,
+        )
     )
 
 
@@ -322,7 +326,17 @@ def test_phases_add_up_to_each_device_s_time_on_real_links(topology, seed) -> No
     crash = {victim: 5.0 + rng.uniform(0, data_s[victim] + compute_s[victim])} if seed % 2 else {}
     transport = SimTransport(fleet, topology, seed)
     tl = transport.step(
-        5.0, np.arange(n), data_s, compute_s, 4_000_000, 4_000_000, crash, needs_model, 2e6
+        StepRequest(
+            start_s=5.0,
+            devices=np.arange(n),
+            data_s=data_s,
+            compute_s=compute_s,
+            up_bytes=4_000_000,
+            down_bytes=4_000_000,
+            crash_at_s=np.array([crash.get(i, np.inf) for i in range(n)]),
+            needs_model=needs_model,
+            agg_flops=2e6,
+        )
     )
     length = tl.end_s - tl.start_s
     limit = np.array([min(crash.get(i, np.inf) - 5.0, length) for i in range(n)])

@@ -13,6 +13,28 @@ import numpy as np
 STATES = ("compute", "data_loading", "communication", "idle")
 
 
+@dataclass(frozen=True, slots=True)
+class StepRequest:
+    """One step to carry: who takes part, their local work, what they send, who crashes."""
+
+    start_s: float
+    devices: np.ndarray
+    data_s: np.ndarray
+    """Each participant's data-loading seconds for its share."""
+    compute_s: np.ndarray
+    """Each participant's compute seconds for its share."""
+    up_bytes: int
+    """Bytes one device sends (its gradient)."""
+    down_bytes: int
+    """Bytes one device receives (the model state)."""
+    crash_at_s: np.ndarray
+    """Each participant's next crash time (absolute), inf if none is scheduled."""
+    needs_model: np.ndarray
+    """True for a device that must first fetch the current model (ring: a joiner)."""
+    agg_flops: float
+    """FLOPs for the aggregator to take in one contribution."""
+
+
 @dataclass(slots=True)
 class StepTimeline:
     """What one step cost each participant; arrays are aligned with `devices`."""

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeddl.fleet.timeline import StepTimeline
+from edgeddl.fleet.timeline import StepRequest, StepTimeline
 
 
 class Transport(Protocol):
@@ -20,17 +20,6 @@ class Transport(Protocol):
         """Each device's own transfer time on the step's critical path, for balancing."""
         ...
 
-    def step(
-        self,
-        start_s: float,
-        idx: np.ndarray,
-        data_s: np.ndarray,
-        compute_s: np.ndarray,
-        up_bytes: int,
-        down_bytes: int,
-        crash_at_s: dict[int, float],
-        needs_model: np.ndarray,
-        agg_flops: float,
-    ) -> StepTimeline:
-        """Carry one step's exchange among devices `idx`; say whose work arrived."""
+    def step(self, req: StepRequest) -> StepTimeline:
+        """Carry one step's exchange; say what it cost each device and whose work arrived."""
         ...

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.link import fifo_finish_s, transfer_time_s
-from edgeddl.fleet.timeline import StepTimeline, truncate_phases
+from edgeddl.fleet.timeline import StepRequest, StepTimeline, truncate_phases
 
 
 class SimTransport:
@@ -61,46 +61,21 @@ class SimTransport:
             + 8 * down_bytes / np.minimum(f.down_bps[idx], c.up_bps)
         )
 
-    def step(
-        self,
-        start_s: float,
-        idx: np.ndarray,
-        data_s: np.ndarray,
-        compute_s: np.ndarray,
-        up_bytes: int,
-        down_bytes: int,
-        crash_at_s: dict[int, float],
-        needs_model: np.ndarray,
-        agg_flops: float,
-    ) -> StepTimeline:
-        crash = np.full(len(idx), np.inf)
-        if crash_at_s:
-            crash = np.array([crash_at_s.get(int(i), np.inf) for i in idx])
-        crash = crash - start_s
+    def step(self, req: StepRequest) -> StepTimeline:
+        crash = req.crash_at_s - req.start_s
         if self.topology == "star":
-            return self._star(
-                start_s, idx, data_s, compute_s, up_bytes, down_bytes, crash, agg_flops
-            )
-        return self._ring(start_s, idx, data_s, compute_s, up_bytes, down_bytes, crash, needs_model)
+            return self._star(req, crash)
+        return self._ring(req, crash)
 
-    def _star(
-        self,
-        start_s: float,
-        idx: np.ndarray,
-        data_s: np.ndarray,
-        compute_s: np.ndarray,
-        up_bytes: int,
-        down_bytes: int,
-        crash: np.ndarray,
-        agg_flops: float,
-    ) -> StepTimeline:
+    def _star(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
+        idx, up_bytes, down_bytes = req.devices, req.up_bytes, req.down_bytes
         c = self.fleet.coordinator_link
         down_own = self._to_coordinator(idx, down_bytes, up=False)
         serve_out = np.full(len(idx), 8.0 * down_bytes / c.up_bps)
         order = np.argsort(down_own, kind="stable")
         recv = np.empty(len(idx))
         recv[order] = fifo_finish_s(np.maximum(down_own, serve_out)[order], serve_out[order])
-        done = recv + data_s + compute_s
+        done = recv + req.data_s + req.compute_s
         up_own = self._to_coordinator(idx, up_bytes, up=True)
         serve_in = 8.0 * up_bytes / c.down_bps
 
@@ -119,19 +94,19 @@ class SimTransport:
         detect = (crash[lost] + self.fleet.failure_detection_s).max() if lost.any() else 0.0
         in_s = arrive[~lost].max() if (~lost).any() else 0.0
         num_in = int((~lost).sum())
-        end = max(in_s, detect) + agg_flops * num_in / self.fleet.coordinator.flops_per_s
+        end = max(in_s, detect) + req.agg_flops * num_in / self.fleet.coordinator.flops_per_s
         arrive = np.where(lost, np.maximum(end, done), arrive)
         phases = [
             ("communication", recv),
-            ("data_loading", data_s),
-            ("compute", compute_s),
+            ("data_loading", req.data_s),
+            ("compute", req.compute_s),
             ("communication", arrive - done),
             ("idle", end - arrive),
         ]
         phases = truncate_phases(phases, np.minimum(crash, end))
         return StepTimeline(
-            start_s=start_s,
-            end_s=start_s + end,
+            start_s=req.start_s,
+            end_s=req.start_s + end,
             devices=idx,
             contributed=~lost,
             phases=phases,
@@ -156,17 +131,13 @@ class SimTransport:
         )
         return float(np.broadcast_to(hop, shape).max(axis=1).sum())
 
-    def _ring(
-        self,
-        start_s: float,
-        idx: np.ndarray,
-        data_s: np.ndarray,
-        compute_s: np.ndarray,
-        up_bytes: int,
-        down_bytes: int,
-        crash: np.ndarray,
-        needs_model: np.ndarray,
-    ) -> StepTimeline:
+    def _ring(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
+        idx, up_bytes, down_bytes, needs_model = (
+            req.devices,
+            req.up_bytes,
+            req.down_bytes,
+            req.needs_model,
+        )
         f = self.fleet
         fetch = np.where(
             needs_model,
@@ -180,7 +151,7 @@ class SimTransport:
             ),
             0.0,
         )
-        done = fetch + data_s + compute_s
+        done = fetch + req.data_s + req.compute_s
         lost = crash < done
         while True:  # a device crashing while it waits for slower peers is lost too
             detect = (crash[lost] + f.failure_detection_s).max() if lost.any() else 0.0
@@ -199,16 +170,16 @@ class SimTransport:
         ring_bytes = round(2 * (m - 1) / m * up_bytes) if m > 1 else 0
         phases = [
             ("communication", fetch),
-            ("data_loading", data_s),
-            ("compute", compute_s),
+            ("data_loading", req.data_s),
+            ("compute", req.compute_s),
             ("idle", np.maximum(reduce_at - done, 0.0)),
             ("communication", end - np.maximum(reduce_at, done)),
         ]
         phases = truncate_phases(phases, np.minimum(crash, end))
         moved = np.where(lost, 0, ring_bytes)
         return StepTimeline(
-            start_s=start_s,
-            end_s=start_s + end,
+            start_s=req.start_s,
+            end_s=req.start_s + end,
             devices=idx,
             contributed=~lost,
             phases=phases,
