@@ -27,6 +27,27 @@ from edgeddl.fleet.link import fifo_finish_s, transfer_time_s
 from edgeddl.fleet.timeline import StepRequest, StepTimeline, truncate_phases
 
 
+def _timeline(
+    req: StepRequest,
+    end: float,
+    lost: np.ndarray,
+    crash: np.ndarray,
+    phases: list[tuple[str, np.ndarray]],
+    bytes_up: np.ndarray,
+    bytes_down: np.ndarray,
+) -> StepTimeline:
+    """Package a laid-out step; each device's phases stop at its crash or the step's end."""
+    return StepTimeline(
+        start_s=req.start_s,
+        end_s=req.start_s + end,
+        devices=req.devices,
+        contributed=~lost,
+        phases=truncate_phases(phases, np.minimum(crash, end)),
+        bytes_up=bytes_up.astype(np.int64),
+        bytes_down=bytes_down.astype(np.int64),
+    )
+
+
 class SimTransport:
     """Times one step's exchange on the fleet's links; draws jitter and loss from `seed`."""
 
@@ -103,15 +124,14 @@ class SimTransport:
             ("communication", arrive - done),
             ("idle", end - arrive),
         ]
-        phases = truncate_phases(phases, np.minimum(crash, end))
-        return StepTimeline(
-            start_s=req.start_s,
-            end_s=req.start_s + end,
-            devices=idx,
-            contributed=~lost,
-            phases=phases,
-            bytes_up=np.where(lost, 0, up_bytes).astype(np.int64),
-            bytes_down=np.where(crash >= recv, down_bytes, 0).astype(np.int64),
+        return _timeline(
+            req,
+            end,
+            lost,
+            crash,
+            phases,
+            np.where(lost, 0, up_bytes),
+            np.where(crash >= recv, down_bytes, 0),
         )
 
     def _ring_time(self, members: np.ndarray, num_bytes: int) -> float:
@@ -175,16 +195,13 @@ class SimTransport:
             ("idle", np.maximum(reduce_at - done, 0.0)),
             ("communication", end - np.maximum(reduce_at, done)),
         ]
-        phases = truncate_phases(phases, np.minimum(crash, end))
         moved = np.where(lost, 0, ring_bytes)
-        return StepTimeline(
-            start_s=req.start_s,
-            end_s=req.start_s + end,
-            devices=idx,
-            contributed=~lost,
-            phases=phases,
-            bytes_up=moved.astype(np.int64),
-            bytes_down=(moved + np.where(needs_model & (crash >= fetch), down_bytes, 0)).astype(
-                np.int64
-            ),
+        return _timeline(
+            req,
+            end,
+            lost,
+            crash,
+            phases,
+            moved,
+            moved + np.where(needs_model & (crash >= fetch), down_bytes, 0),
         )
