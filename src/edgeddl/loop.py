@@ -136,6 +136,7 @@ def run(
     strategy: Strategy = DataParallel(model, t, **({"loss_fn": loss_fn} if loss_fn else {}))
     transport: Transport = SimTransport(fleet, t.topology, seed)
     up_bytes, down_bytes = strategy.payload_bytes()
+    agg_flops = strategy.aggregation_flops()
     caps = fleet.max_samples(
         OPTIMIZER_STATE_COPIES * cost.param_bytes,
         2 * cost.activation_bytes_per_sample + info.sample_bytes,
@@ -150,7 +151,8 @@ def run(
     shares = np.zeros(0, dtype=np.int64)
     active = np.zeros(0, dtype=np.int64)
     participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
-    last_loss, step = float("nan"), 0
+    data_s = compute_s = np.zeros(0)
+    step = 0
     with ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress) as display:
         while step < t.num_steps:
             for ev in schedule.advance_to(clock.now_s):
@@ -172,9 +174,13 @@ def run(
                     t.global_batch, per_sample_s[idx], fixed, caps[idx], t.balance
                 )
                 active, shares = idx[all_shares > 0], all_shares[all_shares > 0]
-            data_s, compute_s = fleet.work_time_s(
-                active, shares, cost.train_flops_per_sample, info.sample_bytes, cost.ops_per_step
-            )
+                data_s, compute_s = fleet.work_time_s(
+                    active,
+                    shares,
+                    cost.train_flops_per_sample,
+                    info.sample_bytes,
+                    cost.ops_per_step,
+                )
             # Every replica starts from the same seeded model; later, a device that sat out
             # the previous step must fetch the current one.
             needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
@@ -190,18 +196,17 @@ def run(
                 down_bytes=down_bytes,
                 crash_at_s=crash_at_s[active],
                 needs_model=needs_model,
-                agg_flops=strategy.aggregation_flops(),
+                agg_flops=agg_flops,
             )
             tl = transport.step(request)
-            picks = [sampler.take(int(i), int(n)) for i, n in zip(active, shares, strict=True)]
+            picks = sampler.take_many(active, shares)  # crashed devices drew theirs too
             ok = np.flatnonzero(tl.contributed)
+            loss = None
             if len(ok):
                 rows = torch.from_numpy(np.concatenate([picks[k] for k in ok])).to(device)
-                last_loss = strategy.step(
-                    x_train[rows], y_train[rows], [int(shares[k]) for k in ok]
-                )
+                loss = strategy.step(x_train[rows], y_train[rows], shares[ok].tolist())
             clock.advance_to(tl.end_s)
-            rec.add_step(tl, shares, last_loss if len(ok) else float("nan"))
+            rec.add_step(tl, shares, loss)
             participated[:] = False
             participated[active[tl.contributed]] = True
             step += 1

@@ -1,7 +1,9 @@
 """Each device draws its batches from its own shard only: raw data never leaves a device.
 
 A device walks through a seeded permutation of its shard and reshuffles at the end of each
-local epoch, so a fast device that takes more samples per step simply sees more epochs.
+local epoch, so a fast device that takes more samples per step simply sees more epochs. All
+devices' current permutations sit in one flat array, so a step's draws for thousands of
+devices are one gather; only a device that reaches the end of its epoch is handled alone.
 """
 
 from __future__ import annotations
@@ -13,21 +15,42 @@ class ShardSampler:
     def __init__(self, shards: list[np.ndarray], seed: int) -> None:
         self.rng = np.random.default_rng(seed)
         self.shards = shards
-        self.order = [self.rng.permutation(s) for s in shards]
-        self.pos = [0] * len(shards)
-        self.epochs = [0] * len(shards)
+        self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.flat = np.concatenate([self.rng.permutation(s) for s in shards]).astype(np.int64)
+        self.pos = np.zeros(len(shards), dtype=np.int64)
+        self.epochs = np.zeros(len(shards), dtype=np.int64)
+
+    def _reshuffle(self, device: int) -> None:
+        start = self.offsets[device]
+        self.flat[start : start + self.sizes[device]] = self.rng.permutation(self.shards[device])
+        self.pos[device] = 0
+        self.epochs[device] += 1
 
     def take(self, device: int, num_samples: int) -> np.ndarray:
         """The next `num_samples` indices (into the full data set) of `device`'s shard."""
-        order, pos, out = self.order[device], self.pos[device], []
+        out = []
         while num_samples > 0:
-            if pos == len(order):
-                order = self.order[device] = self.rng.permutation(self.shards[device])
-                pos = 0
-                self.epochs[device] += 1
-            n = min(num_samples, len(order) - pos)
-            out.append(order[pos : pos + n])
-            pos += n
+            if self.pos[device] == self.sizes[device]:
+                self._reshuffle(device)
+            n = min(num_samples, int(self.sizes[device] - self.pos[device]))
+            start = self.offsets[device] + self.pos[device]
+            out.append(self.flat[start : start + n].copy())
+            self.pos[device] += n
             num_samples -= n
-        self.pos[device] = pos
-        return out[0] if len(out) == 1 else np.concatenate(out) if out else order[:0]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def take_many(self, devices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+        """`take` for several devices at once, in order; the same draws as calling it in turn."""
+        counts = np.asarray(counts, dtype=np.int64)
+        fits = self.pos[devices] + counts <= self.sizes[devices]
+        if not fits.all():  # someone's epoch ends: draw device by device, in order
+            return [self.take(int(d), int(n)) for d, n in zip(devices, counts, strict=True)]
+        starts = self.offsets[devices] + self.pos[devices]
+        # Positions start_i .. start_i + n_i - 1 for every device, as one index array.
+        ends = np.cumsum(counts)
+        rows = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
+            starts - ends + counts, counts
+        )
+        self.pos[devices] += counts
+        return np.split(self.flat[rows], ends[:-1])

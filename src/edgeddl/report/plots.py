@@ -24,7 +24,7 @@ COLORS = {
 
 def _save(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
 
@@ -50,13 +50,14 @@ def plot_timeline(rec: RunRecorder, path: Path, max_devices: int = 40) -> None:
     devices = sorted({s.device for s in rec.timeline})[:max_devices]
     row = {d: i for i, d in enumerate(devices)}
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(devices) + 1.6))
-    for state, color in COLORS.items():
-        for d in devices:
-            bars = [
-                (s.start_s, s.seconds) for s in rec.timeline if s.device == d and s.state == state
-            ]
-            if bars:
-                ax.broken_barh(bars, (row[d] - 0.4, 0.8), facecolors=color, linewidth=0)
+    by_state: dict[str, list[tuple[int, float, float]]] = {state: [] for state in COLORS}
+    for span in rec.timeline:
+        if span.device in row:
+            by_state[span.state].append((row[span.device], span.start_s, span.seconds))
+    for state, spans in by_state.items():  # one call per state, not per device and state
+        if spans:
+            y, left, width = zip(*spans, strict=True)
+            ax.barh(y, width, left=left, height=0.8, color=COLORS[state], linewidth=0)
     ax.set_yticks(range(len(devices)), [rec.names[d] for d in devices], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("virtual time (s)")

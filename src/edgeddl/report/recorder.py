@@ -42,7 +42,8 @@ class RunRecorder:
     timeline: list[TimelineSpan] = field(default_factory=list)
     num_steps: int = 0
     steps_with_lost_work: int = 0
-    loss_sum: float = 0.0
+    loss_sum: Any = 0.0
+    """Sum of train losses since the last evaluation: a tensor, read out only at evaluation."""
     loss_count: int = 0
 
     def __post_init__(self) -> None:
@@ -53,7 +54,8 @@ class RunRecorder:
         self.samples = np.zeros(n, dtype=np.int64)
         self.steps = np.zeros(n, dtype=np.int64)
 
-    def add_step(self, tl: StepTimeline, shares: np.ndarray, loss: float) -> None:
+    def add_step(self, tl: StepTimeline, shares: np.ndarray, loss: Any | None) -> None:
+        """Add one step; `loss` is None when no device's work arrived."""
         idx = tl.devices
         # A device appears at most once per step, so fancy-index += is exact (and fast).
         for state, secs in tl.phases:
@@ -72,8 +74,8 @@ class RunRecorder:
                     )
                 t = t + secs
         self.num_steps += 1
-        if np.isfinite(loss):
-            self.loss_sum += loss
+        if loss is not None:
+            self.loss_sum = self.loss_sum + loss
             self.loss_count += 1
 
     def add_event(self, at_s: float, device: int, action: str) -> None:
@@ -93,7 +95,7 @@ class RunRecorder:
             "step": step,
             "virtual_time_s": virtual_time_s,
             "wall_time_s": wall_time_s,
-            "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
+            "train_loss": float(self.loss_sum) / self.loss_count if self.loss_count else None,
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "samples": int(self.samples.sum()),

@@ -23,23 +23,22 @@ class BalanceError(ValueError):
     """The global batch cannot be placed on the devices (e.g. it does not fit in memory)."""
 
 
-def _round_to(total: int, ideal: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    base = np.minimum(np.floor(ideal).astype(np.int64), cap)
+def _round_to(
+    total: int, ideal: np.ndarray, cap: np.ndarray, fixed: np.ndarray, per: np.ndarray
+) -> np.ndarray:
+    """Whole samples within one of `ideal`: round down, then the samples left over go, one
+    each, to the rounded-down devices that would finish earliest with one more."""
+    base = np.minimum(np.floor(ideal + 1e-9).astype(np.int64), cap)
     left = total - int(base.sum())
-    if left > 0:
-        frac = ideal - np.floor(ideal)
-        order = np.argsort(-frac, kind="stable")
-        for i in order:  # at most len(ideal) passes, usually `left` < number of devices
-            if left == 0:
-                break
-            if base[i] < cap[i]:
-                base[i] += 1
-                left -= 1
-        while left > 0:  # rounding met caps: fill wherever room is left
-            room = np.flatnonzero(base < cap)
-            take = min(left, len(room))
-            base[room[:take]] += 1
-            left -= take
+    finish = fixed + (base + 1) * per
+    for room in (base < np.minimum(np.ceil(ideal - 1e-9), cap), base < cap):
+        if left <= 0:
+            break
+        cand = np.flatnonzero(room)
+        pick = cand[np.argsort(finish[cand], kind="stable")[:left]]
+        base[pick] += 1
+        left -= len(pick)
+        finish = fixed + (base + 1) * per
     return base
 
 
@@ -71,6 +70,8 @@ def balance_shares(
     if n == 0:
         raise BalanceError("no device is in the fleet to take the batch")
     cap = np.asarray(cap, dtype=np.int64)
+    per = np.asarray(per_sample_s, dtype=np.float64)
+    fixed = np.asarray(fixed_s, dtype=np.float64)
     if int(cap.sum()) < global_batch:
         raise BalanceError(
             f"global batch {global_batch} does not fit in the devices' memory "
@@ -84,13 +85,12 @@ def balance_shares(
                 "device's memory; lower train.global_batch or use "
                 'balance = "capability"'
             )
-        return _round_to(global_batch, ideal, cap)
-    per = np.asarray(per_sample_s, dtype=np.float64)
+        return _round_to(global_batch, ideal, cap, fixed, per)
     if mode == "capability":
-        return _round_to(global_batch, _capped_proportional(global_batch, 1.0 / per, cap), cap)
+        ideal = _capped_proportional(global_batch, 1.0 / per, cap)
+        return _round_to(global_batch, ideal, cap, fixed, per)
     if mode != "min_time":
         raise ValueError(f"unknown balance mode {mode!r}; allowed: capability, min_time, equal")
-    fixed = np.asarray(fixed_s, dtype=np.float64)
 
     def placed(t: float) -> float:
         return float(np.clip((t - fixed) / per, 0.0, cap).sum())
@@ -104,4 +104,4 @@ def balance_shares(
             hi = mid
     ideal = np.clip((hi - fixed) / per, 0.0, cap)
     ideal *= global_batch / ideal.sum()
-    return _round_to(global_batch, np.minimum(ideal, cap), cap)
+    return _round_to(global_batch, np.minimum(ideal, cap), cap, fixed, per)

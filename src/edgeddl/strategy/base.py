@@ -24,8 +24,8 @@ class Strategy(Protocol):
         """FLOPs for the aggregator to take in one device's contribution."""
         ...
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> float:
-        """Apply one update from the contributing devices' batches; return the train loss."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Apply one update from the contributing devices' batches; return the detached loss."""
         ...
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

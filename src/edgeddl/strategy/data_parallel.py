@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgeddl.config.schema import TrainConfig
-from edgeddl.strategy.fused import segmented_batchnorm
+from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,6 +34,7 @@ class DataParallel:
         self.model = model
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.batchnorms = batchnorm_layers(model)
         self.optimizer = torch.optim.SGD(
             self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -47,20 +48,21 @@ class DataParallel:
         """FLOPs for the aggregator to add one device's contribution (one multiply-add)."""
         return 2.0 * sum(p.numel() for p in self.params)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> float:
+    def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One update from the concatenated batches of the contributing devices.
 
         `counts[i]` samples of `x` belong to the i-th contributing device, in order. The mean
         loss over all samples has as gradient the sample-weighted mean of per-device mean
-        gradients, so one fused pass gives exactly the aggregate.
+        gradients, so one fused pass gives exactly the aggregate. Returns the detached loss
+        as a tensor: reading it out would make a GPU wait at every step.
         """
         self.model.train()
-        with segmented_batchnorm(self.model, counts):
+        with segmented_batchnorm(self.model, counts, self.batchnorms):
             loss = self.loss_fn(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, float]:

@@ -21,58 +21,62 @@ import torch
 from torch import nn
 
 
-def _segment_stats(
-    x: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-segment mean and biased variance over (batch, spatial) of x [N, C, ...]."""
-    n, c = x.shape[:2]
-    flat = x.reshape(n, c, -1)
-    per = flat.shape[2]
-    num = (counts * per).to(x.dtype).unsqueeze(1)
-    mean = torch.zeros(len(counts), c, dtype=x.dtype, device=x.device)
-    mean = mean.index_add(0, seg, flat.sum(2)) / num
-    centered = flat - mean[seg].unsqueeze(2)
-    var = torch.zeros_like(mean).index_add(0, seg, (centered * centered).sum(2)) / num
-    return mean, var, num.squeeze(1)
-
-
 def _segmented_forward(
     bn: nn.modules.batchnorm._BatchNorm, seg: torch.Tensor, counts: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
-    mean, var, num = _segment_stats(x, seg, counts)
-    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-    y = (x - mean[seg].view(view)) * torch.rsqrt(var[seg].view(view) + bn.eps)
+    """BatchNorm of x [N, C, ...] with statistics per device segment, in few passes.
+
+    Per segment: sum and sum of squares (one reduction each), then each sample is normalised
+    by one multiply-add with its segment's scale and shift.
+    """
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    num = (counts * flat.shape[2]).to(x.dtype).unsqueeze(1)  # values per segment and channel
+    zeros = torch.zeros(len(counts), c, dtype=x.dtype, device=x.device)
+    mean = zeros.index_add(0, seg, flat.sum(2)) / num
+    var = (zeros.index_add(0, seg, (flat * flat).sum(2)) / num - mean * mean).clamp(min=0.0)
+    scale = torch.rsqrt(var + bn.eps)
     if bn.affine:
-        wview = (1, -1) + (1,) * (x.dim() - 2)
-        y = y * bn.weight.view(wview) + bn.bias.view(wview)
+        scale = scale * bn.weight
+        shift = bn.bias - mean * scale
+    else:
+        shift = -mean * scale
+    view = (n, c) + (1,) * (x.dim() - 2)
+    y = torch.addcmul(shift[seg].view(view), x, scale[seg].view(view))
     rm, rv, nbt = bn.running_mean, bn.running_var, bn.num_batches_tracked
     if bn.track_running_stats and rm is not None and rv is not None and nbt is not None:
         with torch.no_grad():
             nbt.add_(1)
             m = bn.momentum if bn.momentum is not None else 1.0 / float(nbt)
-            w = (num / num.sum()).unsqueeze(1)
-            unbiased = var * (num / (num - 1).clamp(min=1)).unsqueeze(1)
+            w = num / num.sum()
+            unbiased = var * num / (num - 1).clamp(min=1)
             rm.mul_(1 - m).add_((w * mean).sum(0), alpha=m)
             rv.mul_(1 - m).add_((w * unbiased).sum(0), alpha=m)
     return y
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
-def segmented_batchnorm(model: nn.Module, counts: list[int]) -> Iterator[None]:
+def segmented_batchnorm(
+    model: nn.Module, counts: list[int], layers: list[nn.modules.batchnorm._BatchNorm] | None = None
+) -> Iterator[None]:
     """Within the block, BatchNorm layers in training mode normalise per device segment.
 
-    `counts` are the consecutive segment sizes of the batch about to be fed to `model`.
-    With one segment (or no BatchNorm) nothing changes.
+    `counts` are the consecutive segment sizes of the batch about to be fed to `model`;
+    `layers` (default: found in `model`) saves walking the model on every step. With one
+    segment (or no BatchNorm) nothing changes.
     """
-    layers = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-    ]
+    layers = [m for m in (batchnorm_layers(model) if layers is None else layers) if m.training]
     if len(counts) <= 1 or not layers:
         yield
         return
     device = next(model.parameters()).device
-    cnt = torch.tensor(counts, device=device)
-    seg = torch.repeat_interleave(torch.arange(len(counts), device=device), cnt)
+    # Built on the host and copied once: no device-to-host sync on a GPU.
+    seg = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+    cnt = torch.tensor(counts).to(device)
     for bn in layers:
         # An instance attribute shadows the class's forward until deleted below.
         bn.forward = functools.partial(_segmented_forward, bn, seg, cnt)  # type: ignore[method-assign]
