@@ -167,13 +167,13 @@ def instrumented() -> Iterator[dict[str, Any]]:
     base_sampler, base_strategy = loop.ShardSampler, loop.DataParallel
 
     class RecordingSampler(base_sampler):  # type: ignore[misc,valid-type]
-        def take(self, device: int, num_samples: int) -> np.ndarray:
-            out = super().take(device, num_samples)
-            pending.append(np.asarray(out))
+        def take_many(self, devices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+            out = super().take_many(devices, counts)
+            pending.extend(np.asarray(o) for o in out)
             return out
 
     class TimedStrategy(base_strategy):  # type: ignore[misc,valid-type]
-        def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> float:
+        def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
             rows = np.concatenate(pending) if pending else np.zeros(0, dtype=np.int64)
             pending.clear()
             found["rows"].append((rows, y.detach().cpu()))

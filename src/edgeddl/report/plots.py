@@ -50,14 +50,12 @@ def plot_timeline(rec: RunRecorder, path: Path, max_devices: int = 40) -> None:
     devices = sorted({s.device for s in rec.timeline})[:max_devices]
     row = {d: i for i, d in enumerate(devices)}
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(devices) + 1.6))
-    by_state: dict[str, list[tuple[int, float, float]]] = {state: [] for state in COLORS}
-    for span in rec.timeline:
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for span in rec.timeline:  # one pass, grouped by device and state
         if span.device in row:
-            by_state[span.state].append((row[span.device], span.start_s, span.seconds))
-    for state, spans in by_state.items():  # one call per state, not per device and state
-        if spans:
-            y, left, width = zip(*spans, strict=True)
-            ax.barh(y, width, left=left, height=0.8, color=COLORS[state], linewidth=0)
+            bars.setdefault((span.device, span.state), []).append((span.start_s, span.seconds))
+    for (d, state), spans in bars.items():  # one collection per device and state
+        ax.broken_barh(spans, (row[d] - 0.4, 0.8), facecolors=COLORS[state], linewidth=0)
     ax.set_yticks(range(len(devices)), [rec.names[d] for d in devices], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("virtual time (s)")
