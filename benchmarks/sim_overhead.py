@@ -167,9 +167,9 @@ def instrumented() -> Iterator[dict[str, Any]]:
     base_sampler, base_strategy = loop.ShardSampler, loop.DataParallel
 
     class RecordingSampler(base_sampler):  # type: ignore[misc,valid-type]
-        def take_many(self, devices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+        def take_many(self, devices: np.ndarray, counts: np.ndarray) -> np.ndarray:
             out = super().take_many(devices, counts)
-            pending.extend(np.asarray(o) for o in out)
+            pending.append(np.asarray(out))
             return out
 
     class TimedStrategy(base_strategy):  # type: ignore[misc,valid-type]

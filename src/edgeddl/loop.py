@@ -200,10 +200,12 @@ def run(
             )
             tl = transport.step(request)
             picks = sampler.take_many(active, shares)  # crashed devices drew theirs too
-            ok = np.flatnonzero(tl.contributed)
+            ok = tl.contributed
             loss = None
-            if len(ok):
-                rows = torch.from_numpy(np.concatenate([picks[k] for k in ok])).to(device)
+            if ok.any():
+                if not ok.all():
+                    picks = picks[np.repeat(ok, shares)]
+                rows = torch.from_numpy(picks).to(device)
                 loss = strategy.step(x_train[rows], y_train[rows], shares[ok].tolist())
             clock.advance_to(tl.end_s)
             rec.add_step(tl, shares, loss)

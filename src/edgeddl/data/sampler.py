@@ -40,20 +40,24 @@ class ShardSampler:
             num_samples -= n
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    def take_many(self, devices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-        """`take` for several devices at once, in order; the same draws as calling it in turn.
+    def take_many(self, devices: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """`take` for several devices at once: their draws concatenated in order, the same as
+        calling `take` for each in turn.
 
         Devices whose epoch does not end now are served by one gather; the few that reach the
         end of their shard are served one by one (only they draw new permutations, in order).
         """
         counts = np.asarray(counts, dtype=np.int64)
-        fits = self.pos[devices] + counts <= self.sizes[devices]
-        dev, cnt = devices[fits], counts[fits]
-        ends = np.cumsum(cnt)
-        starts = self.offsets[dev] + self.pos[dev]
-        # Positions start_i .. start_i + n_i - 1 of every fitting device, as one index array.
-        rows = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - ends + cnt, cnt)
-        self.pos[dev] += cnt
-        gathered = iter(np.split(self.flat[rows], ends[:-1]) if len(ends) else [])
-        wraps = {int(k): self.take(int(devices[k]), int(counts[k])) for k in np.flatnonzero(~fits)}
-        return [wraps[k] if k in wraps else next(gathered) for k in range(len(devices))]
+        ends = np.cumsum(counts)
+        total = int(ends[-1]) if len(ends) else 0
+        starts = self.offsets[devices] + self.pos[devices]
+        # Positions start_i .. start_i + n_i - 1 of every device, as one index array.
+        positions = np.arange(total) + np.repeat(starts - ends + counts, counts)
+        wraps = np.flatnonzero(self.pos[devices] + counts > self.sizes[devices])
+        fits = np.ones(len(devices), dtype=bool)
+        fits[wraps] = False
+        self.pos[devices[fits]] += counts[fits]
+        out = self.flat[np.where(np.repeat(fits, counts), positions, 0)]
+        for k in wraps:
+            out[ends[k] - counts[k] : ends[k]] = self.take(int(devices[k]), int(counts[k]))
+        return out

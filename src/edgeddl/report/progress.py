@@ -18,6 +18,7 @@ class ProgressDisplay:
     """
 
     def __init__(self, num_steps: int, title: str, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.console = Console(stderr=True, quiet=not enabled)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -50,6 +51,8 @@ class ProgressDisplay:
         loss: float | None = None,
         accuracy: float | None = None,
     ) -> None:
+        if not self.enabled:
+            return
         fields: dict[str, Any] = {"vt": f"{virtual_time_s:.1f} s"}
         if loss is not None:
             fields["loss"] = f"{loss:.3f}"

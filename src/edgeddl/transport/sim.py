@@ -57,16 +57,22 @@ class SimTransport:
         self.fleet = fleet
         self.topology = topology
         self.rng = np.random.default_rng(seed)
+        # Each device's path to the coordinator crosses both access links, fixed for the run.
+        f, c = fleet, fleet.coordinator_link
+        self._path_up_bps = np.minimum(f.up_bps, c.down_bps)
+        self._path_down_bps = np.minimum(f.down_bps, c.up_bps)
+        self._path_latency_s = f.latency_s + c.latency_s
+        self._path_jitter_s = f.jitter_s + c.jitter_s
+        self._path_loss = 1 - (1 - f.loss) * (1 - c.loss)
 
     def _to_coordinator(self, idx: np.ndarray, num_bytes: float, up: bool) -> np.ndarray:
-        f, c = self.fleet, self.fleet.coordinator_link
-        bw = np.minimum(f.up_bps[idx], c.down_bps) if up else np.minimum(f.down_bps[idx], c.up_bps)
+        bw = self._path_up_bps[idx] if up else self._path_down_bps[idx]
         return transfer_time_s(
             num_bytes,
             bw,
-            f.latency_s[idx] + c.latency_s,
-            f.jitter_s[idx] + c.jitter_s,
-            1 - (1 - f.loss[idx]) * (1 - c.loss),
+            self._path_latency_s[idx],
+            self._path_jitter_s[idx],
+            self._path_loss[idx],
             self.rng,
         )
 
@@ -74,12 +80,10 @@ class SimTransport:
         """Jitter- and loss-free transfer time per device, for balancing (0 in a ring)."""
         if self.topology == "ring":
             return np.zeros(len(idx))
-        f, c = self.fleet, self.fleet.coordinator_link
-        lat = f.latency_s[idx] + c.latency_s
         return (
-            2 * lat
-            + 8 * up_bytes / np.minimum(f.up_bps[idx], c.down_bps)
-            + 8 * down_bytes / np.minimum(f.down_bps[idx], c.up_bps)
+            2 * self._path_latency_s[idx]
+            + 8 * up_bytes / self._path_up_bps[idx]
+            + 8 * down_bytes / self._path_down_bps[idx]
         )
 
     def step(self, req: StepRequest) -> StepTimeline:
