@@ -16,6 +16,8 @@ Shares are rounded to whole samples (largest remainder) within each device's mem
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 
@@ -24,12 +26,27 @@ class BalanceError(ValueError):
 
 
 def _round_to(
-    total: int, ideal: np.ndarray, cap: np.ndarray, fixed: np.ndarray, per: np.ndarray
+    total: int,
+    ideal: np.ndarray,
+    cap: np.ndarray,
+    fixed: np.ndarray,
+    per: np.ndarray,
+    within_one: bool = True,
 ) -> np.ndarray:
-    """Whole samples within one of `ideal`: round down, then the samples left over go, one
-    each, to the rounded-down devices that would finish earliest with one more."""
+    """Whole samples: round `ideal` down, then each sample left over goes to the device that
+    would finish earliest with one more; `within_one` keeps every share within one sample of
+    its ideal (at most one extra each), otherwise the greedy choice is free (min_time)."""
     base = np.minimum(np.floor(ideal + 1e-9).astype(np.int64), cap)
     left = total - int(base.sum())
+    if not within_one:
+        heap = [(fixed[i] + (base[i] + 1) * per[i], int(i)) for i in np.flatnonzero(base < cap)]
+        heapq.heapify(heap)
+        for _ in range(left):  # earliest finish first: optimal for the slowest device's time
+            _, i = heapq.heappop(heap)
+            base[i] += 1
+            if base[i] < cap[i]:
+                heapq.heappush(heap, (fixed[i] + (base[i] + 1) * per[i], i))
+        return base
     finish = fixed + (base + 1) * per
     for room in (base < np.minimum(np.ceil(ideal - 1e-9), cap), base < cap):
         if left <= 0:
@@ -104,4 +121,4 @@ def balance_shares(
             hi = mid
     ideal = np.clip((hi - fixed) / per, 0.0, cap)
     ideal *= global_batch / ideal.sum()
-    return _round_to(global_batch, np.minimum(ideal, cap), cap, fixed, per)
+    return _round_to(global_batch, np.minimum(ideal, cap), cap, fixed, per, within_one=False)
