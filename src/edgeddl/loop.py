@@ -153,6 +153,22 @@ def run(
     participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
     data_s = compute_s = np.zeros(0)
     step = 0
+
+    def evaluate(at_step: int, num_members: int) -> dict[str, Any]:
+        """Test the current model; one line of metrics.jsonl (virtual time is not charged)."""
+        test_loss, acc = strategy.evaluate(x_test, y_test)
+        row = rec.add_eval(
+            step=at_step,
+            virtual_time_s=clock.now_s,
+            wall_time_s=time.perf_counter() - wall_start,
+            test_loss=test_loss,
+            test_accuracy=acc,
+            num_members=num_members,
+        )
+        write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
+        return row
+
+    evaluate(0, len(schedule.members()))  # where the accuracy curve starts
     with ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress) as display:
         while step < t.num_steps:
             for ev in schedule.advance_to(clock.now_s):
@@ -216,32 +232,14 @@ def run(
                 t.max_virtual_time_s and clock.now_s >= t.max_virtual_time_s
             )
             if step % t.eval_every == 0 or done:
-                test_loss, acc = strategy.evaluate(x_test, y_test)
-                row = rec.add_eval(
-                    step=step,
-                    virtual_time_s=clock.now_s,
-                    wall_time_s=time.perf_counter() - wall_start,
-                    test_loss=test_loss,
-                    test_accuracy=acc,
-                    num_members=len(members),
-                )
-                write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
-                display.update(step, clock.now_s, row["train_loss"], acc)
+                row = evaluate(step, len(members))
+                display.update(step, clock.now_s, row["train_loss"], row["test_accuracy"])
             else:
                 display.update(step, clock.now_s)
             if done:
                 break
-        if not rec.evals:  # stopped before any evaluation (the fleet emptied)
-            test_loss, acc = strategy.evaluate(x_test, y_test)
-            rec.add_eval(
-                step=step,
-                virtual_time_s=clock.now_s,
-                wall_time_s=time.perf_counter() - wall_start,
-                test_loss=test_loss,
-                test_accuracy=acc,
-                num_members=0,
-            )
-            write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
+        if rec.evals[-1]["step"] != step:  # stopped early: the fleet emptied for good
+            evaluate(step, 0)
 
         summary = rec.summary(
             virtual_time_s=clock.now_s,

@@ -89,7 +89,8 @@ def test_run_folder_files(small_run: edgeddl.RunResult) -> None:
     resolved = tomllib.loads((d / "config.resolved.toml").read_text())
     assert scenario_from_dict(resolved) == _scenario()
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [100, 200, 300, 400]
+    assert [r["step"] for r in rows] == [0, 100, 200, 300, 400]
+    assert rows[0]["virtual_time_s"] == 0 and rows[0]["train_loss"] is None
     assert all(a["virtual_time_s"] < b["virtual_time_s"] for a, b in itertools.pairwise(rows))
     summary = json.loads((d / "summary.json").read_text())
     assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]

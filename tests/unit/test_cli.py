@@ -162,10 +162,11 @@ def test_run_tiny_scenario_writes_the_run_folder(
     resolved = load_scenario(out_dir / "config.resolved.toml")
     assert resolved == load_scenario(tiny)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [10, 20]  # every eval_every steps, the last included
+    # Before training, then every eval_every steps, the last included.
+    assert [r["step"] for r in rows] == [0, 10, 20]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     times = [r["virtual_time_s"] for r in rows]
-    assert 0.0 < times[0] < times[1]
+    assert 0.0 == times[0] < times[1] < times[2]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["scenario"] == "tiny"
     assert summary["model"]["name"] == "mlp"
