@@ -152,6 +152,8 @@ def run(
     active = np.zeros(0, dtype=np.int64)
     participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
     data_s = compute_s = np.zeros(0)
+    no_crash = np.full(fleet.num_devices, np.inf)
+    members: tuple[int, ...] = ()
     step = 0
 
     def evaluate(at_step: int, num_members: int) -> dict[str, Any]:
@@ -171,9 +173,11 @@ def run(
     evaluate(0, len(schedule.members()))  # where the accuracy curve starts
     with ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress) as display:
         while step < t.num_steps:
-            for ev in schedule.advance_to(clock.now_s):
+            applied = schedule.advance_to(clock.now_s)
+            for ev in applied:
                 rec.add_event(ev.at_s, ev.device, ev.action)
-            members = tuple(schedule.members())
+            if applied or not members_key:
+                members = tuple(schedule.members())
             if not members:  # everyone is gone: wait for the next join, or stop
                 nxt = schedule.next_event_s()
                 if nxt is None:
@@ -200,9 +204,11 @@ def run(
             # Every replica starts from the same seeded model; later, a device that sat out
             # the previous step must fetch the current one.
             needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
-            crash_at_s = np.full(fleet.num_devices, np.inf)
-            for dev, at_s in schedule.crash_times(clock.now_s, np.inf).items():
-                crash_at_s[dev] = at_s
+            crash_at_s = no_crash
+            if pending := schedule.crash_times(clock.now_s, np.inf):
+                crash_at_s = no_crash.copy()
+                for dev, at_s in pending.items():
+                    crash_at_s[dev] = at_s
             request = StepRequest(
                 start_s=clock.now_s,
                 devices=active,
