@@ -42,7 +42,8 @@ def _timeline(
         end_s=req.start_s + end,
         devices=req.devices,
         contributed=~lost,
-        phases=truncate_phases(phases, np.minimum(crash, end)),
+        # Without a crash every phase is already within the step: nothing to cut.
+        phases=truncate_phases(phases, np.minimum(crash, end)) if (crash < end).any() else phases,
         bytes_up=bytes_up.astype(np.int64),
         bytes_down=bytes_down.astype(np.int64),
     )
