@@ -523,3 +523,10 @@ def test_to_toml_round_trip_property(name, lr, momentum, batch, count, latency) 
     raw["links"]["slow"]["latency_s"] = latency
     scenario = scenario_from_dict(raw)
     assert scenario_from_dict(tomllib.loads(to_toml(scenario))) == scenario
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused(value: float) -> None:
+    raw = _raw()
+    raw["train"] = {"lr": value}
+    assert _error(raw).startswith("train.lr: expected a finite number")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -70,7 +71,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     }[tp]
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+    if tp is float:
+        if not math.isfinite(value):  # TOML allows nan and inf; no setting here means them
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    return value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
