@@ -35,6 +35,7 @@ from edgeddl.report.recorder import RunRecorder
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.base import Strategy
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
 
@@ -137,6 +138,8 @@ def run(
     transport: Transport = SimTransport(fleet, t.topology, seed)
     up_bytes, down_bytes = strategy.payload_bytes()
     agg_flops = strategy.aggregation_flops()
+    # BatchNorm cannot normalise a device's batch of one sample (PyTorch refuses it too).
+    min_share = 2 if batchnorm_layers(model) else 1
     caps = fleet.max_samples(
         OPTIMIZER_STATE_COPIES * cost.param_bytes,
         2 * cost.activation_bytes_per_sample + info.sample_bytes,
@@ -191,7 +194,7 @@ def run(
                     idx, up_bytes, down_bytes
                 )
                 all_shares = balance_shares(
-                    t.global_batch, per_sample_s[idx], fixed, caps[idx], t.balance
+                    t.global_batch, per_sample_s[idx], fixed, caps[idx], t.balance, min_share
                 )
                 active, shares = idx[all_shares > 0], all_shares[all_shares > 0]
                 data_s, compute_s = fleet.work_time_s(

@@ -200,3 +200,21 @@ def test_min_time_is_within_one_sample_of_the_brute_force_optimum(fleet, total) 
     # most one sample's time on the device it lands on.
     assert np.all(fixed[busy] + (shares[busy] - 1) * per[busy] <= best + eps)
     assert got <= best + per[busy].max() + eps
+
+
+def test_min_share_lifts_small_shares_and_keeps_the_total() -> None:
+    per = np.array([0.01] + [1.0] * 9)  # one fast device, nine slow ones
+    plain = balance_shares(40, per, np.zeros(10), np.full(10, BIG), "capability")
+    assert plain.min() < 2  # the slow ones get 0-1 samples each
+    shares = balance_shares(40, per, np.zeros(10), np.full(10, BIG), "capability", min_share=2)
+    assert shares.sum() == 40
+    assert shares.min() >= 2  # everyone takes part with a batch BatchNorm can normalise
+    assert shares[0] == 40 - 2 * 9
+
+
+def test_min_share_lets_the_slowest_sit_out_when_the_batch_is_too_small() -> None:
+    per = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    shares = balance_shares(6, per, np.zeros(5), np.full(5, BIG), "equal", min_share=2)
+    assert shares.sum() == 6
+    assert shares.tolist()[3:] == [0, 0]  # the two slowest sit out
+    assert all(s >= 2 for s in shares[:3])

@@ -81,8 +81,40 @@ def balance_shares(
     fixed_s: np.ndarray,
     cap: np.ndarray,
     mode: str = "capability",
+    min_share: int = 1,
 ) -> np.ndarray:
-    """Integer samples per device summing to `global_batch` (see the module docstring)."""
+    """Integer samples per device summing to `global_batch` (see the module docstring).
+
+    A device that takes part gets at least `min_share` samples (2 for models with BatchNorm,
+    which cannot normalise a batch of one); when the batch is too small for every device to
+    get that many, the slowest devices sit the step out.
+    """
+    shares = _balance(global_batch, per_sample_s, fixed_s, cap, mode)
+    if min_share <= 1 or not np.any((shares > 0) & (shares < min_share)):
+        return shares
+    per = np.asarray(per_sample_s, dtype=np.float64)
+    keep = np.zeros(len(per), dtype=bool)
+    room = np.asarray(cap) >= min_share
+    fastest = np.argsort(np.where(room, per, np.inf), kind="stable")
+    keep[fastest[: min(int(room.sum()), global_batch // min_share)]] = True
+    shares = np.zeros(len(per), dtype=np.int64)
+    shares[keep] = _balance(
+        global_batch, per[keep], np.asarray(fixed_s)[keep], np.asarray(cap)[keep], mode
+    )
+    for i in np.flatnonzero(keep & (shares < min_share)):
+        while shares[i] < min_share:  # the largest share can spare one: the total allows it
+            shares[int(np.argmax(shares))] -= 1
+            shares[i] += 1
+    return shares
+
+
+def _balance(
+    global_batch: int,
+    per_sample_s: np.ndarray,
+    fixed_s: np.ndarray,
+    cap: np.ndarray,
+    mode: str,
+) -> np.ndarray:
     n = len(per_sample_s)
     if n == 0:
         raise BalanceError("no device is in the fleet to take the batch")
