@@ -348,3 +348,28 @@ def test_phases_add_up_to_each_device_s_time_on_real_links(topology, seed) -> No
         assert tl.end_s >= crash[victim] + fleet.failure_detection_s
     # The step is never shorter than anyone's local work.
     assert np.all(length >= (data_s + compute_s)[tl.contributed])
+
+
+@pytest.mark.parametrize("topology", ["star", "ring"])
+def test_everyone_lost_with_instant_detection_never_counts_time_past_the_crash(topology) -> None:
+    fleet = _fleet(["a"], detect_s=0.0)
+    tl = _step(SimTransport(fleet, topology, 0), [0.001], [0.01], crash_at_s={0: 0.002})
+    assert tl.contributed.tolist() == [False]
+    assert _phase_sums(tl)[0] == _approx(0.002)
+    assert all(d[0] >= 0.0 for _, d in tl.phases)
+
+
+def test_ring_second_crash_during_the_rerun_is_lost_too() -> None:
+    fleet = _fleet(["a", "a", "a"], detect_s=0.5)
+    ring3 = 4 * _ring_phase_s(["a", "a", "a"], U_BYTES)
+    ring2 = 2 * _ring_phase_s(["a", "a"], U_BYTES)
+    # All done at 1.0; d0 crashes inside the first all-reduce, d1 inside the re-run.
+    first = 1.0 + ring3 / 2
+    second = first + 0.5 + ring2 / 2  # the re-run starts once d0's crash is noticed
+    tl = _step(
+        SimTransport(fleet, "ring", 0), [0.0] * 3, [1.0] * 3, crash_at_s={0: first, 1: second}
+    )
+    assert tl.contributed.tolist() == [False, False, True]
+    assert tl.end_s == _approx(second + 0.5)  # alone after that: a ring of one moves nothing
+    assert tl.bytes_up.tolist() == [0, 0, 0]
+    assert _phase_sums(tl).tolist() == _approx([first, second, tl.end_s])

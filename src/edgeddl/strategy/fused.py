@@ -26,15 +26,17 @@ def _segmented_forward(
 ) -> torch.Tensor:
     """BatchNorm of x [N, C, ...] with statistics per device segment, in few passes.
 
-    Per segment: sum and sum of squares (one reduction each), then each sample is normalised
-    by one multiply-add with its segment's scale and shift.
+    Per segment: the mean, then the variance of the centred values (not E[x^2] - mean^2,
+    which loses everything in float32 when the mean is large next to the spread), then each
+    sample is normalised by one multiply-add with its segment's scale and shift.
     """
     n, c = x.shape[:2]
     flat = x.reshape(n, c, -1)
     num = (counts * flat.shape[2]).to(x.dtype).unsqueeze(1)  # values per segment and channel
     zeros = torch.zeros(len(counts), c, dtype=x.dtype, device=x.device)
     mean = zeros.index_add(0, seg, flat.sum(2)) / num
-    var = (zeros.index_add(0, seg, (flat * flat).sum(2)) / num - mean * mean).clamp(min=0.0)
+    centred = flat - mean[seg].unsqueeze(2)
+    var = zeros.index_add(0, seg, (centred * centred).sum(2)) / num
     scale = torch.rsqrt(var + bn.eps)
     if bn.affine:
         scale = scale * bn.weight

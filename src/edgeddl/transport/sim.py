@@ -43,7 +43,7 @@ def _timeline(
         devices=req.devices,
         contributed=~lost,
         # Without a crash every phase is already within the step: nothing to cut.
-        phases=truncate_phases(phases, np.minimum(crash, end)) if (crash < end).any() else phases,
+        phases=truncate_phases(phases, np.minimum(crash, end)) if (crash <= end).any() else phases,
         bytes_up=bytes_up.astype(np.int64),
         bytes_down=bytes_down.astype(np.int64),
     )
@@ -113,9 +113,10 @@ class SimTransport:
             out[o] = fifo_finish_s(ready[o], np.full(len(o), serve_in))
             return out
 
-        arrive = arrivals(np.ones(len(idx), dtype=bool))
-        lost = crash < arrive
-        if lost.any():
+        lost = np.zeros(len(idx), dtype=bool)
+        arrive = arrivals(~lost)
+        while (newly := ~lost & (crash < arrive)).any():  # until no survivor crashes first
+            lost |= newly
             arrive = arrivals(~lost)
         detect = (crash[lost] + self.fleet.failure_detection_s).max() if lost.any() else 0.0
         in_s = arrive[~lost].max() if (~lost).any() else 0.0
@@ -185,12 +186,15 @@ class SimTransport:
             if not waiting.any():
                 break
             lost |= waiting
+        start_reduce = reduce_at  # the first attempt: from here on devices communicate
         end = reduce_at + self._ring_time(idx[~lost], up_bytes)
-        broke = ~lost & (crash < end)  # a crash during the all-reduce: run it again
-        if broke.any():
+        # A crash during the all-reduce breaks it: the survivors notice, then run it again,
+        # as often as it takes. (Bytes of broken attempts are not counted: partial.)
+        while (broke := ~lost & (crash < end)).any():
             lost |= broke
-            reduce_at = float((crash[broke] + f.failure_detection_s).max())
+            reduce_at = max(reduce_at, float((crash[broke] + f.failure_detection_s).max()))
             end = reduce_at + self._ring_time(idx[~lost], up_bytes)
+        reduce_at = start_reduce
         m = int((~lost).sum())
         ring_bytes = round(2 * (m - 1) / m * up_bytes) if m > 1 else 0
         phases = [
