@@ -10,7 +10,10 @@ virtual.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from edgeddl.config.loader import ConfigError, load_scenario, to_toml
+from edgeddl.config.loader import (
+    ConfigError,
+    apply_override,
+    load_scenario,
+    scenario_from_dict,
+    to_toml,
+)
 from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo, ShardSampler, load_dataset, partition
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
@@ -61,6 +70,17 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x.float(), y.long()
 
 
+@contextlib.contextmanager
+def _as_config_error(key: str) -> Iterator[None]:
+    """A data set or model the scenario cannot have is the user's mistake: say which key."""
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def _default_run_dir(scenario: Scenario) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{scenario.run.name}-{stamp}"
@@ -83,7 +103,15 @@ def run(
     Bring your own `model` (any nn.Module) and `train_set`/`test_set` (any torch Dataset of
     (input, class index) pairs) to replace the scenario's; `loss_fn` must average over samples.
     """
-    scenario = config if isinstance(config, Scenario) else load_scenario(config, overrides)
+    if isinstance(config, Scenario):
+        scenario = config
+        if overrides:  # the same strict path as a file: edit the raw table, validate again
+            raw = dataclasses.asdict(config)
+            for assignment in overrides:
+                apply_override(raw, assignment)
+            scenario = scenario_from_dict(raw)
+    else:
+        scenario = load_scenario(config, overrides)
     wall_start = time.perf_counter()
     seed = scenario.run.seed
     torch.manual_seed(seed)
@@ -91,36 +119,46 @@ def run(
         torch.set_num_threads(scenario.run.threads)
 
     d = scenario.data
-    custom_data, custom_model = train_set is not None, model is not None
+    custom_model = model is not None
     if (train_set is None) != (test_set is None):
         raise ValueError("pass both train_set and test_set, or neither")
+    built_in: DatasetInfo | None = None
     if train_set is None or test_set is None:
-        train_set, test_set, info = load_dataset(
-            d.dataset,
-            root=d.root,
-            seed=seed,
-            num_samples=d.num_samples,
-            input_shape=tuple(d.input_shape),
-            num_classes=d.num_classes,
-        )
+        with _as_config_error("data"):
+            train_set, test_set, built_in = load_dataset(
+                d.dataset,
+                root=d.root,
+                seed=seed,
+                num_samples=d.num_samples,
+                input_shape=tuple(d.input_shape),
+                num_classes=d.num_classes,
+            )
     if scenario.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('run.device: "cuda" asked for but torch sees no CUDA device')
     device = torch.device(scenario.run.device)
     x_train, y_train = (t.to(device) for t in _tensors(train_set))
     x_test, y_test = (t.to(device) for t in _tensors(test_set))
-    info = DatasetInfo(
-        name="custom" if custom_data else d.dataset,
+    # A built-in data set knows its stored sample size (uint8 images are 1 byte a value);
+    # for a user's data set the in-memory tensors are all we know.
+    info = built_in or DatasetInfo(
+        name="custom",
         input_shape=tuple(x_train.shape[1:]),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         sample_bytes=x_train[0].numel() * x_train.element_size(),
     )
-    if model is None:
-        model = build_model(
-            scenario.model.name,
-            input_shape=info.input_shape,
-            num_classes=info.num_classes,
-            width=scenario.model.width,
+    if scenario.train.global_batch > len(x_train):
+        raise ConfigError(
+            f"train.global_batch: {scenario.train.global_batch} is more than the "
+            f"{len(x_train)} training samples"
         )
+    if model is None:
+        with _as_config_error("model"):
+            model = build_model(
+                scenario.model.name,
+                input_shape=info.input_shape,
+                num_classes=info.num_classes,
+                width=scenario.model.width,
+            )
     model.to(device)
     cost = model_cost(model, info.input_shape)
 
@@ -129,16 +167,23 @@ def run(
     clock = VirtualClock()
     per_sample_s = fleet.seconds_per_sample(cost.train_flops_per_sample, info.sample_bytes)
     weights = (1.0 / per_sample_s).tolist() if d.shard_sizes == "capability" else None
-    shards = partition(
-        y_train, fleet.num_devices, scheme=d.partition, alpha=d.alpha, seed=seed, weights=weights
-    )
+    with _as_config_error("data.partition"):
+        shards = partition(
+            y_train.cpu(),
+            fleet.num_devices,
+            scheme=d.partition,
+            alpha=d.alpha,
+            seed=seed,
+            weights=weights,
+        )
     sampler = ShardSampler(shards, seed)
     t = scenario.train
     strategy: Strategy = DataParallel(model, t, **({"loss_fn": loss_fn} if loss_fn else {}))
     transport: Transport = SimTransport(fleet, t.topology, seed)
     up_bytes, down_bytes = strategy.payload_bytes()
     agg_flops = strategy.aggregation_flops()
-    # BatchNorm cannot normalise a device's batch of one sample (PyTorch refuses it too).
+    # BatchNorm cannot normalise a batch of one 1-D sample (PyTorch refuses it): to be safe
+    # for every BatchNorm, a device that takes part gets at least two samples.
     min_share = 2 if batchnorm_layers(model) else 1
     caps = fleet.max_samples(
         OPTIMIZER_STATE_COPIES * cost.param_bytes,
@@ -183,7 +228,7 @@ def run(
                 members = tuple(schedule.members())
             if not members:  # everyone is gone: wait for the next join, or stop
                 nxt = schedule.next_event_s()
-                if nxt is None:
+                if nxt is None or (t.max_virtual_time_s and nxt >= t.max_virtual_time_s):
                     break
                 clock.advance_to(nxt)
                 continue
@@ -250,25 +295,25 @@ def run(
         if rec.evals[-1]["step"] != step:  # stopped early: the fleet emptied for good
             evaluate(step, 0)
 
-        summary = rec.summary(
-            virtual_time_s=clock.now_s,
-            wall_time_s=time.perf_counter() - wall_start,
-            extra={
-                "scenario": scenario.run.name,
-                "strategy": t.strategy,
-                "topology": t.topology,
-                "balance": t.balance,
-                "dataset": info.name,
-                "model": {
-                    "name": "custom" if custom_model else scenario.model.name,
-                    "num_params": cost.num_params,
-                    "train_flops_per_sample": cost.train_flops_per_sample,
-                },
-                "num_crashes": schedule.num_crashes,
+    summary = rec.summary(
+        virtual_time_s=clock.now_s,
+        wall_time_s=time.perf_counter() - wall_start,
+        extra={
+            "scenario": scenario.run.name,
+            "strategy": t.strategy,
+            "topology": t.topology,
+            "balance": t.balance,
+            "dataset": info.name,
+            "model": {
+                "name": "custom" if custom_model else scenario.model.name,
+                "num_params": cost.num_params,
+                "train_flops_per_sample": cost.train_flops_per_sample,
             },
-        )
-        write_json_atomic(run_dir / "summary.json", summary)
-        plot_accuracy(rec.evals, run_dir / "accuracy.png", f"{scenario.run.name}: test accuracy")
-        plot_timeline(rec, run_dir / "timeline.png")
-        display.print_summary(summary, str(run_dir))
+            "num_crashes": schedule.num_crashes,
+        },
+    )
+    write_json_atomic(run_dir / "summary.json", summary)
+    plot_accuracy(rec.evals, run_dir / "accuracy.png", f"{scenario.run.name}: test accuracy")
+    plot_timeline(rec, run_dir / "timeline.png")
+    display.print_summary(summary, str(run_dir))
     return RunResult(run_dir=run_dir, summary=summary, model=model)

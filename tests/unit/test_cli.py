@@ -177,3 +177,40 @@ def test_run_tiny_scenario_writes_the_run_folder(
     assert summary["bytes_up"] == steps * 4 * summary["model"]["num_params"]
     for name in ("accuracy.png", "timeline.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        # The data layer refuses (more devices than samples): still one line.
+        (["data.num_samples=2", "train.global_batch=1"], "data.partition: "),
+        (["model.name=resnet20"], "model: resnet20 needs a 3-D"),
+        (["run.seed=-1"], "run.seed must be in"),
+        (["train.global_batch=100000"], "train.global_batch: 100000 is more than"),
+        (["run.name=a/../b"], "run.name must be a plain folder name"),
+        (["fleet.devices.1.name=pc-0"], "fleet.devices: duplicate device or group name"),
+        (["train.lr=nan"], "train.lr: expected a finite number"),
+    ],
+)
+def test_run_refuses_what_the_scenario_cannot_have(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides, start
+) -> None:
+    argv = ["run", str(tiny), "--quiet", "--out", str(tmp_path / "out")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    assert _one_error_line(capsys).startswith(start)
+
+
+def test_unwritable_out_is_one_line(tiny: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["run", str(tiny), "--quiet", "--out", str(blocker / "run")]) == 2
+    assert str(blocker) in _one_error_line(capsys)
+
+
+def test_non_utf8_scenario_is_one_line(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[run]\nname = "caf\xe9"\n')
+    assert main(["validate", str(path)]) == 2
+    assert _one_error_line(capsys).startswith(f"{path}: invalid TOML")

@@ -14,7 +14,9 @@ from pathlib import Path
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 
-USER_ERRORS = (ConfigError, BalanceError, FileNotFoundError)
+# Files the user named (scenario, data folder, --out) that cannot be read or written are
+# their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
+USER_ERRORS = (ConfigError, BalanceError, OSError)
 
 
 def _parser() -> argparse.ArgumentParser:

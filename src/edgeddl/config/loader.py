@@ -72,7 +72,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if tp is float:
-        if not math.isfinite(value):  # TOML allows nan and inf; no setting here means them
+        if abs(value) > 1e300 or not math.isfinite(value):  # TOML allows nan and inf
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     return value
@@ -159,7 +159,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None

@@ -8,11 +8,16 @@ allowed. The loader (``edgeddl.config.loader``) prefixes the section path, so a 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
 DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic"]
 ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56"]
+
+
+MAX_DEVICES = 100_000
+"""More simulated devices than this in one group is surely a typo."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -83,7 +88,9 @@ class DeviceGroup:
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")
-        _require(self.count >= 1, f"count must be >= 1 (got {self.count})")
+        _require(
+            1 <= self.count <= MAX_DEVICES, f"count must be in 1..{MAX_DEVICES} (got {self.count})"
+        )
 
     def device_names(self) -> list[str]:
         if self.count == 1:
@@ -109,9 +116,11 @@ class FleetConfig:
     def __post_init__(self) -> None:
         _require(len(self.devices) > 0, "devices must list at least one device")
         _require(self.failure_detection_s >= 0, "failure_detection_s must be >= 0")
-        names = [n for g in self.devices for n in g.device_names()]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        _require(not dup, f"devices: duplicate device name(s) {dup}")
+        # Group names share the namespace: an event naming `pc-0` must mean one thing.
+        counts = Counter(n for g in self.devices for n in g.device_names())
+        counts.update(g.name for g in self.devices if g.count > 1)
+        dup = sorted(n for n, k in counts.items() if k > 1)
+        _require(not dup, f"devices: duplicate device or group name(s) {dup[:10]}")
 
     def device_names(self) -> list[str]:
         return [n for g in self.devices for n in g.device_names()]
@@ -161,7 +170,7 @@ class ModelConfig:
     """Model width (hidden units, channels); 0 keeps the model's default."""
 
     def __post_init__(self) -> None:
-        _require(self.width >= 0, f"width must be >= 0 (got {self.width})")
+        _require(0 <= self.width <= 4096, f"width must be in 0..4096 (got {self.width})")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -204,7 +213,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")
-        _require(self.threads >= 0, f"threads must be >= 0 (got {self.threads})")
+        _require(
+            "/" not in self.name and "\\" not in self.name and not self.name.startswith("."),
+            f"name must be a plain folder name, without / or a leading dot (got {self.name!r})",
+        )
+        _require(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1 (got {self.seed})")
+        _require(0 <= self.threads <= 1024, f"threads must be in 0..1024 (got {self.threads})")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -281,4 +295,8 @@ class Scenario:
     def event_devices(event: EventConfig, groups: dict[str, list[str]]) -> list[str]:
         if event.device in groups:
             return groups[event.device]
-        return [event.device] if any(event.device in g for g in groups.values()) else []
+        prefix, _, index = event.device.rpartition("-")
+        members = groups.get(prefix, ())
+        if index.isdigit() and int(index) < len(members) and len(members) > 1:
+            return [event.device]
+        return []

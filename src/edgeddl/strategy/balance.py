@@ -89,6 +89,11 @@ def balance_shares(
     which cannot normalise a batch of one); when the batch is too small for every device to
     get that many, the slowest devices sit the step out.
     """
+    if global_batch < min_share:
+        raise BalanceError(
+            f"global batch {global_batch} is too small: this model needs at "
+            f"least {min_share} samples per device (BatchNorm)"
+        )
     shares = _balance(global_batch, per_sample_s, fixed_s, cap, mode)
     if min_share <= 1 or not np.any((shares > 0) & (shares < min_share)):
         return shares
