@@ -162,3 +162,20 @@ def test_python_api_takes_any_model_and_dataset(tmp_path) -> None:
     assert result.summary["model"]["name"] == "custom"
     assert result.summary["dataset"] == "custom"
     assert result.summary["final_test_accuracy"] > 0.8
+
+
+def test_virtual_time_limit_holds_while_the_fleet_is_empty(tmp_path) -> None:
+    events = [
+        {"at_s": 0.05, "device": "pc", "action": "leave"},
+        {"at_s": 0.05, "device": "jetson", "action": "leave"},
+        {"at_s": 0.05, "device": "pi", "action": "leave"},
+        {"at_s": 1000.0, "device": "pc", "action": "join"},
+    ]
+    s = edgeddl.run(
+        _scenario(train={"num_steps": 400, "max_virtual_time_s": 1.0}, events=events),
+        out_dir=tmp_path,
+        progress=False,
+    ).summary
+    _check_summary(s)
+    assert s["num_steps"] < 400
+    assert s["virtual_time_s"] < 1.0  # it stopped instead of waiting for the join at 1000 s
