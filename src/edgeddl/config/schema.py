@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic"]
+PartitionName = Literal["iid", "dirichlet"]
 ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56"]
 
 
@@ -150,7 +151,7 @@ class DataConfig:
     """Sample shape for `synthetic`, channel-first; empty for its default (1, 40)."""
     num_classes: int = 10
     """Classes for `synthetic`."""
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: PartitionName = "iid"
     alpha: float = 0.5
     """Dirichlet concentration for `partition = "dirichlet"`: small is more skewed."""
     shard_sizes: Literal["equal", "capability"] = "equal"
@@ -262,15 +263,14 @@ class Scenario:
 
     def _check_events(self) -> None:
         groups = {g.name: g.device_names() for g in self.fleet.devices}
+        ordered = sorted(enumerate(self.events), key=lambda p: p[1].at_s)
         present: dict[str, bool] = {}
-        for name in self.fleet.device_names():  # a first event `join` means absent at start
-            first = min(
-                (e for e in self.events if name in self.event_devices(e, groups)),
-                key=lambda e: e.at_s,
-                default=None,
-            )
-            present[name] = not (first is not None and first.action == "join")
-        for i, e in sorted(enumerate(self.events), key=lambda p: p[1].at_s):
+        for _, e in reversed(ordered):  # a device whose first event is a join starts absent
+            for name in self.event_devices(e, groups):
+                present[name] = e.action != "join"
+        for name in self.fleet.device_names():
+            present.setdefault(name, True)
+        for i, e in ordered:
             targets = self.event_devices(e, groups)
             _require(
                 bool(targets),

@@ -13,12 +13,15 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-DATASET_NAMES = ("mnist1d", "digits", "cifar10", "synthetic")
+from edgeddl.config.schema import DatasetName
+
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # one list: the config's
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -7,11 +7,14 @@ fleet never silently drops or duplicates data. Splits are seeded and reproducibl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import numpy as np
 import torch
 
-PARTITION_SCHEMES = ("iid", "dirichlet")
+from edgeddl.config.schema import PartitionName
+
+PARTITION_SCHEMES: tuple[str, ...] = get_args(PartitionName)  # one list: the config's
 
 
 def partition(

@@ -7,12 +7,15 @@ fleet can start from identical (or deliberately different) weights.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_NAMES = ("mlp", "cnn1d", "resnet20", "resnet32", "resnet56")
+from edgeddl.config.schema import ModelName
+
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # one list: the config's
 
 _DEFAULT_MLP_WIDTH = 128
 _DEFAULT_CNN1D_WIDTH = 25
