@@ -200,7 +200,6 @@ def run(
     active = np.zeros(0, dtype=np.int64)
     participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
     data_s = compute_s = np.zeros(0)
-    no_crash = np.full(fleet.num_devices, np.inf)
     members: tuple[int, ...] = ()
     step = 0
 
@@ -252,11 +251,6 @@ def run(
             # Every replica starts from the same seeded model; later, a device that sat out
             # the previous step must fetch the current one.
             needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
-            crash_at_s = no_crash
-            if pending := schedule.crash_times(clock.now_s, np.inf):
-                crash_at_s = no_crash.copy()
-                for dev, at_s in pending.items():
-                    crash_at_s[dev] = at_s
             request = StepRequest(
                 start_s=clock.now_s,
                 devices=active,
@@ -264,7 +258,7 @@ def run(
                 compute_s=compute_s,
                 up_bytes=up_bytes,
                 down_bytes=down_bytes,
-                crash_at_s=crash_at_s[active],
+                crash_at_s=schedule.next_crash_s[active],
                 needs_model=needs_model,
                 agg_flops=agg_flops,
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgeddl.config.schema import Scenario
 
 
@@ -53,6 +55,15 @@ class FleetSchedule:
         for ev in reversed(self._events):  # a device whose first event is a join starts absent
             self.present[ev.device] = ev.action != "join"
         self.num_crashes = 0
+        # Each device's crash times still to come, and the next of them as one array the
+        # loop can index every step without scanning the events.
+        self._crashes: dict[int, list[float]] = {}
+        for ev in reversed(self._events):
+            if ev.action == "crash":
+                self._crashes.setdefault(ev.device, []).append(ev.at_s)  # latest first
+        self.next_crash_s = np.full(len(names), np.inf)
+        for device, times in self._crashes.items():
+            self.next_crash_s[device] = times[-1]
 
     def advance_to(self, t_s: float) -> list[FleetEvent]:
         """Apply every event due at or before `t_s`; return them in time order."""
@@ -61,7 +72,11 @@ class FleetSchedule:
             ev = self._events[self._next]
             self._next += 1
             self.present[ev.device] = ev.action == "join"
-            self.num_crashes += ev.action == "crash"
+            if ev.action == "crash":
+                self.num_crashes += 1
+                times = self._crashes[ev.device]
+                times.pop()
+                self.next_crash_s[ev.device] = times[-1] if times else np.inf
             applied.append(ev)
         return applied
 
@@ -70,13 +85,8 @@ class FleetSchedule:
 
     def crash_times(self, start_s: float, end_s: float) -> dict[int, float]:
         """First crash time in [start_s, end_s) for each device that crashes in that window."""
-        out: dict[int, float] = {}
-        for ev in self._events[self._next :]:
-            if ev.at_s >= end_s:
-                break
-            if ev.action == "crash" and ev.at_s >= start_s:
-                out.setdefault(ev.device, ev.at_s)
-        return out
+        t = self.next_crash_s
+        return {int(d): float(t[d]) for d in np.flatnonzero((t >= start_s) & (t < end_s))}
 
     def next_event_s(self) -> float | None:
         return self._events[self._next].at_s if self._next < len(self._events) else None
