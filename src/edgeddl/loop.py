@@ -112,12 +112,27 @@ def run(
             scenario = scenario_from_dict(raw)
     else:
         scenario = load_scenario(config, overrides)
+    threads = torch.get_num_threads()
+    if scenario.run.threads:
+        torch.set_num_threads(scenario.run.threads)
+    try:
+        return _train(scenario, model, train_set, test_set, loss_fn, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process keeps its own setting
+
+
+def _train(
+    scenario: Scenario,
+    model: nn.Module | None,
+    train_set: Dataset | None,
+    test_set: Dataset | None,
+    loss_fn: LossFn | None,
+    out_dir: str | Path | None,
+    progress: bool,
+) -> RunResult:
     wall_start = time.perf_counter()
     seed = scenario.run.seed
     torch.manual_seed(seed)
-    if scenario.run.threads:
-        torch.set_num_threads(scenario.run.threads)
-
     d = scenario.data
     custom_model = model is not None
     if (train_set is None) != (test_set is None):
