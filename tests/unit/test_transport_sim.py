@@ -373,3 +373,20 @@ def test_ring_second_crash_during_the_rerun_is_lost_too() -> None:
     assert tl.end_s == _approx(second + 0.5)  # alone after that: a ring of one moves nothing
     assert tl.bytes_up.tolist() == [0, 0, 0]
     assert _phase_sums(tl).tolist() == _approx([first, second, tl.end_s])
+
+
+def test_lossless_ring_draws_per_kind_of_hop_match_drawing_every_hop() -> None:
+    # Two kinds of hop among 50 devices; the phase maximum drawn per kind must have the
+    # same distribution as the maximum over every hop drawn one by one.
+    fleet = _fleet(["a"] * 30 + ["b"] * 20)
+    transport = SimTransport(fleet, "ring", seed=1)
+    rng = np.random.default_rng(2)
+    base = np.r_[np.full(30, 0.010), np.full(20, 0.030)]
+    jit = np.r_[np.full(30, 0.002), np.full(20, 0.001)]
+    phases = 20_000
+    fast = [transport._ring_time_lossless(0.0, np.ones(50), base, jit, 1) for _ in range(phases)]
+    brute = (base + jit * rng.exponential(size=(phases, 50))).max(axis=1)
+    assert np.mean(fast) == pytest.approx(brute.mean(), rel=2e-3)
+    assert np.quantile(fast, 0.99) == pytest.approx(np.quantile(brute, 0.99), rel=1e-2)
+    # Without jitter it is exact: the slowest kind's base time, every phase.
+    assert transport._ring_time_lossless(0.0, np.ones(50), base, 0 * jit, 7) == _approx(7 * 0.03)

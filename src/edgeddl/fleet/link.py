@@ -29,14 +29,16 @@ def transfer_time_s(
     jitter_s: np.ndarray | float = 0.0,
     loss: np.ndarray | float = 0.0,
     rng: np.random.Generator | None = None,
+    size: tuple[int, ...] = (),
 ) -> np.ndarray:
-    """Seconds for each transfer; all arguments broadcast together (one entry per device)."""
+    """Seconds for each transfer; all arguments broadcast together (one entry per device),
+    and to `size` when given (e.g. phases x hops)."""
     b = np.asarray(num_bytes, dtype=np.float64)
     bw = np.asarray(bandwidth_bps, dtype=np.float64)
     lat = np.asarray(latency_s, dtype=np.float64)
     jit = np.asarray(jitter_s, dtype=np.float64)
     p = np.asarray(loss, dtype=np.float64)
-    shape = np.broadcast_shapes(b.shape, bw.shape, lat.shape, jit.shape, p.shape)
+    shape = np.broadcast_shapes(b.shape, bw.shape, lat.shape, jit.shape, p.shape, size)
     serial = 8.0 * b / bw
     t = np.broadcast_to(lat + serial, shape).astype(np.float64)
     if rng is None or (not np.any(jit > 0) and not np.any(p > 0)):

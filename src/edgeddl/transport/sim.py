@@ -146,16 +146,32 @@ class SimTransport:
             return 0.0
         f = self.fleet
         src, dst = members, np.roll(members, -1)
-        shape = (2 * (m - 1), m)
-        hop = transfer_time_s(
-            np.broadcast_to(num_bytes / m, shape),
-            np.minimum(f.up_bps[src], f.down_bps[dst]),
-            f.latency_s[src] + f.latency_s[dst],
-            f.jitter_s[src] + f.jitter_s[dst],
-            1 - (1 - f.loss[src]) * (1 - f.loss[dst]),
-            self.rng,
-        )
-        return float(np.broadcast_to(hop, shape).max(axis=1).sum())
+        phases = 2 * (m - 1)
+        bw = np.minimum(f.up_bps[src], f.down_bps[dst])
+        lat = f.latency_s[src] + f.latency_s[dst]
+        jit = f.jitter_s[src] + f.jitter_s[dst]
+        loss = 1 - (1 - f.loss[src]) * (1 - f.loss[dst])
+        if not loss.any():
+            return self._ring_time_lossless(num_bytes / m, bw, lat, jit, phases)
+        hop = transfer_time_s(num_bytes / m, bw, lat, jit, loss, self.rng, size=(phases, m))
+        return float(hop.max(axis=1).sum())
+
+    def _ring_time_lossless(
+        self, chunk_bytes: float, bw: np.ndarray, lat: np.ndarray, jit: np.ndarray, phases: int
+    ) -> float:
+        """Ring time without loss, drawing per kind of hop rather than per hop.
+
+        A phase lasts as long as its slowest hop, ``base + jitter * E`` with E ~ Exp(1). Hops
+        of one kind (same base and jitter) are identically distributed, and the largest of
+        ``n`` standard exponentials is ``-log(1 - U**(1/n))``: one draw per kind and phase,
+        exactly the same distribution as drawing every hop. Fleets have a few kinds of link,
+        so a 1000-device ring costs a few thousand draws per step instead of two million.
+        """
+        base = lat + 8.0 * chunk_bytes / bw
+        kinds, count = np.unique(np.stack([base, jit]), axis=1, return_counts=True)
+        u = self.rng.random((phases, len(count)))
+        slowest = kinds[0] + kinds[1] * -np.log1p(-(u ** (1.0 / count)))
+        return float(slowest.max(axis=1).sum())
 
     def _ring(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
         idx, up_bytes, down_bytes, needs_model = (
