@@ -101,24 +101,9 @@ def standalone(
         )
         sc = dataclasses.replace(base, fleet=fleet_cfg, train=train_cfg)
         summary = run_scenario(sc, train, test, tmp)
-        data_s, compute_s = fleet.work_time_s(
-            np.array([0]),
-            np.array([batch]),
-            cost.train_flops_per_sample,
-            sample_bytes,
-            cost.ops_per_step,
-        )
-        formula = batch / float(data_s[0] + compute_s[0])
-        out[group.profile] = {
-            "batch": batch,
-            "memory_cap": cap,
-            "samples_per_virtual_s": summary["samples_per_virtual_s"],
-            "formula_samples_per_virtual_s": formula,
-            "bytes_on_wire": summary["bytes_up"] + summary["bytes_down"],
-            "fleet": fleet,
-        }
 
         def at_share(b: float, fleet: Fleet = fleet) -> float:
+            """Samples per virtual second of this device alone training a batch of `b`."""
             if b <= 0:
                 return 0.0
             d, c = fleet.work_time_s(
@@ -129,6 +114,16 @@ def standalone(
                 cost.ops_per_step,
             )
             return b / float(d[0] + c[0])
+
+        formula = at_share(batch)
+        out[group.profile] = {
+            "batch": batch,
+            "memory_cap": cap,
+            "samples_per_virtual_s": summary["samples_per_virtual_s"],
+            "formula_samples_per_virtual_s": formula,
+            "bytes_on_wire": summary["bytes_up"] + summary["bytes_down"],
+            "fleet": fleet,
+        }
 
         out[group.profile]["at_share"] = at_share
     return out

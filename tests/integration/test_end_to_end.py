@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 import edgeddl
 from edgeddl.config.loader import scenario_from_dict
+from edgeddl.report.files import RUN_FILES
 
 SMALL_FLEET = {
     "run": {"name": "small", "seed": 3},
@@ -78,13 +79,7 @@ def test_small_fleet_learns_and_summary_adds_up(small_run: edgeddl.RunResult) ->
 
 def test_run_folder_files(small_run: edgeddl.RunResult) -> None:
     d = small_run.run_dir
-    for name in (
-        "config.resolved.toml",
-        "metrics.jsonl",
-        "summary.json",
-        "accuracy.png",
-        "timeline.png",
-    ):
+    for name in RUN_FILES:
         assert (d / name).stat().st_size > 0, name
     resolved = tomllib.loads((d / "config.resolved.toml").read_text())
     assert scenario_from_dict(resolved) == _scenario()

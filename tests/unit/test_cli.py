@@ -10,6 +10,7 @@ import pytest
 
 from edgeddl.cli.main import main
 from edgeddl.config.loader import load_scenario, scenario_from_dict
+from edgeddl.report.files import RUN_FILES
 
 TINY = """
 [run]
@@ -151,13 +152,7 @@ def test_run_tiny_scenario_writes_the_run_folder(
     assert main(["run", str(tiny), "--out", str(out_dir), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == str(out_dir)
-    for name in (
-        "config.resolved.toml",
-        "metrics.jsonl",
-        "summary.json",
-        "accuracy.png",
-        "timeline.png",
-    ):
+    for name in RUN_FILES:
         assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
     resolved = load_scenario(out_dir / "config.resolved.toml")
     assert resolved == load_scenario(tiny)

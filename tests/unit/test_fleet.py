@@ -107,22 +107,22 @@ def test_group_join_as_first_event_makes_the_whole_group_absent() -> None:
     assert schedule.members() == [BOX, PC]
 
 
-def test_crash_times_returns_only_crashes_in_the_half_open_window() -> None:
+def test_next_crash_is_each_devices_next_crash_still_to_come() -> None:
     events = [
         (1.0, "pi-0", "leave"),
         (2.0, "pi-1", "crash"),
         (3.0, "box", "crash"),
         (4.0, "pi-0", "join"),
         (6.0, "pi-0", "crash"),
+        (8.0, "pi-1", "join"),
+        (9.0, "pi-1", "crash"),
     ]
     schedule = FleetSchedule(_scenario(events))
-    assert schedule.crash_times(0.0, 10.0) == {PI1: 2.0, BOX: 3.0, PI0: 6.0}
-    assert schedule.crash_times(2.0, 3.0) == {PI1: 2.0}  # end excluded, start included
-    assert schedule.crash_times(2.5, 6.0) == {BOX: 3.0}
-    assert schedule.crash_times(6.5, math.inf) == {}
-    assert schedule.crash_times(0.0, 1.5) == {}  # a leave is not a crash
-    schedule.advance_to(3.0)  # applied crashes are no longer in flight
-    assert schedule.crash_times(0.0, 10.0) == {PI0: 6.0}
+    crash = schedule.next_crash_s
+    assert (crash[PI0], crash[PI1], crash[BOX]) == (6.0, 2.0, 3.0)  # a leave is not a crash
+    assert crash[PC] == math.inf
+    schedule.advance_to(3.0)  # applied crashes are no longer in flight: the next one is
+    assert (crash[PI0], crash[PI1], crash[BOX]) == (6.0, 9.0, math.inf)
     assert schedule.num_crashes == 2
 
 

@@ -38,7 +38,7 @@ class FleetSchedule:
     """Who is in the fleet when: the scenario's events as a time-ordered queue.
 
     Membership changes (leave, join) take effect at the next step boundary; a crash also
-    removes the device's in-flight work, which the training loop asks for with `crash_times`.
+    removes the device's in-flight work: `next_crash_s` holds each device's next crash time.
     """
 
     def __init__(self, scenario: Scenario) -> None:
@@ -82,11 +82,6 @@ class FleetSchedule:
 
     def members(self) -> list[int]:
         return [i for i, p in enumerate(self.present) if p]
-
-    def crash_times(self, start_s: float, end_s: float) -> dict[int, float]:
-        """First crash time in [start_s, end_s) for each device that crashes in that window."""
-        t = self.next_crash_s
-        return {int(d): float(t[d]) for d in np.flatnonzero((t >= start_s) & (t < end_s))}
 
     def next_event_s(self) -> float | None:
         return self._events[self._next].at_s if self._next < len(self._events) else None

@@ -12,6 +12,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+RUN_FILES = (
+    "config.resolved.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "accuracy.png",
+    "timeline.png",
+)
+"""What every run folder holds (the loop writes each; tests check all of them)."""
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
