@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE, DensityPolicy
+from edgeddl.compress.registry import check_compression
 from edgeddl.config.loader import (
     ConfigError,
     apply_override,
@@ -43,6 +45,7 @@ from edgeddl.report.progress import ProgressDisplay
 from edgeddl.report.recorder import RunRecorder
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.base import Strategy
+from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.transport.base import Transport
@@ -78,7 +81,7 @@ def _as_config_error(key: str) -> Iterator[None]:
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{key}: {e}") from None
+        raise ConfigError(f"{key}: {e}" if key else str(e)) from None
 
 
 def _default_run_dir(scenario: Scenario) -> Path:
@@ -119,6 +122,26 @@ def run(
         return _train(scenario, model, train_set, test_set, loss_fn, out_dir, progress)
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
+
+
+def _build_strategy(
+    scenario: Scenario, model: nn.Module, loss_fn: LossFn | None
+) -> tuple[Strategy, DensityPolicy | None]:
+    """Plain data-parallel, or with the scenario's compression (checked here)."""
+    loss = loss_fn or nn.functional.cross_entropy
+    comp = scenario.compression
+    if not comp.enabled:
+        return DataParallel(model, scenario.train, loss), None
+    with _as_config_error(""):
+        check_compression(comp, scenario.train.topology)
+    settings = [
+        comp.for_device(name, g.name) for g in scenario.fleet.devices for name in g.device_names()
+    ]
+    strategy = CompressedDataParallel(
+        model, scenario.train, comp, settings, scenario.run.seed, loss
+    )
+    policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
+    return strategy, policy
 
 
 def _train(
@@ -193,9 +216,8 @@ def _train(
         )
     sampler = ShardSampler(shards, seed)
     t = scenario.train
-    strategy: Strategy = DataParallel(model, t, **({"loss_fn": loss_fn} if loss_fn else {}))
+    strategy, policy = _build_strategy(scenario, model, loss_fn)
     transport: Transport = SimTransport(fleet, t.topology, seed)
-    up_bytes, down_bytes = strategy.payload_bytes()
     agg_flops = strategy.aggregation_flops()
     # BatchNorm cannot normalise a batch of one 1-D sample (PyTorch refuses it): to be safe
     # for every BatchNorm, a device that takes part gets at least two samples.
@@ -249,6 +271,7 @@ def _train(
             if members != members_key:  # rebalance only when membership changes
                 members_key = members
                 idx = np.asarray(members, dtype=np.int64)
+                up_bytes, down_bytes = strategy.payload_bytes()
                 fixed = fleet.fixed_step_s(cost.ops_per_step)[idx] + transport.expected_link_s(
                     idx, up_bytes, down_bytes
                 )
@@ -266,26 +289,30 @@ def _train(
             # Every replica starts from the same seeded model; later, a device that sat out
             # the previous step must fetch the current one.
             needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
+            down = strategy.down_bytes(needs_model)
+            if policy is not None and isinstance(strategy, CompressedDataParallel):
+                work_s = float((data_s + compute_s).max())
+                bpv = strategy.bytes_per_value[active]
+                bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
+                link = transport.link_estimate(active)
+                strategy.set_density(active, policy.densities(link, work_s, down, bpv))
+            rows = torch.from_numpy(sampler.take_many(active, shares)).to(device)
+            # Every device computes and sends; a crash decides later whose payload counts.
+            ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
             request = StepRequest(
                 start_s=clock.now_s,
                 devices=active,
                 data_s=data_s,
                 compute_s=compute_s,
-                up_bytes=up_bytes,
-                down_bytes=down_bytes,
+                up_bytes=ex.up_bytes,
+                down_bytes=down,
                 crash_at_s=schedule.next_crash_s[active],
                 needs_model=needs_model,
                 agg_flops=agg_flops,
+                mid_down_bytes=ex.mid_down_bytes,
             )
             tl = transport.step(request)
-            picks = sampler.take_many(active, shares)  # crashed devices drew theirs too
-            ok = tl.contributed
-            loss = None
-            if ok.any():
-                if not ok.all():
-                    picks = picks[np.repeat(ok, shares)]
-                rows = torch.from_numpy(picks).to(device)
-                loss = strategy.step(x_train[rows], y_train[rows], shares[ok].tolist())
+            loss = strategy.commit(ex, tl.contributed)
             clock.advance_to(tl.end_s)
             rec.add_step(tl, shares, loss)
             participated[:] = False
@@ -319,6 +346,12 @@ def _train(
                 "train_flops_per_sample": cost.train_flops_per_sample,
             },
             "num_crashes": schedule.num_crashes,
+            "compression": {
+                "compressor": scenario.compression.compressor,
+                "per_device": bool(scenario.compression.groups),
+                "adaptive": scenario.compression.adapt.enabled,
+                **strategy.compression_summary(),
+            },
         },
     )
     write_json_atomic(run_dir / "summary.json", summary)

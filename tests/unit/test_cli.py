@@ -167,9 +167,13 @@ def test_run_tiny_scenario_writes_the_run_folder(
     assert summary["model"]["name"] == "mlp"
     assert summary["num_steps"] == 20 and summary["num_crashes"] == 0
     assert summary["samples"] == 20 * 24  # the whole global batch every step
-    # Star topology: each step, every participating device uploads its fp32 gradient.
+    # Star topology: each step, every participating device uploads its fp32 gradient, as the
+    # codec encodes it (a few header bytes beside the values).
     steps = sum(d["steps"] for d in summary["per_device"])
-    assert summary["bytes_up"] == steps * 4 * summary["model"]["num_params"]
+    dense = summary["compression"]["dense_gradient_bytes"]
+    assert 4 * summary["model"]["num_params"] < dense <= 4 * summary["model"]["num_params"] + 8
+    assert summary["bytes_up"] == steps * dense
+    assert summary["compression"]["compression_ratio"] == 1.0
     for name in ("accuracy.png", "timeline.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

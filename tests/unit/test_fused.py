@@ -213,7 +213,8 @@ def test_payload_bytes_counts_fp32_gradients_up_and_float_state_down() -> None:
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
     up, down = DataParallel(model, TrainConfig()).payload_bytes()
     params = 5 * 7 + 7 + 7 + 7 + 7 * 3 + 3  # weights, biases, BN affine
-    assert up == 4 * params
+    # fp32 values on the wire, plus the codec's bytes: version, flags, length, value count.
+    assert up == 4 * params + 4
     assert down == 4 * (params + 7 + 7)  # plus running mean and var, not the int64 counter
     assert DataParallel(model, TrainConfig()).aggregation_flops() == 2.0 * params
 

@@ -390,3 +390,93 @@ def test_lossless_ring_draws_per_kind_of_hop_match_drawing_every_hop() -> None:
     assert np.quantile(fast, 0.99) == pytest.approx(np.quantile(brute, 0.99), rel=1e-2)
     # Without jitter it is exact: the slowest kind's base time, every phase.
     assert transport._ring_time_lossless(0.0, np.ones(50), base, 0 * jit, 7) == _approx(7 * 0.03)
+
+
+# --- compressed payloads: per-device sizes, several rounds ------------------------------------
+
+
+def _rounds_step(
+    transport: SimTransport,
+    up: np.ndarray,
+    down: np.ndarray | int,
+    mid: tuple[int, ...] = (),
+    crash_at_s: dict[int, float] | None = None,
+) -> StepTimeline:
+    n = up.shape[-1]
+    crashes = crash_at_s or {}
+    return transport.step(
+        StepRequest(
+            start_s=0.0,
+            devices=np.arange(n),
+            data_s=np.zeros(n),
+            compute_s=np.ones(n),
+            up_bytes=up,
+            down_bytes=down,
+            crash_at_s=np.array([crashes.get(i, np.inf) for i in range(n)]),
+            needs_model=np.zeros(n, dtype=bool),
+            agg_flops=0.0,
+            mid_down_bytes=mid,
+        )
+    )
+
+
+def test_star_per_device_payload_sizes_set_each_upload() -> None:
+    tl = _rounds_step(SimTransport(_fleet(["a", "a"]), "star", 0), np.array([1000, 100_000]), 0)
+    up = tl.phases[3][1]
+    # 8 Mbit/s uplink, 15 ms path latency: each device's own size (no queueing on 80 Mbit/s).
+    assert up[0] == _approx(0.015 + 8 * 1000 / 8e6)
+    assert tl.bytes_up.tolist() == [1000, 100_000]
+    assert tl.bytes_down.tolist() == [0, 0]
+
+
+def test_star_two_rounds_wait_for_the_reduction_in_between() -> None:
+    up = np.array([[10_000], [20_000]])
+    tl = _rounds_step(SimTransport(_fleet(["a"]), "star", 0), up, 0, mid=(40_000,))
+    first = 0.015 + 8 * 10_000 / 8e6
+    back = 0.015 + 8 * 40_000 / 16e6
+    second = 0.015 + 8 * 20_000 / 8e6
+    assert tl.end_s == _approx(1.0 + first + back + second)
+    assert tl.bytes_up.tolist() == [30_000] and tl.bytes_down.tolist() == [40_000]
+
+
+def test_star_crash_in_the_second_round_loses_the_device() -> None:
+    up = np.array([[10_000, 10_000], [20_000, 20_000]])
+    transport = SimTransport(_fleet(["a", "a"]), "star", 0)
+    tl = _rounds_step(transport, up, 0, mid=(40_000,), crash_at_s={1: 1.05})
+    assert tl.contributed.tolist() == [True, False]
+    assert tl.bytes_up.tolist() == [30_000, 0]
+
+
+def test_ring_runs_one_all_reduce_per_round() -> None:
+    one = _rounds_step(SimTransport(_fleet(["a", "a"]), "ring", 0), np.array([[30_000] * 2]), 0)
+    two = _rounds_step(
+        SimTransport(_fleet(["a", "a"]), "ring", 0), np.array([[10_000] * 2, [20_000] * 2]), 0
+    )
+    # Each round pays the hop latencies again; the bytes moved are the same.
+    hop_latency = 2 * 0.01
+    assert two.end_s - one.end_s == _approx(2 * hop_latency)
+    assert two.bytes_up.tolist() == one.bytes_up.tolist() == [30_000, 30_000]
+
+
+def test_link_estimate_sees_the_path_and_the_loss() -> None:
+    raw_links = {
+        **LINKS,
+        "lossy": {"up_bps": 1e9, "down_bps": 1e9, "latency_s": 0.05, "loss": 0.01},
+    }
+    raw: dict[str, Any] = {
+        "fleet": {
+            "devices": [
+                {"name": "d0", "profile": "pc", "link": "a"},
+                {"name": "d1", "profile": "pc", "link": "lossy"},
+            ],
+            "coordinator": {"profile": "pc", "link": "fat"},
+        },
+        "links": raw_links,
+    }
+    est = SimTransport(Fleet.from_scenario(scenario_from_dict(raw)), "star", 0).link_estimate(
+        np.array([0, 1])
+    )
+    assert est.up_goodput_bps[0] == 8e6  # the device's own uplink is the narrow side
+    assert est.latency_s.tolist() == _approx([0.015, 0.055])
+    # 1 % loss on a 110 ms round trip caps TCP far below the 80 Mbit/s path (Mathis).
+    assert est.up_goodput_bps[1] == _approx(1.22 * 1448 * 8 / (0.11 * 0.1))

@@ -15,6 +15,19 @@ from typing import Literal
 DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic"]
 PartitionName = Literal["iid", "dirichlet"]
 ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56"]
+CompressorName = Literal[
+    "none",
+    "fp16",
+    "int8",
+    "qsgd",
+    "topk",
+    "randomk",
+    "threshold",
+    "two_step",
+    "dgc",
+    "signsgd",
+    "powersgd",
+]
 
 
 MAX_DEVICES = 100_000
@@ -204,6 +217,103 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CompressorConfig:
+    """One compressor and its parameters (each compressor reads only the ones it needs)."""
+
+    compressor: CompressorName = "none"
+    density: float = 0.01
+    """Fraction of gradient values sent per step: topk, randomk, two_step (its target), dgc
+    (after warm-up)."""
+    levels: int = 16
+    """qsgd: quantization levels s (1..127)."""
+    threshold: float = 0.0
+    """threshold: send values with |x| >= this (required). two_step: the starting threshold
+    (0: estimated from a sample at the first step)."""
+    criterion: Literal["magnitude", "layer_normalized"] = "magnitude"
+    """two_step: what makes a gradient significant: its magnitude, or its magnitude relative
+    to its layer's root mean square (every layer gets a fair share)."""
+    adapt_threshold: bool = True
+    """two_step: move the threshold each step to hold `density`; false keeps it fixed, so a
+    device sends only when enough has accumulated."""
+    rank: int = 2
+    """powersgd: rank of the low-rank approximation of each weight matrix."""
+    clip_norm: float = 0.0
+    """dgc: local gradient clipping at this L2 norm (scaled by num_devices**-0.5); 0 is off."""
+    warmup_steps: int = 0
+    """dgc: steps over which density falls 25 % -> 6.25 % -> 1.6 % -> 0.4 % -> `density`."""
+    sample_fraction: float = 0.01
+    """dgc, two_step: share of values sampled to estimate the threshold (no full sort)."""
+    error_feedback: bool = True
+    """Keep what was not sent and add it to the next step's gradient (dgc always does)."""
+    values: Literal["fp32", "fp16"] = "fp32"
+    """Wire codec: precision of float values on the wire."""
+    zstd: bool = False
+    """Wire codec: zstd-compress each encoded payload."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.density <= 1, f"density must be in (0, 1] (got {self.density})")
+        _require(1 <= self.levels <= 127, f"levels must be in 1..127 (got {self.levels})")
+        _require(self.threshold >= 0, f"threshold must be >= 0 (got {self.threshold})")
+        _require(
+            self.compressor != "threshold" or self.threshold > 0,
+            'threshold must be > 0 for compressor = "threshold" (the value to send above)',
+        )
+        _require(1 <= self.rank <= 64, f"rank must be in 1..64 (got {self.rank})")
+        _require(self.clip_norm >= 0, f"clip_norm must be >= 0 (got {self.clip_norm})")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        _require(
+            0 < self.sample_fraction <= 1,
+            f"sample_fraction must be in (0, 1] (got {self.sample_fraction})",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class AdaptConfig:
+    """Network-aware density: each round, each device's density is set from its link."""
+
+    enabled: bool = False
+    target_share: float = 0.2
+    """Share of the step that communication should take at most."""
+    min_density: float = 0.0001
+    max_density: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.target_share < 1,
+            f"target_share must be in (0, 1) (got {self.target_share})",
+        )
+        _require(
+            0 < self.min_density <= self.max_density <= 1,
+            "need 0 < min_density <= max_density <= 1 "
+            f"(got {self.min_density}, {self.max_density})",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class CompressionConfig(CompressorConfig):
+    """The fleet's compressor; `groups` gives groups or single devices one of their own."""
+
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    groups: dict[str, CompressorConfig] = field(default_factory=dict)
+    """Group or device name -> its own compressor table (a whole setting: unset keys take the
+    defaults above, not the fleet's)."""
+
+    def for_device(self, name: str, group: str) -> CompressorConfig:
+        """The setting a device uses: its own, else its group's, else the fleet's."""
+        own = self.groups.get(name) or self.groups.get(group)
+        if own is not None:
+            return own
+        fields = {f: getattr(self, f) for f in CompressorConfig.__dataclass_fields__}
+        return CompressorConfig(**fields)
+
+    @property
+    def enabled(self) -> bool:
+        """True when any device compresses (otherwise the fused dense path runs)."""
+        names = {self.compressor} | {g.compressor for g in self.groups.values()}
+        return names != {"none"} or self.adapt.enabled or bool(self.groups)
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -231,6 +341,7 @@ class Scenario:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     events: list[EventConfig] = field(default_factory=list)
     profiles: dict[str, DeviceProfile] = field(default_factory=dict)
     """Device profiles of your own, beside the built-ins (`edgeddl calibrate` writes one)."""
@@ -260,6 +371,13 @@ class Scenario:
                 f"{where}.link: unknown link {link!r}; allowed: {', '.join(sorted(links))}",
             )
         self._check_events()
+        names = set(self.fleet.device_names()) | {g.name for g in self.fleet.devices}
+        for key in self.compression.groups:
+            _require(
+                key in names,
+                f"compression.groups.{key}: unknown group or device; allowed: a group or "
+                "device name from [fleet]",
+            )
 
     def _check_events(self) -> None:
         groups = {g.name: g.device_names() for g in self.fleet.devices}

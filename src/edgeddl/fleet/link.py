@@ -15,6 +15,8 @@ Left out: slow start, queueing inside the network, and correlated (bursty) loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 MSS_BYTES = 1448
@@ -49,10 +51,7 @@ def transfer_time_s(
         rtt = 2.0 * lat
         packets = np.broadcast_to(np.ceil(b / MSS_BYTES), shape).astype(np.int64)
         lost = rng.binomial(packets, np.broadcast_to(p, shape))
-        with np.errstate(divide="ignore"):
-            mathis_bps = np.where(
-                (p > 0) & (rtt > 0), MATHIS_C * MSS_BYTES * 8.0 / (rtt * np.sqrt(p)), np.inf
-            )
+        mathis_bps = goodput_bps(np.inf, lat, p)
         t = t - serial + np.maximum(serial + lost * rtt, 8.0 * b / mathis_bps)
     return t
 
@@ -66,3 +65,26 @@ def fifo_finish_s(ready_s: np.ndarray, service_s: np.ndarray) -> np.ndarray:
     """
     cum = np.cumsum(service_s)
     return np.maximum.accumulate(ready_s - cum) + cum
+
+
+def goodput_bps(
+    bandwidth_bps: np.ndarray | float, latency_s: np.ndarray | float, loss: np.ndarray | float
+) -> np.ndarray:
+    """Steady throughput of a long transfer: the bandwidth, or less under loss (Mathis)."""
+    rtt = 2.0 * np.asarray(latency_s, dtype=np.float64)
+    p = np.asarray(loss, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mathis = np.where(
+            (p > 0) & (rtt > 0), MATHIS_C * MSS_BYTES * 8.0 / (rtt * np.sqrt(p)), np.inf
+        )
+    return np.minimum(np.asarray(bandwidth_bps, dtype=np.float64), mathis)
+
+
+@dataclass(slots=True)
+class LinkEstimate:
+    """What devices know of their paths to the others (measured, or probed)."""
+
+    up_goodput_bps: np.ndarray
+    down_goodput_bps: np.ndarray
+    latency_s: np.ndarray
+    """One-way latency of each path."""

@@ -23,16 +23,31 @@ class StepRequest:
     """Each participant's data-loading seconds for its share."""
     compute_s: np.ndarray
     """Each participant's compute seconds for its share."""
-    up_bytes: int
-    """Bytes one device sends (its gradient)."""
-    down_bytes: int
-    """Bytes one device receives (the model state)."""
+    up_bytes: int | np.ndarray
+    """Bytes each device sends: one number for all, one per device, or one row per exchange
+    round (rounds x devices; PowerSGD sends twice)."""
+    down_bytes: int | np.ndarray
+    """Bytes each device receives: star, at the step's start (the model state, or the last
+    step's aggregate); ring, what a joiner fetches (the model state)."""
     crash_at_s: np.ndarray
     """Each participant's next crash time (absolute), inf if none is scheduled."""
     needs_model: np.ndarray
     """True for a device that must first fetch the current model (ring: a joiner)."""
     agg_flops: float
     """FLOPs for the aggregator to take in one contribution."""
+    mid_down_bytes: tuple[int, ...] = ()
+    """Star with several rounds: what the coordinator sends every device between rounds."""
+
+    def up_rounds(self) -> np.ndarray:
+        """Bytes sent as rounds x devices (float64)."""
+        up = np.asarray(self.up_bytes, dtype=np.float64)
+        if up.ndim < 2:
+            up = np.broadcast_to(up, len(self.devices))[None]
+        return up
+
+    def down_each(self) -> np.ndarray:
+        """Bytes each device receives at the step's start (float64, one per device)."""
+        return np.broadcast_to(np.asarray(self.down_bytes, dtype=np.float64), len(self.devices))
 
 
 @dataclass(slots=True)

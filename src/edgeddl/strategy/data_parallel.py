@@ -4,15 +4,25 @@ Each device computes the mean gradient of the loss on its share of the global ba
 aggregate is their average weighted by samples; one optimizer step follows (on the parameter
 server, or identically on every replica after an all-reduce). Devices whose work was lost
 (a crash) are simply left out of the weighted average.
+
+A step is two calls around the transport: `prepare` computes what each device sends (and so
+its real byte count), the transport says whose payload arrived, `commit` applies the update
+from those. Uncompressed, the gradients are dense float32 and `commit` trains the arrived
+devices' batches in one fused pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from edgeddl.compress.base import Payload
+from edgeddl.compress.codec import Codec
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
 
@@ -23,26 +33,97 @@ def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One step between `prepare` and `commit`: who sends what, in how many bytes."""
+
+    devices: np.ndarray
+    counts: list[int]
+    step: int
+    up_bytes: np.ndarray
+    """Encoded bytes each device sends, rounds x devices."""
+    mid_down_bytes: tuple[int, ...] = ()
+    """Bytes every device receives between rounds (multi-round schemes)."""
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    work: Any = field(default=None)
+    """What the strategy keeps between the two calls (per-device gradients, payloads)."""
+
+
 class DataParallel:
-    """Owns the model and optimizer; `step` applies one synchronous data-parallel update."""
+    """Owns the model and optimizer; `prepare`/`commit` apply one synchronous update."""
 
     name = "data_parallel"
 
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn = nn.functional.cross_entropy
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        loss_fn: LossFn = nn.functional.cross_entropy,
+        momentum: float | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in self.params)
         self.batchnorms = batchnorm_layers(model)
         self.optimizer = torch.optim.SGD(
-            self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            self.params,
+            lr=cfg.lr,
+            momentum=cfg.momentum if momentum is None else momentum,
+            weight_decay=cfg.weight_decay,
         )
+        state = list(self.params) + [b for b in model.buffers() if b.is_floating_point()]
+        self.state_bytes = tensor_bytes(state)
+        """A whole model: what a device without the current one fetches."""
+        # The codec's length for a dense payload does not depend on the values.
+        dense = Payload(numel=self.numel, values=torch.zeros(self.numel))
+        self.dense_up_bytes = len(Codec().encode(dense))
+        """One uncompressed gradient on the wire."""
+        self.sent_bytes = 0
+        """Encoded bytes of every payload that arrived, all rounds (for the summary)."""
+        self.num_payloads = 0
+        """Payloads (device steps) that arrived."""
 
     def payload_bytes(self) -> tuple[int, int]:
-        """(up, down) bytes per device per step: dense fp32 gradients up, the state down."""
-        state = list(self.params) + [b for b in self.model.buffers() if b.is_floating_point()]
-        return tensor_bytes(self.params), tensor_bytes(state)
+        """Typical (up, down) bytes per device per step: the gradient up, the model down."""
+        return self.dense_up_bytes, self.state_bytes
+
+    def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
+        """Bytes each device receives at a step's start (star): the whole model."""
+        return np.full(len(needs_model), self.state_bytes, dtype=np.int64)
+
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
+    ) -> Exchange:
+        """What each device sends this step (dense: the same size for all)."""
+        up = np.full((1, len(devices)), self.dense_up_bytes, dtype=np.int64)
+        return Exchange(devices=devices, counts=counts, step=step, up_bytes=up, x=x, y=y)
+
+    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+        """Apply the update from the devices whose payload arrived; None if none did."""
+        self._count(ex, contributed)
+        if not contributed.any():
+            return None
+        assert ex.x is not None and ex.y is not None
+        x, y, counts = ex.x, ex.y, np.asarray(ex.counts)
+        if not contributed.all():
+            rows = torch.from_numpy(np.repeat(contributed, counts)).to(x.device)
+            x, y = x[rows], y[rows]
+        return self.step(x, y, counts[contributed].tolist())
+
+    def _count(self, ex: Exchange, contributed: np.ndarray) -> None:
+        self.sent_bytes += int(ex.up_bytes[:, contributed].sum())
+        self.num_payloads += int(contributed.sum())
+
+    def compression_summary(self) -> dict[str, float]:
+        """Gradient bytes per device and step, against the dense float32 gradient."""
+        per_step = self.sent_bytes / max(self.num_payloads, 1)
+        return {
+            "gradient_bytes_per_device_step": per_step,
+            "dense_gradient_bytes": self.dense_up_bytes,
+            "compression_ratio": self.dense_up_bytes / per_step if per_step else float("inf"),
+        }
 
     def aggregation_flops(self) -> float:
         """FLOPs for the aggregator to add one device's contribution (one multiply-add)."""

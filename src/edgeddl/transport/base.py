@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgeddl.fleet.link import LinkEstimate
 from edgeddl.fleet.timeline import StepRequest, StepTimeline
 
 
@@ -18,6 +19,10 @@ class Transport(Protocol):
 
     def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float) -> np.ndarray:
         """Each device's own transfer time on the step's critical path, for balancing."""
+        ...
+
+    def link_estimate(self, idx: np.ndarray) -> LinkEstimate:
+        """What each device knows of its path (for network-aware compression)."""
         ...
 
     def step(self, req: StepRequest) -> StepTimeline:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.fleet.link import fifo_finish_s, transfer_time_s
+from edgeddl.fleet.link import LinkEstimate, fifo_finish_s, goodput_bps, transfer_time_s
 from edgeddl.fleet.timeline import StepRequest, StepTimeline, truncate_phases
 
 
@@ -66,7 +66,9 @@ class SimTransport:
         self._path_jitter_s = f.jitter_s + c.jitter_s
         self._path_loss = 1 - (1 - f.loss) * (1 - c.loss)
 
-    def _to_coordinator(self, idx: np.ndarray, num_bytes: float, up: bool) -> np.ndarray:
+    def _to_coordinator(
+        self, idx: np.ndarray, num_bytes: np.ndarray | float, up: bool
+    ) -> np.ndarray:
         bw = self._path_up_bps[idx] if up else self._path_down_bps[idx]
         return transfer_time_s(
             num_bytes,
@@ -87,41 +89,80 @@ class SimTransport:
             + 8 * down_bytes / self._path_down_bps[idx]
         )
 
+    def link_estimate(self, idx: np.ndarray) -> LinkEstimate:
+        """Each device's path as a probe would measure it (star: to the coordinator)."""
+        f = self.fleet
+        if self.topology == "ring":  # to the next device: its own access link dominates
+            bw_up, bw_down, lat, loss = (
+                f.up_bps[idx],
+                f.down_bps[idx],
+                2 * f.latency_s[idx],
+                f.loss[idx],
+            )
+        else:
+            bw_up, bw_down = self._path_up_bps[idx], self._path_down_bps[idx]
+            lat, loss = self._path_latency_s[idx], self._path_loss[idx]
+        return LinkEstimate(
+            up_goodput_bps=goodput_bps(bw_up, lat, loss),
+            down_goodput_bps=goodput_bps(bw_down, lat, loss),
+            latency_s=lat,
+        )
+
     def step(self, req: StepRequest) -> StepTimeline:
         crash = req.crash_at_s - req.start_s
         if self.topology == "star":
             return self._star(req, crash)
         return self._ring(req, crash)
 
-    def _star(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
-        idx, up_bytes, down_bytes = req.devices, req.up_bytes, req.down_bytes
-        c = self.fleet.coordinator_link
-        down_own = self._to_coordinator(idx, down_bytes, up=False)
-        serve_out = np.full(len(idx), 8.0 * down_bytes / c.up_bps)
-        order = np.argsort(down_own, kind="stable")
-        recv = np.empty(len(idx))
-        recv[order] = fifo_finish_s(np.maximum(down_own, serve_out)[order], serve_out[order])
-        done = recv + req.data_s + req.compute_s
-        up_own = self._to_coordinator(idx, up_bytes, up=True)
-        serve_in = 8.0 * up_bytes / c.down_bps
+    def _broadcast(self, idx: np.ndarray, num_bytes: np.ndarray | float) -> np.ndarray:
+        """When each device has what the coordinator sends it, counted from the send.
 
-        def arrivals(mask: np.ndarray) -> np.ndarray:
-            ready = done + np.maximum(up_own, serve_in)
-            out = np.full(len(idx), np.inf)
-            sel = np.flatnonzero(mask)
-            o = sel[np.argsort(ready[sel], kind="stable")]
-            out[o] = fifo_finish_s(ready[o], np.full(len(o), serve_in))
-            return out
+        The coordinator's uplink serves the devices one after another, fastest path first;
+        a device with nothing to receive (a replica at the first step) does not wait.
+        """
+        own = self._to_coordinator(idx, num_bytes, up=False)
+        own = np.where(np.asarray(num_bytes) > 0, own, 0.0)  # nothing to send: no wait
+        serve = np.broadcast_to(
+            8.0 * np.asarray(num_bytes) / self.fleet.coordinator_link.up_bps, len(idx)
+        )
+        order = np.argsort(own, kind="stable")
+        recv = np.empty(len(idx))
+        recv[order] = fifo_finish_s(np.maximum(own, serve)[order], serve[order])
+        return recv
+
+    def _star(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
+        idx = req.devices
+        c = self.fleet.coordinator_link
+        up, down = req.up_rounds(), req.down_each()
+        recv = self._broadcast(idx, down)
+        done = recv + req.data_s + req.compute_s
+        # Every transfer is drawn once; which devices are lost only changes the queueing.
+        up_own = [self._to_coordinator(idx, row, up=True) for row in up]
+        mid = [self._broadcast(idx, b) for b in req.mid_down_bytes]
+        agg_s = req.agg_flops / self.fleet.coordinator.flops_per_s
+
+        def arrivals(keep: np.ndarray) -> tuple[np.ndarray, float]:
+            """Last arrival of each device's upload, and the end of the last round."""
+            ready, out, sel = done, np.full(len(idx), np.inf), np.flatnonzero(keep)
+            end = 0.0
+            for r, row in enumerate(up):
+                serve_in = 8.0 * row / c.down_bps
+                at = ready + np.maximum(up_own[r], serve_in)
+                o = sel[np.argsort(at[sel], kind="stable")]
+                out = np.full(len(idx), np.inf)
+                out[o] = fifo_finish_s(at[o], serve_in[o])
+                end = (out[sel].max() if len(sel) else 0.0) + agg_s * len(sel)
+                if r < len(mid):  # the round's reduction goes back before the next round
+                    ready = end + mid[r]
+            return out, end
 
         lost = np.zeros(len(idx), dtype=bool)
-        arrive = arrivals(~lost)
+        arrive, in_s = arrivals(~lost)
         while (newly := ~lost & (crash < arrive)).any():  # until no survivor crashes first
             lost |= newly
-            arrive = arrivals(~lost)
+            arrive, in_s = arrivals(~lost)
         detect = (crash[lost] + self.fleet.failure_detection_s).max() if lost.any() else 0.0
-        in_s = arrive[~lost].max() if (~lost).any() else 0.0
-        num_in = int((~lost).sum())
-        end = max(in_s, detect) + req.agg_flops * num_in / self.fleet.coordinator.flops_per_s
+        end = max(in_s, detect + agg_s * int((~lost).sum()))
         arrive = np.where(lost, np.maximum(end, done), arrive)
         phases = [
             ("communication", recv),
@@ -136,11 +177,11 @@ class SimTransport:
             lost,
             crash,
             phases,
-            np.where(lost, 0, up_bytes),
-            np.where(crash >= recv, down_bytes, 0),
+            np.where(lost, 0, up.sum(axis=0)),
+            np.where(crash >= recv, down, 0) + np.where(lost, 0, sum(req.mid_down_bytes)),
         )
 
-    def _ring_time(self, members: np.ndarray, num_bytes: int) -> float:
+    def _ring_time(self, members: np.ndarray, num_bytes: float) -> float:
         m = len(members)
         if m < 2:
             return 0.0
@@ -173,13 +214,14 @@ class SimTransport:
         slowest = kinds[0] + kinds[1] * -np.log1p(-(u ** (1.0 / count)))
         return float(slowest.max(axis=1).sum())
 
+    def _ring_rounds_s(self, members: np.ndarray, rounds: list[float]) -> float:
+        return sum(self._ring_time(members, b) for b in rounds)
+
     def _ring(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
-        idx, up_bytes, down_bytes, needs_model = (
-            req.devices,
-            req.up_bytes,
-            req.down_bytes,
-            req.needs_model,
-        )
+        idx, needs_model = req.devices, req.needs_model
+        down_bytes = req.down_each()
+        # All-reduce payloads have one size on every device: one all-reduce per round.
+        rounds = [float(row.max()) for row in req.up_rounds()]
         f = self.fleet
         fetch = np.where(
             needs_model,
@@ -203,16 +245,16 @@ class SimTransport:
                 break
             lost |= waiting
         start_reduce = reduce_at  # the first attempt: from here on devices communicate
-        end = reduce_at + self._ring_time(idx[~lost], up_bytes)
+        end = reduce_at + self._ring_rounds_s(idx[~lost], rounds)
         # A crash during the all-reduce breaks it: the survivors notice, then run it again,
         # as often as it takes. (Bytes of broken attempts are not counted: partial.)
         while (broke := ~lost & (crash < end)).any():
             lost |= broke
             reduce_at = max(reduce_at, float((crash[broke] + f.failure_detection_s).max()))
-            end = reduce_at + self._ring_time(idx[~lost], up_bytes)
+            end = reduce_at + self._ring_rounds_s(idx[~lost], rounds)
         reduce_at = start_reduce
         m = int((~lost).sum())
-        ring_bytes = round(2 * (m - 1) / m * up_bytes) if m > 1 else 0
+        ring_bytes = round(2 * (m - 1) / m * sum(rounds)) if m > 1 else 0
         phases = [
             ("communication", fetch),
             ("data_loading", req.data_s),

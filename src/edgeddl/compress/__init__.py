@@ -1,0 +1,1 @@
+"""Gradient compression: pure compressors, error-feedback memories and the wire codec."""

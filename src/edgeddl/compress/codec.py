@@ -1,0 +1,539 @@
+"""The wire codec: a `Payload` to the bytes that cross the link, and back.
+
+The bytes a transfer costs are ``len(Codec(...).encode(payload))``, never an estimate.
+
+Format (version 1). All multi-byte numbers are little-endian; a *varint* is an unsigned
+LEB128 integer (7 bits a byte, low group first, high bit set on every byte but the last),
+minimal (no trailing zero groups), at most 6 bytes and below ``2**40``.
+
+Header::
+
+    byte 0      version, 0x01
+    byte 1      flags, bit by bit:
+                  0 (0x01) values present
+                  1 (0x02) values are float16 (else float32); only with values
+                  2 (0x04) indices present
+                  3 (0x08) indices are a bitmap (else delta varints); only with indices
+                  4 (0x10) codes present
+                  5 (0x20) scales present
+                  6 (0x40) the body is one zstd frame
+                  7        reserved, 0
+    varint      numel (at most MAX_NUMEL)
+
+Body: the sections of the fields present, in this order (after zstd decompression when
+flag 6 is set). Each is self-delimiting, so no field needs a length prefix:
+
+* indices, delta form: varint count, then count varints ``d[i] = idx[i] - idx[i - 1]`` with
+  ``idx[-1] = -1`` (so every delta is >= 1 and the first is ``idx[0] + 1``);
+* indices, bitmap form: ``ceil(numel / 8)`` bytes, bit ``j`` of the map (``numpy.packbits``
+  little bit order) set when ``j`` is an index; padding bits 0. The count is the popcount.
+  The encoder writes whichever form is shorter (delta form on a tie);
+* values: varint count (the index count when indices are present), then count float32 or
+  float16 values;
+* codes: varint count, one byte ``bits`` (1..16), then the codes packed ``bits`` to a code,
+  low bit first, ``ceil(count * bits / 8)`` bytes, padding bits 0;
+* scales: varint count, then count float32 values.
+
+With `Codec.zstd`, the body is compressed (zstd level 3, content size in the frame) and
+flag 6 set only when that makes it shorter. The header stays uncompressed: the decoder
+needs numel and the flags to bound what a frame may decompress to (decompression bombs).
+
+A payload with only numel takes 3 to 7 bytes. Any `Codec` decodes what any other wrote:
+the flags, not the codec's settings, say how the bytes are laid out.
+
+Limits, enforced on both sides (`ValueError` from encode, `CodecError` from decode):
+numel <= MAX_NUMEL; at most numel values (exactly one per index when indices are present)
+and at most numel codes; at most MAX_SCALES scales. With them a decoder checks every count
+against the bytes left before it allocates, and knows from the header alone how long a
+valid body can be, which caps what a zstd frame may decompress to. Everything else a
+valid encoder cannot write is rejected too (flag bits without their field, non-minimal
+varints, padding bits set, a delta of 0, trailing bytes), except that either index form
+is accepted, and an uncompressed body even when zstd was asked for.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import zstandard
+
+from edgeddl.compress.base import Payload
+
+__all__ = [
+    "FLAG_BITMAP",
+    "FLAG_CODES",
+    "FLAG_FP16",
+    "FLAG_INDICES",
+    "FLAG_SCALES",
+    "FLAG_VALUES",
+    "FLAG_ZSTD",
+    "MAX_NUMEL",
+    "MAX_SCALES",
+    "VERSION",
+    "Codec",
+    "CodecError",
+]
+
+VERSION = 1
+FLAG_VALUES = 0x01
+FLAG_FP16 = 0x02
+FLAG_INDICES = 0x04
+FLAG_BITMAP = 0x08
+FLAG_CODES = 0x10
+FLAG_SCALES = 0x20
+FLAG_ZSTD = 0x40
+_KNOWN_FLAGS = 0x7F
+
+# Bounds a decoder can check before it allocates anything. numel <= 2**31 keeps every
+# delta-sum below 2**62 (no int64 overflow) and is far above any edge model's gradient.
+MAX_NUMEL = 2**31
+MAX_SCALES = 2**16
+_VARINT_LIMIT = 2**40
+_VARINT_MAX_BYTES = 6  # ceil(40 / 7)
+ZSTD_LEVEL = 3
+
+Int64s = npt.NDArray[np.int64]
+Bytes = npt.NDArray[np.uint8]
+
+
+class CodecError(ValueError):
+    """Bytes that are not a payload this codec wrote; message is one line naming what is wrong."""
+
+
+# --- varints ------------------------------------------------------------------------------
+
+
+def _uvarint(n: int) -> bytes:
+    """One varint (headers and counts: a handful per payload, so a Python loop is fine)."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint_lengths(x: Int64s) -> Int64s:
+    """Bytes each varint of `x` (all in [0, 2**40)) takes."""
+    lengths = np.ones(x.shape, dtype=np.int64)
+    for k in range(1, _VARINT_MAX_BYTES):
+        lengths += x >= (1 << (7 * k))
+    return lengths
+
+
+def _varints(x: Int64s, lengths: Int64s) -> Bytes:
+    """The varints of `x` (with their `_varint_lengths`) back to back.
+
+    One vectorized pass per 7-bit group (at most 6), not one per element: pass k writes
+    group k of every value that has one.
+    """
+    starts = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for k in range(int(lengths.max()) if x.size else 0):
+        has = lengths > k
+        xs, at, n = (x, starts, lengths) if k == 0 else (x[has], starts[has], lengths[has])
+        out[at + k] = ((xs >> (7 * k)) & 0x7F) | ((n > k + 1) << 7)  # high bit: more follow
+    return out
+
+
+def _decode_varints(buf: Bytes, count: int, what: str) -> tuple[Int64s, int]:
+    """The first `count` varints in `buf` and the bytes they take."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    # A varint ends at the first byte with its high bit clear; no varint is longer than
+    # _VARINT_MAX_BYTES, so looking further than that cannot find a valid end.
+    window = buf[: count * _VARINT_MAX_BYTES]
+    ends = np.flatnonzero(window < 0x80)
+    if ends.size < count:
+        raise CodecError(f"truncated {what}: {count} varints expected, {ends.size} found")
+    ends = ends[:count]
+    starts = np.zeros(count, dtype=np.int64)
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    longest = int(lengths.max())
+    if longest > _VARINT_MAX_BYTES:
+        raise CodecError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
+    if np.any((lengths > 1) & (window[ends] == 0)):
+        raise CodecError(f"{what}: varint with a trailing zero group (not minimal)")
+    values = window[starts].astype(np.int64) & 0x7F
+    for k in range(1, longest):  # group k of every varint that has one
+        has = lengths > k
+        values[has] |= (window[starts[has] + k].astype(np.int64) & 0x7F) << (7 * k)
+    if int(values.max()) >= _VARINT_LIMIT:
+        raise CodecError(f"{what}: varint overflows 2**40")
+    return values, int(ends[-1]) + 1
+
+
+# --- field packing ------------------------------------------------------------------------
+
+
+def _index_forms(idx: Int64s, numel: int) -> tuple[Int64s, Int64s, int, int]:
+    """Deltas and their varint lengths for sorted indices `idx`, and the byte sizes of the
+    delta-varint and bitmap forms."""
+    deltas = np.diff(idx, prepend=-1)
+    lengths = _varint_lengths(deltas)
+    varint_size = len(_uvarint(idx.size)) + int(lengths.sum())
+    return deltas, lengths, varint_size, (numel + 7) // 8
+
+
+def _encode_indices(idx: Int64s, numel: int) -> tuple[bool, bytes]:
+    """(is bitmap, bytes) of whichever index form is shorter; ValueError unless `idx` is
+    strictly increasing in [0, numel)."""
+    # The range check comes first: with every index in range, no delta can overflow.
+    if idx.size and (idx.min() < 0 or idx.max() >= numel):
+        raise ValueError(f"indices must lie in [0, {numel}), got {idx.min()}..{idx.max()}")
+    deltas, lengths, varint_size, bitmap_size = _index_forms(idx, numel)
+    if idx.size and deltas.min() < 1:
+        raise ValueError("indices must be strictly increasing")
+    if bitmap_size < varint_size:
+        bitmap = np.zeros(numel, dtype=np.uint8)
+        bitmap[idx] = 1
+        return True, np.packbits(bitmap, bitorder="little").tobytes()
+    return False, _uvarint(idx.size) + _varints(deltas, lengths).tobytes()
+
+
+def _pack_codes(codes: Int64s, bits: int) -> bytes:
+    if bits == 8:  # byte-aligned widths: the bit matrix below would give the same bytes
+        return codes.astype(np.uint8).tobytes()
+    if bits == 16:
+        return codes.astype("<u2").tobytes()
+    # Each code's 16 bits, low bit first, as a row; keep `bits` columns and pack them.
+    rows = codes.astype("<u2").view(np.uint8).reshape(-1, 2)
+    matrix = np.unpackbits(rows, axis=1, bitorder="little")[:, :bits]
+    return np.packbits(matrix.ravel(), bitorder="little").tobytes()
+
+
+def _unpack_codes(buf: Bytes, count: int, bits: int) -> Int64s:
+    if bits == 8:
+        return buf.astype(np.int64)
+    if bits == 16:
+        return buf.view("<u2").astype(np.int64)
+    matrix = np.zeros((count, 16), dtype=np.uint8)
+    matrix[:, :bits] = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(
+        count, bits
+    )
+    return np.packbits(matrix, axis=1, bitorder="little").view("<u2").ravel().astype(np.int64)
+
+
+def _padding_clear(buf: Bytes, nbits: int) -> bool:
+    """Whether the bits of `buf` past the first `nbits` (little bit order) are all 0."""
+    used = nbits % 8
+    return used == 0 or int(buf[-1]) >> used == 0
+
+
+# --- checking what encode is given --------------------------------------------------------
+
+
+def _flat(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(t.shape)}")
+    return t.detach().cpu()
+
+
+def _float32s(t: torch.Tensor, what: str) -> npt.NDArray[np.float32]:
+    t = _flat(t, what)
+    if not t.is_floating_point():
+        raise ValueError(f"{what} must be a float tensor, got {t.dtype}")
+    return t.to(torch.float32).numpy()
+
+
+def _int64s(t: torch.Tensor, what: str) -> Int64s:
+    t = _flat(t, what)
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{what} must be an integer tensor, got {t.dtype}")
+    return t.to(torch.int64).numpy()
+
+
+def _check_codes(codes: Int64s, bits: int, numel: int) -> None:
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16 with codes, got {bits}")
+    if codes.size > numel:
+        raise ValueError(f"{codes.size} codes for numel {numel}")
+    if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, 2**{bits}), got {codes.min()}..{codes.max()}")
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+class _Reader:
+    """A cursor over bytes whose every read checks there is enough left."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.arr: Bytes = np.frombuffer(data, dtype=np.uint8)
+        self.pos = 0
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def byte(self, what: str) -> int:
+        if self.left() < 1:
+            raise CodecError(f"truncated: no {what} byte")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varint(self, what: str) -> int:
+        n = 0
+        for k in range(_VARINT_MAX_BYTES):
+            b = self.byte(what)
+            n |= (b & 0x7F) << (7 * k)
+            if b < 0x80:
+                if b == 0 and k > 0:
+                    raise CodecError(f"{what}: varint with a trailing zero group (not minimal)")
+                if n >= _VARINT_LIMIT:
+                    raise CodecError(f"{what}: varint overflows 2**40")
+                return n
+        raise CodecError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
+
+    def varints(self, count: int, what: str) -> Int64s:
+        values, used = _decode_varints(self.arr[self.pos :], count, what)
+        self.pos += used
+        return values
+
+    def take(self, n: int, what: str) -> Bytes:
+        if n > self.left():
+            raise CodecError(f"truncated {what}: needs {n} bytes, {self.left()} left")
+        self.pos += n
+        return self.arr[self.pos - n : self.pos]
+
+    def floats(self, count: int, width: int, what: str) -> torch.Tensor:
+        raw = self.take(count * width, what)
+        dtype = "<f2" if width == 2 else "<f4"
+        # astype copies into native float32, so the tensor owns writable memory.
+        return torch.from_numpy(raw.view(dtype).astype(np.float32))
+
+
+def _check_flags(flags: int) -> None:
+    if flags & ~_KNOWN_FLAGS:
+        raise CodecError(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x}")
+    if flags & FLAG_FP16 and not flags & FLAG_VALUES:
+        raise CodecError("flags: float16 bit set without values")
+    if flags & FLAG_BITMAP and not flags & FLAG_INDICES:
+        raise CodecError("flags: bitmap bit set without indices")
+
+
+def _max_body(flags: int, numel: int) -> int:
+    """The longest body a valid payload with this header has (bounds zstd's output)."""
+    size = 0
+    if flags & FLAG_INDICES:
+        # Deltas sum to at most numel and a delta d >= 1 takes at most d bytes.
+        size += _VARINT_MAX_BYTES + numel
+    if flags & FLAG_VALUES:
+        size += _VARINT_MAX_BYTES + numel * (2 if flags & FLAG_FP16 else 4)
+    if flags & FLAG_CODES:
+        size += _VARINT_MAX_BYTES + 1 + 2 * numel
+    if flags & FLAG_SCALES:
+        size += _VARINT_MAX_BYTES + 4 * MAX_SCALES
+    return size
+
+
+_local = threading.local()  # zstd contexts are not thread-safe, and cost ~15 us to create
+
+
+def _compress(body: bytes) -> bytes:
+    if not hasattr(_local, "compressor"):
+        _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    frame: bytes = _local.compressor.compress(body)
+    return frame
+
+
+def _decompress(frame: memoryview, limit: int) -> bytes:
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"zstd body: bad frame header ({e})") from None
+    if size < 0:
+        raise CodecError("zstd body: frame does not state its content size")
+    if size > limit:
+        raise CodecError(f"zstd body: claims {size} bytes, a valid body has at most {limit}")
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    # zstd stops with an error as soon as the frame outgrows its stated content size, so
+    # the check above bounds the memory a forged frame can make us allocate.
+    stream = _local.decompressor.decompressobj()
+    try:
+        body: bytes = stream.decompress(frame)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"zstd body: {e}") from None
+    if not stream.eof:
+        raise CodecError("zstd body: truncated frame")
+    if stream.unused_data:
+        raise CodecError(f"zstd body: {len(stream.unused_data)} bytes after the frame")
+    return body
+
+
+# --- the codec ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """Encodes payloads to bytes and back; see the module docstring for the format."""
+
+    values: Literal["fp32", "fp16"] = "fp32"
+    """Precision of float `values` on the wire (scales are always float32)."""
+    zstd: bool = False
+    """zstd-compress the body when that makes it shorter."""
+
+    def __post_init__(self) -> None:
+        if self.values not in ("fp32", "fp16"):
+            raise ValueError(f"values must be 'fp32' or 'fp16', got {self.values!r}")
+
+    @property
+    def value_width(self) -> int:
+        """Bytes per float value on the wire."""
+        return 2 if self.values == "fp16" else 4
+
+    def encode(self, p: Payload) -> bytes:
+        """The bytes of `p`; ValueError if `p` is not a valid payload."""
+        try:
+            numel = operator.index(p.numel)  # ints and numpy ints, not floats
+        except TypeError:
+            raise ValueError(f"numel must be an integer, got {p.numel!r}") from None
+        if not 0 <= numel <= MAX_NUMEL:
+            raise ValueError(f"numel must be in [0, {MAX_NUMEL}], got {numel}")
+        flags = 0
+        parts: list[bytes | memoryview] = []  # memoryviews: one copy, in the final join
+        idx = None
+        if p.indices is not None:
+            idx = _int64s(p.indices, "indices")
+            bitmap, raw = _encode_indices(idx, numel)
+            flags |= FLAG_INDICES | (FLAG_BITMAP if bitmap else 0)
+            parts.append(raw)
+        if p.values is not None:
+            vals = _float32s(p.values, "values")
+            if idx is not None and vals.size != idx.size:
+                raise ValueError(f"{vals.size} values for {idx.size} indices")
+            if vals.size > numel:
+                raise ValueError(f"{vals.size} values for numel {numel}")
+            flags |= FLAG_VALUES | (FLAG_FP16 if self.values == "fp16" else 0)
+            dtype = "<f2" if self.values == "fp16" else "<f4"
+            with np.errstate(over="ignore"):  # beyond float16's range is inf, as with .half()
+                wire = np.ascontiguousarray(vals, dtype=dtype)
+            parts += [_uvarint(vals.size), wire.data]
+        if p.codes is not None:
+            codes = _int64s(p.codes, "codes")
+            _check_codes(codes, p.bits, numel)
+            flags |= FLAG_CODES
+            parts += [_uvarint(codes.size), bytes([p.bits]), _pack_codes(codes, p.bits)]
+        elif p.bits != 0:
+            # decode could not give the bits back, so the round trip would differ.
+            raise ValueError(f"bits is {p.bits} but there are no codes (must be 0)")
+        if p.scales is not None:
+            scales = _float32s(p.scales, "scales")
+            if scales.size > MAX_SCALES:
+                raise ValueError(f"{scales.size} scales, at most {MAX_SCALES}")
+            flags |= FLAG_SCALES
+            parts += [_uvarint(scales.size), np.ascontiguousarray(scales, dtype="<f4").data]
+        if self.zstd and parts:
+            body = b"".join(parts)
+            frame = _compress(body)
+            if len(frame) < len(body):
+                parts = [frame]
+                flags |= FLAG_ZSTD
+        return b"".join([bytes([VERSION, flags]), _uvarint(numel), *parts])
+
+    def decode(self, data: bytes) -> Payload:
+        """The payload `data` encodes; CodecError if it is not one this codec wrote."""
+        r = _Reader(bytes(data))
+        version = r.byte("version")
+        if version != VERSION:
+            raise CodecError(f"unknown format version {version} (this codec reads {VERSION})")
+        flags = r.byte("flags")
+        _check_flags(flags)
+        numel = r.varint("numel")
+        if numel > MAX_NUMEL:
+            raise CodecError(f"numel {numel} exceeds {MAX_NUMEL}")
+        if flags & FLAG_ZSTD:
+            frame = memoryview(r.data)[r.pos :]
+            r = _Reader(_decompress(frame, _max_body(flags, numel)))
+
+        indices = None
+        if flags & FLAG_INDICES:
+            indices = _read_indices(r, numel, bitmap=bool(flags & FLAG_BITMAP))
+        values = None
+        if flags & FLAG_VALUES:
+            count = r.varint("values count")
+            if indices is not None and count != indices.numel():
+                raise CodecError(f"{count} values for {indices.numel()} indices")
+            if count > numel:
+                raise CodecError(f"{count} values for numel {numel}")
+            values = r.floats(count, 2 if flags & FLAG_FP16 else 4, "values")
+        codes, bits = None, 0
+        if flags & FLAG_CODES:
+            codes, bits = _read_codes(r, numel)
+        scales = None
+        if flags & FLAG_SCALES:
+            count = r.varint("scales count")
+            if count > MAX_SCALES:
+                raise CodecError(f"{count} scales, at most {MAX_SCALES}")
+            scales = r.floats(count, 4, "scales")
+        if r.left():
+            raise CodecError(f"{r.left()} trailing bytes after the payload")
+        return Payload(numel, values=values, indices=indices, codes=codes, bits=bits, scales=scales)
+
+    def dense_or_sparse(self, x: torch.Tensor) -> Payload:
+        """`x` (flat, float) as dense values or as its nonzeros at indices, whichever
+        encodes shorter with this codec (zstd aside: sizes before compression, exact).
+
+        Values stay exact float32 in the payload; `encode` applies the wire precision.
+        """
+        if x.dim() != 1 or not x.is_floating_point():
+            raise ValueError(f"x must be a 1-D float tensor, got {x.dtype} {tuple(x.shape)}")
+        x = x.detach().to(torch.float32)
+        numel = x.numel()
+        # Counting is much cheaper than listing the nonzeros of a dense tensor.
+        nnz = int(torch.count_nonzero(x))
+        w = self.value_width
+        dense_size = len(_uvarint(numel)) + numel * w
+        sparse_size = len(_uvarint(nnz)) + nnz * w
+        if sparse_size >= dense_size:  # index bytes can only add to that
+            return Payload(numel, values=x.clone())
+        idx = torch.nonzero(x).view(-1)
+        sparse_size += min(_index_forms(idx.cpu().numpy(), numel)[2:])
+        if sparse_size < dense_size:
+            return Payload(numel, values=x[idx], indices=idx)
+        return Payload(numel, values=x.clone())
+
+
+def _read_indices(r: _Reader, numel: int, *, bitmap: bool) -> torch.Tensor:
+    if bitmap:
+        raw = r.take((numel + 7) // 8, "index bitmap")
+        if not _padding_clear(raw, numel):
+            raise CodecError(f"index bitmap has bits set past numel {numel}")
+        idx = np.flatnonzero(np.unpackbits(raw, count=numel, bitorder="little"))
+        return torch.from_numpy(idx.astype(np.int64))
+    count = r.varint("index count")
+    if count > numel:
+        raise CodecError(f"{count} distinct indices cannot fit in numel {numel}")
+    deltas = r.varints(count, "index deltas")
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if int(deltas.min()) < 1:
+        raise CodecError("indices not strictly increasing (a delta of 0)")
+    if int(deltas.max()) > numel:  # also keeps the sum below 2**62
+        raise CodecError(f"index delta beyond numel {numel}")
+    idx = np.cumsum(deltas) - 1
+    if int(idx[-1]) >= numel:
+        raise CodecError(f"index {int(idx[-1])} out of range for numel {numel}")
+    return torch.from_numpy(idx)
+
+
+def _read_codes(r: _Reader, numel: int) -> tuple[torch.Tensor, int]:
+    count = r.varint("codes count")
+    if count > numel:
+        raise CodecError(f"{count} codes for numel {numel}")
+    bits = r.byte("codes bits")
+    if not 1 <= bits <= 16:
+        raise CodecError(f"codes bits {bits} not in 1..16")
+    raw = r.take((count * bits + 7) // 8, "codes")
+    if count and not _padding_clear(raw, count * bits):
+        raise CodecError("codes have padding bits set")
+    # Codes cannot reach 2**bits: each is read from exactly `bits` bits.
+    return torch.from_numpy(_unpack_codes(raw, count, bits)), bits

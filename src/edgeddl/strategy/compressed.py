@@ -1,0 +1,196 @@
+"""Data-parallel SGD with compressed gradients: each device compresses, the sum goes back.
+
+Per step, every device computes its own gradient (`per_device.py`), adds what its memory
+holds back (`ErrorFeedback.compensate`), compresses it, and the wire codec encodes the
+payload: its `len()` is what crosses the link. What the aggregator uses is the *decoded*
+payload (fp16 rounding on the wire included), so sender and receiver agree exactly.
+
+The aggregator (parameter server, or every replica after an all-reduce) takes the
+sample-weighted mean of the arrived payloads and every replica applies it with the same
+optimizer, so replicas stay identical. In the star, the coordinator sends that aggregate back
+at the next step's start, encoded dense or sparse, whichever is smaller (the union of sparse
+payloads is sparse); a device that missed a step fetches the whole model instead.
+
+A device whose work is lost (it crashed) loses its memory too: it restarts from nothing.
+Multi-round schemes (PowerSGD) are computed among the arrived devices; a crash means the
+rounds are computed again without it, as a real all-reduce would be re-run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeddl.compress.base import (
+    Compressor,
+    ErrorFeedback,
+    Layout,
+    Payload,
+    PhasedCompressor,
+    PhasedResult,
+)
+from edgeddl.compress.registry import (
+    COMPRESSORS,
+    build_codec,
+    build_compressor,
+    build_feedback,
+    build_phased,
+)
+from edgeddl.config.schema import CompressionConfig, CompressorConfig, TrainConfig
+from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn
+from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats, per_device_gradients
+
+
+@dataclass(slots=True)
+class _Work:
+    grads: DeviceGradients
+    received: list[Payload]
+    """Single-round: each device's payload as decoded at the aggregator."""
+    phased: PhasedResult | None
+
+
+def _dense(p: Payload) -> torch.Tensor:
+    """The flat tensor a dense-or-sparse payload of the aggregate stands for."""
+    assert p.values is not None
+    if p.indices is None:
+        return p.values
+    out = torch.zeros(p.numel, dtype=p.values.dtype, device=p.values.device)
+    return out.index_copy_(0, p.indices.to(p.values.device), p.values)
+
+
+class CompressedDataParallel(DataParallel):
+    """`DataParallel` whose devices send compressed gradients (`[compression]`)."""
+
+    name = "data_parallel"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        comp: CompressionConfig,
+        device_settings: list[CompressorConfig],
+        seed: int,
+        loss_fn: LossFn = nn.functional.cross_entropy,
+    ) -> None:
+        dgc = comp.compressor == "dgc"  # its memory carries the momentum (momentum correction)
+        super().__init__(model, cfg, loss_fn, momentum=0.0 if dgc else None)
+        self.cfg = comp
+        self.seed = seed
+        self.train_momentum = cfg.momentum
+        self.layout = Layout(tuple(tuple(p.shape) for p in self.params))
+        self.settings = device_settings
+        self.codecs = [build_codec(s) for s in device_settings]
+        self.down_codec = build_codec(comp)
+        self.phased: PhasedCompressor | None = None
+        if COMPRESSORS[comp.compressor].num_phases > 1:
+            self.phased = build_phased(comp, self.layout, seed)
+        self.compressors: dict[int, Compressor] = {}
+        self.memories: dict[int, ErrorFeedback] = {}
+        self.last_down_bytes = 0
+        """The last aggregate on the wire (what the star sends down at the next step)."""
+        self.bytes_per_value = np.full(len(device_settings), np.nan)
+        """Each device's last payload: encoded bytes per value sent (for adaptation)."""
+        self.last_up_bytes: float = float(self.dense_up_bytes)
+
+    def _compressor(self, d: int) -> Compressor:
+        if d not in self.compressors:
+            self.compressors[d] = build_compressor(self.settings[d], self.layout, self.seed, d)
+        return self.compressors[d]
+
+    def _memory(self, d: int) -> ErrorFeedback:
+        if d not in self.memories:
+            n = len(self.settings)
+            self.memories[d] = build_feedback(self.settings[d], self.train_momentum, n)
+        return self.memories[d]
+
+    def set_density(self, devices: np.ndarray, density: np.ndarray) -> None:
+        """Network-aware policy: each listed device's density for the coming step."""
+        for d, v in zip(devices.tolist(), density.tolist(), strict=True):
+            self._compressor(d).density = v  # type: ignore[attr-defined]
+
+    def payload_bytes(self) -> tuple[int, int]:
+        return round(self.last_up_bytes), self.last_down_bytes or self.state_bytes
+
+    def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
+        """The last aggregate, or the whole model for a device that missed a step."""
+        return np.where(needs_model, self.state_bytes, self.last_down_bytes).astype(np.int64)
+
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
+    ) -> Exchange:
+        g = per_device_gradients(
+            self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
+        )
+        ids = devices.tolist()
+        inputs = [self._memory(d).compensate(gi) for d, gi in zip(ids, g.grads, strict=True)]
+        mid: tuple[int, ...] = ()
+        if self.phased is not None:
+            w = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+            result = self.phased.run(inputs, w.to(inputs[0].device), step)
+            up = np.array(
+                [
+                    [len(self.codecs[d].encode(p)) for d, p in zip(ids, phase, strict=True)]
+                    for phase in result.payloads
+                ]
+            )
+            mid = tuple(len(self.down_codec.encode(r)) for r in result.reductions[:-1])
+            work = _Work(grads=g, received=[], phased=result)
+        else:
+            received, sizes = [], []
+            for d, c in zip(ids, inputs, strict=True):
+                data = self.codecs[d].encode(self._compressor(d).compress(c, step))
+                p = self.codecs[d].decode(data)
+                received.append(p)
+                sizes.append(len(data))
+                if p.num_sent:
+                    self.bytes_per_value[d] = len(data) / p.num_sent
+            up = np.array([sizes])
+            work = _Work(grads=g, received=received, phased=None)
+        self.last_up_bytes = float(up.sum(axis=0).mean())
+        return Exchange(
+            devices=devices, counts=counts, step=step, up_bytes=up, mid_down_bytes=mid, work=work
+        )
+
+    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+        work: _Work = ex.work
+        self._count(ex, contributed)
+        ids = ex.devices.tolist()
+        for d, ok in zip(ids, contributed.tolist(), strict=True):
+            if not ok:  # a crash: the device's memory and compressor state are gone
+                self.memories.pop(d, None)
+                self.compressors.pop(d, None)
+        keep = np.flatnonzero(contributed).tolist()
+        if not keep:
+            return None
+        grads = work.grads.grads
+        device = grads[0].device
+        n = torch.tensor([ex.counts[i] for i in keep], dtype=torch.float32, device=device)
+        w = n / n.sum()
+        inputs = [self._memory(ids[i]).compensate(grads[i]) for i in keep]
+        if self.phased is not None:
+            result = work.phased
+            if result is None or len(keep) < len(ids):  # the rounds again, among survivors
+                result = self.phased.run(inputs, w, ex.step)
+            self.phased.commit(result)
+            sent, agg = result.sent, result.aggregate
+            down = result.reductions[-1]
+            self.last_down_bytes = len(self.down_codec.encode(down))
+        else:
+            sent = [self._compressor(ids[i]).decompress(work.received[i], ex.step) for i in keep]
+            mean = torch.zeros_like(grads[0])
+            for wi, s in zip(w, sent, strict=True):
+                mean.add_(s, alpha=float(wi))
+            data = self.down_codec.encode(self.down_codec.dense_or_sparse(mean))
+            self.last_down_bytes = len(data)
+            agg = _dense(self.down_codec.decode(data)).to(device)  # what every replica applies
+        for i, gi, c, s in zip(keep, (grads[i] for i in keep), inputs, sent, strict=True):
+            self._memory(ids[i]).commit(gi, c, s)
+        apply_batchnorm_stats(self.model, work.grads.bn_stats, keep, w, self.batchnorms)
+        self.model.train()
+        for p, gi in zip(self.params, self.layout.split(agg), strict=True):
+            p.grad = gi.to(p.dtype).clone()
+        self.optimizer.step()
+        return (work.grads.losses[keep] * w).sum()
