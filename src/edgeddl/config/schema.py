@@ -308,9 +308,12 @@ class CompressionConfig(CompressorConfig):
 
     @property
     def enabled(self) -> bool:
-        """True when any device compresses (otherwise the fused dense path runs)."""
-        names = {self.compressor} | {g.compressor for g in self.groups.values()}
-        return names != {"none"} or self.adapt.enabled or bool(self.groups)
+        """True unless every device sends plain fp32 (then the fused dense path runs)."""
+        settings = [self, *self.groups.values()]
+        plain = all(
+            s.compressor == "none" and s.values == "fp32" and not s.zstd for s in settings
+        )
+        return not plain or self.adapt.enabled
 
 
 @dataclass(kw_only=True, slots=True)
