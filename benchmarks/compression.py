@@ -37,6 +37,7 @@ from common import machine_info, make_scenario, print_table, warn_if_busy, write
 from edgeddl.compress.base import Layout
 from edgeddl.compress.codec import Codec
 from edgeddl.compress.registry import COMPRESSORS, build_compressor, build_phased
+from edgeddl.config.loader import scenario_from_dict
 from edgeddl.config.schema import CompressorConfig, Scenario
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.profiles import DEVICE_PROFILES, RESNET32_TRAIN_FLOPS_PER_SAMPLE
@@ -132,16 +133,14 @@ def time_to(evals: list[tuple[int, float, float]], ends: np.ndarray, target: flo
 
 
 def fleet_on(
-    links: tuple[str, str, str], extra_links: dict[str, dict[str, float]] | None = None
+    links: tuple[str, ...], extra_links: dict[str, dict[str, float]] | None = None
 ) -> Fleet:
-    s = make_scenario(extra=tuple(f"fleet.devices.{i}.link={link}" for i, link in enumerate(links)))
-    if extra_links:
-        from edgeddl.config.loader import scenario_from_dict
-
-        raw = dataclasses.asdict(s)
-        raw["links"].update(extra_links)
-        s = scenario_from_dict(raw)
-    return Fleet.from_scenario(s)
+    """The paper fleet with its three groups on `links` (built-in or from `extra_links`)."""
+    raw = dataclasses.asdict(make_scenario())
+    raw["links"].update(extra_links or {})
+    for group, link in zip(raw["fleet"]["devices"], links, strict=True):
+        group["link"] = link
+    return Fleet.from_scenario(scenario_from_dict(raw))
 
 
 def section_compressors(runs: dict[str, dict[str, Any]], target: float) -> list[dict[str, Any]]:
