@@ -295,7 +295,7 @@ def _train(
                 bpv = strategy.bytes_per_value[active]
                 bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
                 link = transport.link_estimate(active)
-                strategy.set_density(active, policy.densities(link, work_s, down, bpv))
+                strategy.set_density(active, policy.densities(link, work_s, bpv))
             rows = torch.from_numpy(sampler.take_many(active, shares)).to(device)
             # Every device computes and sends; a crash decides later whose payload counts.
             ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)

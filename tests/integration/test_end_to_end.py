@@ -174,3 +174,41 @@ def test_virtual_time_limit_holds_while_the_fleet_is_empty(tmp_path) -> None:
     _check_summary(s)
     assert s["num_steps"] < 400
     assert s["virtual_time_s"] < 1.0  # it stopped instead of waiting for the join at 1000 s
+
+
+# --- compression ----------------------------------------------------------------------------
+
+
+def test_two_step_compressed_run_learns_with_far_fewer_bytes_and_a_crash(tmp_path) -> None:
+    """S-global's two-step scheme on a 29 k-parameter CNN: it learns, it sends > 100x fewer
+    gradient bytes, the aggregate comes back sparse, and a crashed device loses only itself."""
+    events = [{"at_s": 2.0, "device": "pi-1", "action": "crash"}]
+    s = _scenario(
+        model={"name": "cnn1d", "width": 64},
+        compression={"compressor": "two_step", "density": 0.005, "values": "fp16"},
+        events=events,
+    )
+    dense = _scenario(model={"name": "cnn1d", "width": 64}, events=events)
+    comp = edgeddl.run(s, out_dir=tmp_path / "two_step", progress=False).summary
+    ref = edgeddl.run(dense, out_dir=tmp_path / "dense", progress=False).summary
+    _check_summary(comp)
+    c = comp["compression"]
+    assert c["compressor"] == "two_step" and c["compression_ratio"] > 100
+    assert c["gradient_bytes_per_device_step"] < c["dense_gradient_bytes"] / 100
+    assert comp["bytes_down"] < ref["bytes_down"] / 5  # sparse aggregates, not the model
+    assert comp["final_test_accuracy"] > 0.5  # chance is 0.1
+    assert comp["num_crashes"] == 1 and comp["virtual_time_s"] < ref["virtual_time_s"]
+
+
+def test_powersgd_rides_the_ring_and_topk_is_refused_there(tmp_path) -> None:
+    ring = {"topology": "ring", "num_steps": 60, "eval_every": 60}
+    s = _scenario(train=ring, compression={"compressor": "powersgd", "rank": 1})
+    summary = edgeddl.run(s, out_dir=tmp_path / "psgd", progress=False).summary
+    _check_summary(summary)
+    assert summary["compression"]["compression_ratio"] > 2
+    with pytest.raises(edgeddl.ConfigError, match="cannot ride a ring all-reduce"):
+        edgeddl.run(
+            _scenario(train=ring, compression={"compressor": "topk"}),
+            out_dir=tmp_path / "topk",
+            progress=False,
+        )

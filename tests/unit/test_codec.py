@@ -549,3 +549,12 @@ def test_encode_rejects_invalid_payloads(name: str) -> None:
 def test_codec_settings_are_checked() -> None:
     with pytest.raises(ValueError):
         Codec("bf16")
+
+
+def test_float16_values_travel_as_float16_whatever_the_codec() -> None:
+    x = torch.randn(1000)
+    half = Codec().encode(Payload(numel=1000, values=x.half()))
+    assert len(half) == len(Codec(values="fp16").encode(Payload(numel=1000, values=x)))
+    assert len(half) < 0.6 * len(Codec().encode(Payload(numel=1000, values=x)))
+    back = Codec().decode(half).values
+    assert back is not None and torch.equal(back, x.half().float())

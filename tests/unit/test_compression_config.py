@@ -118,24 +118,42 @@ def test_every_single_phase_compressor_builds_from_its_config() -> None:
             assert build_compressor(cfg, layout, seed=0, device_index=0).name == name
 
 
-def test_policy_gives_a_lan_device_more_than_an_lte_device() -> None:
-    policy = DensityPolicy(
-        AdaptConfig(enabled=True, target_share=0.2, max_density=0.5), numel=100_000
-    )
-    link = LinkEstimate(
+def _links() -> LinkEstimate:
+    return LinkEstimate(  # a LAN device and two LTE devices
         up_goodput_bps=np.array([940e6, 10e6, 10e6]),
         down_goodput_bps=np.array([940e6, 30e6, 30e6]),
         latency_s=np.array([0.0005, 0.03, 0.03]),
+        jitter_s=np.array([0.0, 0.01, 0.01]),
     )
-    d = policy.densities(
-        link, work_s=0.5, down_bytes=np.zeros(3), bytes_per_value=np.array([6.0, 6.0, 3.0])
+
+
+def test_policy_spends_the_slack_the_slowest_path_leaves() -> None:
+    policy = DensityPolicy(AdaptConfig(enabled=True, target_share=0.2), numel=100_000)
+    up = policy.upload_bytes(_links(), work_s=0.02)
+    floor = 2 * 0.04  # LTE: latency and jitter, one message each way
+    target = (0.02 + floor) / 0.8
+    lte_slack = target - 0.02 - floor
+    down_cap = lte_slack * 30e6 / 8 / 2  # half the LTE slack for the aggregate
+    # The LAN device could send megabytes in its slack, but the union of everything comes
+    # back down to the LTE devices: the uploads together fit the aggregate's cap.
+    assert up.sum() == pytest.approx(down_cap)
+    assert up[0] > 10 * up[1] and up[1] == pytest.approx(up[2])
+    # Each LTE upload, before the joint scaling, fits in what its slack leaves.
+    assert up[1] <= (lte_slack - 8 * down_cap / 30e6) * 10e6 / 8
+
+
+def test_policy_densities_follow_the_measured_bytes_per_value_and_clamp() -> None:
+    cfg = AdaptConfig(enabled=True, target_share=0.2, min_density=0.001, max_density=0.02)
+    policy = DensityPolicy(cfg, numel=100_000)
+    d = policy.densities(_links(), work_s=0.02, bytes_per_value=np.array([6.0, 6.0, 3.0]))
+    up = policy.upload_bytes(_links(), work_s=0.02)
+    assert d[0] == pytest.approx(min((up[0] - 8) / 600_000, 0.02))
+    assert d[2] == pytest.approx(max(2 * (up[1] - 8) / 600_000, 0.001))
+    # Nothing to spend when the step is all latency on every path: the floor.
+    same = LinkEstimate(
+        up_goodput_bps=np.full(2, 1e3),
+        down_goodput_bps=np.full(2, 1e3),
+        latency_s=np.full(2, 0.1),
+        jitter_s=np.zeros(2),
     )
-    assert d[0] == 0.5  # the LAN budget buys more than the cap
-    budget = 0.2 / 0.8 * 0.5 - 0.03 - 0.03  # the down latency, then one latency up
-    assert d[1] == pytest.approx((budget * 10e6 / 8 - 8) / (6 * 100_000))
-    assert d[2] == pytest.approx(2 * d[1], rel=1e-3)  # cheaper values: twice as many
-    # A tiny step leaves LTE nothing: it falls back to the floor.
-    tiny = policy.densities(
-        link, work_s=0.01, down_bytes=np.zeros(3), bytes_per_value=np.full(3, 6.0)
-    )
-    assert tiny[1] == policy.cfg.min_density
+    assert (policy.densities(same, 0.0, np.full(2, 6.0)) == 0.001).all()

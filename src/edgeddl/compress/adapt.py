@@ -1,17 +1,23 @@
 """Network-aware density: how much each device sends this round, from the link it measures.
 
-Communication should take at most a share ``s`` of a step. A synchronous step lasts about
-``W + C``: the slowest device's local work ``W``, then communication ``C``. Asking for
-``C <= s (W + C)`` gives each device the budget ``C_i <= s / (1 - s) * W``. From it, the time
-to receive the last aggregate is taken off, and what remains buys bytes on the device's
-uplink at its measured goodput after one latency:
+Communication should take at most a share ``s`` of a step. On a mixed fleet a step cannot be
+shorter than the slowest device's local work ``W`` plus the slowest path's floor (one message
+each way: latency and mean jitter, twice), so the policy aims at
 
-    bytes_i = (budget_i - down_i - latency_i) * goodput_i / 8
-    density_i = (bytes_i - header) / (bytes_per_value_i * numel)
+    T = (W + max_i floor_i) / (1 - s)
 
-clamped to ``[min_density, max_density]``. ``bytes_per_value_i`` is measured from the
-device's last payload (value plus encoded index), so it follows the codec. A device on a good
-LAN ends up sending much more than one on LTE, and no device holds up the step for long.
+and gives every device the slack ``T - W - floor_i`` for moving bytes. A device on a fast
+LAN has slack to spare while an LTE device still waits for its first packet, so it can send
+much more without making the step longer. Two things spend the slack:
+
+* the aggregate that comes back down to *every* device (in the star: the union of all
+  payloads), which gets at most half of the tightest receiver's slack;
+* the device's own upload, which gets the rest of its slack at its measured goodput
+  (bandwidth, or less under loss: Mathis).
+
+If the uploads together would exceed the aggregate's cap, they are scaled down together.
+Bytes become a density through the bytes per value the device's last payload measured (value
+plus encoded index), then are clamped to ``[min_density, max_density]``.
 """
 
 from __future__ import annotations
@@ -33,17 +39,21 @@ class DensityPolicy:
         self.cfg = cfg
         self.numel = numel
 
+    def upload_bytes(self, link: LinkEstimate, work_s: float) -> np.ndarray:
+        """Bytes each device of `link` may send, given the step's slowest local work."""
+        floor = 2.0 * (link.latency_s + link.jitter_s)
+        target = (work_s + float(floor.max())) / (1.0 - self.cfg.target_share)
+        slack = np.maximum(target - work_s - floor, 0.0)
+        down_cap = float((slack * link.down_goodput_bps / 8.0).min()) / 2.0
+        up_s = np.maximum(slack - 8.0 * down_cap / link.down_goodput_bps, 0.0)
+        up = up_s * link.up_goodput_bps / 8.0
+        total = float(up.sum())
+        return up * (down_cap / total) if total > down_cap else up
+
     def densities(
-        self,
-        link: LinkEstimate,
-        work_s: float,
-        down_bytes: np.ndarray,
-        bytes_per_value: np.ndarray,
+        self, link: LinkEstimate, work_s: float, bytes_per_value: np.ndarray
     ) -> np.ndarray:
-        """Densities for the devices of `link`, given the step's slowest local work."""
-        s = self.cfg.target_share
-        budget = s / (1 - s) * work_s
-        down_s = link.latency_s + 8.0 * down_bytes / link.down_goodput_bps
-        up_bytes = (budget - down_s - link.latency_s) * link.up_goodput_bps / 8.0
-        density = (up_bytes - HEADER_BYTES) / (bytes_per_value * self.numel)
+        """Densities for the devices of `link`."""
+        up = self.upload_bytes(link, work_s)
+        density = (up - HEADER_BYTES) / (bytes_per_value * self.numel)
         return np.clip(density, self.cfg.min_density, self.cfg.max_density)

@@ -11,7 +11,8 @@ Header::
     byte 0      version, 0x01
     byte 1      flags, bit by bit:
                   0 (0x01) values present
-                  1 (0x02) values are float16 (else float32); only with values
+                  1 (0x02) values are float16 (else float32); only with values. Set
+                           when the codec is fp16 or the payload's values are float16
                   2 (0x04) indices present
                   3 (0x08) indices are a bitmap (else delta varints); only with indices
                   4 (0x10) codes present
@@ -412,8 +413,10 @@ class Codec:
                 raise ValueError(f"{vals.size} values for {idx.size} indices")
             if vals.size > numel:
                 raise ValueError(f"{vals.size} values for numel {numel}")
-            flags |= FLAG_VALUES | (FLAG_FP16 if self.values == "fp16" else 0)
-            dtype = "<f2" if self.values == "fp16" else "<f4"
+            # Values a compressor already rounded to float16 travel as float16.
+            half = self.values == "fp16" or p.values.dtype == torch.float16
+            flags |= FLAG_VALUES | (FLAG_FP16 if half else 0)
+            dtype = "<f2" if half else "<f4"
             with np.errstate(over="ignore"):  # beyond float16's range is inf, as with .half()
                 wire = np.ascontiguousarray(vals, dtype=dtype)
             parts += [_uvarint(vals.size), wire.data]

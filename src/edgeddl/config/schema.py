@@ -310,9 +310,7 @@ class CompressionConfig(CompressorConfig):
     def enabled(self) -> bool:
         """True unless every device sends plain fp32 (then the fused dense path runs)."""
         settings = [self, *self.groups.values()]
-        plain = all(
-            s.compressor == "none" and s.values == "fp32" and not s.zstd for s in settings
-        )
+        plain = all(s.compressor == "none" and s.values == "fp32" and not s.zstd for s in settings)
         return not plain or self.adapt.enabled
 
 

@@ -88,3 +88,5 @@ class LinkEstimate:
     down_goodput_bps: np.ndarray
     latency_s: np.ndarray
     """One-way latency of each path."""
+    jitter_s: np.ndarray
+    """Mean extra one-way delay of each path."""

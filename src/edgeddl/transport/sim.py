@@ -99,13 +99,16 @@ class SimTransport:
                 2 * f.latency_s[idx],
                 f.loss[idx],
             )
+            jitter = 2 * f.jitter_s[idx]
         else:
             bw_up, bw_down = self._path_up_bps[idx], self._path_down_bps[idx]
             lat, loss = self._path_latency_s[idx], self._path_loss[idx]
+            jitter = self._path_jitter_s[idx]
         return LinkEstimate(
             up_goodput_bps=goodput_bps(bw_up, lat, loss),
             down_goodput_bps=goodput_bps(bw_down, lat, loss),
             latency_s=lat,
+            jitter_s=jitter,
         )
 
     def step(self, req: StepRequest) -> StepTimeline:
