@@ -138,6 +138,16 @@ def test_validate_prints_toml_that_loads_back(
     assert load_scenario(resolved) == expected
 
 
+def test_validate_refuses_a_compressor_the_topology_cannot_carry(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = ["--set", "train.topology=ring", "--set", "compression.compressor=topk"]
+    assert main(["validate", str(tiny), *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgeddl: error: compression.compressor: topk payloads cannot ride")
+    assert "\n" not in err
+
+
 def test_validate_default_scenario_is_the_paper_fleet(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate"]) == 0
     scenario = scenario_from_dict(tomllib.loads(capsys.readouterr().out))

@@ -76,7 +76,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    print(to_toml(load_scenario(args.scenario, args.overrides)), end="")
+    scenario = load_scenario(args.scenario, args.overrides)
+    if scenario.compression.enabled:  # capability checks need the compressors (and torch)
+        from edgeddl.compress.registry import check_compression
+
+        try:
+            check_compression(scenario.compression, scenario.train.topology)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    print(to_toml(scenario), end="")
     return 0
 
 
