@@ -47,6 +47,7 @@ from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.base import Strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
@@ -298,7 +299,10 @@ def _train(
                 strategy.set_density(active, policy.densities(link, work_s, bpv))
             rows = torch.from_numpy(sampler.take_many(active, shares)).to(device)
             # Every device computes and sends; a crash decides later whose payload counts.
-            ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
+            try:
+                ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
             request = StepRequest(
                 start_s=clock.now_s,
                 devices=active,

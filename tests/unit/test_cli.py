@@ -148,6 +148,16 @@ def test_validate_refuses_a_compressor_the_topology_cannot_carry(
     assert "\n" not in err
 
 
+def test_a_diverging_compressed_run_stops_with_one_line(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = ["--set", "compression.compressor=topk", "--set", "train.lr=1e12"]
+    assert main(["run", str(tiny), "--out", str(tmp_path / "r"), "--quiet", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgeddl: error: training diverged at step ")
+    assert "is not finite; lower train.lr" in err and "\n" not in err
+
+
 def test_validate_default_scenario_is_the_paper_fleet(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate"]) == 0
     scenario = scenario_from_dict(tomllib.loads(capsys.readouterr().out))

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
+from edgeddl.strategy.errors import TrainingDiverged
 
 # Files the user named (scenario, data folder, --out) that cannot be read or written are
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
-USER_ERRORS = (ConfigError, BalanceError, OSError)
+USER_ERRORS = (ConfigError, BalanceError, TrainingDiverged, OSError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -93,10 +93,12 @@ def build_phased(cfg: CompressorConfig, layout: Layout, seed: int) -> PhasedComp
 
 
 def build_feedback(cfg: CompressorConfig, momentum: float, num_devices: int) -> ErrorFeedback:
-    """DGC keeps momentum-corrected memory; others the plain residual, if asked for."""
+    """DGC keeps momentum-corrected memory; others the plain residual, if on (auto: all but
+    qsgd, which is unbiased and whose variance would feed the memory)."""
     if cfg.compressor == "dgc":
         return MomentumFeedback(momentum, cfg.clip_norm, num_devices)
-    return ResidualFeedback() if cfg.error_feedback else NoFeedback()
+    on = cfg.error_feedback == "on" or (cfg.error_feedback == "auto" and cfg.compressor != "qsgd")
+    return ResidualFeedback() if on else NoFeedback()
 
 
 def build_codec(cfg: CompressorConfig) -> Codec:

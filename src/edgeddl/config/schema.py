@@ -243,8 +243,10 @@ class CompressorConfig:
     """dgc: steps over which density falls 25 % -> 6.25 % -> 1.6 % -> 0.4 % -> `density`."""
     sample_fraction: float = 0.01
     """dgc, two_step: share of values sampled to estimate the threshold (no full sort)."""
-    error_feedback: bool = True
-    """Keep what was not sent and add it to the next step's gradient (dgc always does)."""
+    error_feedback: Literal["auto", "on", "off"] = "auto"
+    """Keep what was not sent and add it to the next step's gradient. auto: on, except for
+    qsgd (unbiased, and its variance can make the memory grow without bound); dgc always
+    keeps its momentum-corrected memory."""
     values: Literal["fp32", "fp16"] = "fp32"
     """Wire codec: precision of float values on the wire."""
     zstd: bool = False

@@ -41,6 +41,7 @@ from edgeddl.compress.registry import (
 )
 from edgeddl.config.schema import CompressionConfig, CompressorConfig, TrainConfig
 from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn
+from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats, per_device_gradients
 
 
@@ -126,6 +127,9 @@ class CompressedDataParallel(DataParallel):
         )
         ids = devices.tolist()
         inputs = [self._memory(d).compensate(gi) for d, gi in zip(ids, g.grads, strict=True)]
+        finite = torch.stack([torch.isfinite(c).all() for c in inputs])
+        if not bool(finite.all()):  # one host sync a step; a NaN cannot be encoded anyway
+            raise TrainingDiverged(step, ids[int((~finite).nonzero()[0, 0])])
         mid: tuple[int, ...] = ()
         if self.phased is not None:
             w = torch.tensor(counts, dtype=torch.float32) / sum(counts)
