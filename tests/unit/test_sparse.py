@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeddl.compress import sparse
+from edgeddl.compress import significance
 from edgeddl.compress.base import Compressor, Layout, Payload
+from edgeddl.compress.significance import DGCCompressor, TwoStepCompressor
 from edgeddl.compress.sparse import (
-    DGCCompressor,
     RandomKCompressor,
     ThresholdCompressor,
     TopKCompressor,
-    TwoStepCompressor,
     estimate_threshold,
 )
 
@@ -158,7 +157,7 @@ def test_layer_normalized_gives_small_layers_a_share() -> None:
     x = torch.cat([_randn(10_000, 11), _randn(10_000, 12) * 1e-4])
     small = torch.arange(N) >= 10_000
 
-    def small_share(criterion: sparse.Criterion) -> float:
+    def small_share(criterion: significance.Criterion) -> float:
         comp = TwoStepCompressor(layout, 0.01, criterion, 0.0, True, 0.01, 0)
         payload = comp.compress(x, 0)
         assert payload.indices is not None
@@ -210,7 +209,7 @@ def test_dgc_recompute_is_the_exact_top_k(monkeypatch: pytest.MonkeyPatch) -> No
     def too_low(score: torch.Tensor, k: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
         return score.new_tensor(1e-6)
 
-    monkeypatch.setattr(sparse, "estimate_threshold", too_low)
+    monkeypatch.setattr(significance, "estimate_threshold", too_low)
     x = _randn(N, 17)
     comp = DGCCompressor(0.01, 0, 0.01, 0)
     payload = comp.compress(x, 0)

@@ -65,6 +65,20 @@ import torch
 import zstandard
 
 from edgeddl.compress.base import Payload
+from edgeddl.compress.bitpack import (
+    VARINT_LIMIT,
+    VARINT_MAX_BYTES,
+    Bytes,
+    CodecError,
+    Int64s,
+    decode_varints,
+    encode_indices,
+    index_forms,
+    pack_codes,
+    padding_clear,
+    unpack_codes,
+    uvarint,
+)
 
 __all__ = [
     "FLAG_BITMAP",
@@ -95,137 +109,7 @@ _KNOWN_FLAGS = 0x7F
 # delta-sum below 2**62 (no int64 overflow) and is far above any edge model's gradient.
 MAX_NUMEL = 2**31
 MAX_SCALES = 2**16
-_VARINT_LIMIT = 2**40
-_VARINT_MAX_BYTES = 6  # ceil(40 / 7)
 ZSTD_LEVEL = 3
-
-Int64s = npt.NDArray[np.int64]
-Bytes = npt.NDArray[np.uint8]
-
-
-class CodecError(ValueError):
-    """Bytes that are not a payload this codec wrote; message is one line naming what is wrong."""
-
-
-# --- varints ------------------------------------------------------------------------------
-
-
-def _uvarint(n: int) -> bytes:
-    """One varint (headers and counts: a handful per payload, so a Python loop is fine)."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _varint_lengths(x: Int64s) -> Int64s:
-    """Bytes each varint of `x` (all in [0, 2**40)) takes."""
-    lengths = np.ones(x.shape, dtype=np.int64)
-    for k in range(1, _VARINT_MAX_BYTES):
-        lengths += x >= (1 << (7 * k))
-    return lengths
-
-
-def _varints(x: Int64s, lengths: Int64s) -> Bytes:
-    """The varints of `x` (with their `_varint_lengths`) back to back.
-
-    One vectorized pass per 7-bit group (at most 6), not one per element: pass k writes
-    group k of every value that has one.
-    """
-    starts = np.cumsum(lengths) - lengths
-    out = np.empty(int(lengths.sum()), dtype=np.uint8)
-    for k in range(int(lengths.max()) if x.size else 0):
-        has = lengths > k
-        xs, at, n = (x, starts, lengths) if k == 0 else (x[has], starts[has], lengths[has])
-        out[at + k] = ((xs >> (7 * k)) & 0x7F) | ((n > k + 1) << 7)  # high bit: more follow
-    return out
-
-
-def _decode_varints(buf: Bytes, count: int, what: str) -> tuple[Int64s, int]:
-    """The first `count` varints in `buf` and the bytes they take."""
-    if count == 0:
-        return np.zeros(0, dtype=np.int64), 0
-    # A varint ends at the first byte with its high bit clear; no varint is longer than
-    # _VARINT_MAX_BYTES, so looking further than that cannot find a valid end.
-    window = buf[: count * _VARINT_MAX_BYTES]
-    ends = np.flatnonzero(window < 0x80)
-    if ends.size < count:
-        raise CodecError(f"truncated {what}: {count} varints expected, {ends.size} found")
-    ends = ends[:count]
-    starts = np.zeros(count, dtype=np.int64)
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    longest = int(lengths.max())
-    if longest > _VARINT_MAX_BYTES:
-        raise CodecError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
-    if np.any((lengths > 1) & (window[ends] == 0)):
-        raise CodecError(f"{what}: varint with a trailing zero group (not minimal)")
-    values = window[starts].astype(np.int64) & 0x7F
-    for k in range(1, longest):  # group k of every varint that has one
-        has = lengths > k
-        values[has] |= (window[starts[has] + k].astype(np.int64) & 0x7F) << (7 * k)
-    if int(values.max()) >= _VARINT_LIMIT:
-        raise CodecError(f"{what}: varint overflows 2**40")
-    return values, int(ends[-1]) + 1
-
-
-# --- field packing ------------------------------------------------------------------------
-
-
-def _index_forms(idx: Int64s, numel: int) -> tuple[Int64s, Int64s, int, int]:
-    """Deltas and their varint lengths for sorted indices `idx`, and the byte sizes of the
-    delta-varint and bitmap forms."""
-    deltas = np.diff(idx, prepend=-1)
-    lengths = _varint_lengths(deltas)
-    varint_size = len(_uvarint(idx.size)) + int(lengths.sum())
-    return deltas, lengths, varint_size, (numel + 7) // 8
-
-
-def _encode_indices(idx: Int64s, numel: int) -> tuple[bool, bytes]:
-    """(is bitmap, bytes) of whichever index form is shorter; ValueError unless `idx` is
-    strictly increasing in [0, numel)."""
-    # The range check comes first: with every index in range, no delta can overflow.
-    if idx.size and (idx.min() < 0 or idx.max() >= numel):
-        raise ValueError(f"indices must lie in [0, {numel}), got {idx.min()}..{idx.max()}")
-    deltas, lengths, varint_size, bitmap_size = _index_forms(idx, numel)
-    if idx.size and deltas.min() < 1:
-        raise ValueError("indices must be strictly increasing")
-    if bitmap_size < varint_size:
-        bitmap = np.zeros(numel, dtype=np.uint8)
-        bitmap[idx] = 1
-        return True, np.packbits(bitmap, bitorder="little").tobytes()
-    return False, _uvarint(idx.size) + _varints(deltas, lengths).tobytes()
-
-
-def _pack_codes(codes: Int64s, bits: int) -> bytes:
-    if bits == 8:  # byte-aligned widths: the bit matrix below would give the same bytes
-        return codes.astype(np.uint8).tobytes()
-    if bits == 16:
-        return codes.astype("<u2").tobytes()
-    # Each code's 16 bits, low bit first, as a row; keep `bits` columns and pack them.
-    rows = codes.astype("<u2").view(np.uint8).reshape(-1, 2)
-    matrix = np.unpackbits(rows, axis=1, bitorder="little")[:, :bits]
-    return np.packbits(matrix.ravel(), bitorder="little").tobytes()
-
-
-def _unpack_codes(buf: Bytes, count: int, bits: int) -> Int64s:
-    if bits == 8:
-        return buf.astype(np.int64)
-    if bits == 16:
-        return buf.view("<u2").astype(np.int64)
-    matrix = np.zeros((count, 16), dtype=np.uint8)
-    matrix[:, :bits] = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(
-        count, bits
-    )
-    return np.packbits(matrix, axis=1, bitorder="little").view("<u2").ravel().astype(np.int64)
-
-
-def _padding_clear(buf: Bytes, nbits: int) -> bool:
-    """Whether the bits of `buf` past the first `nbits` (little bit order) are all 0."""
-    used = nbits % 8
-    return used == 0 or int(buf[-1]) >> used == 0
 
 
 # --- checking what encode is given --------------------------------------------------------
@@ -282,19 +166,19 @@ class _Reader:
 
     def varint(self, what: str) -> int:
         n = 0
-        for k in range(_VARINT_MAX_BYTES):
+        for k in range(VARINT_MAX_BYTES):
             b = self.byte(what)
             n |= (b & 0x7F) << (7 * k)
             if b < 0x80:
                 if b == 0 and k > 0:
                     raise CodecError(f"{what}: varint with a trailing zero group (not minimal)")
-                if n >= _VARINT_LIMIT:
+                if n >= VARINT_LIMIT:
                     raise CodecError(f"{what}: varint overflows 2**40")
                 return n
-        raise CodecError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
+        raise CodecError(f"{what}: varint longer than {VARINT_MAX_BYTES} bytes")
 
     def varints(self, count: int, what: str) -> Int64s:
-        values, used = _decode_varints(self.arr[self.pos :], count, what)
+        values, used = decode_varints(self.arr[self.pos :], count, what)
         self.pos += used
         return values
 
@@ -325,13 +209,13 @@ def _max_body(flags: int, numel: int) -> int:
     size = 0
     if flags & FLAG_INDICES:
         # Deltas sum to at most numel and a delta d >= 1 takes at most d bytes.
-        size += _VARINT_MAX_BYTES + numel
+        size += VARINT_MAX_BYTES + numel
     if flags & FLAG_VALUES:
-        size += _VARINT_MAX_BYTES + numel * (2 if flags & FLAG_FP16 else 4)
+        size += VARINT_MAX_BYTES + numel * (2 if flags & FLAG_FP16 else 4)
     if flags & FLAG_CODES:
-        size += _VARINT_MAX_BYTES + 1 + 2 * numel
+        size += VARINT_MAX_BYTES + 1 + 2 * numel
     if flags & FLAG_SCALES:
-        size += _VARINT_MAX_BYTES + 4 * MAX_SCALES
+        size += VARINT_MAX_BYTES + 4 * MAX_SCALES
     return size
 
 
@@ -404,7 +288,7 @@ class Codec:
         idx = None
         if p.indices is not None:
             idx = _int64s(p.indices, "indices")
-            bitmap, raw = _encode_indices(idx, numel)
+            bitmap, raw = encode_indices(idx, numel)
             flags |= FLAG_INDICES | (FLAG_BITMAP if bitmap else 0)
             parts.append(raw)
         if p.values is not None:
@@ -419,12 +303,12 @@ class Codec:
             dtype = "<f2" if half else "<f4"
             with np.errstate(over="ignore"):  # beyond float16's range is inf, as with .half()
                 wire = np.ascontiguousarray(vals, dtype=dtype)
-            parts += [_uvarint(vals.size), wire.data]
+            parts += [uvarint(vals.size), wire.data]
         if p.codes is not None:
             codes = _int64s(p.codes, "codes")
             _check_codes(codes, p.bits, numel)
             flags |= FLAG_CODES
-            parts += [_uvarint(codes.size), bytes([p.bits]), _pack_codes(codes, p.bits)]
+            parts += [uvarint(codes.size), bytes([p.bits]), pack_codes(codes, p.bits)]
         elif p.bits != 0:
             # decode could not give the bits back, so the round trip would differ.
             raise ValueError(f"bits is {p.bits} but there are no codes (must be 0)")
@@ -433,14 +317,14 @@ class Codec:
             if scales.size > MAX_SCALES:
                 raise ValueError(f"{scales.size} scales, at most {MAX_SCALES}")
             flags |= FLAG_SCALES
-            parts += [_uvarint(scales.size), np.ascontiguousarray(scales, dtype="<f4").data]
+            parts += [uvarint(scales.size), np.ascontiguousarray(scales, dtype="<f4").data]
         if self.zstd and parts:
             body = b"".join(parts)
             frame = _compress(body)
             if len(frame) < len(body):
                 parts = [frame]
                 flags |= FLAG_ZSTD
-        return b"".join([bytes([VERSION, flags]), _uvarint(numel), *parts])
+        return b"".join([bytes([VERSION, flags]), uvarint(numel), *parts])
 
     def decode(self, data: bytes) -> Payload:
         """The payload `data` encodes; CodecError if it is not one this codec wrote."""
@@ -494,12 +378,12 @@ class Codec:
         # Counting is much cheaper than listing the nonzeros of a dense tensor.
         nnz = int(torch.count_nonzero(x))
         w = self.value_width
-        dense_size = len(_uvarint(numel)) + numel * w
-        sparse_size = len(_uvarint(nnz)) + nnz * w
+        dense_size = len(uvarint(numel)) + numel * w
+        sparse_size = len(uvarint(nnz)) + nnz * w
         if sparse_size >= dense_size:  # index bytes can only add to that
             return Payload(numel, values=x.clone())
         idx = torch.nonzero(x).view(-1)
-        sparse_size += min(_index_forms(idx.cpu().numpy(), numel)[2:])
+        sparse_size += min(index_forms(idx.cpu().numpy(), numel)[2:])
         if sparse_size < dense_size:
             return Payload(numel, values=x[idx], indices=idx)
         return Payload(numel, values=x.clone())
@@ -508,7 +392,7 @@ class Codec:
 def _read_indices(r: _Reader, numel: int, *, bitmap: bool) -> torch.Tensor:
     if bitmap:
         raw = r.take((numel + 7) // 8, "index bitmap")
-        if not _padding_clear(raw, numel):
+        if not padding_clear(raw, numel):
             raise CodecError(f"index bitmap has bits set past numel {numel}")
         idx = np.flatnonzero(np.unpackbits(raw, count=numel, bitorder="little"))
         return torch.from_numpy(idx.astype(np.int64))
@@ -536,7 +420,7 @@ def _read_codes(r: _Reader, numel: int) -> tuple[torch.Tensor, int]:
     if not 1 <= bits <= 16:
         raise CodecError(f"codes bits {bits} not in 1..16")
     raw = r.take((count * bits + 7) // 8, "codes")
-    if count and not _padding_clear(raw, count * bits):
+    if count and not padding_clear(raw, count * bits):
         raise CodecError("codes have padding bits set")
     # Codes cannot reach 2**bits: each is read from exactly `bits` bits.
-    return torch.from_numpy(_unpack_codes(raw, count, bits)), bits
+    return torch.from_numpy(unpack_codes(raw, count, bits)), bits

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from edgeddl.compress.base import Layout, Payload
+from edgeddl.compress.segments import Segments, check_flat
 
 _INT8_MAX = 127
 _MAX_BITS = 16
@@ -34,14 +35,6 @@ def _field(payload: Payload, name: str) -> torch.Tensor:
         raise ValueError(f"payload has no {name}")
     assert isinstance(value, torch.Tensor)
     return value
-
-
-def _check_flat(x: torch.Tensor, numel: int | None = None) -> torch.Tensor:
-    """`x` as a flat float32 tensor, or an error if it is not one of the expected length."""
-    if x.dim() != 1 or (numel is not None and x.numel() != numel):
-        expected = "a flat tensor" if numel is None else f"a flat tensor of {numel} elements"
-        raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
-    return x.to(torch.float32)
 
 
 class _CodeTable:
@@ -63,65 +56,6 @@ class _CodeTable:
         return table.index_select(0, codes.to(torch.int64))
 
 
-class _Segments:
-    """Where each layer of a layout lies in the flat tensor, with per-layer reductions.
-
-    The index tensors are built once per device and kept, so the hot path only launches a
-    handful of kernels whatever the number of layers.
-    """
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.sizes = layout.sizes()
-        self.numel = layout.numel
-        self._ids: dict[torch.device, torch.Tensor] = {}
-        self._counts: dict[torch.device, torch.Tensor] = {}
-
-    def ids(self, device: torch.device) -> torch.Tensor:
-        """The layer of each element (int64, ``numel`` of them)."""
-        ids = self._ids.get(device)
-        if ids is None:
-            sizes = torch.tensor(self.sizes, dtype=torch.int64, device=device)
-            layers = torch.arange(len(self.sizes), device=device)
-            ids = torch.repeat_interleave(layers, sizes, output_size=self.numel)
-            self._ids[device] = ids
-        return ids
-
-    def counts(self, device: torch.device) -> torch.Tensor:
-        """Elements per layer as float32, at least 1 so that an empty layer divides safely."""
-        counts = self._counts.get(device)
-        if counts is None:
-            counts = torch.tensor(self.sizes, dtype=torch.float32, device=device).clamp_(min=1)
-            self._counts[device] = counts
-        return counts
-
-    def check(self, x: torch.Tensor) -> torch.Tensor:
-        return _check_flat(x, self.numel)
-
-    def check_payload(self, payload: Payload) -> None:
-        if payload.numel != self.numel:
-            raise ValueError(f"payload of {payload.numel} elements for a layout of {self.numel}")
-
-    def norms(self, x: torch.Tensor, order: int) -> torch.Tensor:
-        """Each layer's L1 or L2 norm (float32, one per layer; 0 for an empty layer)."""
-        if not self.sizes:
-            return x.new_zeros(0)
-        # The fused multi-tensor norm over views of the layers (private, but what
-        # clip_grad_norm_ itself calls; torch is pinned): one pass, about five times faster
-        # than a scatter-add over the layer ids on a CPU.
-        return torch.stack(torch._foreach_norm(list(x.split(self.sizes)), order))
-
-    def amax(self, x: torch.Tensor) -> torch.Tensor:
-        """Each layer's largest magnitude (float32, one per layer; 0 for an empty layer)."""
-        # A scatter rather than the fused infinity norm, which rejects empty layers.
-        out = x.new_zeros(len(self.sizes))
-        return out.scatter_reduce_(0, self.ids(x.device), x.abs(), "amax", include_self=True)
-
-    def expand(self, per_layer: torch.Tensor) -> torch.Tensor:
-        """A per-layer tensor repeated over each layer's elements."""
-        return per_layer.index_select(0, self.ids(per_layer.device))
-
-
 class NoneCompressor:
     """No compression: the float32 values, dense. The baseline every other one is measured by."""
 
@@ -131,7 +65,7 @@ class NoneCompressor:
     num_phases: int = 1
 
     def compress(self, x: torch.Tensor, step: int) -> Payload:
-        x = _check_flat(x)
+        x = check_flat(x)
         return Payload(numel=x.numel(), values=x)
 
     def decompress(self, payload: Payload, step: int) -> torch.Tensor:
@@ -151,7 +85,7 @@ class FP16Compressor:
     _FP16_MAX = float(torch.finfo(torch.float16).max)
 
     def compress(self, x: torch.Tensor, step: int) -> Payload:
-        x = _check_flat(x)
+        x = check_flat(x)
         # Saturate instead of overflowing to inf: an inf would poison the error-feedback
         # residual with NaN, while a saturated value leaves the excess in the residual.
         half = x.clamp(-self._FP16_MAX, self._FP16_MAX).to(torch.float16)
@@ -179,7 +113,7 @@ class Int8Compressor:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self._segments = _Segments(layout)
+        self._segments = Segments(layout)
         self._table = _CodeTable(torch.arange(2**self.bits) - _INT8_MAX)
 
     def compress(self, x: torch.Tensor, step: int) -> Payload:
@@ -228,7 +162,7 @@ class QSGDCompressor:
         self.levels = levels
         self.seed = seed
         self.bits = bits
-        self._segments = _Segments(layout)
+        self._segments = Segments(layout)
         self._generators: dict[torch.device, torch.Generator] = {}
         # Low bit: sign (1 = negative); the rest: the level. Decodes to sign * level / s. The
         # table covers every code the bits can hold, so that a code no compressor produces
@@ -285,7 +219,7 @@ class SignSGDCompressor:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self._segments = _Segments(layout)
+        self._segments = Segments(layout)
         self._table = _CodeTable(torch.tensor([-1.0, 1.0]))
 
     def compress(self, x: torch.Tensor, step: int) -> Payload:

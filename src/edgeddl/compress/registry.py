@@ -19,12 +19,11 @@ from edgeddl.compress.quantize import (
     QSGDCompressor,
     SignSGDCompressor,
 )
+from edgeddl.compress.significance import DGCCompressor, TwoStepCompressor
 from edgeddl.compress.sparse import (
-    DGCCompressor,
     RandomKCompressor,
     ThresholdCompressor,
     TopKCompressor,
-    TwoStepCompressor,
 )
 from edgeddl.config.schema import CompressionConfig, CompressorConfig
 
