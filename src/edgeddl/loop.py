@@ -261,6 +261,9 @@ def _train(
             applied = schedule.advance_to(clock.now_s)
             for ev in applied:
                 rec.add_event(ev.at_s, ev.device, ev.action)
+                if ev.action == "crash":  # it lost its memory and its copy of the model
+                    strategy.forget(ev.device)
+                    participated[ev.device] = False
             if applied or not members_key:
                 members = tuple(schedule.members())
             if not members:  # everyone is gone: wait for the next join, or stop
@@ -272,7 +275,7 @@ def _train(
             if members != members_key:  # rebalance only when membership changes
                 members_key = members
                 idx = np.asarray(members, dtype=np.int64)
-                up_bytes, down_bytes = strategy.payload_bytes()
+                up_bytes, down_bytes = strategy.payload_bytes(idx)
                 fixed = fleet.fixed_step_s(cost.ops_per_step)[idx] + transport.expected_link_s(
                     idx, up_bytes, down_bytes
                 )

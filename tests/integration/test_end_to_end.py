@@ -230,3 +230,36 @@ def test_lossless_compression_follows_the_uncompressed_trajectory(tmp_path) -> N
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     assert comp.summary["compression"]["compression_ratio"] > 1.0  # zstd saved some bytes
+
+
+def test_a_crash_event_wipes_the_memory_even_between_payloads(tmp_path, monkeypatch) -> None:
+    """The crash event itself (not only a payload lost in flight) empties the device's
+    memory, and on rejoining it fetches the model and the optimizer's momentum."""
+    from edgeddl.strategy.compressed import CompressedDataParallel
+
+    calls: list[int] = []
+    forget = CompressedDataParallel.forget
+
+    def spy(self: CompressedDataParallel, device: int) -> None:
+        calls.append(device)
+        forget(self, device)
+
+    monkeypatch.setattr(CompressedDataParallel, "forget", spy)
+    events = [
+        {"at_s": 0.0, "device": "pi-1", "action": "crash"},  # before any payload exists
+        {"at_s": 0.5, "device": "pi-1", "action": "join"},
+    ]
+    s = _scenario(
+        compression={"compressor": "topk", "density": 0.01},
+        events=events,
+        train={"num_steps": 40, "eval_every": 40},
+    )
+    summary = edgeddl.run(s, out_dir=tmp_path / "r", progress=False).summary
+    names = [d["name"] for d in summary["per_device"]]
+    assert calls[0] == names.index("pi-1")
+    pi, pc = (summary["per_device"][names.index(n)] for n in ("pi-1", "pc"))
+    params = summary["model"]["num_params"]
+    # Everyone else started from the same seeded replica and only ever received aggregates;
+    # pi-1 fetched the model and the momentum once (8 bytes a parameter), then aggregates.
+    assert 8 * params <= pi["bytes_down"] < 8 * params + pc["bytes_down"]
+    assert pc["bytes_down"] < 8 * params

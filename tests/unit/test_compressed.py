@@ -75,7 +75,8 @@ def test_topk_sends_few_bytes_and_the_sparse_union_comes_back() -> None:
     # The union of three 1 % payloads is at most 3 %: the aggregate goes back sparse.
     assert 0 < s.last_down_bytes < dense / 10
     down = s.down_bytes(np.array([False, True, False]))
-    assert down[1] == s.state_bytes and down[0] == s.last_down_bytes
+    # A device that missed a step fetches the model and the momentum its optimizer keeps.
+    assert down[1] == s.state_bytes + 4 * s.numel and down[0] == s.last_down_bytes
 
 
 def test_memory_keeps_what_was_not_sent_and_a_crash_forgets_it() -> None:
@@ -84,14 +85,45 @@ def test_memory_keeps_what_was_not_sent_and_a_crash_forgets_it() -> None:
     x, y = _batches(1)[0]
     ex = s.prepare(x.float(), y, COUNTS, np.arange(3), 0)
     grads = [g.clone() for g in ex.work.grads.grads]
+    received = ex.work.received
     s.commit(ex, np.array([True, False, True]))
     assert 1 not in s.memories  # the crashed device restarts from nothing
+    k = round(0.01 * s.numel)
     for d in (0, 2):
         residual = s.memories[d].residual
         assert residual is not None
-        sent = grads[d] - residual
-        assert int((sent != 0).sum()) <= round(0.01 * s.numel)  # only the top 1 % left
-        torch.testing.assert_close(sent + residual, grads[d])
+        # What stays is what the decoded payload did not carry: the top 1 % left.
+        sent = s.compressors[d].decompress(received[d], 0)
+        assert int((sent != 0).sum()) == k
+        torch.testing.assert_close(residual, grads[d] - sent)
+        assert bool((residual[sent != 0] == 0).all())
+        kept = residual.abs().max()
+        assert bool((sent[sent != 0].abs() >= kept).all())  # it sent the largest ones
+    s.forget(0)
+    assert 0 not in s.memories and 0 not in s.compressors
+
+
+def test_balancing_sees_the_compressed_size_before_the_first_step() -> None:
+    s = _compressed(_resnet().float(), "topk", density=0.01)
+    up, down = s.payload_bytes(np.arange(3))
+    assert (up < s.dense_up_bytes / 20).all()
+    assert (down <= up.sum()).all()  # the union of the payloads, before any aggregate
+
+
+def test_dgc_weight_decay_joins_the_gradient_before_the_memory() -> None:
+    model = _resnet().float()
+    plain = _compressed(copy.deepcopy(model), "dgc", density=0.01)
+    comp = CompressionConfig(compressor="dgc", density=0.01)
+    settings = [CompressorConfig(compressor="dgc", density=0.01)] * 3
+    decayed = CompressedDataParallel(
+        model, TrainConfig(lr=0.1, weight_decay=0.01), comp, settings, seed=0
+    )
+    assert decayed.optimizer.param_groups[0]["weight_decay"] == 0.0
+    x, y = _batches(1)[0]
+    g0 = plain.prepare(x.float(), y, COUNTS, np.arange(3), 0).work.grads.grads[0]
+    g1 = decayed.prepare(x.float(), y, COUNTS, np.arange(3), 0).work.grads.grads[0]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(g1, g0 + 0.01 * flat)
 
 
 def test_dgc_moves_the_momentum_into_the_memory() -> None:

@@ -88,7 +88,11 @@ def test_no_compression_section_keeps_the_dense_path() -> None:
             "star",
             "every device must use dgc",
         ),
-        (CompressionConfig(compressor="fp16", adapt=AdaptConfig(enabled=True)), "star", "has none"),
+        (
+            CompressionConfig(compressor="fp16", adapt=AdaptConfig(enabled=True)),
+            "star",
+            "does not have",
+        ),
         (
             CompressionConfig(compressor="topk", adapt=AdaptConfig(enabled=True)),
             "ring",

@@ -445,6 +445,12 @@ def test_star_crash_in_the_second_round_loses_the_device() -> None:
     tl = _rounds_step(transport, up, 0, mid=(40_000,), crash_at_s={1: 1.05})
     assert tl.contributed.tolist() == [True, False]
     assert tl.bytes_up.tolist() == [30_000, 0]
+    # Its first-round share was already reduced: once the crash is noticed (1.5 s later),
+    # the survivor runs both rounds again.
+    first = 0.015 + 8 * 10_000 / 8e6
+    back = 0.015 + 8 * 40_000 / 16e6
+    second = 0.015 + 8 * 20_000 / 8e6
+    assert tl.end_s == _approx(1.05 + 1.5 + first + back + second)
 
 
 def test_ring_runs_one_all_reduce_per_round() -> None:

@@ -11,7 +11,8 @@ LAN has slack to spare while an LTE device still waits for its first packet, so 
 much more without making the step longer. Two things spend the slack:
 
 * the aggregate that comes back down to *every* device (in the star: the union of all
-  payloads), which gets at most half of the tightest receiver's slack;
+  payloads, sent to each device in turn on the coordinator's uplink), which gets at most
+  half of the tightest receiver's slack;
 * the device's own upload, which gets the rest of its slack at its measured goodput
   (bandwidth, or less under loss: Mathis).
 
@@ -44,7 +45,9 @@ class DensityPolicy:
         floor = 2.0 * (link.latency_s + link.jitter_s)
         target = (work_s + float(floor.max())) / (1.0 - self.cfg.target_share)
         slack = np.maximum(target - work_s - floor, 0.0)
-        down_cap = float((slack * link.down_goodput_bps / 8.0).min()) / 2.0
+        # The coordinator sends the aggregate to every device in turn on its own uplink.
+        shared_s = len(slack) * 8.0 / link.shared_down_bps
+        down_cap = float((slack / (8.0 / link.down_goodput_bps + shared_s)).min()) / 2.0
         up_s = np.maximum(slack - 8.0 * down_cap / link.down_goodput_bps, 0.0)
         up = up_s * link.up_goodput_bps / 8.0
         total = float(up.sum())

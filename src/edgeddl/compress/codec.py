@@ -326,8 +326,12 @@ class Codec:
                 flags |= FLAG_ZSTD
         return b"".join([bytes([VERSION, flags]), uvarint(numel), *parts])
 
-    def decode(self, data: bytes) -> Payload:
-        """The payload `data` encodes; CodecError if it is not one this codec wrote."""
+    def decode(self, data: bytes, expected: int | None = None) -> Payload:
+        """The payload `data` encodes; CodecError if it is not one this codec wrote.
+
+        A receiver that knows the tensor's length passes it as `expected`: a header claiming
+        another length is refused before anything is allocated (or decompressed).
+        """
         r = _Reader(bytes(data))
         version = r.byte("version")
         if version != VERSION:
@@ -337,6 +341,8 @@ class Codec:
         numel = r.varint("numel")
         if numel > MAX_NUMEL:
             raise CodecError(f"numel {numel} exceeds {MAX_NUMEL}")
+        if expected is not None and numel != expected:
+            raise CodecError(f"numel {numel} where {expected} was expected")
         if flags & FLAG_ZSTD:
             frame = memoryview(r.data)[r.pos :]
             r = _Reader(_decompress(frame, _max_body(flags, numel)))

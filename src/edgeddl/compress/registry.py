@@ -155,6 +155,7 @@ def check_compression(comp: CompressionConfig, topology: str) -> None:
         for key, cfg in settings:
             if cfg.compressor not in DENSITY_COMPRESSORS:
                 raise ValueError(
-                    f"{key}.compressor: adaptation sets each device's density, and "
-                    f"{cfg.compressor} has none; use one of: {', '.join(DENSITY_COMPRESSORS)}"
+                    f"{key}.compressor: adaptation sets each device's density, which "
+                    f"{cfg.compressor} does not have; use one of: "
+                    f"{', '.join(DENSITY_COMPRESSORS)}"
                 )

@@ -286,7 +286,7 @@ class AdaptConfig:
         )
         _require(
             0 < self.min_density <= self.max_density <= 1,
-            "need 0 < min_density <= max_density <= 1 "
+            "min_density and max_density: need 0 < min_density <= max_density <= 1 "
             f"(got {self.min_density}, {self.max_density})",
         )
 

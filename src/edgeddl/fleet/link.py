@@ -90,3 +90,5 @@ class LinkEstimate:
     """One-way latency of each path."""
     jitter_s: np.ndarray
     """Mean extra one-way delay of each path."""
+    shared_down_bps: float = float("inf")
+    """A link every device's download crosses in turn (the star coordinator's uplink)."""

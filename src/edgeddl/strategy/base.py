@@ -20,8 +20,12 @@ class Strategy(Protocol):
     name: str
     model: nn.Module
 
-    def payload_bytes(self) -> tuple[int, int]:
-        """(up, down) bytes one device sends and receives per step."""
+    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Typical (up, down) bytes of devices `idx` per step (for balancing)."""
+        ...
+
+    def forget(self, device: int) -> None:
+        """A device crashed: whatever it kept (error-feedback memory) is gone."""
         ...
 
     def aggregation_flops(self) -> float:

@@ -40,7 +40,7 @@ from edgeddl.compress.registry import (
     build_phased,
 )
 from edgeddl.config.schema import CompressionConfig, CompressorConfig, TrainConfig
-from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn
+from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats, per_device_gradients
 
@@ -76,8 +76,13 @@ class CompressedDataParallel(DataParallel):
         seed: int,
         loss_fn: LossFn = nn.functional.cross_entropy,
     ) -> None:
-        dgc = comp.compressor == "dgc"  # its memory carries the momentum (momentum correction)
-        super().__init__(model, cfg, loss_fn, momentum=0.0 if dgc else None)
+        # DGC's memory carries the momentum (momentum correction), and weight decay joins the
+        # gradient before it, as in the DGC reference: the optimizer does neither.
+        dgc = comp.compressor == "dgc"
+        super().__init__(
+            model, cfg, loss_fn, momentum=0.0 if dgc else None, weight_decay=0.0 if dgc else None
+        )
+        self.local_weight_decay = cfg.weight_decay if dgc else 0.0
         self.cfg = comp
         self.seed = seed
         self.train_momentum = cfg.momentum
@@ -94,7 +99,24 @@ class CompressedDataParallel(DataParallel):
         """The last aggregate on the wire (what the star sends down at the next step)."""
         self.bytes_per_value = np.full(len(device_settings), np.nan)
         """Each device's last payload: encoded bytes per value sent (for adaptation)."""
-        self.last_up_bytes: float = float(self.dense_up_bytes)
+        self.up_estimate = np.array([self._example_bytes(s) for s in device_settings], float)
+        """Each device's payload size, for balancing: a typical one, then the last sent."""
+        self.fetch_bytes = self.state_bytes + (
+            tensor_bytes(self.params) if cfg.momentum and not dgc else 0
+        )
+        """What a device that missed a step fetches: the model and, as its replica runs the
+        optimizer, the momentum buffer."""
+
+    def _example_bytes(self, setting: CompressorConfig) -> float:
+        """Encoded size of a typical payload (a random gradient through a fresh compressor)."""
+        if self.phased is not None:
+            return float(
+                sum(len(self.down_codec.encode(p)) for p in self.phased.example_payloads())
+            )
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.numel, generator=g) * 1e-3
+        comp = build_compressor(setting, self.layout, self.seed, 0)
+        return float(len(build_codec(setting).encode(comp.compress(x, 0))))
 
     def _compressor(self, d: int) -> Compressor:
         if d not in self.compressors:
@@ -112,12 +134,20 @@ class CompressedDataParallel(DataParallel):
         for d, v in zip(devices.tolist(), density.tolist(), strict=True):
             self._compressor(d).density = v  # type: ignore[attr-defined]
 
-    def payload_bytes(self) -> tuple[int, int]:
-        return round(self.last_up_bytes), self.last_down_bytes or self.state_bytes
+    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        up = self.up_estimate[idx]
+        # Before the first aggregate: the union of everyone's payloads, at most the model.
+        down = self.last_down_bytes or min(float(up.sum()), float(self.state_bytes))
+        return up, np.full(len(idx), float(down))
 
     def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
-        """The last aggregate, or the whole model for a device that missed a step."""
-        return np.where(needs_model, self.state_bytes, self.last_down_bytes).astype(np.int64)
+        """The last aggregate, or the model and momentum for a device that missed a step."""
+        return np.where(needs_model, self.fetch_bytes, self.last_down_bytes).astype(np.int64)
+
+    def forget(self, device: int) -> None:
+        """The device crashed: its memory and compressor state are gone."""
+        self.memories.pop(device, None)
+        self.compressors.pop(device, None)
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
@@ -126,6 +156,10 @@ class CompressedDataParallel(DataParallel):
             self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
         )
         ids = devices.tolist()
+        if self.local_weight_decay:
+            flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+            for gi in g.grads:
+                gi.add_(flat, alpha=self.local_weight_decay)
         inputs = [self._memory(d).compensate(gi) for d, gi in zip(ids, g.grads, strict=True)]
         finite = torch.stack([torch.isfinite(c).all() for c in inputs])
         if not bool(finite.all()):  # one host sync a step; a NaN cannot be encoded anyway
@@ -146,14 +180,16 @@ class CompressedDataParallel(DataParallel):
             received, sizes = [], []
             for d, c in zip(ids, inputs, strict=True):
                 data = self.codecs[d].encode(self._compressor(d).compress(c, step))
-                p = self.codecs[d].decode(data)
+                p = self.codecs[d].decode(data, self.numel)
                 received.append(p)
                 sizes.append(len(data))
+                self.up_estimate[d] = len(data)
                 if p.num_sent:
                     self.bytes_per_value[d] = len(data) / p.num_sent
             up = np.array([sizes])
             work = _Work(grads=g, received=received, phased=None)
-        self.last_up_bytes = float(up.sum(axis=0).mean())
+        if self.phased is not None:
+            self.up_estimate[devices] = up.sum(axis=0)
         return Exchange(
             devices=devices, counts=counts, step=step, up_bytes=up, mid_down_bytes=mid, work=work
         )
@@ -164,15 +200,14 @@ class CompressedDataParallel(DataParallel):
         ids = ex.devices.tolist()
         for d, ok in zip(ids, contributed.tolist(), strict=True):
             if not ok:  # a crash: the device's memory and compressor state are gone
-                self.memories.pop(d, None)
-                self.compressors.pop(d, None)
+                self.forget(d)
         keep = np.flatnonzero(contributed).tolist()
         if not keep:
             return None
         grads = work.grads.grads
         device = grads[0].device
-        n = torch.tensor([ex.counts[i] for i in keep], dtype=torch.float32, device=device)
-        w = n / n.sum()
+        weights = [ex.counts[i] / sum(ex.counts[j] for j in keep) for i in keep]
+        w = torch.tensor(weights, dtype=torch.float32, device=device)
         inputs = [self._memory(ids[i]).compensate(grads[i]) for i in keep]
         if self.phased is not None:
             result = work.phased
@@ -183,13 +218,19 @@ class CompressedDataParallel(DataParallel):
             down = result.reductions[-1]
             self.last_down_bytes = len(self.down_codec.encode(down))
         else:
-            sent = [self._compressor(ids[i]).decompress(work.received[i], ex.step) for i in keep]
+            sent = [
+                self._compressor(ids[i]).decompress(work.received[i], ex.step).to(device)
+                for i in keep
+            ]
+            self.num_empty += sum(work.received[i].num_sent == 0 for i in keep)
             mean = torch.zeros_like(grads[0])
-            for wi, s in zip(w, sent, strict=True):
-                mean.add_(s, alpha=float(wi))
+            for wi, s in zip(weights, sent, strict=True):
+                mean.add_(s, alpha=wi)
+            # The aggregate travels at the codec's precision: with fp16 values its rounding
+            # (relative 2**-11, to nearest) is applied, not fed back.
             data = self.down_codec.encode(self.down_codec.dense_or_sparse(mean))
             self.last_down_bytes = len(data)
-            agg = _dense(self.down_codec.decode(data)).to(device)  # what every replica applies
+            agg = _dense(self.down_codec.decode(data, self.numel)).to(device)  # every replica
         for i, gi, c, s in zip(keep, (grads[i] for i in keep), inputs, sent, strict=True):
             self._memory(ids[i]).commit(gi, c, s)
         apply_batchnorm_stats(self.model, work.grads.bn_stats, keep, w, self.batchnorms)

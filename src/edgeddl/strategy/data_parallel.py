@@ -61,6 +61,7 @@ class DataParallel:
         cfg: TrainConfig,
         loss_fn: LossFn = nn.functional.cross_entropy,
         momentum: float | None = None,
+        weight_decay: float | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -71,7 +72,7 @@ class DataParallel:
             self.params,
             lr=cfg.lr,
             momentum=cfg.momentum if momentum is None else momentum,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
         )
         state = list(self.params) + [b for b in model.buffers() if b.is_floating_point()]
         self.state_bytes = tensor_bytes(state)
@@ -84,10 +85,17 @@ class DataParallel:
         """Encoded bytes of every payload that arrived, all rounds (for the summary)."""
         self.num_payloads = 0
         """Payloads (device steps) that arrived."""
+        self.num_empty = 0
+        """Payloads that carried nothing (a threshold nothing passed)."""
 
-    def payload_bytes(self) -> tuple[int, int]:
-        """Typical (up, down) bytes per device per step: the gradient up, the model down."""
-        return self.dense_up_bytes, self.state_bytes
+    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Typical (up, down) bytes of devices `idx` per step, for balancing: the gradient
+        up, the model down."""
+        n = len(idx)
+        return np.full(n, float(self.dense_up_bytes)), np.full(n, float(self.state_bytes))
+
+    def forget(self, device: int) -> None:
+        """The device crashed (nothing to forget: the dense gradient is kept nowhere)."""
 
     def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
         """Bytes each device receives at a step's start (star): the whole model."""
@@ -123,6 +131,7 @@ class DataParallel:
             "gradient_bytes_per_device_step": per_step,
             "dense_gradient_bytes": self.dense_up_bytes,
             "compression_ratio": self.dense_up_bytes / per_step if per_step else float("inf"),
+            "empty_payloads": self.num_empty,
         }
 
     def aggregation_flops(self) -> float:

@@ -98,12 +98,13 @@ def apply_batchnorm_stats(
     The same rule as the fused pass: one update per step, momentum applied once.
     """
     bns = _tracking(batchnorm_layers(model) if layers is None else layers)
+    w = weights.tolist()
     for m, per_device in zip(bns, stats, strict=True):
         nbt = m.num_batches_tracked
         assert nbt is not None and m.running_mean is not None and m.running_var is not None
         nbt.add_(1)
         momentum = m.momentum if m.momentum is not None else 1.0 / float(nbt)
-        mean = sum(w * per_device[i][0] for i, w in zip(keep, weights.tolist(), strict=True))
-        var = sum(w * per_device[i][1] for i, w in zip(keep, weights.tolist(), strict=True))
+        mean = sum(wi * per_device[i][0] for i, wi in zip(keep, w, strict=True))
+        var = sum(wi * per_device[i][1] for i, wi in zip(keep, w, strict=True))
         m.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         m.running_var.mul_(1 - momentum).add_(var, alpha=momentum)

@@ -17,7 +17,9 @@ from edgeddl.fleet.timeline import StepRequest, StepTimeline
 class Transport(Protocol):
     topology: str
 
-    def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float) -> np.ndarray:
+    def expected_link_s(
+        self, idx: np.ndarray, up_bytes: np.ndarray | float, down_bytes: np.ndarray | float
+    ) -> np.ndarray:
         """Each device's own transfer time on the step's critical path, for balancing."""
         ...
 

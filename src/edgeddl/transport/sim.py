@@ -82,7 +82,9 @@ class SimTransport:
             self.rng,
         )
 
-    def expected_link_s(self, idx: np.ndarray, up_bytes: float, down_bytes: float) -> np.ndarray:
+    def expected_link_s(
+        self, idx: np.ndarray, up_bytes: np.ndarray | float, down_bytes: np.ndarray | float
+    ) -> np.ndarray:
         """Jitter- and loss-free transfer time per device, for balancing (0 in a ring)."""
         if self.topology == "ring":
             return np.zeros(len(idx))
@@ -112,6 +114,7 @@ class SimTransport:
             down_goodput_bps=goodput_bps(bw_down, lat, loss),
             latency_s=lat,
             jitter_s=jitter,
+            shared_down_bps=np.inf if self.topology == "ring" else f.coordinator_link.up_bps,
         )
 
     def step(self, req: StepRequest) -> StepTimeline:
@@ -147,9 +150,14 @@ class SimTransport:
         mid = [self._broadcast(idx, b) for b in req.mid_down_bytes]
         agg_s = req.agg_flops / self.fleet.coordinator.flops_per_s
 
-        def arrivals(keep: np.ndarray) -> tuple[np.ndarray, float]:
-            """Last arrival of each device's upload, and the end of the last round."""
-            ready, out, sel = done, np.full(len(idx), np.inf), np.flatnonzero(keep)
+        def arrivals(keep: np.ndarray, start: float = 0.0) -> tuple[np.ndarray, float]:
+            """Last arrival of each device's upload, and the end of the last round, with the
+            first upload no earlier than `start`."""
+            ready, out, sel = (
+                np.maximum(done, start),
+                np.full(len(idx), np.inf),
+                np.flatnonzero(keep),
+            )
             end = 0.0
             for r, row in enumerate(up):
                 serve_in = 8.0 * row / c.down_bps
@@ -164,10 +172,13 @@ class SimTransport:
 
         lost = np.zeros(len(idx), dtype=bool)
         arrive, in_s = arrivals(~lost)
+        detect = 0.0
         while (newly := ~lost & (crash < arrive)).any():  # until no survivor crashes first
             lost |= newly
-            arrive, in_s = arrivals(~lost)
-        detect = (crash[lost] + self.fleet.failure_detection_s).max() if lost.any() else 0.0
+            detect = float((crash[lost] + self.fleet.failure_detection_s).max())
+            # Several rounds: a reduction may already hold the lost device's share, so the
+            # survivors run every round again once they notice (never under-charged).
+            arrive, in_s = arrivals(~lost, detect if len(up) > 1 else 0.0)
         end = max(in_s, detect + agg_s * int((~lost).sum()))
         arrive = np.where(lost, np.maximum(end, done), arrive)
         phases = [
