@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -211,7 +212,9 @@ def test_data_parallel_step_with_batchnorm_equals_averaged_device_gradients() ->
 
 def test_payload_bytes_counts_fp32_gradients_up_and_float_state_down() -> None:
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
-    up, down = DataParallel(model, TrainConfig()).payload_bytes()
+    ups, downs = DataParallel(model, TrainConfig()).payload_bytes(np.arange(2))
+    assert ups[0] == ups[1] and downs[0] == downs[1]
+    up, down = ups[0], downs[0]
     params = 5 * 7 + 7 + 7 + 7 + 7 * 3 + 3  # weights, biases, BN affine
     # fp32 values on the wire, plus the codec's bytes: version, flags, length, value count.
     assert up == 4 * params + 4
