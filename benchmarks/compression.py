@@ -52,14 +52,16 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "int8": (),
     "qsgd": ("compression.levels=16",),
     "topk": ("compression.density=0.01",),
-    "randomk": ("compression.density=0.1",),
-    "threshold": ("compression.threshold=0.002",),
+    "randomk": ("compression.density=0.1", "compression.error_feedback=off"),
+    "threshold": ("compression.threshold=0.03",),
     "two_step": ("compression.density=0.002", "compression.values=fp16"),
     "dgc": ("compression.density=0.002", "compression.warmup_steps=100"),
     "signsgd": (),
     "powersgd": ("compression.rank=2",),
 }
-"""Each compressor's setting (two_step and dgc aim at >= 300x fewer bytes)."""
+"""Each compressor's setting (two_step and dgc aim at >= 300x fewer bytes). Random-k runs
+without error feedback: with it, the stale sums it releases make momentum SGD oscillate
+(accuracy 0.1-0.25 after 200 steps at density 0.1)."""
 
 
 def scenario(
