@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,8 +113,6 @@ def train(args: tuple[str, int, tuple[str, str, str], tuple[str, ...]]) -> dict[
 
 
 def _metrics(run_dir: Any) -> list[dict[str, Any]]:
-    import json
-
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -148,18 +148,28 @@ def fleet_on(
 def section_compressors(runs: dict[str, dict[str, Any]], target: float) -> list[dict[str, Any]]:
     rows, out = [], []
     dense = runs["none"]
-    times_dense = {
-        net: time_to(dense["evals"], replay(dense["requests"], fleet_on((net,) * 3), 0), target)
-        for net in NETWORKS
+    fleets = {net: fleet_on((net,) * 3) for net in NETWORKS}
+    ends = {
+        n: {net: replay(r["requests"], f, 0) for net, f in fleets.items()} for n, r in runs.items()
     }
+    times_dense = {net: time_to(dense["evals"], ends["none"][net], target) for net in NETWORKS}
     for name, r in runs.items():
         c = r["summary"]["compression"]
         acc = r["summary"]["final_test_accuracy"]
-        times = {
-            net: time_to(r["evals"], replay(r["requests"], fleet_on((net,) * 3), 0), target)
+        times = {net: time_to(r["evals"], ends[name][net], target) for net in NETWORKS}
+        curves = {
+            net: [[float(ends[name][net][step]), a] for step, _, a in r["evals"]]
             for net in NETWORKS
         }
-        out.append({"compressor": name, **c, "final_test_accuracy": acc, "time_to_target_s": times})
+        out.append(
+            {
+                "compressor": name,
+                **c,
+                "final_test_accuracy": acc,
+                "time_to_target_s": times,
+                "curves": curves,
+            }
+        )
         rows.append(
             [
                 name,
@@ -234,6 +244,7 @@ def section_adaptive(steps: int, target: float, workers: int) -> list[dict[str, 
         out.append(
             {
                 "setting": label,
+                "curve": [[vt, acc] for _, vt, acc in r["evals"]],
                 "time_to_target_s": t,
                 **c,
                 "final_test_accuracy": r["summary"]["final_test_accuracy"],
@@ -307,6 +318,57 @@ def section_cost(repeats: int) -> list[dict[str, Any]]:
     return out
 
 
+def plot(results: dict[str, Any], out_dir: Path) -> None:
+    """The figures of benchmarks/README.md, from the results JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = results["target_accuracy"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for net, ax in zip(("lan", "lte"), axes, strict=True):
+        for c in results["compressors"]:
+            xs, ys = zip(*[p for p in c["curves"][net] if p[0] > 0], strict=True)
+            ax.plot(xs, ys, label=c["compressor"], lw=2.2 if c["compressor"] == "two_step" else 1)
+        ax.axhline(target, color="grey", ls=":", lw=1)
+        ax.set(xscale="log", xlabel="virtual time (s)", ylabel="test accuracy", title=net)
+        ax.set_ylim(0, 1)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compression_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for kind, ax in zip(("latency", "bandwidth"), axes, strict=True):
+        rows = results["sweeps"][kind]
+        names = [k for k in rows[0] if k != "value"]
+        for n in names:
+            ax.plot([r["value"] for r in rows], [r[n] for r in rows], marker="o", label=n)
+        xlabel = (
+            "one-way latency (s), 10/30 Mbit/s"
+            if kind == "latency"
+            else "bandwidth (Mbit/s), 30 ms"
+        )
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=f"time to {target:.3f} (s)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compression_sweeps.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for a in results["adaptive"]:
+        xs, ys = zip(*a["curve"], strict=True)
+        ax.plot(xs, ys, label=a["setting"], lw=2.2 if a["setting"] == "adaptive" else 1)
+    ax.axhline(target, color="grey", ls=":", lw=1)
+    ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="mixed fleet: two_step density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compression_adaptive.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -316,7 +378,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: 60 steps, 4 compressors")
     ap.add_argument("--json", default="benchmarks/results/compression.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figures from --json")
     args = ap.parse_args()
+    figures = Path(args.json).parent
+    if args.plot_only:
+        plot(json.loads(Path(args.json).read_text()), figures)
+        return
     warn_if_busy()
     steps = 60 if args.quick else args.steps
     names = ["none", "two_step", "dgc", "powersgd"] if args.quick else list(SETTINGS)
@@ -328,19 +395,18 @@ def main() -> None:
     table = section_compressors(runs, target)
     sweeps = section_sweeps(runs, target)
     adaptive = section_adaptive(steps, target, args.workers)
-    write_json(
-        args.json,
-        {
-            "machine": machine_info(1),
-            "steps": steps,
-            "target_accuracy": target,
-            "cost": cost,
-            "compressors": table,
-            "sweeps": sweeps,
-            "adaptive": adaptive,
-            "wall_s": {n: r["wall_s"] for n, r in runs.items()},
-        },
-    )
+    results = {
+        "machine": machine_info(1),
+        "steps": steps,
+        "target_accuracy": target,
+        "cost": cost,
+        "compressors": table,
+        "sweeps": sweeps,
+        "adaptive": adaptive,
+        "wall_s": {n: r["wall_s"] for n, r in runs.items()},
+    }
+    write_json(args.json, results)
+    plot(results, figures)
 
 
 if __name__ == "__main__":
