@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -48,6 +50,10 @@ from edgeddl.models import build_model
 from edgeddl.transport import sim
 
 NETWORKS = ("lan", "wifi", "lte", "wan_lossy")
+ADAPT_FIXED = (0.0005, 0.002, 0.005, 0.01, 0.05)
+"""Fixed two-step densities the adaptive policy is measured against."""
+ADAPT_SHARES = (0.1, 0.2, 0.35)
+"""Target communication shares of the adaptive policy (0.2 is the default)."""
 SETTINGS: dict[str, tuple[str, ...]] = {
     "none": (),
     "fp16": (),
@@ -93,14 +99,12 @@ def train(args: tuple[str, int, tuple[str, str, str], tuple[str, ...]]) -> dict[
     sim.SimTransport.step = recording  # type: ignore[method-assign]
     wall = time.perf_counter()
     try:
-        result = edgeddl.run(
-            scenario(name, steps, links, extra),
-            out_dir=f"/tmp/edgeddl-bench/{name}-{'-'.join(links)}-{len(extra)}",
-            progress=False,
-        )
+        out = tempfile.mkdtemp(prefix=f"edgeddl-bench-{name}-")  # one folder per run
+        result = edgeddl.run(scenario(name, steps, links, extra), out_dir=out, progress=False)
     finally:
         sim.SimTransport.step = step  # type: ignore[method-assign]
     evals = [(r["step"], r["virtual_time_s"], r["test_accuracy"]) for r in _metrics(result.run_dir)]
+    shutil.rmtree(out, ignore_errors=True)
     return {
         "name": name,
         "links": links,
@@ -231,14 +235,23 @@ def section_adaptive(steps: int, target: float, workers: int) -> list[dict[str, 
     adapt = ("compression.adapt.enabled=true", "compression.adapt.max_density=0.05")
     jobs = [
         ("two_step", steps, mixed, (f"compression.density={d}", "compression.values=fp16"))
-        for d in (0.0005, 0.002, 0.01, 0.05)
+        for d in ADAPT_FIXED
     ]
-    jobs.append(("two_step", steps, mixed, ("compression.values=fp16", *adapt)))
+    jobs += [
+        (
+            "two_step",
+            steps,
+            mixed,
+            (f"compression.adapt.target_share={s}", "compression.values=fp16", *adapt),
+        )
+        for s in ADAPT_SHARES
+    ]
     with ProcessPoolExecutor(workers) as pool:
         done = list(pool.map(train, jobs))
     rows, out = [], []
     for r in done:
-        label = "adaptive" if any("adapt" in e for e in r["extra"]) else r["extra"][0].split("=")[1]
+        value = r["extra"][0].split("=")[1]
+        label = f"adaptive, share {value}" if "adapt" in r["extra"][0] else value
         t = next((vt for _, vt, acc in r["evals"] if acc >= target), float("inf"))
         c = r["summary"]["compression"]
         out.append(
@@ -328,7 +341,9 @@ def plot(results: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = results["target_accuracy"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab20").colors
     for net, ax in zip(("lan", "lte"), axes, strict=True):
+        ax.set_prop_cycle(color=colors[::2] + colors[1::2])
         for c in results["compressors"]:
             xs, ys = zip(*[p for p in c["curves"][net] if p[0] > 0], strict=True)
             ax.plot(xs, ys, label=c["compressor"], lw=2.2 if c["compressor"] == "two_step" else 1)
@@ -360,7 +375,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for a in results["adaptive"]:
         xs, ys = zip(*a["curve"], strict=True)
-        ax.plot(xs, ys, label=a["setting"], lw=2.2 if a["setting"] == "adaptive" else 1)
+        ax.plot(xs, ys, label=a["setting"], lw=2.2 if "adaptive" in a["setting"] else 1)
     ax.axhline(target, color="grey", ls=":", lw=1)
     ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="mixed fleet: two_step density")
     ax.legend(fontsize=8)
@@ -379,10 +394,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: 60 steps, 4 compressors")
     ap.add_argument("--json", default="benchmarks/results/compression.json")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figures from --json")
+    ap.add_argument(
+        "--adaptive-only",
+        action="store_true",
+        help="run the adaptation section again into the existing --json (same target)",
+    )
     args = ap.parse_args()
     figures = Path(args.json).parent
     if args.plot_only:
         plot(json.loads(Path(args.json).read_text()), figures)
+        return
+    if args.adaptive_only:
+        results = json.loads(Path(args.json).read_text())
+        results["adaptive"] = section_adaptive(
+            results["steps"], results["target_accuracy"], args.workers
+        )
+        write_json(args.json, results)
+        plot(results, figures)
         return
     warn_if_busy()
     steps = 60 if args.quick else args.steps
