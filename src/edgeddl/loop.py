@@ -10,10 +10,8 @@ virtual.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,23 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE, DensityPolicy
 from edgeddl.compress.registry import check_compression
 from edgeddl.config.loader import (
-    ConfigError,
     apply_override,
     load_scenario,
     scenario_from_dict,
     to_toml,
 )
 from edgeddl.config.schema import Scenario
-from edgeddl.data import DatasetInfo, ShardSampler, load_dataset, partition
+from edgeddl.data import ShardSampler
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
-from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.timeline import StepRequest
-from edgeddl.models import build_model, model_cost
 from edgeddl.report.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from edgeddl.report.plots import plot_accuracy, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
@@ -51,6 +46,7 @@ from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
+from edgeddl.workload import as_config_error, build_workload
 
 OPTIMIZER_STATE_COPIES = 4
 """Parameter-sized buffers a device holds: weights, gradients, momentum, a received copy."""
@@ -61,28 +57,6 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     model: nn.Module
-
-
-def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of a data set as (inputs, int64 labels) held in memory (the simulator's data)."""
-    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
-        x, y = ds.tensors
-    else:
-        loader = torch.utils.data.DataLoader(ds, batch_size=4096)
-        xs, ys = zip(*loader, strict=True)
-        x, y = torch.cat(xs), torch.cat(ys)
-    return x.float(), y.long()
-
-
-@contextlib.contextmanager
-def _as_config_error(key: str) -> Iterator[None]:
-    """A data set or model the scenario cannot have is the user's mistake: say which key."""
-    try:
-        yield
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{key}: {e}" if key else str(e)) from None
 
 
 def _default_run_dir(scenario: Scenario) -> Path:
@@ -133,7 +107,7 @@ def _build_strategy(
     comp = scenario.compression
     if not comp.enabled:
         return DataParallel(model, scenario.train, loss), None
-    with _as_config_error(""):
+    with as_config_error(""):
         check_compression(comp, scenario.train.topology)
     settings = [
         comp.for_device(name, g.name) for g in scenario.fleet.devices for name in g.device_names()
@@ -156,65 +130,14 @@ def _train(
 ) -> RunResult:
     wall_start = time.perf_counter()
     seed = scenario.run.seed
-    torch.manual_seed(seed)
-    d = scenario.data
     custom_model = model is not None
-    if (train_set is None) != (test_set is None):
-        raise ValueError("pass both train_set and test_set, or neither")
-    built_in: DatasetInfo | None = None
-    if train_set is None or test_set is None:
-        with _as_config_error("data"):
-            train_set, test_set, built_in = load_dataset(
-                d.dataset,
-                root=d.root,
-                seed=seed,
-                num_samples=d.num_samples,
-                input_shape=tuple(d.input_shape),
-                num_classes=d.num_classes,
-            )
-    if scenario.run.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError('run.device: "cuda" asked for but torch sees no CUDA device')
-    device = torch.device(scenario.run.device)
-    x_train, y_train = (t.to(device) for t in _tensors(train_set))
-    x_test, y_test = (t.to(device) for t in _tensors(test_set))
-    # A built-in data set knows its stored sample size (uint8 images are 1 byte a value);
-    # for a user's data set the in-memory tensors are all we know.
-    info = built_in or DatasetInfo(
-        name="custom",
-        input_shape=tuple(x_train.shape[1:]),
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
-        sample_bytes=x_train[0].numel() * x_train.element_size(),
-    )
-    if scenario.train.global_batch > len(x_train):
-        raise ConfigError(
-            f"train.global_batch: {scenario.train.global_batch} is more than the "
-            f"{len(x_train)} training samples"
-        )
-    if model is None:
-        with _as_config_error("model"):
-            model = build_model(
-                scenario.model.name,
-                input_shape=info.input_shape,
-                num_classes=info.num_classes,
-                width=scenario.model.width,
-            )
-    model.to(device)
-    cost = model_cost(model, info.input_shape)
-
-    fleet = Fleet.from_scenario(scenario)
+    w = build_workload(scenario, model, train_set, test_set)
+    model, info, cost, shards, fleet = w.model, w.info, w.cost, w.shards, w.fleet
+    x_train, y_train, x_test, y_test = w.x_train, w.y_train, w.x_test, w.y_test
+    device = x_train.device
     schedule = FleetSchedule(scenario)
     clock = VirtualClock()
-    per_sample_s = fleet.seconds_per_sample(cost.train_flops_per_sample, info.sample_bytes)
-    weights = (1.0 / per_sample_s).tolist() if d.shard_sizes == "capability" else None
-    with _as_config_error("data.partition"):
-        shards = partition(
-            y_train.cpu(),
-            fleet.num_devices,
-            scheme=d.partition,
-            alpha=d.alpha,
-            seed=seed,
-            weights=weights,
-        )
+    per_sample_s = w.per_sample_s
     sampler = ShardSampler(shards, seed)
     t = scenario.train
     strategy, policy = _build_strategy(scenario, model, loss_fn)
