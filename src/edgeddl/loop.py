@@ -59,7 +59,7 @@ class RunResult:
     model: nn.Module
 
 
-def _default_run_dir(scenario: Scenario) -> Path:
+def default_run_dir(scenario: Scenario) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{scenario.run.name}-{stamp}"
 
@@ -151,7 +151,7 @@ def _train(
         2 * cost.activation_bytes_per_sample + info.sample_bytes,
     )
 
-    run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(scenario)
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
     rec = RunRecorder(fleet.names, fleet.profile_names, fleet.link_names)

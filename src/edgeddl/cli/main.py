@@ -64,6 +64,37 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML file to write (default: NAME.toml); include it from a scenario",
     )
     c.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+
+    co = sub.add_parser(
+        "coordinator", help="serve a real fleet: rendezvous, membership, run folder"
+    )
+    scenario_args(co)
+    co.add_argument(
+        "--port", type=int, default=29400, help="port devices connect to (default: %(default)s)"
+    )
+    co.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    co.add_argument(
+        "--out", type=Path, default=None, help="run folder (default: runs/NAME-TIMESTAMP)"
+    )
+    co.add_argument(
+        "--heartbeat-ms",
+        type=int,
+        default=1000,
+        help="a device silent this long is dropped from the quorum (default: %(default)s)",
+    )
+
+    d = sub.add_parser("device", help="be one device of a real fleet")
+    d.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
+    d.add_argument("--name", required=True, help="this device's name in the scenario")
+    d.add_argument(
+        "--host", default="", help="address peers reach this device at (default: guessed)"
+    )
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds a collective may hang (default: %(default)s)",
+    )
     return p
 
 
@@ -139,11 +170,50 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from edgeddl.loop import default_run_dir
+    from edgeddl.transport.coordinator import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535 (got {args.port})")
+    if args.heartbeat_ms < 1:
+        raise ConfigError(f"--heartbeat-ms must be >= 1 (got {args.heartbeat_ms})")
+    scenario = load_scenario(args.scenario, args.overrides)
+    out = args.out or default_run_dir(scenario)
+    print(f"edgeddl coordinator: devices connect to {args.host}:{args.port}", flush=True)
+    summary = serve(
+        scenario,
+        port=args.port,
+        host=args.host,
+        out_dir=out,
+        heartbeat_timeout_ms=args.heartbeat_ms,
+    )
+    print(f"{out}: accuracy {summary['final_test_accuracy']}, {summary['num_steps']} steps")
+    return 0
+
+
+def _cmd_device(args: argparse.Namespace) -> int:
+    from edgeddl.transport.torchdist import DeviceOptions, run_device, silence_engine_logs
+
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 (got {args.timeout})")
+    silence_engine_logs()
+    report = run_device(
+        DeviceOptions(
+            coordinator=args.coordinator, name=args.name, host=args.host, timeout_s=args.timeout
+        )
+    )
+    print(f"{args.name}: {report['steps']} steps committed, {report['samples']} samples")
+    return 0
+
+
 COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
     "profiles": _cmd_profiles,
     "calibrate": _cmd_calibrate,
+    "coordinator": _cmd_coordinator,
+    "device": _cmd_device,
 }
 
 

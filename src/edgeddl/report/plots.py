@@ -29,15 +29,18 @@ def _save(fig: Any, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def plot_accuracy(evals: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_accuracy(
+    evals: list[dict[str, Any]], path: Path, title: str, time_key: str = "virtual_time_s"
+) -> None:
+    """Test accuracy against `time_key` (virtual time, or wall time for a real fleet)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(
-        [r["virtual_time_s"] for r in evals],
+        [r[time_key] for r in evals],
         [r["test_accuracy"] for r in evals],
         marker="o",
         markersize=3,
     )
-    ax.set_xlabel("virtual time (s)")
+    ax.set_xlabel("virtual time (s)" if time_key == "virtual_time_s" else "wall time (s)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

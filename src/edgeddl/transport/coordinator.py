@@ -1,0 +1,127 @@
+"""The real fleet's coordinator: the rendezvous, torchft's lighthouse, and the run folder.
+
+`edgeddl coordinator SCENARIO --port P` opens torch's `TCPStore` on P (where devices find
+the scenario and the lighthouse, and leave their evaluation rows and final reports) and
+starts torchft's lighthouse (membership: quorums and heartbeats). It trains nothing itself:
+devices exchange gradients among themselves. It writes the same run folder as the
+simulator, with real (wall-clock) times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from torch.distributed import TCPStore
+
+from edgeddl.config.loader import to_toml
+from edgeddl.config.schema import Scenario
+from edgeddl.report.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from edgeddl.report.plots import plot_accuracy
+from edgeddl.transport.torchdist import (
+    KEY_DONE,
+    KEY_LIGHTHOUSE,
+    KEY_ROWS,
+    KEY_SCENARIO,
+    final_key,
+    row_key,
+    silence_engine_logs,
+)
+
+
+def serve(
+    scenario: Scenario,
+    *,
+    port: int,
+    out_dir: Path,
+    host: str = "0.0.0.0",
+    heartbeat_timeout_ms: int = 1000,
+    linger_s: float = 10.0,
+    poll_s: float = 0.2,
+) -> dict[str, Any]:
+    """Run the fleet's rendezvous until a device finishes the last step; write the run folder.
+
+    After the first device reports the end, the others get `linger_s` to report theirs.
+    """
+    silence_engine_logs()
+    from torchft._torchft import LighthouseServer  # the engine: only a real fleet needs it
+
+    store = TCPStore(
+        host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
+    )
+    lighthouse = LighthouseServer(
+        bind="[::]:0",
+        min_replicas=1,
+        join_timeout_ms=200,
+        quorum_tick_ms=50,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.resolved.toml", to_toml(scenario))
+    store.set(KEY_LIGHTHOUSE, lighthouse.address())
+    store.set(KEY_SCENARIO, to_toml(scenario))
+    names = scenario.fleet.device_names()
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    done_at: float | None = None
+    try:
+        while True:
+            num_rows = store.add(KEY_ROWS, 0)
+            if num_rows > len(rows):
+                rows += [
+                    json.loads(store.get(row_key(i))) for i in range(len(rows) + 1, num_rows + 1)
+                ]
+                write_jsonl_atomic(out_dir / "metrics.jsonl", rows)
+            finals = {n: store.check([final_key(n)]) for n in names}
+            if done_at is None and store.check([KEY_DONE]):
+                done_at = time.perf_counter()
+            if done_at is not None and (
+                all(finals.values()) or time.perf_counter() - done_at > linger_s
+            ):
+                break
+            time.sleep(poll_s)
+    finally:
+        lighthouse.shutdown()
+    reports = [json.loads(store.get(final_key(n))) for n in names if store.check([final_key(n)])]
+    summary = _summary(scenario, rows, reports, time.perf_counter() - start)
+    write_json_atomic(out_dir / "summary.json", summary)
+    if rows:
+        title = f"{scenario.run.name}: test accuracy (real fleet)"
+        plot_accuracy(rows, out_dir / "accuracy.png", title, time_key="wall_time_s")
+    return summary
+
+
+def _summary(
+    scenario: Scenario, rows: list[dict[str, Any]], reports: list[dict[str, Any]], wall_s: float
+) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    recoveries = [g for r in reports for g in r["recovery_s"]]
+    return {
+        "transport": "torchdist",
+        "scenario": scenario.run.name,
+        "final_test_accuracy": last.get("test_accuracy"),
+        "final_test_loss": last.get("test_loss"),
+        "best_test_accuracy": max((r["test_accuracy"] for r in rows), default=None),
+        "wall_time_s": wall_s,
+        "num_devices": len(scenario.fleet.device_names()),
+        "num_steps": max((r["final_step"] for r in reports), default=0),
+        "samples": sum(r["samples"] for r in reports),
+        "bytes_up": sum(r["bytes_up"] for r in reports),
+        "bytes_down": sum(r["bytes_down"] for r in reports),
+        "devices_finished": [r["name"] for r in reports],
+        "recovery_s": recoveries,
+        "max_recovery_s": max(recoveries, default=0.0),
+        "steps_not_committed": sum(r["steps_not_committed"] for r in reports),
+        "replicas_consistent": len(
+            {
+                round(r["checksum"], 6)
+                for r in reports
+                if r["final_step"] == max(x["final_step"] for x in reports)
+            }
+        )
+        <= 1,
+        "per_device": reports,
+    }

@@ -1,0 +1,273 @@
+"""The real fleet's device process: one device of the scenario, on torch.distributed + torchft.
+
+Each device is one process (`edgeddl device --coordinator HOST:PORT --name NAME`). It reads
+the scenario from the coordinator's key-value store (torch's `TCPStore`), builds the same
+workload as the simulator (`edgeddl.workload`: data, seeded model, its own shard), and
+trains with torchft: membership, heartbeats and healing are torchft's `Manager` and
+lighthouse, the gradient exchange is a gloo all-reduce. No socket protocol of our own.
+
+One step, on every member of the current quorum:
+
+1. `start_quorum`: torchft settles who takes part; a (re)joining device heals from a peer
+   (model and optimizer state) before its first contribution.
+2. Its share of the global batch: proportional to the throughput every member measured at
+   the previous step (equal shares when membership just changed).
+3. Its own mean gradient (the simulator's per-device pass), times its sample count, with
+   the sample count, measured throughput and loss appended, summed over the members in one
+   all-reduce: the sample-weighted mean, whatever the shares (torchft's AVG would divide by
+   the number of members instead). A healing member contributes zeros.
+4. `should_commit`: only if every member's all-reduce succeeded does the optimizer step, so
+   a step is applied everywhere or nowhere; a member killed mid-step costs that step only.
+
+Raw data never leaves the device; only gradients cross the network. Bytes counted are the
+wire codec's length of the dense payload each member contributes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import time
+import tomllib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch.distributed import ReduceOp, TCPStore
+
+from edgeddl.compress.base import Layout, Payload
+from edgeddl.compress.codec import Codec
+from edgeddl.config.loader import ConfigError, scenario_from_dict
+from edgeddl.data import ShardSampler
+from edgeddl.strategy.fused import batchnorm_layers
+from edgeddl.strategy.per_device import apply_batchnorm_stats, per_device_gradients
+from edgeddl.workload import build_workload
+
+KEY_SCENARIO = "edgeddl/scenario"
+KEY_LIGHTHOUSE = "edgeddl/lighthouse"
+KEY_ROWS = "edgeddl/rows"
+KEY_DONE = "edgeddl/done"
+
+
+def row_key(i: int) -> str:
+    return f"edgeddl/row/{i}"
+
+
+def final_key(name: str) -> str:
+    return f"edgeddl/final/{name}"
+
+
+def progress_key(name: str) -> str:
+    return f"edgeddl/progress/{name}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT, or a one-line ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--coordinator: expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def _advertised_host(coordinator_host: str) -> str:
+    """The address peers reach this device at: the interface that routes to the coordinator."""
+    if coordinator_host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((coordinator_host, 9))  # no packet is sent: this only picks the route
+        return str(s.getsockname()[0])
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceOptions:
+    coordinator: str
+    """The coordinator's HOST:PORT."""
+    name: str
+    """Which device of the scenario this process is."""
+    host: str = ""
+    """Address the other devices reach this one at ('': the route to the coordinator)."""
+    timeout_s: float = 10.0
+    """How long a collective or a quorum may hang before the step is given up."""
+    connect_timeout_s: float = 60.0
+    """How long to wait for the coordinator at start."""
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    """One number that differs if any parameter differs (to compare replicas)."""
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def run_device(opts: DeviceOptions) -> dict[str, Any]:
+    """Train as device `opts.name` until the scenario's last step; return its report."""
+    host, port = parse_address(opts.coordinator)
+    store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=opts.connect_timeout_s))
+    scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
+    names = scenario.fleet.device_names()
+    if opts.name not in names:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ConfigError(
+            f"--name: {opts.name!r} is not a device of the scenario; allowed: {shown}"
+        )
+    idx = names.index(opts.name)
+    if store.check([KEY_DONE]):
+        raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
+    if scenario.run.threads:
+        torch.set_num_threads(scenario.run.threads)
+    w = build_workload(scenario)
+    model, t = w.model, scenario.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    layout = Layout(tuple(tuple(p.shape) for p in params))
+    bns = batchnorm_layers(model)
+    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    sampler = ShardSampler(w.shards, scenario.run.seed)
+    payload_bytes = len(
+        Codec().encode(Payload(numel=layout.numel, values=torch.zeros(layout.numel)))
+    )
+    min_share = 2 if bns else 1
+
+    def state_dict() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def load_state_dict(sd: dict[str, Any]) -> None:
+        model.load_state_dict(sd["model"])
+        optimizer.load_state_dict(sd["optimizer"])
+
+    from torchft import Manager  # the engine: imported only by a real device
+    from torchft.process_group import ProcessGroupGloo
+
+    advertised = opts.host or _advertised_host(host)
+    group_store = TCPStore(advertised, 0, is_master=True, wait_for_workers=False)
+    timeout = timedelta(seconds=opts.timeout_s)
+    manager = Manager(
+        pg=ProcessGroupGloo(timeout=timeout),
+        load_state_dict=load_state_dict,
+        state_dict=state_dict,
+        min_replica_size=1,
+        replica_id=opts.name,
+        lighthouse_addr=store.get(KEY_LIGHTHOUSE).decode(),
+        store_addr=advertised,
+        store_port=group_store.port,
+        rank=0,
+        world_size=1,
+        hostname=advertised,
+        timeout=timeout,
+        quorum_timeout=timedelta(seconds=max(30.0, 3 * opts.timeout_s)),
+        connect_timeout=timedelta(seconds=opts.connect_timeout_s),
+    )
+    speed = 1.0 / float(w.per_sample_s[idx])  # samples/s: the profile until measured
+    total_speed, last_members = 0.0, 0
+    committed = failed = samples = bytes_up = bytes_down = 0
+    commit_times: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    try:
+        while manager.current_step() < t.num_steps:
+            if store.check([KEY_DONE]):  # the others finished before this device got in
+                break
+            manager.start_quorum()
+            members = manager.num_participants()
+            if members != last_members or total_speed <= 0:
+                share = max(min_share, t.global_batch // max(members, 1))
+            else:
+                share = max(min_share, round(t.global_batch * speed / total_speed))
+            rows = torch.from_numpy(sampler.take(idx, share)).to(w.x_train.device)
+            t0 = time.perf_counter()
+            g = per_device_gradients(
+                model,
+                params,
+                torch.nn.functional.cross_entropy,
+                w.x_train[rows],
+                w.y_train[rows],
+                [share],
+                bns,
+            )
+            speed = share / max(time.perf_counter() - t0, 1e-6)
+            tail = torch.tensor([share, speed, float(g.losses[0]) * share])
+            buf = torch.cat([g.grads[0] * share, tail.to(g.grads[0].dtype)])
+            manager.allreduce(buf, reduce_op=ReduceOp.SUM).wait()
+            if manager.should_commit():
+                num, total_speed, loss_sum = (float(v) for v in buf[-3:])
+                agg = buf[:-3] / num
+                for p, gi in zip(params, layout.split(agg), strict=True):
+                    p.grad = gi.clone()
+                optimizer.step()
+                apply_batchnorm_stats(model, g.bn_stats, [0], torch.ones(1), bns)
+                committed += 1
+                samples += share
+                moved = round(2 * (members - 1) / members * payload_bytes) if members > 1 else 0
+                bytes_up += moved
+                bytes_down += moved
+                commit_times.append((time.perf_counter() - start, members))
+                step = manager.current_step()
+                store.set(progress_key(opts.name), str(step))
+                if manager.participating_rank() == 0 and (
+                    step % t.eval_every == 0 or step == t.num_steps
+                ):
+                    _report_eval(
+                        store, model, w, step, time.perf_counter() - start, loss_sum / num, members
+                    )
+            else:
+                failed += 1
+            last_members = members
+    finally:
+        manager.shutdown(wait=False)
+    report = {
+        "name": opts.name,
+        "profile": w.fleet.profile_names[idx],
+        "link": w.fleet.link_names[idx],
+        "steps": committed,
+        "steps_not_committed": failed,
+        "samples": samples,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "time_s": time.perf_counter() - start,
+        "final_step": manager.current_step(),
+        "checksum": _checksum(model),
+        "recovery_s": _recoveries(commit_times),
+    }
+    store.set(final_key(opts.name), json.dumps(report))
+    if manager.current_step() >= t.num_steps:
+        store.set(KEY_DONE, opts.name)
+    return report
+
+
+def _recoveries(commits: list[tuple[float, int]]) -> list[float]:
+    """Seconds from the last commit before a member was lost to the first commit after."""
+    gaps = []
+    for (t_prev, m_prev), (t_next, m_next) in itertools.pairwise(commits):
+        if m_next < m_prev:
+            gaps.append(t_next - t_prev)
+    return gaps
+
+
+@torch.no_grad()
+def _report_eval(
+    store: TCPStore,
+    model: torch.nn.Module,
+    w: Any,
+    step: int,
+    wall_s: float,
+    train_loss: float,
+    members: int,
+) -> None:
+    """Test the model (replicas are equal) and hand the row to the coordinator."""
+    model.eval()
+    out = model(w.x_test)
+    row = {
+        "step": step,
+        "wall_time_s": wall_s,
+        "train_loss": train_loss,
+        "test_loss": float(torch.nn.functional.cross_entropy(out, w.y_test)),
+        "test_accuracy": float((out.argmax(1) == w.y_test).float().mean()),
+        "num_members": members,
+    }
+    i = store.add(KEY_ROWS, 1)
+    store.set(row_key(i), json.dumps(row))
+    model.train()
+
+
+def silence_engine_logs() -> None:
+    """torchft's lighthouse and managers log every quorum at INFO: keep warnings only."""
+    os.environ.setdefault("RUST_LOG", "warn")
