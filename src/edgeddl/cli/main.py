@@ -92,8 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--timeout",
         type=float,
-        default=10.0,
-        help="seconds a collective may hang (default: %(default)s)",
+        default=5.0,
+        help=(
+            "seconds a collective may wait for a peer before the step is given up: it bounds "
+            "the recovery after a crash, and must exceed the longest wait for a slower peer "
+            "(default: %(default)s)"
+        ),
     )
     return p
 

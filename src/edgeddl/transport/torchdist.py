@@ -89,8 +89,9 @@ class DeviceOptions:
     """Which device of the scenario this process is."""
     host: str = ""
     """Address the other devices reach this one at ('': the route to the coordinator)."""
-    timeout_s: float = 10.0
-    """How long a collective or a quorum may hang before the step is given up."""
+    timeout_s: float = 5.0
+    """How long a collective may wait for a peer before the step is given up: it bounds the
+    recovery after a crash, and must exceed the longest wait for a slower peer."""
     connect_timeout_s: float = 60.0
     """How long to wait for the coordinator at start."""
 
