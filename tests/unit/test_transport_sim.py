@@ -486,3 +486,16 @@ def test_link_estimate_sees_the_path_and_the_loss() -> None:
     assert est.latency_s.tolist() == _approx([0.015, 0.055])
     # 1 % loss on a 110 ms round trip caps TCP far below the 80 Mbit/s path (Mathis).
     assert est.up_goodput_bps[1] == _approx(1.22 * 1448 * 8 / (0.11 * 0.1))
+
+
+@pytest.mark.parametrize("topology", ["star", "ring"])
+def test_step_sync_cost_ends_every_step_and_counts_as_communication(topology: str) -> None:
+    import dataclasses
+
+    plain = _step(SimTransport(_fleet(["a", "b"]), topology, 0), [0.1, 0.2], [0.3, 0.1])
+    fleet = dataclasses.replace(_fleet(["a", "b"]), step_sync_s=0.011)
+    synced = _step(SimTransport(fleet, topology, 0), [0.1, 0.2], [0.3, 0.1])
+    assert synced.end_s - plain.end_s == _approx(0.011)
+    comm = synced.seconds("communication") - plain.seconds("communication")
+    assert comm.tolist() == _approx([0.011, 0.011])
+    assert _phase_sums(synced).tolist() == _approx([synced.end_s - synced.start_s] * 2)

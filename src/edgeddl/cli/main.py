@@ -90,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="", help="address peers reach this device at (default: guessed)"
     )
     d.add_argument(
+        "--profile",
+        default="",
+        help=(
+            "pace this process to a device profile's speed (a built-in, one of the scenario's, "
+            "or 'scenario' for the device's own); default: full speed"
+        ),
+    )
+    d.add_argument(
         "--timeout",
         type=float,
         default=5.0,
@@ -204,7 +212,11 @@ def _cmd_device(args: argparse.Namespace) -> int:
     silence_engine_logs()
     report = run_device(
         DeviceOptions(
-            coordinator=args.coordinator, name=args.name, host=args.host, timeout_s=args.timeout
+            coordinator=args.coordinator,
+            name=args.name,
+            host=args.host,
+            timeout_s=args.timeout,
+            profile=args.profile,
         )
     )
     print(f"{args.name}: {report['steps']} steps committed, {report['samples']} samples")

@@ -124,12 +124,17 @@ class CoordinatorConfig:
 class FleetConfig:
     devices: list[DeviceGroup] = field(default_factory=list)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    step_sync_s: float = 0.0
+    """Fixed coordination cost of every synchronous step on a real engine (torchft's quorum
+    and commit round trips, the processes' own overhead), beyond moving the payloads; 0 for
+    an ideal one. `benchmarks/calibration.py` measures it (about 11 ms on 127.0.0.1 here)."""
     failure_detection_s: float = 1.0
     """Time for the others to notice a crashed device (torchft heartbeat measured here: 1.1 s)."""
 
     def __post_init__(self) -> None:
         _require(len(self.devices) > 0, "devices must list at least one device")
         _require(self.failure_detection_s >= 0, "failure_detection_s must be >= 0")
+        _require(self.step_sync_s >= 0, f"step_sync_s must be >= 0 (got {self.step_sync_s})")
         # Group names share the namespace: an event naming `pc-0` must mean one thing.
         counts = Counter(n for g in self.devices for n in g.device_names())
         counts.update(g.name for g in self.devices if g.count > 1)

@@ -32,6 +32,7 @@ class Fleet:
     coordinator: DeviceProfile
     coordinator_link: LinkProfile
     failure_detection_s: float
+    step_sync_s: float
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> Fleet:
@@ -67,6 +68,7 @@ class Fleet:
             coordinator=profiles[coord.profile],
             coordinator_link=links[coord.link],
             failure_detection_s=scenario.fleet.failure_detection_s,
+            step_sync_s=scenario.fleet.step_sync_s,
         )
 
     @property

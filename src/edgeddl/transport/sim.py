@@ -119,9 +119,12 @@ class SimTransport:
 
     def step(self, req: StepRequest) -> StepTimeline:
         crash = req.crash_at_s - req.start_s
-        if self.topology == "star":
-            return self._star(req, crash)
-        return self._ring(req, crash)
+        tl = self._star(req, crash) if self.topology == "star" else self._ring(req, crash)
+        sync = self.fleet.step_sync_s
+        if sync > 0:  # the engine's quorum and commit, after the exchange, for those still in
+            tl.end_s += sync
+            tl.phases.append(("communication", np.where(tl.contributed, sync, 0.0)))
+        return tl
 
     def _broadcast(self, idx: np.ndarray, num_bytes: np.ndarray | float) -> np.ndarray:
         """When each device has what the coordinator sends it, counted from the send.

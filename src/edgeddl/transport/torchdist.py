@@ -25,6 +25,7 @@ wire codec's length of the dense payload each member contributes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -35,13 +36,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed import ReduceOp, TCPStore
 
 from edgeddl.compress.base import Layout, Payload
 from edgeddl.compress.codec import Codec
 from edgeddl.config.loader import ConfigError, scenario_from_dict
+from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
+from edgeddl.fleet.fleet import Fleet
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.strategy.per_device import apply_batchnorm_stats, per_device_gradients
 from edgeddl.workload import build_workload
@@ -94,6 +98,30 @@ class DeviceOptions:
     recovery after a crash, and must exceed the longest wait for a slower peer."""
     connect_timeout_s: float = 60.0
     """How long to wait for the coordinator at start."""
+    profile: str = ""
+    """Pace this process to a device profile's speed ('scenario': the device's own), so a
+    fleet of processes on one machine behaves like a mixed fleet; '' runs at full speed."""
+
+
+def _pacing_fleet(scenario: Scenario, name: str, profile: str) -> Fleet | None:
+    """The fleet with this device's group on `profile`, for its paced work times."""
+    if not profile:
+        return None
+    groups = [
+        dataclasses.replace(g, profile=profile)
+        if profile != "scenario" and name in g.device_names()
+        else g
+        for g in scenario.fleet.devices
+    ]
+    try:
+        paced = dataclasses.replace(
+            scenario, fleet=dataclasses.replace(scenario.fleet, devices=groups)
+        )
+    except ValueError:
+        raise ConfigError(
+            f"--profile: unknown device profile {profile!r} (see `edgeddl profiles`)"
+        ) from None
+    return Fleet.from_scenario(paced)
 
 
 def _checksum(model: torch.nn.Module) -> float:
@@ -158,6 +186,7 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
         quorum_timeout=timedelta(seconds=max(30.0, 3 * opts.timeout_s)),
         connect_timeout=timedelta(seconds=opts.connect_timeout_s),
     )
+    pace = _pacing_fleet(scenario, opts.name, opts.profile)
     speed = 1.0 / float(w.per_sample_s[idx])  # samples/s: the profile until measured
     total_speed, last_members = 0.0, 0
     committed = failed = samples = bytes_up = bytes_down = 0
@@ -184,6 +213,17 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
                 [share],
                 bns,
             )
+            if pace is not None:  # wait out the rest of what the profile's device would take
+                data_s, compute_s = pace.work_time_s(
+                    np.array([idx]),
+                    np.array([share]),
+                    w.cost.train_flops_per_sample,
+                    w.info.sample_bytes,
+                    w.cost.ops_per_step,
+                )
+                left = float(data_s[0] + compute_s[0]) - (time.perf_counter() - t0)
+                if left > 0:
+                    time.sleep(left)
             speed = share / max(time.perf_counter() - t0, 1e-6)
             tail = torch.tensor([share, speed, float(g.losses[0]) * share])
             buf = torch.cat([g.grads[0] * share, tail.to(g.grads[0].dtype)])
