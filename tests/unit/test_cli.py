@@ -158,6 +158,37 @@ def test_a_diverging_compressed_run_stops_with_one_line(
     assert "is not finite; lower train.lr" in err and "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        (["--coordinator", "nonsense", "--name", "pi-0"], "--coordinator: expected HOST:PORT"),
+        (
+            ["--coordinator", "127.0.0.1:1", "--name", "pi-0", "--connect-timeout", "0.5"],
+            "--coordinator: no coordinator answered at 127.0.0.1:1",
+        ),
+        (["--coordinator", "h:1", "--name", "x", "--timeout", "0"], "--timeout and"),
+    ],
+)
+def test_device_errors_are_one_line(
+    args: list[str], start: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["device", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"edgeddl: error: {start}") and "\n" not in err
+
+
+def test_coordinator_on_a_taken_port_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torchft")
+    from torch.distributed import TCPStore
+
+    taken = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    argv = ["coordinator", "--host", "127.0.0.1", "--port", str(taken.port)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"edgeddl: error: --port: cannot listen on 127.0.0.1:{taken.port}")
+    assert "\n" not in err
+
+
 def test_validate_default_scenario_is_the_paper_fleet(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate"]) == 0
     scenario = scenario_from_dict(tomllib.loads(capsys.readouterr().out))

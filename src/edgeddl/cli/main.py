@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="", help="address peers reach this device at (default: guessed)"
     )
     d.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the coordinator at start (default: %(default)s)",
+    )
+    d.add_argument(
         "--profile",
         default="",
         help=(
@@ -207,8 +213,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 def _cmd_device(args: argparse.Namespace) -> int:
     from edgeddl.transport.torchdist import DeviceOptions, run_device, silence_engine_logs
 
-    if args.timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0 (got {args.timeout})")
+    if args.timeout <= 0 or args.connect_timeout <= 0:
+        raise ConfigError("--timeout and --connect-timeout must be > 0")
     silence_engine_logs()
     report = run_device(
         DeviceOptions(
@@ -216,6 +222,7 @@ def _cmd_device(args: argparse.Namespace) -> int:
             name=args.name,
             host=args.host,
             timeout_s=args.timeout,
+            connect_timeout_s=args.connect_timeout,
             profile=args.profile,
         )
     )

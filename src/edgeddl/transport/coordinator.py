@@ -49,9 +49,13 @@ def serve(
     silence_engine_logs()
     from torchft._torchft import LighthouseServer  # the engine: only a real fleet needs it
 
-    store = TCPStore(
-        host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
-    )
+    try:
+        store = TCPStore(
+            host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
+        )
+    except RuntimeError as e:  # torch's DistNetworkError: the port is taken, or no such host
+        reason = str(e).splitlines()[0]
+        raise OSError(f"--port: cannot listen on {host}:{port} ({reason})") from None
     lighthouse = LighthouseServer(
         bind="[::]:0",
         min_replicas=1,

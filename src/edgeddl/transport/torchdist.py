@@ -132,7 +132,15 @@ def _checksum(model: torch.nn.Module) -> float:
 def run_device(opts: DeviceOptions) -> dict[str, Any]:
     """Train as device `opts.name` until the scenario's last step; return its report."""
     host, port = parse_address(opts.coordinator)
-    store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=opts.connect_timeout_s))
+    try:
+        store = TCPStore(
+            host, port, is_master=False, timeout=timedelta(seconds=opts.connect_timeout_s)
+        )
+    except RuntimeError:  # torch's DistStoreError: nobody answered in time
+        raise ConnectionError(
+            f"--coordinator: no coordinator answered at {opts.coordinator} within "
+            f"{opts.connect_timeout_s:g} s (is `edgeddl coordinator` running there?)"
+        ) from None
     scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
     names = scenario.fleet.device_names()
     if opts.name not in names:
