@@ -430,3 +430,8 @@ def _read_codes(r: _Reader, numel: int) -> tuple[torch.Tensor, int]:
         raise CodecError("codes have padding bits set")
     # Codes cannot reach 2**bits: each is read from exactly `bits` bits.
     return torch.from_numpy(unpack_codes(raw, count, bits)), bits
+
+
+def dense_payload_bytes(numel: int) -> int:
+    """Wire bytes of one uncompressed float32 gradient of `numel` values (any values)."""
+    return len(Codec().encode(Payload(numel=numel, values=torch.zeros(numel))))

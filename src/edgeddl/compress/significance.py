@@ -23,6 +23,7 @@ from edgeddl.compress.segments import Segments, check_flat
 from edgeddl.compress.sparse import (
     TINY,
     check_density,
+    check_sample_fraction,
     estimate_threshold,
     passing,
     scatter,
@@ -91,8 +92,7 @@ class TwoStepCompressor:
             raise ValueError(f"criterion must be magnitude or layer_normalized (got {criterion!r})")
         if not threshold >= 0:
             raise ValueError(f"threshold must be >= 0 (got {threshold})")
-        if not 0 < sample_fraction <= 1:
-            raise ValueError(f"sample_fraction must be in (0, 1] (got {sample_fraction})")
+        check_sample_fraction(sample_fraction)
         self.layout = layout
         self.density = density
         self.criterion = criterion
@@ -186,8 +186,7 @@ class DGCCompressor:
         check_density(density)
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (got {warmup_steps})")
-        if not 0 < sample_fraction <= 1:
-            raise ValueError(f"sample_fraction must be in (0, 1] (got {sample_fraction})")
+        check_sample_fraction(sample_fraction)
         self.density = density
         self.warmup_steps = warmup_steps
         self.sample_fraction = sample_fraction

@@ -64,6 +64,11 @@ def estimate_threshold(
     return threshold.clamp(min=TINY)
 
 
+def check_sample_fraction(sample_fraction: float) -> None:
+    if not 0 < sample_fraction <= 1:
+        raise ValueError(f"sample_fraction must be in (0, 1] (got {sample_fraction})")
+
+
 def check_density(density: float) -> None:
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1] (got {density})")

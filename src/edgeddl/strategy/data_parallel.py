@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.compress.base import Payload
-from edgeddl.compress.codec import Codec
+from edgeddl.compress.codec import dense_payload_bytes
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
 
@@ -77,9 +76,7 @@ class DataParallel:
         state = list(self.params) + [b for b in model.buffers() if b.is_floating_point()]
         self.state_bytes = tensor_bytes(state)
         """A whole model: what a device without the current one fetches."""
-        # The codec's length for a dense payload does not depend on the values.
-        dense = Payload(numel=self.numel, values=torch.zeros(self.numel))
-        self.dense_up_bytes = len(Codec().encode(dense))
+        self.dense_up_bytes = dense_payload_bytes(self.numel)
         """One uncompressed gradient on the wire."""
         self.sent_bytes = 0
         """Encoded bytes of every payload that arrived, all rounds (for the summary)."""

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.distributed import ReduceOp, TCPStore
 
-from edgeddl.compress.base import Layout, Payload
-from edgeddl.compress.codec import Codec
+from edgeddl.compress.base import Layout
+from edgeddl.compress.codec import dense_payload_bytes
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
@@ -160,9 +160,7 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
     bns = batchnorm_layers(model)
     optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     sampler = ShardSampler(w.shards, scenario.run.seed)
-    payload_bytes = len(
-        Codec().encode(Payload(numel=layout.numel, values=torch.zeros(layout.numel)))
-    )
+    payload_bytes = dense_payload_bytes(layout.numel)
     min_share = 2 if bns else 1
 
     def state_dict() -> dict[str, Any]:
