@@ -47,8 +47,8 @@ from common import (
 from edgeddl import Scenario
 from edgeddl.config.schema import DeviceGroup, FleetConfig
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.loop import OPTIMIZER_STATE_COPIES
 from edgeddl.models import build_model, model_cost
+from edgeddl.workload import OPTIMIZER_STATE_COPIES
 
 GOAL_RATIO = 0.95
 BALANCES = ("capability", "min_time", "equal")

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE, DensityPolicy
-from edgeddl.compress.registry import check_compression
+from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE
 from edgeddl.config.loader import (
     apply_override,
     load_scenario,
@@ -39,17 +38,14 @@ from edgeddl.report.plots import plot_accuracy, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
 from edgeddl.report.recorder import RunRecorder
 from edgeddl.strategy.balance import balance_shares
-from edgeddl.strategy.base import Strategy
+from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.strategy.data_parallel import LossFn
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
-from edgeddl.workload import as_config_error, build_workload
-
-OPTIMIZER_STATE_COPIES = 4
-"""Parameter-sized buffers a device holds: weights, gradients, momentum, a received copy."""
+from edgeddl.workload import build_workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,26 +95,6 @@ def run(
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
 
 
-def _build_strategy(
-    scenario: Scenario, model: nn.Module, loss_fn: LossFn | None
-) -> tuple[Strategy, DensityPolicy | None]:
-    """Plain data-parallel, or with the scenario's compression (checked here)."""
-    loss = loss_fn or nn.functional.cross_entropy
-    comp = scenario.compression
-    if not comp.enabled:
-        return DataParallel(model, scenario.train, loss), None
-    with as_config_error(""):
-        check_compression(comp, scenario.train.topology)
-    settings = [
-        comp.for_device(name, g.name) for g in scenario.fleet.devices for name in g.device_names()
-    ]
-    strategy = CompressedDataParallel(
-        model, scenario.train, comp, settings, scenario.run.seed, loss
-    )
-    policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
-    return strategy, policy
-
-
 def _train(
     scenario: Scenario,
     model: nn.Module | None,
@@ -140,16 +116,13 @@ def _train(
     per_sample_s = w.per_sample_s
     sampler = ShardSampler(shards, seed)
     t = scenario.train
-    strategy, policy = _build_strategy(scenario, model, loss_fn)
+    strategy, policy = build_strategy(scenario, model, loss_fn)
     transport: Transport = SimTransport(fleet, t.topology, seed)
     agg_flops = strategy.aggregation_flops()
     # BatchNorm cannot normalise a batch of one 1-D sample (PyTorch refuses it): to be safe
     # for every BatchNorm, a device that takes part gets at least two samples.
     min_share = 2 if batchnorm_layers(model) else 1
-    caps = fleet.max_samples(
-        OPTIMIZER_STATE_COPIES * cost.param_bytes,
-        2 * cost.activation_bytes_per_sample + info.sample_bytes,
-    )
+    caps = w.sample_caps()
 
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
     run_dir.mkdir(parents=True, exist_ok=True)

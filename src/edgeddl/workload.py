@@ -45,6 +45,10 @@ def as_config_error(key: str) -> Iterator[None]:
         raise ConfigError(f"{key}: {e}" if key else str(e)) from None
 
 
+OPTIMIZER_STATE_COPIES = 4
+"""Parameter-sized buffers a device holds: weights, gradients, momentum, a received copy."""
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     x_train: torch.Tensor
@@ -59,6 +63,13 @@ class Workload:
     """Each device's profile seconds per training sample (compute and data loading)."""
     shards: list[np.ndarray]
     """Each device's training sample indices (raw data never leaves its device)."""
+
+    def sample_caps(self) -> np.ndarray:
+        """The most samples each device's memory holds in one step."""
+        return self.fleet.max_samples(
+            OPTIMIZER_STATE_COPIES * self.cost.param_bytes,
+            2 * self.cost.activation_bytes_per_sample + self.info.sample_bytes,
+        )
 
 
 def build_workload(

@@ -22,6 +22,7 @@ Capabilities are class attributes, checked when a scenario is built:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,6 +115,10 @@ class ErrorFeedback(Protocol):
         ...
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a phase's weighted payloads over the devices not in this process (identity if none)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PhasedResult:
     """One step of a multi-phase scheme among the devices whose work arrived."""
@@ -142,9 +147,28 @@ class PhasedCompressor(Protocol):
     allreduce: bool
     num_phases: int
 
-    def run(self, xs: list[torch.Tensor], weights: torch.Tensor, step: int) -> PhasedResult: ...
+    def run(
+        self,
+        xs: list[torch.Tensor],
+        weights: torch.Tensor,
+        step: int,
+        reduce: Reduce | None = None,
+    ) -> PhasedResult:
+        """Every phase for the devices `xs` (weights: their share of the mean).
+
+        Each phase's mean is `reduce(weights @ payloads)`: in one process (`reduce=None`)
+        that is the mean itself; a device of a real fleet passes its own input alone, its
+        weight its share of the step's samples, and an all-reduce SUM as `reduce`.
+        """
+        ...
 
     def commit(self, result: PhasedResult) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What carries over between steps and every replica shares (for healing)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def example_payloads(self) -> list[Payload]:
         """One payload of each phase with the sizes every payload has (for planning bytes)."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeddl.compress.base import Layout, Payload, PhasedResult
+from edgeddl.compress.base import Layout, Payload, PhasedResult, Reduce
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +65,10 @@ class _Group:
         return grouped[..., self.q_start : self.q_start + size].unflatten(
             -1, (self.count, self.cols, self.rank)
         )
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -172,9 +176,16 @@ class PowerSGD:
             Payload(numel=self._q_len, values=torch.zeros(self._q_len)),
         ]
 
-    def run(self, xs: list[torch.Tensor], weights: torch.Tensor, step: int) -> PhasedResult:
+    def run(
+        self,
+        xs: list[torch.Tensor],
+        weights: torch.Tensor,
+        step: int,
+        reduce: Reduce | None = None,
+    ) -> PhasedResult:
         # `step` is unused: everything the devices share is in the warm start.
         del step
+        reduce = reduce or _identity
         if not xs:
             raise ValueError("run needs at least one device")
         if weights.shape != (len(xs),):
@@ -196,7 +207,7 @@ class PowerSGD:
         ps = [torch.matmul(m, g.q(q_warm)) for g, m in zip(self._groups, mats, strict=True)]
         v0 = torch.cat([*(p.flatten(1) for p in ps), dense], dim=1)
         v0 = v0.index_select(1, self._p_from_grouped.to(xg.device))
-        mean0 = w @ v0
+        mean0 = reduce(w @ v0)
         mean0g = mean0[self._p_to_grouped.to(xg.device)]
 
         # Orthonormal columns by Householder QR: unlike Gram-Schmidt it stays well defined
@@ -207,7 +218,7 @@ class PowerSGD:
         qs = [torch.matmul(m.transpose(-1, -2), ph) for m, ph in zip(mats, p_hats, strict=True)]
         v1 = torch.cat([q.flatten(1) for q in qs], dim=1) if qs else xg.new_zeros(devices, 0)
         v1 = v1.index_select(1, self._q_from_grouped.to(xg.device))
-        mean1 = w @ v1
+        mean1 = reduce(w @ v1)
         mean1g = mean1[self._q_to_grouped.to(xg.device)]
 
         # Reconstructions; dense tensors are sent exactly (their residual is zero), and the
@@ -244,3 +255,13 @@ class PowerSGD:
             raise ValueError(f"the phase-1 reduction must hold {self._q_len} values")
         # Indexing copies, so the warm start never aliases the caller's result.
         self._q = q_mean.detach().to(device="cpu", dtype=torch.float32)[self._q_to_grouped]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The warm start, which every replica must share (a healing replica copies it)."""
+        return {"q": self._q.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        q = state["q"]
+        if q.shape != self._q.shape:
+            raise ValueError(f"warm start has shape {tuple(q.shape)}, want {tuple(self._q.shape)}")
+        self._q = q.detach().to(device="cpu", dtype=torch.float32).clone()

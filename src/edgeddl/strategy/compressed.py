@@ -19,6 +19,7 @@ rounds are computed again without it, as a real all-reduce would be re-run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ from torch import nn
 from edgeddl.compress.base import (
     Compressor,
     ErrorFeedback,
-    Layout,
     Payload,
     PhasedCompressor,
     PhasedResult,
@@ -86,7 +86,6 @@ class CompressedDataParallel(DataParallel):
         self.cfg = comp
         self.seed = seed
         self.train_momentum = cfg.momentum
-        self.layout = Layout(tuple(tuple(p.shape) for p in self.params))
         self.settings = device_settings
         self.codecs = [build_codec(s) for s in device_settings]
         self.down_codec = build_codec(comp)
@@ -144,10 +143,79 @@ class CompressedDataParallel(DataParallel):
         """The last aggregate, or the model and momentum for a device that missed a step."""
         return np.where(needs_model, self.fetch_bytes, self.last_down_bytes).astype(np.int64)
 
+    def replica_state(self) -> dict[str, Any]:
+        """Model, optimizer and, for PowerSGD, the warm start every replica shares."""
+        state = super().replica_state()
+        if self.phased is not None:
+            state["phased"] = self.phased.state_dict()
+        return state
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        super().load_replica_state(state)
+        if self.phased is not None:
+            self.phased.load_state_dict(state["phased"])
+
     def forget(self, device: int) -> None:
         """The device crashed: its memory and compressor state are gone."""
         self.memories.pop(device, None)
         self.compressors.pop(device, None)
+
+    def add_weight_decay(self, grads: list[torch.Tensor]) -> None:
+        """DGC: weight decay joins each gradient (in place) before its memory does."""
+        if self.local_weight_decay:
+            flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+            for gi in grads:
+                gi.add_(flat, alpha=self.local_weight_decay)
+
+    def compensate(
+        self, devices: list[int], grads: list[torch.Tensor], step: int
+    ) -> list[torch.Tensor]:
+        """What each device compresses: its gradient plus what its memory holds back (pure)."""
+        inputs = [self._memory(d).compensate(gi) for d, gi in zip(devices, grads, strict=True)]
+        finite = torch.stack([torch.isfinite(c).all() for c in inputs])
+        if not bool(finite.all()):  # one host sync a step; a NaN cannot be encoded anyway
+            raise TrainingDiverged(step, devices[int((~finite).nonzero()[0, 0])])
+        return inputs
+
+    def encode(self, d: int, compensated: torch.Tensor, step: int) -> bytes:
+        """Device `d`'s payload on the wire (single-round schemes): compress, then encode."""
+        payload = self._compressor(d).compress(compensated, step)
+        data = self.codecs[d].encode(payload)
+        self.up_estimate[d] = len(data)
+        if payload.num_sent:
+            self.bytes_per_value[d] = len(data) / payload.num_sent
+        return data
+
+    def decode(self, d: int, data: bytes) -> Payload:
+        """Device `d`'s payload as the receiver reads it (`CodecError` if malformed)."""
+        return self.codecs[d].decode(data, self.numel)
+
+    def aggregate(
+        self, devices: list[int], weights: list[float], received: list[Payload], step: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(what each device sent, decompressed; the aggregate every replica applies).
+
+        The aggregate is the weighted mean at the wire codec's precision: with fp16 values
+        its rounding (relative 2**-11, to nearest) is applied, not fed back.
+        """
+        device = self.params[0].device
+        sent = [
+            self._compressor(d).decompress(p, step).to(device)
+            for d, p in zip(devices, received, strict=True)
+        ]
+        self.num_empty += sum(p.num_sent == 0 for p in received)
+        mean = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        for wi, si in zip(weights, sent, strict=True):
+            mean.add_(si, alpha=wi)
+        data = self.down_codec.encode(self.down_codec.dense_or_sparse(mean))
+        self.last_down_bytes = len(data)
+        return sent, _dense(self.down_codec.decode(data, self.numel)).to(device)
+
+    def remember(
+        self, d: int, grad: torch.Tensor, compensated: torch.Tensor, sent: torch.Tensor
+    ) -> None:
+        """The step committed: device `d`'s memory keeps what it did not send."""
+        self._memory(d).commit(grad, compensated, sent)
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
@@ -156,14 +224,8 @@ class CompressedDataParallel(DataParallel):
             self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
         )
         ids = devices.tolist()
-        if self.local_weight_decay:
-            flat = torch.cat([p.detach().reshape(-1) for p in self.params])
-            for gi in g.grads:
-                gi.add_(flat, alpha=self.local_weight_decay)
-        inputs = [self._memory(d).compensate(gi) for d, gi in zip(ids, g.grads, strict=True)]
-        finite = torch.stack([torch.isfinite(c).all() for c in inputs])
-        if not bool(finite.all()):  # one host sync a step; a NaN cannot be encoded anyway
-            raise TrainingDiverged(step, ids[int((~finite).nonzero()[0, 0])])
+        self.add_weight_decay(g.grads)
+        inputs = self.compensate(ids, g.grads, step)
         mid: tuple[int, ...] = ()
         if self.phased is not None:
             w = torch.tensor(counts, dtype=torch.float32) / sum(counts)
@@ -175,21 +237,13 @@ class CompressedDataParallel(DataParallel):
                 ]
             )
             mid = tuple(len(self.down_codec.encode(r)) for r in result.reductions[:-1])
+            self.up_estimate[devices] = up.sum(axis=0)
             work = _Work(grads=g, received=[], phased=result)
         else:
-            received, sizes = [], []
-            for d, c in zip(ids, inputs, strict=True):
-                data = self.codecs[d].encode(self._compressor(d).compress(c, step))
-                p = self.codecs[d].decode(data, self.numel)
-                received.append(p)
-                sizes.append(len(data))
-                self.up_estimate[d] = len(data)
-                if p.num_sent:
-                    self.bytes_per_value[d] = len(data) / p.num_sent
-            up = np.array([sizes])
+            datas = [self.encode(d, c, step) for d, c in zip(ids, inputs, strict=True)]
+            up = np.array([[len(b) for b in datas]])
+            received = [self.decode(d, b) for d, b in zip(ids, datas, strict=True)]
             work = _Work(grads=g, received=received, phased=None)
-        if self.phased is not None:
-            self.up_estimate[devices] = up.sum(axis=0)
         return Exchange(
             devices=devices, counts=counts, step=step, up_bytes=up, mid_down_bytes=mid, work=work
         )
@@ -205,37 +259,21 @@ class CompressedDataParallel(DataParallel):
         if not keep:
             return None
         grads = work.grads.grads
-        device = grads[0].device
         weights = [ex.counts[i] / sum(ex.counts[j] for j in keep) for i in keep]
-        w = torch.tensor(weights, dtype=torch.float32, device=device)
-        inputs = [self._memory(ids[i]).compensate(grads[i]) for i in keep]
+        w = torch.tensor(weights, dtype=torch.float32, device=grads[0].device)
+        kept = [ids[i] for i in keep]
+        inputs = [self._memory(d).compensate(grads[i]) for d, i in zip(kept, keep, strict=True)]
         if self.phased is not None:
             result = work.phased
             if result is None or len(keep) < len(ids):  # the rounds again, among survivors
                 result = self.phased.run(inputs, w, ex.step)
             self.phased.commit(result)
             sent, agg = result.sent, result.aggregate
-            down = result.reductions[-1]
-            self.last_down_bytes = len(self.down_codec.encode(down))
+            self.last_down_bytes = len(self.down_codec.encode(result.reductions[-1]))
         else:
-            sent = [
-                self._compressor(ids[i]).decompress(work.received[i], ex.step).to(device)
-                for i in keep
-            ]
-            self.num_empty += sum(work.received[i].num_sent == 0 for i in keep)
-            mean = torch.zeros_like(grads[0])
-            for wi, s in zip(weights, sent, strict=True):
-                mean.add_(s, alpha=wi)
-            # The aggregate travels at the codec's precision: with fp16 values its rounding
-            # (relative 2**-11, to nearest) is applied, not fed back.
-            data = self.down_codec.encode(self.down_codec.dense_or_sparse(mean))
-            self.last_down_bytes = len(data)
-            agg = _dense(self.down_codec.decode(data, self.numel)).to(device)  # every replica
-        for i, gi, c, s in zip(keep, (grads[i] for i in keep), inputs, sent, strict=True):
-            self._memory(ids[i]).commit(gi, c, s)
+            sent, agg = self.aggregate(kept, weights, [work.received[i] for i in keep], ex.step)
+        for d, i, c, s in zip(kept, keep, inputs, sent, strict=True):
+            self.remember(d, grads[i], c, s)
         apply_batchnorm_stats(self.model, work.grads.bn_stats, keep, w, self.batchnorms)
-        self.model.train()
-        for p, gi in zip(self.params, self.layout.split(agg), strict=True):
-            p.grad = gi.to(p.dtype).clone()
-        self.optimizer.step()
+        self.apply(agg)
         return (work.grads.losses[keep] * w).sum()

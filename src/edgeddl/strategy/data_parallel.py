@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeddl.compress.base import Layout
 from edgeddl.compress.codec import dense_payload_bytes
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
@@ -66,6 +67,7 @@ class DataParallel:
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
+        self.layout = Layout(tuple(tuple(p.shape) for p in self.params))
         self.batchnorms = batchnorm_layers(model)
         self.optimizer = torch.optim.SGD(
             self.params,
@@ -90,6 +92,14 @@ class DataParallel:
         up, the model down."""
         n = len(idx)
         return np.full(n, float(self.dense_up_bytes)), np.full(n, float(self.state_bytes))
+
+    def replica_state(self) -> dict[str, Any]:
+        """What a replica joining a real fleet copies from a peer: model and optimizer."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def forget(self, device: int) -> None:
         """The device crashed (nothing to forget: the dense gradient is kept nowhere)."""
@@ -134,6 +144,13 @@ class DataParallel:
     def aggregation_flops(self) -> float:
         """FLOPs for the aggregator to add one device's contribution (one multiply-add)."""
         return 2.0 * sum(p.numel() for p in self.params)
+
+    def apply(self, aggregate: torch.Tensor) -> None:
+        """One optimizer step with a flat aggregate gradient (every replica, identically)."""
+        self.model.train()
+        for p, gi in zip(self.params, self.layout.split(aggregate), strict=True):
+            p.grad = gi.to(p.dtype).clone()
+        self.optimizer.step()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One update from the concatenated batches of the contributing devices.

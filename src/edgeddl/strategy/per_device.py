@@ -30,7 +30,7 @@ class DeviceGradients:
     """Per tracking BatchNorm layer, each device's (batch mean, unbiased batch variance)."""
 
 
-def _tracking(layers: list[BatchNorm]) -> list[BatchNorm]:
+def tracking_batchnorms(layers: list[BatchNorm]) -> list[BatchNorm]:
     return [
         m
         for m in layers
@@ -52,7 +52,7 @@ def per_device_gradients(
 ) -> DeviceGradients:
     """One forward/backward pass per device segment of (x, y); running stats untouched."""
     model.train()
-    bns = _tracking(batchnorm_layers(model) if layers is None else layers)
+    bns = tracking_batchnorms(batchnorm_layers(model) if layers is None else layers)
     saved = [
         (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
         for m in bns
@@ -97,7 +97,7 @@ def apply_batchnorm_stats(
 
     The same rule as the fused pass: one update per step, momentum applied once.
     """
-    bns = _tracking(batchnorm_layers(model) if layers is None else layers)
+    bns = tracking_batchnorms(batchnorm_layers(model) if layers is None else layers)
     w = weights.tolist()
     for m, per_device in zip(bns, stats, strict=True):
         nbt = m.num_batches_tracked
