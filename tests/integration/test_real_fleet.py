@@ -68,11 +68,11 @@ def _edgeddl(*args: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, steps: int) -> None:
+    def __init__(self, tmp_path: Path, steps: int, extra: str = "") -> None:
         self.tmp = tmp_path
         self.port = _free_port()
         scenario = tmp_path / "fleet.toml"
-        scenario.write_text(SCENARIO.format(steps=steps))
+        scenario.write_text(SCENARIO.format(steps=steps) + extra)
         self.out = tmp_path / "run"
         self.coordinator = _edgeddl(
             "coordinator",
@@ -90,7 +90,7 @@ class Fleet:
             "127.0.0.1", self.port, is_master=False, timeout=timedelta(seconds=60)
         )
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *extra: str) -> None:
         self.devices[name] = _edgeddl(
             "device",
             "--coordinator",
@@ -101,6 +101,7 @@ class Fleet:
             # out: the timeout bounds the recovery (see the README).
             "--timeout",
             "2",
+            *extra,
             log=self.tmp / f"{name}.log",
         )
 
@@ -137,8 +138,8 @@ class Fleet:
 def fleet_factory(tmp_path: Path):
     made: list[Fleet] = []
 
-    def make(steps: int) -> Fleet:
-        made.append(Fleet(tmp_path, steps))
+    def make(steps: int, extra: str = "") -> Fleet:
+        made.append(Fleet(tmp_path, steps, extra))
         return made[-1]
 
     yield make
@@ -185,3 +186,38 @@ def test_a_device_joining_mid_run_heals_and_takes_part(fleet_factory) -> None:
     assert summary["replicas_consistent"]
     rows = [json.loads(x) for x in (fleet.out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["num_members"] == 3
+
+
+COMPRESSED = """
+[compression]
+compressor = "two_step"
+density = 0.05
+"""
+
+
+def test_compressed_payloads_and_shares_from_measured_speed(fleet_factory) -> None:
+    """Two-step payloads cross the real transport byte for byte, and a device paced to a
+    Raspberry Pi gets a smaller share than two paced to a PC (measured, not assumed)."""
+    steps = 150
+    fleet = fleet_factory(steps=steps, extra=COMPRESSED)
+    fleet.start("dev-0", "--profile", "pc")
+    fleet.start("dev-1", "--profile", "pc")
+    fleet.start("dev-2", "--profile", "rpi4")
+    summary = fleet.finish()
+    by_name = {d["name"]: d for d in summary["per_device"]}
+    assert set(by_name) == {"dev-0", "dev-1", "dev-2"}
+    assert summary["replicas_consistent"] and summary["steps_not_committed"] == 0
+    for a, b in [(a, b) for a in by_name for b in by_name if a != b]:
+        # What b decoded from a is what a encoded for the steps they shared, to the byte.
+        assert by_name[a]["payload_bytes_to"][b] == by_name[b]["payload_bytes_from"][a] > 0
+    dense = 4 * sum(p.numel() for p in _cnn1d().parameters())
+    assert 0 < by_name["dev-0"]["payload_bytes"] < steps * dense / 5
+    # Shares follow the speed each device measured: the Pi gets far fewer samples.
+    assert by_name["dev-2"]["samples"] < 0.5 * by_name["dev-0"]["samples"]
+    assert summary["final_test_accuracy"] > 0.3  # chance is 0.1
+
+
+def _cnn1d() -> Any:
+    from edgeddl.models import build_model
+
+    return build_model("cnn1d", input_shape=(1, 40), num_classes=10)

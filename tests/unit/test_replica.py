@@ -106,7 +106,7 @@ def _real(
                 assert pending is not None
                 pending.commit()
                 outcomes[r].append(pending.outcome)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:
             errors.append(e)
             group.barrier.abort()
 

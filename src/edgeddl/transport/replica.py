@@ -66,7 +66,10 @@ class StepOutcome:
     payload_bytes: int = 0
     """This device's payloads in wire-codec bytes (all rounds)."""
     received_bytes: dict[int, int] = field(default_factory=dict)
-    """Payload bytes taken from each other device (single-round compressors)."""
+    """Payload bytes taken from each other contributing device (single-round compressors;
+    counted only by a device that contributed itself)."""
+    sent_to: list[int] = field(default_factory=list)
+    """The other contributing devices this device's payload reached."""
     wire_bytes: int = 0
     """Bytes the collective moved for this device (a ring all-reduce sends twice (m-1)/m of
     the buffer)."""
@@ -269,9 +272,14 @@ class ReplicaStep:
                 raise ExchangeError(f"step {step}: device {d}'s payload: {e}") from None
             senders.append(d)
             weights.append(n / outcome.total)
-            if d != self.device:
-                outcome.received_bytes[d] = sizes[k]
-        outcome.payload_bytes = len(data)
+        if data:
+            outcome.payload_bytes = len(data)
+            outcome.sent_to = [d for d in senders if d != self.device]
+            outcome.received_bytes = {
+                d: sizes[k]
+                for k, d in enumerate(int(r[0]) - 1 for r in rows)
+                if d in senders and d != self.device
+            }
 
         def finish() -> None:
             sent, agg = s.aggregate(senders, weights, received, step)

@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import socket
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -40,14 +41,14 @@ import numpy as np
 import torch
 from torch.distributed import ReduceOp, TCPStore
 
-from edgeddl.compress.base import Layout
-from edgeddl.compress.codec import dense_payload_bytes
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.strategy.fused import batchnorm_layers
-from edgeddl.strategy.per_device import apply_batchnorm_stats, per_device_gradients
+from edgeddl.strategy.balance import balance_shares
+from edgeddl.strategy.build import build_strategy
+from edgeddl.strategy.per_device import per_device_gradients
+from edgeddl.transport.replica import ExchangeError, ReplicaStep
 from edgeddl.workload import build_workload
 
 KEY_SCENARIO = "edgeddl/scenario"
@@ -153,22 +154,19 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
     if scenario.run.threads:
         torch.set_num_threads(scenario.run.threads)
+    if scenario.compression.adapt.enabled:
+        raise ConfigError(
+            "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
+            "set compression.adapt.enabled = false for a real fleet"
+        )
     w = build_workload(scenario)
-    model, t = w.model, scenario.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    layout = Layout(tuple(tuple(p.shape) for p in params))
-    bns = batchnorm_layers(model)
-    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    t = scenario.train
+    strategy, _ = build_strategy(scenario, w.model)
+    model = strategy.model
+    replica = ReplicaStep(strategy, idx)
     sampler = ShardSampler(w.shards, scenario.run.seed)
-    payload_bytes = dense_payload_bytes(layout.numel)
-    min_share = 2 if bns else 1
-
-    def state_dict() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-
-    def load_state_dict(sd: dict[str, Any]) -> None:
-        model.load_state_dict(sd["model"])
-        optimizer.load_state_dict(sd["optimizer"])
+    min_share = 2 if strategy.batchnorms else 1
+    caps = w.sample_caps()
 
     from torchft import Manager  # the engine: imported only by a real device
     from torchft.process_group import ProcessGroupGloo
@@ -178,8 +176,8 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
     timeout = timedelta(seconds=opts.timeout_s)
     manager = Manager(
         pg=ProcessGroupGloo(timeout=timeout),
-        load_state_dict=load_state_dict,
-        state_dict=state_dict,
+        load_state_dict=strategy.load_replica_state,
+        state_dict=strategy.replica_state,
         min_replica_size=1,
         replica_id=opts.name,
         lighthouse_addr=store.get(KEY_LIGHTHOUSE).decode(),
@@ -192,10 +190,12 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
         quorum_timeout=timedelta(seconds=max(30.0, 3 * opts.timeout_s)),
         connect_timeout=timedelta(seconds=opts.connect_timeout_s),
     )
+    collective = _ManagerCollective(manager)
     pace = _pacing_fleet(scenario, opts.name, opts.profile)
-    speed = 1.0 / float(w.per_sample_s[idx])  # samples/s: the profile until measured
-    total_speed, last_members = 0.0, 0
-    committed = failed = samples = bytes_up = bytes_down = 0
+    measured: dict[int, float] = {}  # device -> seconds per sample, from the last step's table
+    committed = failed = samples = bytes_up = payload_bytes = 0
+    sent_to: dict[str, int] = {}  # payload bytes this device's payloads brought each peer
+    received: dict[str, int] = {}  # payload bytes taken from each peer
     commit_times: list[tuple[float, int]] = []
     start = time.perf_counter()
     try:
@@ -204,48 +204,54 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
                 break
             manager.start_quorum()
             members = manager.num_participants()
-            if members != last_members or total_speed <= 0:
-                share = max(min_share, t.global_batch // max(members, 1))
-            else:
-                share = max(min_share, round(t.global_batch * speed / total_speed))
-            rows = torch.from_numpy(sampler.take(idx, share)).to(w.x_train.device)
-            t0 = time.perf_counter()
-            g = per_device_gradients(
-                model,
-                params,
-                torch.nn.functional.cross_entropy,
-                w.x_train[rows],
-                w.y_train[rows],
-                [share],
-                bns,
-            )
-            if pace is not None:  # wait out the rest of what the profile's device would take
-                data_s, compute_s = pace.work_time_s(
-                    np.array([idx]),
-                    np.array([share]),
-                    w.cost.train_flops_per_sample,
-                    w.info.sample_bytes,
-                    w.cost.ops_per_step,
+            slot = manager.participating_rank() if manager.is_participating() else None
+            share = _my_share(t, w, caps, measured, idx, members, min_share)
+            step = manager.current_step()
+            g, speed = None, 0.0
+            if slot is not None and share > 0:
+                rows = torch.from_numpy(sampler.take(idx, share)).to(w.x_train.device)
+                t0 = time.perf_counter()
+                g = per_device_gradients(
+                    model,
+                    strategy.params,
+                    strategy.loss_fn,
+                    w.x_train[rows],
+                    w.y_train[rows],
+                    [share],
+                    strategy.batchnorms,
                 )
-                left = float(data_s[0] + compute_s[0]) - (time.perf_counter() - t0)
-                if left > 0:
-                    time.sleep(left)
-            speed = share / max(time.perf_counter() - t0, 1e-6)
-            tail = torch.tensor([share, speed, float(g.losses[0]) * share])
-            buf = torch.cat([g.grads[0] * share, tail.to(g.grads[0].dtype)])
-            manager.allreduce(buf, reduce_op=ReduceOp.SUM).wait()
-            if manager.should_commit():
-                num, total_speed, loss_sum = (float(v) for v in buf[-3:])
-                agg = buf[:-3] / num
-                for p, gi in zip(params, layout.split(agg), strict=True):
-                    p.grad = gi.clone()
-                optimizer.step()
-                apply_batchnorm_stats(model, g.bn_stats, [0], torch.ones(1), bns)
+                if pace is not None:  # wait out the rest of what the profile's device takes
+                    data_s, compute_s = pace.work_time_s(
+                        np.array([idx]),
+                        np.array([share]),
+                        w.cost.train_flops_per_sample,
+                        w.info.sample_bytes,
+                        w.cost.ops_per_step,
+                    )
+                    left = float(data_s[0] + compute_s[0]) - (time.perf_counter() - t0)
+                    if left > 0:
+                        time.sleep(left)
+                speed = share / max(time.perf_counter() - t0, 1e-6)
+            try:
+                pending = replica.exchange(g, share, speed, slot, members, step, collective)
+            except ExchangeError as e:  # every member read the same bytes: all give up
+                print(f"edgeddl device {opts.name}: {e}", file=sys.stderr)
+                manager.report_error(e)
+                pending = None
+            if manager.should_commit() and pending is not None:
+                pending.commit()
+                out = pending.outcome
+                measured = {
+                    d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0
+                }
                 committed += 1
-                samples += share
-                moved = round(2 * (members - 1) / members * payload_bytes) if members > 1 else 0
-                bytes_up += moved
-                bytes_down += moved
+                samples += share if g is not None else 0
+                bytes_up += out.wire_bytes
+                payload_bytes += out.payload_bytes
+                for d, n in out.received_bytes.items():
+                    received[names[d]] = received.get(names[d], 0) + n
+                for d in out.sent_to:
+                    sent_to[names[d]] = sent_to.get(names[d], 0) + out.payload_bytes
                 commit_times.append((time.perf_counter() - start, members))
                 step = manager.current_step()
                 store.set(progress_key(opts.name), str(step))
@@ -253,11 +259,10 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
                     step % t.eval_every == 0 or step == t.num_steps
                 ):
                     _report_eval(
-                        store, model, w, step, time.perf_counter() - start, loss_sum / num, members
+                        store, model, w, step, time.perf_counter() - start, out.loss, members
                     )
             else:
                 failed += 1
-            last_members = members
     finally:
         manager.shutdown(wait=False)
     report = {
@@ -268,7 +273,10 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
         "steps_not_committed": failed,
         "samples": samples,
         "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
+        "bytes_down": bytes_up,
+        "payload_bytes": payload_bytes,
+        "payload_bytes_to": sent_to,
+        "payload_bytes_from": received,
         "time_s": time.perf_counter() - start,
         "final_step": manager.current_step(),
         "checksum": _checksum(model),
@@ -278,6 +286,42 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
     if manager.current_step() >= t.num_steps:
         store.set(KEY_DONE, opts.name)
     return report
+
+
+class _ManagerCollective:
+    """torchft's fault-tolerant all-reduce (SUM) as the replica step's collective."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    def allreduce_sum(self, t: torch.Tensor) -> bool:
+        if self.manager.errored() is not None:
+            return False
+        self.manager.allreduce(t, reduce_op=ReduceOp.SUM).wait()
+        return self.manager.errored() is None
+
+
+def _my_share(
+    t: Any,
+    w: Any,
+    caps: np.ndarray,
+    measured: dict[int, float],
+    idx: int,
+    members: int,
+    min_share: int,
+) -> int:
+    """This device's share of the global batch: the simulator's balancing, fed with the
+    seconds per sample every member measured at the last step (the profile for a device
+    not measured yet). A device that was not measured at the last step (it just joined, or
+    membership changed) takes an equal share for one step."""
+    if idx not in measured:
+        return int(min(max(min_share, t.global_batch // max(members, 1)), caps[idx]))
+    known = sorted(measured)
+    per = np.array([measured[d] for d in known])
+    shares = balance_shares(
+        t.global_batch, per, np.zeros(len(known)), caps[known], t.balance, min_share
+    )
+    return int(shares[known.index(idx)])
 
 
 def _recoveries(commits: list[tuple[float, int]]) -> list[float]:
