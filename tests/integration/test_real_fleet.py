@@ -74,18 +74,25 @@ class Fleet:
         scenario = tmp_path / "fleet.toml"
         scenario.write_text(SCENARIO.format(steps=steps) + extra)
         self.out = tmp_path / "run"
+        self.scenario = scenario
+        self.devices: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts = 0
+        self.start_coordinator()
+
+    def start_coordinator(self, *extra: str) -> None:
+        self.starts += 1
         self.coordinator = _edgeddl(
             "coordinator",
-            str(scenario),
+            str(self.scenario),
             "--port",
             str(self.port),
             "--host",
             "127.0.0.1",
             "--out",
             str(self.out),
-            log=tmp_path / "coordinator.log",
+            *extra,
+            log=self.tmp / f"coordinator-{self.starts}.log",
         )
-        self.devices: dict[str, subprocess.Popen[bytes]] = {}
         self.store = TCPStore(
             "127.0.0.1", self.port, is_master=False, timeout=timedelta(seconds=60)
         )
@@ -221,3 +228,36 @@ def _cnn1d() -> Any:
     from edgeddl.models import build_model
 
     return build_model("cnn1d", input_shape=(1, 40), num_classes=10)
+
+
+def test_a_restarted_coordinator_resumes_and_the_devices_carry_on(fleet_factory) -> None:
+    steps = 400
+    fleet = fleet_factory(steps=steps)
+    fleet.coordinator.kill()  # start again with a short checkpoint interval
+    fleet.coordinator.wait()
+    fleet.start_coordinator("--checkpoint-every", "20")
+    fleet.start("dev-0")
+    fleet.start("dev-1")
+    fleet.wait_for("dev-0", 70)
+    checkpoint, metrics = fleet.out / "checkpoint.pt", fleet.out / "metrics.jsonl"
+    end = time.monotonic() + 60
+    # Kill it once it holds a checkpoint and the row of step 50 (rows it had not yet written
+    # die with it).
+    while not (checkpoint.exists() and metrics.exists() and '"step": 50' in metrics.read_text()):
+        assert time.monotonic() < end, fleet.logs()
+        time.sleep(0.05)
+    os.kill(fleet.coordinator.pid, signal.SIGKILL)
+    fleet.coordinator.wait()
+    fleet.start_coordinator("--checkpoint-every", "20")
+    summary = fleet.finish()
+    resumed = summary["resumed_from_step"]
+    assert resumed is not None and resumed >= 20 and resumed % 20 == 0
+    by_name = {d["name"]: d for d in summary["per_device"]}
+    assert set(by_name) == {"dev-0", "dev-1"}
+    for d in by_name.values():  # they outlived the coordinator and went on from where they were
+        assert d["final_step"] == steps and d["coordinator_reconnects"] == 1
+    assert summary["replicas_consistent"] and summary["final_test_accuracy"] > 0.5
+    rows = [json.loads(x) for x in (fleet.out / "metrics.jsonl").read_text().splitlines()]
+    steps_seen = [r["step"] for r in rows]
+    assert steps_seen == sorted(set(steps_seen)) and 50 in steps_seen and steps in steps_seen
+    assert summary["checkpoint_step"] > resumed  # the new coordinator checkpoints too

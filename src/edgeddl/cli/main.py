@@ -14,10 +14,11 @@ from pathlib import Path
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
+from edgeddl.transport.checkpoint import CheckpointError
 
 # Files the user named (scenario, data folder, --out) that cannot be read or written are
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
-USER_ERRORS = (ConfigError, BalanceError, TrainingDiverged, OSError)
+USER_ERRORS = (ConfigError, BalanceError, TrainingDiverged, CheckpointError, OSError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1000,
         help="a device silent this long is dropped from the quorum (default: %(default)s)",
+    )
+    co.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        metavar="STEPS",
+        help="write RUN/checkpoint.pt every STEPS committed steps; a coordinator restarted "
+        "on the same --out resumes from it (0: never; default: %(default)s)",
     )
 
     d = sub.add_parser("device", help="be one device of a real fleet")
@@ -197,6 +206,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     if args.heartbeat_ms < 1:
         raise ConfigError(f"--heartbeat-ms must be >= 1 (got {args.heartbeat_ms})")
     scenario = load_scenario(args.scenario, args.overrides)
+    if args.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
     out = args.out or default_run_dir(scenario)
     print(f"edgeddl coordinator: devices connect to {args.host}:{args.port}", flush=True)
     summary = serve(
@@ -205,6 +216,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         host=args.host,
         out_dir=out,
         heartbeat_timeout_ms=args.heartbeat_ms,
+        checkpoint_every=args.checkpoint_every,
     )
     print(f"{out}: accuracy {summary['final_test_accuracy']}, {summary['num_steps']} steps")
     return 0

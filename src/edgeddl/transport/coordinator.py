@@ -19,8 +19,22 @@ from torch.distributed import TCPStore
 
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
-from edgeddl.report.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from edgeddl.report.files import (
+    write_bytes_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from edgeddl.report.plots import plot_accuracy
+from edgeddl.transport.checkpoint import (
+    CHECKPOINT_FILE,
+    KEY_CHECKPOINT,
+    KEY_CHECKPOINT_EVERY,
+    KEY_CHECKPOINT_STEP,
+    KEY_RESUME,
+    CheckpointError,
+    read_checkpoint,
+)
 from edgeddl.transport.torchdist import (
     KEY_DONE,
     KEY_LIGHTHOUSE,
@@ -41,10 +55,12 @@ def serve(
     heartbeat_timeout_ms: int = 1000,
     linger_s: float = 10.0,
     poll_s: float = 0.2,
+    checkpoint_every: int = 100,
 ) -> dict[str, Any]:
     """Run the fleet's rendezvous until a device finishes the last step; write the run folder.
 
     After the first device reports the end, the others get `linger_s` to report theirs.
+    If `out_dir` holds a checkpoint of this scenario, the run resumes from it.
     """
     silence_engine_logs()
     from torchft._torchft import LighthouseServer  # the engine: only a real fleet needs it
@@ -63,12 +79,27 @@ def serve(
         quorum_tick_ms=50,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
     )
+    toml = to_toml(scenario)
+    try:
+        resume = read_checkpoint(out_dir, toml)
+    except CheckpointError:
+        lighthouse.shutdown()
+        raise
+    rows: list[dict[str, Any]] = []  # this run's rows, after those of an earlier coordinator
+    earlier: list[dict[str, Any]] = []
+    if resume is not None:
+        store.set(KEY_RESUME, resume[0])  # type: ignore[arg-type]  # bytes are fine
+        metrics = out_dir / "metrics.jsonl"
+        if metrics.exists():
+            earlier = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        print(f"edgeddl coordinator: resuming from the checkpoint at step {resume[1]}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.resolved.toml", to_toml(scenario))
+    write_text_atomic(out_dir / "config.resolved.toml", toml)
+    store.set(KEY_CHECKPOINT_EVERY, str(checkpoint_every))
     store.set(KEY_LIGHTHOUSE, lighthouse.address())
-    store.set(KEY_SCENARIO, to_toml(scenario))
+    store.set(KEY_SCENARIO, toml)
     names = scenario.fleet.device_names()
-    rows: list[dict[str, Any]] = []
+    checkpoint_step = resume[1] if resume else -1
     start = time.perf_counter()
     done_at: float | None = None
     try:
@@ -78,7 +109,12 @@ def serve(
                 rows += [
                     json.loads(store.get(row_key(i))) for i in range(len(rows) + 1, num_rows + 1)
                 ]
-                write_jsonl_atomic(out_dir / "metrics.jsonl", rows)
+                write_jsonl_atomic(out_dir / "metrics.jsonl", _merged(earlier, rows))
+            if store.check([KEY_CHECKPOINT_STEP]):
+                step = int(store.get(KEY_CHECKPOINT_STEP))
+                if step > checkpoint_step:
+                    write_bytes_atomic(out_dir / CHECKPOINT_FILE, store.get(KEY_CHECKPOINT))
+                    checkpoint_step = step
             finals = {n: store.check([final_key(n)]) for n in names}
             if done_at is None and store.check([KEY_DONE]):
                 done_at = time.perf_counter()
@@ -90,12 +126,21 @@ def serve(
     finally:
         lighthouse.shutdown()
     reports = [json.loads(store.get(final_key(n))) for n in names if store.check([final_key(n)])]
+    rows = _merged(earlier, rows)
     summary = _summary(scenario, rows, reports, time.perf_counter() - start)
+    summary["resumed_from_step"] = resume[1] if resume else None
+    summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
     write_json_atomic(out_dir / "summary.json", summary)
     if rows:
         title = f"{scenario.run.name}: test accuracy (real fleet)"
         plot_accuracy(rows, out_dir / "accuracy.png", title, time_key="wall_time_s")
     return summary
+
+
+def _merged(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An earlier coordinator's rows, then this one's; a step evaluated again keeps the new."""
+    by_step = {r["step"]: r for r in [*earlier, *rows]}
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def _summary(

@@ -41,13 +41,21 @@ import numpy as np
 import torch
 from torch.distributed import ReduceOp, TCPStore
 
-from edgeddl.config.loader import ConfigError, scenario_from_dict
+from edgeddl.config.loader import ConfigError, scenario_from_dict, to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.per_device import per_device_gradients
+from edgeddl.transport.checkpoint import (
+    KEY_CHECKPOINT,
+    KEY_CHECKPOINT_EVERY,
+    KEY_CHECKPOINT_STEP,
+    KEY_RESUME,
+    pack,
+    unpack,
+)
 from edgeddl.transport.replica import ExchangeError, ReplicaStep
 from edgeddl.workload import build_workload
 
@@ -130,11 +138,11 @@ def _checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
-def run_device(opts: DeviceOptions) -> dict[str, Any]:
-    """Train as device `opts.name` until the scenario's last step; return its report."""
+def _connect(opts: DeviceOptions) -> TCPStore:
+    """The coordinator's store, waiting up to `connect_timeout_s` for it to answer."""
     host, port = parse_address(opts.coordinator)
     try:
-        store = TCPStore(
+        return TCPStore(
             host, port, is_master=False, timeout=timedelta(seconds=opts.connect_timeout_s)
         )
     except RuntimeError:  # torch's DistStoreError: nobody answered in time
@@ -142,6 +150,12 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
             f"--coordinator: no coordinator answered at {opts.coordinator} within "
             f"{opts.connect_timeout_s:g} s (is `edgeddl coordinator` running there?)"
         ) from None
+
+
+def run_device(opts: DeviceOptions) -> dict[str, Any]:
+    """Train as device `opts.name` until the scenario's last step; return its report."""
+    host, _ = parse_address(opts.coordinator)
+    store = _connect(opts)
     scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
     names = scenario.fleet.device_names()
     if opts.name not in names:
@@ -172,24 +186,43 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
     from torchft.process_group import ProcessGroupGloo
 
     advertised = opts.host or _advertised_host(host)
-    group_store = TCPStore(advertised, 0, is_master=True, wait_for_workers=False)
-    timeout = timedelta(seconds=opts.timeout_s)
-    manager = Manager(
-        pg=ProcessGroupGloo(timeout=timeout),
-        load_state_dict=strategy.load_replica_state,
-        state_dict=strategy.replica_state,
-        min_replica_size=1,
-        replica_id=opts.name,
-        lighthouse_addr=store.get(KEY_LIGHTHOUSE).decode(),
-        store_addr=advertised,
-        store_port=group_store.port,
-        rank=0,
-        world_size=1,
-        hostname=advertised,
-        timeout=timeout,
-        quorum_timeout=timedelta(seconds=max(30.0, 3 * opts.timeout_s)),
-        connect_timeout=timedelta(seconds=opts.connect_timeout_s),
-    )
+    toml = to_toml(scenario)
+    resume: dict[str, Any] | None = None
+    if store.check([KEY_RESUME]):  # a restarted coordinator: start from its checkpoint
+        resume = unpack(store.get(KEY_RESUME), toml, "the coordinator's checkpoint")
+        strategy.load_replica_state(resume["replica"])
+
+    group_stores: list[TCPStore] = []  # each Manager's own store must outlive it
+
+    def make_manager(store: TCPStore) -> Any:
+
+        group_store = TCPStore(advertised, 0, is_master=True, wait_for_workers=False)
+        group_stores.append(group_store)
+        timeout = timedelta(seconds=opts.timeout_s)
+        return Manager(
+            pg=ProcessGroupGloo(timeout=timeout),
+            load_state_dict=strategy.load_replica_state,
+            state_dict=strategy.replica_state,
+            min_replica_size=1,
+            replica_id=opts.name,
+            lighthouse_addr=store.get(KEY_LIGHTHOUSE).decode(),
+            store_addr=advertised,
+            store_port=group_store.port,
+            rank=0,
+            world_size=1,
+            hostname=advertised,
+            timeout=timeout,
+            quorum_timeout=timedelta(seconds=max(30.0, 3 * opts.timeout_s)),
+            connect_timeout=timedelta(seconds=opts.connect_timeout_s),
+        )
+
+    manager = make_manager(store)
+    if resume is not None:
+        manager.load_state_dict(
+            {"step": resume["step"], "batches_committed": resume["batches_committed"]}
+        )
+    every = int(store.get(KEY_CHECKPOINT_EVERY)) if store.check([KEY_CHECKPOINT_EVERY]) else 0
+    reconnects = 0
     collective = _ManagerCollective(manager)
     pace = _pacing_fleet(scenario, opts.name, opts.profile)
     measured: dict[int, float] = {}  # device -> seconds per sample, from the last step's table
@@ -200,69 +233,93 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         while manager.current_step() < t.num_steps:
-            if store.check([KEY_DONE]):  # the others finished before this device got in
-                break
-            manager.start_quorum()
-            members = manager.num_participants()
-            slot = manager.participating_rank() if manager.is_participating() else None
-            share = _my_share(t, w, caps, measured, idx, members, min_share)
-            step = manager.current_step()
-            g, speed = None, 0.0
-            if slot is not None and share > 0:
-                rows = torch.from_numpy(sampler.take(idx, share)).to(w.x_train.device)
-                t0 = time.perf_counter()
-                g = per_device_gradients(
-                    model,
-                    strategy.params,
-                    strategy.loss_fn,
-                    w.x_train[rows],
-                    w.y_train[rows],
-                    [share],
-                    strategy.batchnorms,
-                )
-                if pace is not None:  # wait out the rest of what the profile's device takes
-                    data_s, compute_s = pace.work_time_s(
-                        np.array([idx]),
-                        np.array([share]),
-                        w.cost.train_flops_per_sample,
-                        w.info.sample_bytes,
-                        w.cost.ops_per_step,
-                    )
-                    left = float(data_s[0] + compute_s[0]) - (time.perf_counter() - t0)
-                    if left > 0:
-                        time.sleep(left)
-                speed = share / max(time.perf_counter() - t0, 1e-6)
             try:
-                pending = replica.exchange(g, share, speed, slot, members, step, collective)
-            except ExchangeError as e:  # every member read the same bytes: all give up
-                print(f"edgeddl device {opts.name}: {e}", file=sys.stderr)
-                manager.report_error(e)
-                pending = None
-            if manager.should_commit() and pending is not None:
-                pending.commit()
-                out = pending.outcome
-                measured = {
-                    d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0
-                }
-                committed += 1
-                samples += share if g is not None else 0
-                bytes_up += out.wire_bytes
-                payload_bytes += out.payload_bytes
-                for d, n in out.received_bytes.items():
-                    received[names[d]] = received.get(names[d], 0) + n
-                for d in out.sent_to:
-                    sent_to[names[d]] = sent_to.get(names[d], 0) + out.payload_bytes
-                commit_times.append((time.perf_counter() - start, members))
+                if store.check([KEY_DONE]):  # the others finished before this device got in
+                    break
+                manager.start_quorum()
+                members = manager.num_participants()
+                slot = manager.participating_rank() if manager.is_participating() else None
+                share = _my_share(t, w, caps, measured, idx, members, min_share)
                 step = manager.current_step()
-                store.set(progress_key(opts.name), str(step))
-                if manager.participating_rank() == 0 and (
-                    step % t.eval_every == 0 or step == t.num_steps
-                ):
-                    _report_eval(
-                        store, model, w, step, time.perf_counter() - start, out.loss, members
+                g, speed = None, 0.0
+                if slot is not None and share > 0:
+                    rows = torch.from_numpy(sampler.take(idx, share)).to(w.x_train.device)
+                    t0 = time.perf_counter()
+                    g = per_device_gradients(
+                        model,
+                        strategy.params,
+                        strategy.loss_fn,
+                        w.x_train[rows],
+                        w.y_train[rows],
+                        [share],
+                        strategy.batchnorms,
                     )
-            else:
-                failed += 1
+                    if pace is not None:  # wait out the rest of what the profile's device takes
+                        data_s, compute_s = pace.work_time_s(
+                            np.array([idx]),
+                            np.array([share]),
+                            w.cost.train_flops_per_sample,
+                            w.info.sample_bytes,
+                            w.cost.ops_per_step,
+                        )
+                        left = float(data_s[0] + compute_s[0]) - (time.perf_counter() - t0)
+                        if left > 0:
+                            time.sleep(left)
+                    speed = share / max(time.perf_counter() - t0, 1e-6)
+                try:
+                    pending = replica.exchange(g, share, speed, slot, members, step, collective)
+                except ExchangeError as e:  # every member read the same bytes: all give up
+                    print(f"edgeddl device {opts.name}: {e}", file=sys.stderr)
+                    manager.report_error(e)
+                    pending = None
+                if pending is None and manager.errored() is None:  # nothing to apply: no commit
+                    manager.report_error(RuntimeError("the step's exchange carried no samples"))
+                if manager.should_commit() and pending is not None:
+                    pending.commit()
+                    out = pending.outcome
+                    measured = {
+                        d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0
+                    }
+                    committed += 1
+                    samples += share if g is not None else 0
+                    bytes_up += out.wire_bytes
+                    payload_bytes += out.payload_bytes
+                    for d, n in out.received_bytes.items():
+                        received[names[d]] = received.get(names[d], 0) + n
+                    for d in out.sent_to:
+                        sent_to[names[d]] = sent_to.get(names[d], 0) + out.payload_bytes
+                    commit_times.append((time.perf_counter() - start, members))
+                    step = manager.current_step()
+                    try:  # a lost coordinator is noticed at the next step's start
+                        store.set(progress_key(opts.name), str(step))
+                        if manager.participating_rank() == 0:
+                            if step % t.eval_every == 0 or step == t.num_steps:
+                                wall = time.perf_counter() - start
+                                _report_eval(store, model, w, step, wall, out.loss, members)
+                            if every and step % every == 0:
+                                batches = manager.batches_committed()
+                                data = pack(step, batches, strategy.replica_state(), toml)
+                                store.set(KEY_CHECKPOINT, data)  # type: ignore[arg-type]
+                                store.set(KEY_CHECKPOINT_STEP, str(step))
+                    except (RuntimeError, OSError):
+                        pass
+                else:
+                    failed += 1
+            except (RuntimeError, OSError) as e:
+                if _answers(store):
+                    raise
+                # The coordinator is gone: wait for its restart, keep this (newer) state.
+                print(
+                    f"edgeddl device {opts.name}: coordinator lost ({e}); reconnecting",
+                    file=sys.stderr,
+                )
+                state = manager.state_dict()
+                manager.shutdown(wait=False)
+                store = _connect(opts)
+                manager = make_manager(store)
+                manager.load_state_dict(state)
+                collective = _ManagerCollective(manager)
+                reconnects += 1
     finally:
         manager.shutdown(wait=False)
     report = {
@@ -281,11 +338,22 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
         "final_step": manager.current_step(),
         "checksum": _checksum(model),
         "recovery_s": _recoveries(commit_times),
+        "coordinator_reconnects": reconnects,
+        "resumed_from_step": resume["step"] if resume is not None else None,
     }
     store.set(final_key(opts.name), json.dumps(report))
     if manager.current_step() >= t.num_steps:
         store.set(KEY_DONE, opts.name)
     return report
+
+
+def _answers(store: TCPStore) -> bool:
+    """Whether the coordinator's store still answers."""
+    try:
+        store.check([KEY_SCENARIO])
+    except (RuntimeError, OSError):
+        return False
+    return True
 
 
 class _ManagerCollective:
