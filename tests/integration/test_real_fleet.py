@@ -261,3 +261,38 @@ def test_a_restarted_coordinator_resumes_and_the_devices_carry_on(fleet_factory)
     steps_seen = [r["step"] for r in rows]
     assert steps_seen == sorted(set(steps_seen)) and 50 in steps_seen and steps in steps_seen
     assert summary["checkpoint_step"] > resumed  # the new coordinator checkpoints too
+
+
+def test_a_torchrun_launch_of_the_same_entry_point(fleet_factory) -> None:
+    """`torchrun ... -m edgeddl device --coordinator H:P`: each worker is the device whose
+    position in the scenario is its RANK; torchft still carries membership and the steps."""
+    steps = 200
+    fleet = fleet_factory(steps=steps)
+    log = fleet.tmp / "torchrun.log"
+    env = {**os.environ, "RUST_LOG": "warn", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "3",
+            "-m",
+            "edgeddl",
+            "device",
+            "--coordinator",
+            f"127.0.0.1:{fleet.port}",
+            "--timeout",
+            "2",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    fleet.devices["torchrun"] = launcher
+    summary = fleet.finish()
+    assert launcher.wait(timeout=60) == 0, fleet.logs()
+    assert sorted(summary["devices_finished"]) == ["dev-0", "dev-1", "dev-2"]
+    assert all(d["final_step"] == steps for d in summary["per_device"])
+    assert summary["replicas_consistent"] and summary["final_test_accuracy"] > 0.5

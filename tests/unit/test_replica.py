@@ -106,9 +106,11 @@ def _real(
                 assert pending is not None
                 pending.commit()
                 outcomes[r].append(pending.outcome)
+        except ExchangeError as e:  # every member reads the same bytes: all raise it
+            errors.append(e)
         except BaseException as e:
             errors.append(e)
-            group.barrier.abort()
+            group.barrier.abort()  # the others must not wait for this one
 
     threads = [threading.Thread(target=device, args=(r,)) for r in range(len(COUNTS))]
     for t in threads:

@@ -94,7 +94,12 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("device", help="be one device of a real fleet")
     d.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
-    d.add_argument("--name", required=True, help="this device's name in the scenario")
+    d.add_argument(
+        "--name",
+        default="",
+        help="this device's name in the scenario (default under torchrun: the device whose "
+        "position in the scenario is the worker's RANK)",
+    )
     d.add_argument(
         "--host", default="", help="address peers reach this device at (default: guessed)"
     )
@@ -238,7 +243,7 @@ def _cmd_device(args: argparse.Namespace) -> int:
             profile=args.profile,
         )
     )
-    print(f"{args.name}: {report['steps']} steps committed, {report['samples']} samples")
+    print(f"{report['name']}: {report['steps']} steps committed, {report['samples']} samples")
     return 0
 
 

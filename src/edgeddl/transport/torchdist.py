@@ -99,7 +99,7 @@ class DeviceOptions:
     coordinator: str
     """The coordinator's HOST:PORT."""
     name: str
-    """Which device of the scenario this process is."""
+    """Which device of the scenario this process is ('': torchrun's RANK says)."""
     host: str = ""
     """Address the other devices reach this one at ('': the route to the coordinator)."""
     timeout_s: float = 5.0
@@ -138,6 +138,18 @@ def _checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
+def _name_from_rank(names: list[str]) -> str:
+    """Under torchrun (which sets RANK): the scenario's device at that position."""
+    rank = os.environ.get("RANK", "")
+    if not rank.isdigit():
+        raise ConfigError("--name: required (or launch with torchrun, which sets RANK)")
+    if int(rank) >= len(names):
+        raise ConfigError(
+            f"--name: torchrun's RANK {rank} has no device: the scenario has {len(names)}"
+        )
+    return names[int(rank)]
+
+
 def _connect(opts: DeviceOptions) -> TCPStore:
     """The coordinator's store, waiting up to `connect_timeout_s` for it to answer."""
     host, port = parse_address(opts.coordinator)
@@ -158,6 +170,8 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
     store = _connect(opts)
     scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
     names = scenario.fleet.device_names()
+    if not opts.name:
+        opts = dataclasses.replace(opts, name=_name_from_rank(names))
     if opts.name not in names:
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         raise ConfigError(
