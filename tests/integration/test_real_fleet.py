@@ -296,3 +296,13 @@ def test_a_torchrun_launch_of_the_same_entry_point(fleet_factory) -> None:
     assert sorted(summary["devices_finished"]) == ["dev-0", "dev-1", "dev-2"]
     assert all(d["final_step"] == steps for d in summary["per_device"])
     assert summary["replicas_consistent"] and summary["final_test_accuracy"] > 0.5
+
+
+def test_the_coordinator_reports_devices_that_stop_on_an_error(fleet_factory) -> None:
+    fleet = fleet_factory(steps=50)
+    fleet.start("nope")  # not a device of the scenario: it stops at once
+    assert fleet.devices["nope"].wait(timeout=60) == 2
+    assert fleet.coordinator.wait(timeout=60) == 2  # it does not wait for ever
+    log = fleet.logs()
+    assert "device stopped on an error: nope: --name: 'nope' is not a device" in log
+    assert "edgeddl: error: every device stopped on an error" in log

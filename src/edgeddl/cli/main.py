@@ -14,11 +14,18 @@ from pathlib import Path
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.transport.checkpoint import CheckpointError
+from edgeddl.transport.checkpoint import CheckpointError, FleetFailed
 
 # Files the user named (scenario, data folder, --out) that cannot be read or written are
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
-USER_ERRORS = (ConfigError, BalanceError, TrainingDiverged, CheckpointError, OSError)
+USER_ERRORS = (
+    ConfigError,
+    BalanceError,
+    TrainingDiverged,
+    CheckpointError,
+    FleetFailed,
+    OSError,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

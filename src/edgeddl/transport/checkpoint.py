@@ -25,6 +25,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (damaged, or of another scenario)."""
 
 
+class FleetFailed(RuntimeError):
+    """Every device that connected stopped on an error, and no other came."""
+
+
 def pack(step: int, batches_committed: int, replica: dict[str, Any], scenario_toml: str) -> bytes:
     import torch  # only a real fleet's processes get here: the CLI starts without torch
 

@@ -33,10 +33,13 @@ from edgeddl.transport.checkpoint import (
     KEY_CHECKPOINT_STEP,
     KEY_RESUME,
     CheckpointError,
+    FleetFailed,
     read_checkpoint,
 )
 from edgeddl.transport.torchdist import (
     KEY_DONE,
+    KEY_FAILED,
+    KEY_JOINED,
     KEY_LIGHTHOUSE,
     KEY_ROWS,
     KEY_SCENARIO,
@@ -102,8 +105,24 @@ def serve(
     checkpoint_step = resume[1] if resume else -1
     start = time.perf_counter()
     done_at: float | None = None
+    failures, last = 0, ""
+    all_failed_at: float | None = None
     try:
         while True:
+            failed, joined = store.add(KEY_FAILED, 0), store.add(KEY_JOINED, 0)
+            if failed > failures:
+                failures = failed
+                last = store.get(KEY_FAILED + "/last").decode()
+                print(f"edgeddl coordinator: device stopped on an error: {last}", flush=True)
+            if done_at is None and joined and failed >= joined:  # nobody is left training
+                all_failed_at = all_failed_at or time.perf_counter()
+                if time.perf_counter() - all_failed_at > linger_s:
+                    raise FleetFailed(
+                        f"every device stopped on an error (last: {last}); "
+                        f"the run folder {out_dir} keeps what was written"
+                    )
+            else:
+                all_failed_at = None
             num_rows = store.add(KEY_ROWS, 0)
             if num_rows > len(rows):
                 rows += [

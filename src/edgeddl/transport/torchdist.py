@@ -63,6 +63,11 @@ KEY_SCENARIO = "edgeddl/scenario"
 KEY_LIGHTHOUSE = "edgeddl/lighthouse"
 KEY_ROWS = "edgeddl/rows"
 KEY_DONE = "edgeddl/done"
+KEY_JOINED = "edgeddl/joined"
+"""How many device processes have connected (each connection counts)."""
+KEY_FAILED = "edgeddl/failed"
+"""How many device processes have stopped on an error; the last one's message is under
+KEY_FAILED + "/last"."""
 
 
 def row_key(i: int) -> str:
@@ -165,9 +170,26 @@ def _connect(opts: DeviceOptions) -> TCPStore:
 
 
 def run_device(opts: DeviceOptions) -> dict[str, Any]:
-    """Train as device `opts.name` until the scenario's last step; return its report."""
-    host, _ = parse_address(opts.coordinator)
+    """Train as device `opts.name` until the scenario's last step; return its report.
+
+    An error that stops the device is also left with the coordinator, which reports it.
+    """
     store = _connect(opts)
+    store.add(KEY_JOINED, 1)
+    try:
+        return _run_device(opts, store)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        try:
+            store.set(KEY_FAILED + "/last", f"{opts.name or 'device'}: {reason}")
+            store.add(KEY_FAILED, 1)
+        except (RuntimeError, OSError):
+            pass  # the coordinator is gone too
+        raise
+
+
+def _run_device(opts: DeviceOptions, store: TCPStore) -> dict[str, Any]:
+    host, _ = parse_address(opts.coordinator)
     scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
     names = scenario.fleet.device_names()
     if not opts.name:
@@ -330,6 +352,7 @@ def run_device(opts: DeviceOptions) -> dict[str, Any]:
                 state = manager.state_dict()
                 manager.shutdown(wait=False)
                 store = _connect(opts)
+                store.add(KEY_JOINED, 1)
                 manager = make_manager(store)
                 manager.load_state_dict(state)
                 collective = _ManagerCollective(manager)
