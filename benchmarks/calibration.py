@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import edgeddl
-from common import machine_info, print_table, write_json
+from common import free_port, machine_info, print_table, write_json
 from edgeddl.config.loader import load_scenario
 
 SCENARIO = """
@@ -58,12 +57,6 @@ eval_every = {eval_every}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def per_step(rows: list[dict[str, float]], time_key: str) -> float:
     """Seconds per step between the first and the last evaluation after step 0."""
     rows = [r for r in rows if r["step"] > 0]
@@ -72,7 +65,7 @@ def per_step(rows: list[dict[str, float]], time_key: str) -> float:
 
 
 def run_real(scenario_file: Path, names: list[str], out: Path) -> list[dict[str, float]]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RUST_LOG": "warn"}
     edge = [sys.executable, "-m", "edgeddl"]
     logs = out.parent

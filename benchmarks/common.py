@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,10 @@ def write_json(path: str | Path, obj: dict[str, Any]) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(obj, indent=2) + "\n")
     console.print(f"results written to {p}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (for a localhost real fleet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

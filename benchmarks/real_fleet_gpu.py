@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 
 from torch.distributed import TCPStore
 
+from common import free_port
 from edgeddl.transport.torchdist import progress_key
 
 SCENARIO = """
@@ -66,12 +66,6 @@ density = 0.05
 """
 
 RUNS = ("dense", "kill", "two_step")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -119,7 +113,7 @@ def run_fleet(
     scenario = folder / "fleet.toml"
     text = SCENARIO.format(device=device, count=count, steps=steps)
     scenario.write_text(text + (COMPRESSED if kind == "two_step" else ""))
-    port = _free_port()
+    port = free_port()
     out = folder / "run"
     start = time.perf_counter()
     coord = _spawn(

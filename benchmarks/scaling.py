@@ -48,7 +48,7 @@ from edgeddl import Scenario
 from edgeddl.config.schema import DeviceGroup, FleetConfig
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.models import build_model, model_cost
-from edgeddl.workload import OPTIMIZER_STATE_COPIES
+from edgeddl.workload import sample_caps
 
 GOAL_RATIO = 0.95
 BALANCES = ("capability", "min_time", "equal")
@@ -89,12 +89,7 @@ def standalone(
             failure_detection_s=base.fleet.failure_detection_s,
         )
         fleet = Fleet.from_scenario(dataclasses.replace(base, fleet=fleet_cfg))
-        cap = int(
-            fleet.max_samples(
-                OPTIMIZER_STATE_COPIES * cost.param_bytes,
-                2 * cost.activation_bytes_per_sample + sample_bytes,
-            )[0]
-        )
+        cap = int(sample_caps(fleet, cost, sample_bytes)[0])
         batch = min(base.train.global_batch, cap)
         train_cfg = dataclasses.replace(
             base.train, topology="ring", global_batch=batch, num_steps=1, eval_every=1

@@ -66,10 +66,15 @@ class Workload:
 
     def sample_caps(self) -> np.ndarray:
         """The most samples each device's memory holds in one step."""
-        return self.fleet.max_samples(
-            OPTIMIZER_STATE_COPIES * self.cost.param_bytes,
-            2 * self.cost.activation_bytes_per_sample + self.info.sample_bytes,
-        )
+        return sample_caps(self.fleet, self.cost, self.info.sample_bytes)
+
+
+def sample_caps(fleet: Fleet, cost: ModelCost, sample_bytes: float) -> np.ndarray:
+    """The most samples each device's memory holds in one step (model state + activations)."""
+    return fleet.max_samples(
+        OPTIMIZER_STATE_COPIES * cost.param_bytes,
+        2 * cost.activation_bytes_per_sample + sample_bytes,
+    )
 
 
 def build_workload(
