@@ -31,7 +31,7 @@ from typing import Any
 from torch.distributed import TCPStore
 
 from common import free_port
-from edgeddl.transport.torchdist import progress_key
+from edgeddl.transport.store import progress_key
 
 SCENARIO = """
 [run]

@@ -20,7 +20,7 @@ from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo, load_dataset, partition
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.models import ModelCost, build_model, model_cost
+from edgeddl.models import ModelCost, build_model, cached_model_cost, model_cost
 
 
 def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +121,7 @@ def build_workload(
             f"train.global_batch: {scenario.train.global_batch} is more than the "
             f"{len(x_train)} training samples"
         )
+    custom = model is not None
     if model is None:
         with as_config_error("model"):
             model = build_model(
@@ -130,7 +131,11 @@ def build_workload(
                 width=scenario.model.width,
             )
     model.to(device)
-    cost = model_cost(model, info.input_shape)
+    cost = (
+        model_cost(model, info.input_shape)
+        if custom
+        else cached_model_cost(model, info.input_shape)
+    )
     fleet = Fleet.from_scenario(scenario)
     per_sample_s = fleet.seconds_per_sample(cost.train_flops_per_sample, info.sample_bytes)
     weights = (1.0 / per_sample_s).tolist() if d.shard_sizes == "capability" else None

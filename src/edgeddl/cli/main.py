@@ -99,6 +99,30 @@ def _parser() -> argparse.ArgumentParser:
         "on the same --out resumes from it (0: never; default: %(default)s)",
     )
 
+    co.add_argument(
+        "--engine",
+        choices=("torchft", "elastic"),
+        default="torchft",
+        help="fault-tolerance engine: torchft (heals in place, sub-second) or elastic "
+        "(torchrun elastic: restarts every worker, for devices without a torchft build; "
+        "default: %(default)s)",
+    )
+    co.add_argument(
+        "--min-devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="devices start training once N of them have connected; later ones join "
+        "mid-run (default: %(default)s)",
+    )
+    co.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default="gloo",
+        help="process-group backend of the devices: gloo (CPUs, mixed fleets) or nccl "
+        "(every device has a CUDA GPU; default: %(default)s)",
+    )
+
     d = sub.add_parser("device", help="be one device of a real fleet")
     d.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
     d.add_argument(
@@ -133,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
             "the recovery after a crash, and must exceed the longest wait for a slower peer "
             "(default: %(default)s)"
         ),
+    )
+    d.add_argument(
+        "--max-restarts",
+        type=int,
+        default=100,
+        help="elastic engine: how often this device's worker may fail and be restarted "
+        "(default: %(default)s)",
+    )
+    d.add_argument(
+        "--state-dir",
+        default="",
+        help="elastic engine: where the worker keeps its state between restarts "
+        "(default: a folder under the system's temporary directory)",
     )
     return p
 
@@ -218,6 +255,11 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     if args.heartbeat_ms < 1:
         raise ConfigError(f"--heartbeat-ms must be >= 1 (got {args.heartbeat_ms})")
     scenario = load_scenario(args.scenario, args.overrides)
+    if not 1 <= args.min_devices <= len(scenario.fleet.device_names()):
+        raise ConfigError(
+            f"--min-devices: must be in 1..{len(scenario.fleet.device_names())} "
+            f"(the scenario's devices), got {args.min_devices}"
+        )
     if args.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
     out = args.out or default_run_dir(scenario)
@@ -229,16 +271,23 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         out_dir=out,
         heartbeat_timeout_ms=args.heartbeat_ms,
         checkpoint_every=args.checkpoint_every,
+        engine=args.engine,
+        backend=args.backend,
+        min_devices=args.min_devices,
     )
     print(f"{out}: accuracy {summary['final_test_accuracy']}, {summary['num_steps']} steps")
     return 0
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
-    from edgeddl.transport.torchdist import DeviceOptions, run_device, silence_engine_logs
+    from edgeddl.transport.device import DeviceOptions
+    from edgeddl.transport.launch import run_device
+    from edgeddl.transport.store import silence_engine_logs
 
     if args.timeout <= 0 or args.connect_timeout <= 0:
         raise ConfigError("--timeout and --connect-timeout must be > 0")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
     silence_engine_logs()
     report = run_device(
         DeviceOptions(
@@ -248,9 +297,12 @@ def _cmd_device(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             connect_timeout_s=args.connect_timeout,
             profile=args.profile,
+            max_restarts=args.max_restarts,
+            state_dir=args.state_dir,
         )
     )
-    print(f"{report['name']}: {report['steps']} steps committed, {report['samples']} samples")
+    if report is not None:
+        print(f"{report['name']}: {report['steps']} steps committed, {report['samples']} samples")
     return 0
 
 

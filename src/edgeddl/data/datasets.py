@@ -7,10 +7,13 @@ is ever downloaded, so runs are reproducible on air-gapped machines and in CI.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
 import pickle
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -87,8 +90,36 @@ def _tensor_dataset(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) 
     )
 
 
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
 @functools.lru_cache(maxsize=8)
 def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """MNIST-1D as generated for (num_samples, seed), from the disk cache when it is there:
+    every process of a real fleet, and every restart, would otherwise spend seconds on it."""
+    from importlib.metadata import version
+
+    from edgeddl.cache import cache_path
+    from edgeddl.report.files import write_bytes_atomic
+
+    path = cache_path("mnist1d", version("mnist1d"), num_samples, seed, suffix=".npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in _MNIST1D_KEYS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent or damaged
+        arrays = _make_mnist1d(num_samples, seed)
+        buf = io.BytesIO()
+        np.savez(
+            buf, x=arrays["x"], y=arrays["y"], x_test=arrays["x_test"], y_test=arrays["y_test"]
+        )
+        with contextlib.suppress(OSError):  # a read-only home: generate every time
+            write_bytes_atomic(path, buf.getvalue())
+    for array in arrays.values():
+        array.setflags(write=False)  # cached and shared between calls
+    return arrays
+
+
+def _make_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -104,10 +135,7 @@ def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    arrays = {key: np.asarray(generated[key]) for key in ("x", "y", "x_test", "y_test")}
-    for array in arrays.values():
-        array.setflags(write=False)  # cached and shared between calls
-    return arrays
+    return {key: np.asarray(generated[key]) for key in _MNIST1D_KEYS}
 
 
 def _load_mnist1d(seed: int, num_samples: int) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:

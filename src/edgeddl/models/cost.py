@@ -8,7 +8,12 @@ to the convolutions, so the count is a good proxy for the compute time of the mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import inspect
+import json
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +38,28 @@ class ModelCost:
     ops_per_step: int
     """Operators dispatched by one training step (forward, backward, SGD update), whatever
     the batch: what a device's per-operator overhead (framework, kernel launch) multiplies."""
+
+
+def cached_model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
+    """`model_cost`, kept in the user's cache: counting a ResNet's FLOPs takes seconds, on
+    every device process and every restart. Only for the zoo's models, whose structure
+    (`repr`), input shape, torch and this code identify the cost."""
+    from edgeddl.cache import cache_path
+    from edgeddl.models import zoo
+    from edgeddl.report.files import write_text_atomic
+
+    sources = "".join(inspect.getsource(m) for m in (zoo, sys.modules[__name__]))
+    where = next((p.device for p in model.parameters()), "cpu")
+    path = cache_path(
+        "cost", repr(model), input_shape, where, torch.__version__, sources, suffix=".json"
+    )
+    try:
+        return ModelCost(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # absent or damaged
+        cost = model_cost(model, input_shape)
+        with contextlib.suppress(OSError):  # a read-only home: measure every time
+            write_text_atomic(path, json.dumps(dataclasses.asdict(cost)))
+        return cost
 
 
 def model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:

@@ -1,16 +1,18 @@
-"""The real fleet's coordinator: the rendezvous, torchft's lighthouse, and the run folder.
+"""The real fleet's coordinator: the rendezvous, the engine's membership, the run folder.
 
-`edgeddl coordinator SCENARIO --port P` opens torch's `TCPStore` on P (where devices find
-the scenario and the lighthouse, and leave their evaluation rows and final reports) and
-starts torchft's lighthouse (membership: quorums and heartbeats). It trains nothing itself:
-devices exchange gradients among themselves. It writes the same run folder as the
-simulator, with real (wall-clock) times.
+`edgeddl coordinator SCENARIO --port P` opens torch's `TCPStore` on P, where devices find
+the scenario, the engine and the backend, and leave their evaluation rows and final
+reports. With the torchft engine it also runs torchft's lighthouse (quorums and
+heartbeats); with the elastic engine the same store holds torchrun's rendezvous. It trains
+nothing itself: devices exchange payloads among themselves. It writes the same run folder
+as the simulator, with wall-clock times.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch.distributed import TCPStore
 
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
+from edgeddl.fleet.timeline import STATES
 from edgeddl.report.files import (
     write_bytes_atomic,
     write_json_atomic,
@@ -32,16 +35,19 @@ from edgeddl.transport.checkpoint import (
     KEY_CHECKPOINT_EVERY,
     KEY_CHECKPOINT_STEP,
     KEY_RESUME,
-    CheckpointError,
     FleetFailed,
     read_checkpoint,
 )
-from edgeddl.transport.torchdist import (
+from edgeddl.transport.store import (
+    KEY_BACKEND,
     KEY_DONE,
+    KEY_ENGINE,
     KEY_FAILED,
     KEY_JOINED,
     KEY_LIGHTHOUSE,
+    KEY_MIN_DEVICES,
     KEY_ROWS,
+    KEY_RUN_ID,
     KEY_SCENARIO,
     final_key,
     row_key,
@@ -59,6 +65,9 @@ def serve(
     linger_s: float = 10.0,
     poll_s: float = 0.2,
     checkpoint_every: int = 100,
+    engine: str = "torchft",
+    backend: str = "gloo",
+    min_devices: int = 1,
 ) -> dict[str, Any]:
     """Run the fleet's rendezvous until a device finishes the last step; write the run folder.
 
@@ -66,8 +75,6 @@ def serve(
     If `out_dir` holds a checkpoint of this scenario, the run resumes from it.
     """
     silence_engine_logs()
-    from torchft._torchft import LighthouseServer  # the engine: only a real fleet needs it
-
     try:
         store = TCPStore(
             host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
@@ -75,19 +82,9 @@ def serve(
     except RuntimeError as e:  # torch's DistNetworkError: the port is taken, or no such host
         reason = str(e).splitlines()[0]
         raise OSError(f"--port: cannot listen on {host}:{port} ({reason})") from None
-    lighthouse = LighthouseServer(
-        bind="[::]:0",
-        min_replicas=1,
-        join_timeout_ms=200,
-        quorum_tick_ms=50,
-        heartbeat_timeout_ms=heartbeat_timeout_ms,
-    )
     toml = to_toml(scenario)
-    try:
-        resume = read_checkpoint(out_dir, toml)
-    except CheckpointError:
-        lighthouse.shutdown()
-        raise
+    resume = read_checkpoint(out_dir, toml)
+    lighthouse = _lighthouse(heartbeat_timeout_ms) if engine == "torchft" else None
     rows: list[dict[str, Any]] = []  # this run's rows, after those of an earlier coordinator
     earlier: list[dict[str, Any]] = []
     if resume is not None:
@@ -99,11 +96,16 @@ def serve(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.resolved.toml", toml)
     store.set(KEY_CHECKPOINT_EVERY, str(checkpoint_every))
-    store.set(KEY_LIGHTHOUSE, lighthouse.address())
-    store.set(KEY_SCENARIO, toml)
+    store.set(KEY_ENGINE, engine)
+    store.set(KEY_MIN_DEVICES, str(min_devices))
+    store.set(KEY_BACKEND, backend)
+    store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
+    if lighthouse is not None:
+        store.set(KEY_LIGHTHOUSE, lighthouse.address())
+    store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     done_at: float | None = None
     failures, last = 0, ""
     all_failed_at: float | None = None
@@ -126,7 +128,8 @@ def serve(
             num_rows = store.add(KEY_ROWS, 0)
             if num_rows > len(rows):
                 rows += [
-                    json.loads(store.get(row_key(i))) for i in range(len(rows) + 1, num_rows + 1)
+                    _wall_row(json.loads(store.get(row_key(i))), started_at)
+                    for i in range(len(rows) + 1, num_rows + 1)
                 ]
                 write_jsonl_atomic(out_dir / "metrics.jsonl", _merged(earlier, rows))
             if store.check([KEY_CHECKPOINT_STEP]):
@@ -143,10 +146,12 @@ def serve(
                 break
             time.sleep(poll_s)
     finally:
-        lighthouse.shutdown()
+        if lighthouse is not None:
+            lighthouse.shutdown()
     reports = [json.loads(store.get(final_key(n))) for n in names if store.check([final_key(n)])]
     rows = _merged(earlier, rows)
     summary = _summary(scenario, rows, reports, time.perf_counter() - start)
+    summary["engine"], summary["backend"] = engine, backend
     summary["resumed_from_step"] = resume[1] if resume else None
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
     write_json_atomic(out_dir / "summary.json", summary)
@@ -154,6 +159,27 @@ def serve(
         title = f"{scenario.run.name}: test accuracy (real fleet)"
         plot_accuracy(rows, out_dir / "accuracy.png", title, time_key="wall_time_s")
     return summary
+
+
+def _lighthouse(heartbeat_timeout_ms: int) -> Any:
+    from torchft._torchft import LighthouseServer  # only the torchft engine needs it
+
+    return LighthouseServer(
+        bind="[::]:0",
+        min_replicas=1,
+        join_timeout_ms=200,
+        quorum_tick_ms=50,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+    )
+
+
+def _wall_row(row: dict[str, Any], started_at: float) -> dict[str, Any]:
+    """A device's evaluation row, its time stamp made seconds since this coordinator began
+    (the lead device that evaluates can change; the coordinator's clock does not)."""
+    at = row.pop("at", None)
+    if at is not None:
+        row["wall_time_s"] = at - started_at
+    return row
 
 
 def _merged(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,18 +193,24 @@ def _summary(
 ) -> dict[str, Any]:
     last = rows[-1] if rows else {}
     recoveries = [g for r in reports for g in r["recovery_s"]]
+    time_s = max((r["time_s"] for r in reports), default=0.0)  # the longest time in steps
+    samples = sum(r["samples"] for r in reports)
     return {
         "transport": "torchdist",
+        "clock": "wall",
         "scenario": scenario.run.name,
         "final_test_accuracy": last.get("test_accuracy"),
         "final_test_loss": last.get("test_loss"),
         "best_test_accuracy": max((r["test_accuracy"] for r in rows), default=None),
+        "time_s": time_s,
         "wall_time_s": wall_s,
         "num_devices": len(scenario.fleet.device_names()),
         "num_steps": max((r["final_step"] for r in reports), default=0),
-        "samples": sum(r["samples"] for r in reports),
+        "samples": samples,
+        "samples_per_s": samples / time_s if time_s else 0.0,
         "bytes_up": sum(r["bytes_up"] for r in reports),
         "bytes_down": sum(r["bytes_down"] for r in reports),
+        "breakdown_s": {s: sum(r["breakdown_s"][s] for r in reports) for s in STATES},
         "devices_finished": [r["name"] for r in reports],
         "recovery_s": recoveries,
         "max_recovery_s": max(recoveries, default=0.0),

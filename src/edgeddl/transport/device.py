@@ -1,0 +1,425 @@
+"""One device of a real fleet: the simulator's strategy, step by step, over an engine.
+
+Each device is one process (`edgeddl device --coordinator HOST:PORT --name NAME`). It reads
+the scenario from the coordinator's store, builds the same workload as the simulator
+(`edgeddl.workload`: data, seeded model, its own shard) and the same strategy
+(`build_strategy`), and trains. Who takes part in a step, the fault-tolerant sum and the
+commit-or-nothing decision belong to an `Engine`: torchft's Manager (`torchdist.py`, the
+default) or torchrun elastic (`elastic.py`, for boards without a torchft build). The loop
+below cannot tell which one it runs on.
+
+One step, on every member:
+
+1. `start_step`: the engine settles who takes part (a (re)joining device heals first).
+2. Its share of the global batch: the simulator's balancing, fed with the seconds per sample
+   every member measured (smoothed over steps); an equal share right after a change.
+3. Its own gradient on its shard (the simulator's per-device pass), paced to a profile if
+   asked, then `ReplicaStep.exchange`: a sum over the members through the engine.
+4. `should_commit`: only if every member's exchange succeeded is the update applied, so a
+   step is applied everywhere or nowhere.
+
+Every step's wall time is split like the simulator's virtual time (compute, data loading,
+communication, idle: waiting for a slower member), so the run folder has the same keys.
+Raw data never leaves the device; only payloads cross the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edgeddl.config.loader import ConfigError, scenario_from_dict, to_toml
+from edgeddl.config.schema import Scenario
+from edgeddl.data import ShardSampler
+from edgeddl.fleet.fleet import Fleet
+from edgeddl.fleet.timeline import STATES
+from edgeddl.strategy.balance import balance_shares
+from edgeddl.strategy.build import build_strategy
+from edgeddl.strategy.per_device import per_device_gradients
+from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
+from edgeddl.transport.replica import ExchangeError, ReplicaStep
+from edgeddl.transport.store import (
+    KEY_DONE,
+    KEY_ROWS,
+    KEY_SCENARIO,
+    final_key,
+    progress_key,
+    row_key,
+)
+from edgeddl.workload import Workload, build_workload
+
+SPEED_SMOOTHING = 0.5
+"""Weight of the newest measurement in a device's seconds per sample (one step is noisy)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceOptions:
+    coordinator: str
+    """The coordinator's HOST:PORT."""
+    name: str
+    """Which device of the scenario this process is ('': torchrun's RANK says)."""
+    host: str = ""
+    """Address the other devices reach this one at ('': the route to the coordinator)."""
+    timeout_s: float = 5.0
+    """How long a collective may wait for a peer before the step is given up: it bounds the
+    recovery after a crash, and must exceed the longest wait for a slower peer."""
+    connect_timeout_s: float = 60.0
+    """How long to wait for the coordinator at start."""
+    profile: str = ""
+    """Pace this process to a device profile's speed ('scenario': the device's own), so a
+    fleet of processes on one machine behaves like a mixed fleet; '' runs at full speed."""
+    max_restarts: int = 100
+    """Elastic engine: how many times this device's worker may fail and be restarted."""
+    state_dir: str = ""
+    """Elastic engine: where the worker keeps its state between restarts ('': a folder
+    under the system's temporary directory)."""
+
+
+class RestartRequired(Exception):
+    """The engine lost a member, or stops this process: it must end and be restarted
+    (torchrun elastic brings it back)."""
+
+
+class Engine(Protocol):
+    """Membership and commit-or-nothing steps of a real fleet."""
+
+    def start_step(self) -> tuple[int, int | None]:
+        """Settle who takes part: (members, this device's slot, None while it heals)."""
+        ...
+
+    def current_step(self) -> int: ...
+
+    def allreduce_sum(self, t: torch.Tensor) -> bool:
+        """Sum `t` in place over the members; False if the exchange failed."""
+        ...
+
+    def report_error(self, e: Exception) -> None:
+        """This member cannot take this step: nobody commits it."""
+        ...
+
+    def should_commit(self) -> bool:
+        """Whether every member's exchange succeeded (then the step counter advances)."""
+        ...
+
+    def is_lead(self) -> bool:
+        """Whether this device reports evaluations and checkpoints for the fleet."""
+        ...
+
+    def batches_committed(self) -> int:
+        """The engine's own count of committed batches (kept in checkpoints)."""
+        ...
+
+
+@dataclass(slots=True)
+class DeviceStats:
+    """What a device reports; plain values, so an elastic worker can keep them on disk."""
+
+    committed: int = 0
+    failed: int = 0
+    samples: int = 0
+    bytes_up: int = 0
+    payload_bytes: int = 0
+    sent_to: dict[str, int] = field(default_factory=dict)
+    """Payload bytes this device's payloads brought each peer."""
+    received: dict[str, int] = field(default_factory=dict)
+    """Payload bytes taken from each peer."""
+    commits: list[tuple[float, int]] = field(default_factory=list)
+    """(wall-clock time, members) of each committed step."""
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATES, 0.0))
+    restarts: int = 0
+    reconnects: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+def pacing_fleet(scenario: Scenario, name: str, profile: str) -> Fleet | None:
+    """The fleet with this device's group on `profile`, for its paced work times."""
+    if not profile:
+        return None
+    groups = [
+        dataclasses.replace(g, profile=profile)
+        if profile != "scenario" and name in g.device_names()
+        else g
+        for g in scenario.fleet.devices
+    ]
+    try:
+        paced = dataclasses.replace(
+            scenario, fleet=dataclasses.replace(scenario.fleet, devices=groups)
+        )
+    except ValueError:
+        raise ConfigError(
+            f"--profile: unknown device profile {profile!r} (see `edgeddl profiles`)"
+        ) from None
+    return Fleet.from_scenario(paced)
+
+
+def checksum(model: torch.nn.Module) -> float:
+    """One number that differs if any parameter differs (to compare replicas)."""
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int]:
+    """The coordinator's scenario, the options with the name settled, this device's index."""
+    scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
+    names = scenario.fleet.device_names()
+    if not opts.name:
+        opts = dataclasses.replace(opts, name=_name_from_rank(names))
+    if opts.name not in names:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ConfigError(
+            f"--name: {opts.name!r} is not a device of the scenario; allowed: {shown}"
+        )
+    if store.check([KEY_DONE]):
+        raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
+    if scenario.compression.adapt.enabled:
+        raise ConfigError(
+            "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
+            "set compression.adapt.enabled = false for a real fleet"
+        )
+    return scenario, opts, names.index(opts.name)
+
+
+def _name_from_rank(names: list[str]) -> str:
+    """Under torchrun (which sets RANK): the scenario's device at that position."""
+    rank = os.environ.get("RANK", "")
+    if not rank.isdigit():
+        raise ConfigError("--name: required (or launch with torchrun, which sets RANK)")
+    if int(rank) >= len(names):
+        raise ConfigError(
+            f"--name: torchrun's RANK {rank} has no device: the scenario has {len(names)}"
+        )
+    return names[int(rank)]
+
+
+class DeviceRun:
+    """Everything one device trains with, and the step loop over an engine."""
+
+    def __init__(
+        self, opts: DeviceOptions, scenario: Scenario, idx: int, backend: str = "gloo"
+    ) -> None:
+        self.opts, self.scenario, self.idx = opts, scenario, idx
+        self.names = scenario.fleet.device_names()
+        if scenario.run.threads:
+            torch.set_num_threads(scenario.run.threads)
+        self.w: Workload = build_workload(scenario)
+        self.strategy, _ = build_strategy(scenario, self.w.model)
+        # NCCL sums on the GPU; gloo on the CPU (also for a model on a GPU).
+        self.replica = ReplicaStep(self.strategy, idx, "cuda" if backend == "nccl" else "cpu")
+        self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
+        self.min_share = 2 if self.strategy.batchnorms else 1
+        self.caps = self.w.sample_caps()
+        self.pace = pacing_fleet(scenario, opts.name, opts.profile)
+        self.toml = to_toml(scenario)
+        self.stats = DeviceStats()
+        self.checkpoint_every = 0
+        self.measured: dict[int, float] = {}  # device -> seconds per sample, last step's table
+        self.own_s_per_sample = 0.0  # smoothed
+        self.critical = False  # committing a step: a stop request waits until it is done
+        self.stop_requested = False
+
+    def train(self, engine: Engine, store: Any) -> None:
+        """Steps until the scenario's last one (or another device finished the run)."""
+        t = self.scenario.train
+        while engine.current_step() < t.num_steps:
+            if store.check([KEY_DONE]):  # the others finished before this device got in
+                return
+            self.step(engine, store)
+
+    def step(self, engine: Engine, store: Any) -> None:
+        st, s, w = self.stats, self.strategy, self.w
+        t0 = time.perf_counter()
+        members, slot = engine.start_step()
+        share = self._my_share(members)
+        step = engine.current_step()
+        t1 = time.perf_counter()
+        g, speed, data_s, work_s = None, 0.0, 0.0, 0.0
+        if slot is not None and share > 0:
+            rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(w.x_train.device)
+            x, y = w.x_train[rows], w.y_train[rows]
+            data_s = time.perf_counter() - t1
+            g = per_device_gradients(s.model, s.params, s.loss_fn, x, y, [share], s.batchnorms)
+            data_s = self._pace(share, t1, data_s)
+            work_s = time.perf_counter() - t1
+            own = work_s / share
+            self.own_s_per_sample = (
+                own
+                if not self.own_s_per_sample
+                else SPEED_SMOOTHING * own + (1 - SPEED_SMOOTHING) * self.own_s_per_sample
+            )
+            speed = 1.0 / self.own_s_per_sample
+        t2 = time.perf_counter()
+        try:
+            pending = self.replica.exchange(g, share, speed, slot, members, step, engine)
+        except ExchangeError as e:  # every member read the same bytes: all give up
+            print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
+            engine.report_error(e)
+            pending = None
+        if pending is None:  # nothing to apply: nobody commits
+            engine.report_error(RuntimeError("the step's exchange carried no samples"))
+        # From the verdict to the applied update, a stop request waits (the step counter
+        # and the model must stay in agreement).
+        self.critical = True
+        try:
+            ok = engine.should_commit() and pending is not None
+            t3 = time.perf_counter()
+            if ok and pending is not None:
+                pending.commit()
+        finally:
+            self.critical = False
+        if self.stop_requested:
+            raise RestartRequired("stopped by the engine")
+        t4 = time.perf_counter()
+        idle = 0.0
+        if pending is not None and g is not None:  # waiting inside the sum for a slower member
+            slowest = max(
+                (n / v for n, v in zip(pending.outcome.counts, pending.outcome.speeds, strict=True)
+                 if v > 0),
+                default=0.0,
+            )  # fmt: skip
+            idle = min(max(slowest - work_s, 0.0), t3 - t2)
+        for state, secs in (
+            ("data_loading", data_s),
+            ("compute", (t2 - t1 - data_s) + (t4 - t3)),
+            ("communication", (t1 - t0) + (t3 - t2) - idle),
+            ("idle", idle),
+        ):
+            st.seconds[state] += secs
+        if not ok or pending is None:
+            st.failed += 1
+            return
+        out = pending.outcome
+        self.measured = {d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0}
+        st.committed += 1
+        st.samples += share if g is not None else 0
+        st.bytes_up += out.wire_bytes
+        st.payload_bytes += out.payload_bytes
+        for d, n in out.received_bytes.items():
+            st.received[self.names[d]] = st.received.get(self.names[d], 0) + n
+        for d in out.sent_to:
+            st.sent_to[self.names[d]] = st.sent_to.get(self.names[d], 0) + out.payload_bytes
+        st.commits.append((time.time(), members))
+        self._after_commit(engine, store, engine.current_step(), out.loss, members)
+
+    def _pace(self, share: int, t0: float, data_s: float) -> float:
+        """Wait out the rest of what the profile's device takes; its data-loading seconds."""
+        if self.pace is None:
+            return data_s
+        w = self.w
+        prof_data, prof_compute = self.pace.work_time_s(
+            np.array([self.idx]),
+            np.array([share]),
+            w.cost.train_flops_per_sample,
+            w.info.sample_bytes,
+            w.cost.ops_per_step,
+        )
+        left = float(prof_data[0] + prof_compute[0]) - (time.perf_counter() - t0)
+        if left > 0:
+            time.sleep(left)
+        return max(data_s, float(prof_data[0]))
+
+    def _after_commit(
+        self, engine: Engine, store: Any, step: int, loss: float, members: int
+    ) -> None:
+        t = self.scenario.train
+        try:  # a lost coordinator is noticed at the next step's start
+            store.set(progress_key(self.opts.name), str(step))
+            if not engine.is_lead():
+                return
+            if step % t.eval_every == 0 or step == t.num_steps:
+                self._report_eval(store, step, loss, members)
+            if self.checkpoint_every and step % self.checkpoint_every == 0:
+                batches = engine.batches_committed()
+                data = pack(step, batches, self.strategy.replica_state(), self.toml)
+                store.set(KEY_CHECKPOINT, data)
+                store.set(KEY_CHECKPOINT_STEP, str(step))
+        except (RuntimeError, OSError):
+            pass
+
+    def _my_share(self, members: int) -> int:
+        """This device's share of the global batch: the simulator's balancing, fed with the
+        seconds per sample every member measured at the last step. A device that was not
+        measured at the last step (it just joined, or membership changed) takes an equal
+        share for one step."""
+        t, idx = self.scenario.train, self.idx
+        if idx not in self.measured:
+            equal = max(self.min_share, t.global_batch // max(members, 1))
+            return int(min(equal, self.caps[idx]))
+        known = sorted(self.measured)
+        per = np.array([self.measured[d] for d in known])
+        shares = balance_shares(
+            t.global_batch, per, np.zeros(len(known)), self.caps[known], t.balance, self.min_share
+        )
+        return int(shares[known.index(idx)])
+
+    @torch.no_grad()
+    def _report_eval(self, store: Any, step: int, train_loss: float, members: int) -> None:
+        """Test the model (replicas are equal) and hand the row to the coordinator."""
+        model, w = self.strategy.model, self.w
+        model.eval()
+        out = model(w.x_test)
+        model.train()
+        row = {
+            "step": step,
+            "at": time.time(),  # the coordinator makes it a wall time since its own start
+            "train_loss": train_loss,
+            "test_loss": float(torch.nn.functional.cross_entropy(out, w.y_test)),
+            "test_accuracy": float((out.argmax(1) == w.y_test).float().mean()),
+            "num_members": members,
+        }
+        i = store.add(KEY_ROWS, 1)
+        store.set(row_key(i), json.dumps(row))
+
+    def report(self, final_step: int, resumed_from: int | None) -> dict[str, Any]:
+        """This device's part of summary.json: the simulator's per-device keys, in wall time,
+        and what only a real fleet has."""
+        st, fleet = self.stats, self.w.fleet
+        secs = st.seconds
+        return {
+            "name": self.opts.name,
+            "profile": fleet.profile_names[self.idx],
+            "link": fleet.link_names[self.idx],
+            "steps": st.committed,
+            "samples": st.samples,
+            "time_s": sum(secs.values()),
+            "busy_s": secs["compute"] + secs["data_loading"] + secs["communication"],
+            "idle_s": secs["idle"],
+            "breakdown_s": dict(secs),
+            "bytes_up": st.bytes_up,
+            "bytes_down": st.bytes_up,
+            "steps_not_committed": st.failed,
+            "payload_bytes": st.payload_bytes,
+            "payload_bytes_to": st.sent_to,
+            "payload_bytes_from": st.received,
+            "wall_time_s": time.time() - st.started_at,
+            "final_step": final_step,
+            "checksum": checksum(self.strategy.model),
+            "recovery_s": recoveries(st.commits),
+            "restarts": st.restarts,
+            "coordinator_reconnects": st.reconnects,
+            "resumed_from_step": resumed_from,
+        }
+
+    def finish(self, store: Any, final_step: int, resumed_from: int | None) -> dict[str, Any]:
+        report = self.report(final_step, resumed_from)
+        store.set(final_key(self.opts.name), json.dumps(report))
+        if final_step >= self.scenario.train.num_steps:
+            store.set(KEY_DONE, self.opts.name)
+        return report
+
+
+def recoveries(commits: list[tuple[float, int]]) -> list[float]:
+    """Seconds from the last commit before a member was lost to the first commit after."""
+    gaps = []
+    for (t_prev, m_prev), (t_next, m_next) in itertools.pairwise(commits):
+        if m_next < m_prev:
+            gaps.append(t_next - t_prev)
+    return gaps

@@ -1,0 +1,84 @@
+"""`edgeddl device`: connect to the coordinator, then train on the engine it names.
+
+The coordinator publishes the engine (`torchft`, or `elastic` for devices without a torchft
+build) and the process-group backend (`gloo`, or `nccl` where every device has a GPU), so
+every device of a fleet runs the same ones and the device command never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeddl.config.loader import ConfigError
+from edgeddl.transport.device import DeviceOptions, DeviceRun, read_scenario
+from edgeddl.transport.store import (
+    KEY_BACKEND,
+    KEY_DONE,
+    KEY_ENGINE,
+    KEY_FAILED,
+    KEY_JOINED,
+    KEY_RUN_ID,
+    connect,
+    wait_for_devices,
+)
+
+
+def run_device(opts: DeviceOptions) -> dict[str, Any] | None:
+    """Train as device `opts.name` until the scenario's last step; return its report (None
+    from an elastic worker started after the run ended: its agent then ends too).
+
+    An error that stops the device is also left with the coordinator, which reports it.
+    """
+    from edgeddl.transport.elastic import in_elastic_worker
+
+    worker = in_elastic_worker()
+    try:
+        store = connect(opts.coordinator, opts.connect_timeout_s)
+    except ConnectionError:
+        if worker:  # restarted after the coordinator ended the run: nothing left to do
+            return None
+        raise
+    engine = store.get(KEY_ENGINE).decode() if store.check([KEY_ENGINE]) else "torchft"
+    worker = worker and engine == "elastic"
+    if worker and store.check([KEY_DONE]):  # restarted as the run ended (a late join)
+        return None
+    if not worker:  # a restarted elastic worker is the same device, not a new connection
+        store.add(KEY_JOINED, 1)
+    try:
+        return _run(opts, store, engine, worker)
+    except Exception as e:
+        if not worker:  # the agent reports for its workers, once it gives up
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            try:
+                store.set(KEY_FAILED + "/last", f"{opts.name or 'device'}: {reason}")
+                store.add(KEY_FAILED, 1)
+            except (RuntimeError, OSError):
+                pass  # the coordinator is gone too
+        raise
+
+
+def _run(opts: DeviceOptions, store: Any, engine: str, worker: bool) -> dict[str, Any]:
+    import torch
+
+    scenario, opts, idx = read_scenario(store, opts)
+    if not worker:
+        wait_for_devices(store, opts.connect_timeout_s)
+    backend = store.get(KEY_BACKEND).decode() if store.check([KEY_BACKEND]) else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            "the coordinator runs the fleet on NCCL (--backend nccl), but this device has "
+            "no CUDA GPU; start the coordinator with --backend gloo"
+        )
+    if engine == "elastic" and not worker:
+        from edgeddl.transport.elastic import launch
+
+        run_id = store.get(KEY_RUN_ID).decode()
+        return launch(opts, store, len(scenario.fleet.device_names()), run_id)
+    run = DeviceRun(opts, scenario, idx, backend)
+    if engine == "elastic":
+        from edgeddl.transport.elastic import run_worker
+
+        return run_worker(opts, store, run, backend)
+    from edgeddl.transport.torchdist import run_torchft
+
+    return run_torchft(opts, store, run, backend)

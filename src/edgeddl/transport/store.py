@@ -1,0 +1,109 @@
+"""The coordinator's key-value store, as the real fleet's devices and coordinator use it.
+
+The coordinator serves torch's `TCPStore`; devices find the scenario and the engine there,
+and leave evaluation rows, progress, checkpoints and their final reports. These are the
+keys and the few helpers both sides share (no torch import at module level: the CLI starts
+without it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Any
+
+from edgeddl.config.loader import ConfigError
+
+KEY_SCENARIO = "edgeddl/scenario"
+KEY_ENGINE = "edgeddl/engine"
+"""Which fault-tolerance engine the fleet runs on: 'torchft' or 'elastic'."""
+KEY_BACKEND = "edgeddl/backend"
+"""The process groups' backend: 'gloo' (CPUs, or a mixed fleet) or 'nccl' (GPUs only)."""
+KEY_RUN_ID = "edgeddl/run_id"
+"""The elastic engine's rendezvous id (new for every coordinator)."""
+KEY_MIN_DEVICES = "edgeddl/min_devices"
+"""How many devices must have connected before the first step (later ones join mid-run)."""
+KEY_LIGHTHOUSE = "edgeddl/lighthouse"
+KEY_ROWS = "edgeddl/rows"
+KEY_DONE = "edgeddl/done"
+KEY_JOINED = "edgeddl/joined"
+"""How many device processes have connected (each connection counts)."""
+KEY_FAILED = "edgeddl/failed"
+"""How many device processes have stopped on an error; the last one's message is under
+KEY_FAILED + "/last"."""
+
+ENGINES = ("torchft", "elastic")
+BACKENDS = ("gloo", "nccl")
+
+
+def row_key(i: int) -> str:
+    return f"edgeddl/row/{i}"
+
+
+def final_key(name: str) -> str:
+    return f"edgeddl/final/{name}"
+
+
+def progress_key(name: str) -> str:
+    return f"edgeddl/progress/{name}"
+
+
+def parse_address(address: str, flag: str = "--coordinator") -> tuple[str, int]:
+    """HOST:PORT, or a one-line ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag}: expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def advertised_host(coordinator_host: str) -> str:
+    """The address peers reach this device at: the interface that routes to the coordinator."""
+    if coordinator_host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((coordinator_host, 9))  # no packet is sent: this only picks the route
+        return str(s.getsockname()[0])
+
+
+def connect(address: str, timeout_s: float) -> Any:
+    """The coordinator's store (a TCPStore client), waiting up to `timeout_s` for it."""
+    from torch.distributed import TCPStore
+
+    host, port = parse_address(address)
+    try:
+        return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    except RuntimeError:  # torch's DistStoreError: nobody answered in time
+        raise ConnectionError(
+            f"--coordinator: no coordinator answered at {address} within "
+            f"{timeout_s:g} s (is `edgeddl coordinator` running there?)"
+        ) from None
+
+
+def answers(store: Any) -> bool:
+    """Whether the coordinator's store still answers."""
+    try:
+        store.check([KEY_SCENARIO])
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+def wait_for_devices(store: Any, timeout_s: float) -> None:
+    """Before the first step: wait until the coordinator's minimum of devices has connected
+    (a ConnectionError after `timeout_s`)."""
+    wanted = int(store.get(KEY_MIN_DEVICES)) if store.check([KEY_MIN_DEVICES]) else 1
+    deadline = time.monotonic() + timeout_s
+    while (joined := store.add(KEY_JOINED, 0)) < wanted:
+        if time.monotonic() > deadline:
+            raise ConnectionError(
+                f"--connect-timeout: {joined} of the {wanted} devices the coordinator waits "
+                f"for (--min-devices) connected within {timeout_s:g} s"
+            )
+        time.sleep(0.1)
+
+
+def silence_engine_logs() -> None:
+    """torchft's lighthouse and managers log every quorum at INFO: keep warnings only."""
+    os.environ.setdefault("RUST_LOG", "warn")
