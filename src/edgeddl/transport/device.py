@@ -208,12 +208,18 @@ class DeviceRun:
     ) -> None:
         self.opts, self.scenario, self.idx = opts, scenario, idx
         self.names = scenario.fleet.device_names()
+        # NCCL sums on this process's GPU (torchrun's LOCAL_RANK picks it on a machine with
+        # several; the model, with run.device = "cuda", lands there too); gloo sums on the
+        # CPU, also for a model on a GPU.
+        comm = torch.device("cpu")
+        if backend == "nccl":
+            comm = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(comm)
         if scenario.run.threads:
             torch.set_num_threads(scenario.run.threads)
         self.w: Workload = build_workload(scenario)
         self.strategy, _ = build_strategy(scenario, self.w.model)
-        # NCCL sums on the GPU; gloo on the CPU (also for a model on a GPU).
-        self.replica = ReplicaStep(self.strategy, idx, "cuda" if backend == "nccl" else "cpu")
+        self.replica = ReplicaStep(self.strategy, idx, comm)
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
         self.min_share = 2 if self.strategy.batchnorms else 1
         self.caps = self.w.sample_caps()
@@ -258,7 +264,9 @@ class DeviceRun:
             speed = 1.0 / self.own_s_per_sample
         t2 = time.perf_counter()
         try:
-            pending = self.replica.exchange(g, share, speed, slot, members, step, engine)
+            pending = self.replica.exchange(
+                g, share, speed, slot, members, step, engine, work_s=work_s
+            )
         except ExchangeError as e:  # every member read the same bytes: all give up
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
             engine.report_error(e)
@@ -280,11 +288,11 @@ class DeviceRun:
         t4 = time.perf_counter()
         idle = 0.0
         if pending is not None and g is not None:  # waiting inside the sum for a slower member
+            out = pending.outcome
             slowest = max(
-                (n / v for n, v in zip(pending.outcome.counts, pending.outcome.speeds, strict=True)
-                 if v > 0),
+                (w for d, w in zip(out.devices, out.work_s, strict=True) if d != self.idx),
                 default=0.0,
-            )  # fmt: skip
+            )
             idle = min(max(slowest - work_s, 0.0), t3 - t2)
         for state, secs in (
             ("data_loading", data_s),

@@ -127,8 +127,8 @@ def state_dir(opts: DeviceOptions) -> Path:
 class ElasticEngine:
     """torch.distributed's default group, as torchrun elastic formed it, as the engine."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, comm: torch.device) -> None:
+        self.step, self.comm = step, comm
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.error: Exception | None = None
         self.broken = False
@@ -157,7 +157,7 @@ class ElasticEngine:
         """Every member votes; a lost member ends the worker (torchrun restarts the group)."""
         if self.broken:
             raise RestartRequired(f"step {self.step}: {self.error}")
-        vote = torch.tensor([0 if self.error is not None else 1])
+        vote = torch.tensor([0 if self.error is not None else 1], device=self.comm)
         try:
             dist.all_reduce(vote, op=ReduceOp.MIN)
         except Exception as e:
@@ -242,7 +242,7 @@ def run_worker(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) ->
         timeout=timedelta(seconds=opts.timeout_s),
         device_id=comm if comm.type == "cuda" else None,
     )
-    engine = ElasticEngine(step)
+    engine = ElasticEngine(step, comm)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if run.critical:  # applying an update: stop right after it

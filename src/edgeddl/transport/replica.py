@@ -6,8 +6,8 @@ optimizer. Only the exchange differs: here it is a sum over the members of the c
 quorum (`Collective.allreduce_sum`, torchft's fault-tolerant all-reduce in `torchdist.py`).
 
 Per step, every member first sums a small table: one slot per member (its device index,
-samples, measured speed, loss, payload bytes) plus its BatchNorm batch statistics times its
-samples. Then, by scheme:
+samples, measured speed, loss, payload bytes, work seconds) plus its BatchNorm batch
+statistics times its samples. Then, by scheme:
 
 * dense (no compression): the gradient times its samples rides in the same sum;
 * single-round compressors: each member writes its encoded payload at its own offset of a
@@ -39,8 +39,9 @@ from edgeddl.strategy.per_device import (
     tracking_batchnorms,
 )
 
-SLOT = 5
-"""Values per member in the step's table: device index + 1, samples, speed, loss sum, bytes."""
+SLOT = 6
+"""Values per member in the step's table: device index + 1, samples, speed (smoothed),
+loss sum, payload bytes, seconds its work took this step."""
 
 
 class Collective(Protocol):
@@ -61,6 +62,8 @@ class StepOutcome:
     """The device index of each member that contributed samples, in slot order."""
     counts: list[int]
     speeds: list[float]
+    work_s: list[float]
+    """Seconds each member's work (data and compute) took this step."""
     total: int
     loss: float
     payload_bytes: int = 0
@@ -124,6 +127,7 @@ class ReplicaStep:
         members: int,
         step: int,
         collective: Collective,
+        work_s: float = 0.0,
     ) -> Pending | None:
         """Sum this device's contribution (`g` on `share` samples; None: it sends nothing)
         with the members'. None if the exchange failed or nobody had samples; raises
@@ -141,7 +145,7 @@ class ReplicaStep:
         if g is not None and slot is not None:
             loss = float(g.losses[0]) * share
             table[slot * SLOT : (slot + 1) * SLOT] = torch.tensor(
-                [self.device + 1, share, speed, loss, len(data)], device=self.comm
+                [self.device + 1, share, speed, loss, len(data), work_s], device=self.comm
             )
             if self._bn_len:
                 flat = [v.reshape(-1) for layer in g.bn_stats for v in layer[0]]
@@ -297,6 +301,7 @@ class ReplicaStep:
             devices=[int(r[0]) - 1 for r in used],
             counts=[round(r[1]) for r in used],
             speeds=[float(r[2]) for r in used],
+            work_s=[float(r[5]) for r in used],
             total=total,
             loss=sum(r[3] for r in used) / max(total, 1),
         )

@@ -1,17 +1,20 @@
-"""The real fleet with its models on the GPU: correctness of a localhost fleet on CUDA.
+"""A localhost real fleet, engine by engine: correctness, and recovery after kill -9.
 
 Three device processes on 127.0.0.1 (mnist1d, cnn1d, global batch 96), each with its model
-and data on `run.device` (default cuda, so all three share cuda:0); the collectives are
-gloo's, through the CPU. Runs, each a fresh coordinator and fleet:
+and data on `run.device` (cpu, or cuda: then all three share cuda:0), on each `--engines`
+(torchft, elastic) and the `--backend` (gloo; nccl sums on the GPU). Runs, each a fresh
+coordinator and fleet:
 
 * dense: all three devices finish.
-* kill: one device is killed with SIGKILL once it has committed `--kill-at` steps; the two
-  others must finish consistent.
+* kill: one device (its process and what it started: an elastic worker) is killed with
+  SIGKILL once it has committed `--kill-at` steps; the two others must finish consistent.
+  `--repeat N` repeats it, for the spread of the recovery time.
 * two_step: `[compression] compressor = "two_step"`, density 0.05; every pair's payload
   bytes sent (`payload_bytes_to`) must equal the bytes the peer decoded (`payload_bytes_from`).
 
 Prints one row per run: wall time (coordinator start to exit), final accuracy, consistency,
-steps not committed, recovery time and the byte check. `--json PATH` writes the summaries.
+steps not committed, recovery time and the byte check, the engines side by side.
+`--json PATH` writes the summaries.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from edgeddl.transport.store import progress_key
 
 SCENARIO = """
 [run]
-name = "gpufleet"
+name = "realfleet"
 seed = 0
 threads = 1
 device = "{device}"
@@ -105,8 +108,23 @@ def _wait(
     return rc
 
 
+def _kill_device(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the device's process and its children (an elastic agent's worker)."""
+    kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    for pid in [proc.pid, *map(int, kids.stdout.split())]:
+        os.kill(pid, signal.SIGKILL)
+
+
 def run_fleet(
-    folder: Path, kind: str, device: str, steps: int, count: int, kill_at: int, limit_s: float
+    folder: Path,
+    kind: str,
+    device: str,
+    steps: int,
+    count: int,
+    kill_at: int,
+    limit_s: float,
+    engine: str = "torchft",
+    backend: str = "gloo",
 ) -> dict[str, Any]:
     """One fleet run of `kind` in `folder`; returns the coordinator's summary plus timings."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +136,8 @@ def run_fleet(
     start = time.perf_counter()
     coord = _spawn(
         ["coordinator", str(scenario), "--port", str(port), "--host", "127.0.0.1",
-         "--out", str(out)],
+         "--out", str(out), "--engine", engine, "--backend", backend,
+         "--min-devices", str(count)],
         folder / "coordinator.log",
     )  # fmt: skip
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -139,7 +158,7 @@ def run_fleet(
                 if time.monotonic() > end or coord.poll() is not None:
                     raise RuntimeError(f"dev-1 never reached step {kill_at}\n{_tail(folder)}")
                 time.sleep(0.02)
-            os.kill(procs["dev-1"].pid, signal.SIGKILL)
+            _kill_device(procs["dev-1"])
             killed_at = int(store.get(key))
         rc = _wait(coord, procs, start + limit_s, folder)
         wall = time.perf_counter() - start
@@ -170,7 +189,7 @@ def bytes_agree(summary: dict[str, Any]) -> tuple[bool, int]:
     return ok, len(pairs)
 
 
-def row(kind: str, device: str, s: dict[str, Any]) -> list[str]:
+def row(kind: str, engine: str, device: str, s: dict[str, Any]) -> list[str]:
     acc = s.get("final_test_accuracy")
     agree = "-"
     if kind == "two_step":
@@ -179,6 +198,7 @@ def row(kind: str, device: str, s: dict[str, Any]) -> list[str]:
     train_s = max((d["time_s"] for d in s["per_device"]), default=0.0)
     return [
         kind,
+        engine,
         device,
         f"{s['bench_wall_s']:.1f}",
         f"{train_s:.1f}",
@@ -193,7 +213,10 @@ def row(kind: str, device: str, s: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
+    ap.add_argument("--engines", default="torchft,elastic", help="comma-separated engines")
+    ap.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    ap.add_argument("--repeat", type=int, default=1, help="kill runs per engine (default: 1)")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of %(default)s")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--count", type=int, default=3, help="device processes (default: 3)")
@@ -206,33 +229,51 @@ def main() -> int:
     unknown = sorted(set(kinds) - set(RUNS))
     if unknown:
         ap.error(f"--runs: unknown {unknown}; allowed: {', '.join(RUNS)}")
-    if args.device == "cuda":
+    engines = [e for e in args.engines.split(",") if e]
+    if sorted(set(engines) - {"torchft", "elastic"}):
+        ap.error(f"--engines: allowed are torchft, elastic; got {args.engines}")
+    if args.device == "cuda" or args.backend == "nccl":
         import torch
 
         if not torch.cuda.is_available():
-            print(f"--device cuda: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
+            print(f"--device cuda / --backend nccl: torch {torch.__version__} sees no CUDA device",
+                  file=sys.stderr)  # fmt: skip
             return 2
-    logs = args.logs or Path(tempfile.mkdtemp(prefix="edgeddl-gpufleet-"))
-    cols = ["run", "device", "wall s", "train s", "accuracy", "consistent", "not committed",
-            "max recovery s", "finished", "bytes agree"]  # fmt: skip
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="edgeddl-realfleet-"))
+    cols = ["run", "engine", "device", "wall s", "train s", "accuracy", "consistent",
+            "not committed", "max recovery s", "finished", "bytes agree"]  # fmt: skip
     rows: list[list[str]] = []
     results: dict[str, Any] = {}
     failed = False
-    for kind in kinds:
-        folder = logs / f"{kind}-{args.device}"
+    plan = [
+        (kind, engine, k)
+        for engine in engines
+        for kind in kinds
+        for k in range(args.repeat if kind == "kill" else 1)
+    ]
+    for kind, engine, k in plan:
+        label = f"{kind}-{engine}-{args.device}-{k}"
         try:
             s = run_fleet(
-                folder, kind, args.device, args.steps, args.count, args.kill_at, args.limit
+                logs / label,
+                kind,
+                args.device,
+                args.steps,
+                args.count,
+                args.kill_at,
+                args.limit,
+                engine,
+                args.backend,
             )
         except Exception as e:  # report and go on with the next run
             failed = True
             msg = str(e).strip()
-            print(f"{kind} on {args.device} FAILED: {msg[:4000]}", file=sys.stderr, flush=True)
-            results[kind] = {"error": msg}
-            rows.append([kind, args.device, "FAILED", *["-"] * (len(cols) - 3)])
+            print(f"{label} FAILED: {msg[:4000]}", file=sys.stderr, flush=True)
+            results[label] = {"error": msg}
+            rows.append([kind, engine, args.device, "FAILED", *["-"] * (len(cols) - 4)])
             continue
-        results[kind] = s
-        rows.append(row(kind, args.device, s))
+        results[label] = s
+        rows.append(row(kind, engine, args.device, s))
         print(" | ".join(rows[-1]), flush=True)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print("\n" + "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))

@@ -1,0 +1,151 @@
+"""One real-fleet device's loop (`transport/device.py`) over a stand-in engine and store:
+what it commits, what it gives up, how its wall time is split, and how a stop request waits
+for the update being applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from edgeddl.config.loader import load_scenario
+from edgeddl.fleet.timeline import STATES
+from edgeddl.transport.device import DeviceOptions, DeviceRun, RestartRequired, recoveries
+from edgeddl.transport.store import KEY_ROWS, row_key
+
+SCENARIO = """
+[run]
+name = "loop"
+threads = 1
+
+[[fleet.devices]]
+name = "dev"
+profile = "pc"
+count = 2
+
+[data]
+dataset = "mnist1d"
+num_samples = 600
+
+[model]
+name = "cnn1d"
+
+[train]
+global_batch = 32
+num_steps = {steps}
+eval_every = 5
+"""
+
+
+class _Store:
+    """The coordinator's store, in a dict."""
+
+    def __init__(self) -> None:
+        self.kv: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes:
+        return self.kv[key]
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self.kv[key] = value.encode() if isinstance(value, str) else value
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.kv for k in keys)
+
+    def add(self, key: str, n: int) -> int:
+        v = int(self.kv.get(key, b"0")) + n
+        self.kv[key] = str(v).encode()
+        return v
+
+
+class _Alone:
+    """An engine with one member: the sum is the contribution itself."""
+
+    def __init__(self, fail_at: set[int] = frozenset(), on_commit: Any = None) -> None:
+        self.step, self.fail_at, self.on_commit = 0, fail_at, on_commit
+        self.error: Exception | None = None
+
+    def start_step(self) -> tuple[int, int | None]:
+        self.error = None
+        return 1, 0
+
+    def current_step(self) -> int:
+        return self.step
+
+    def allreduce_sum(self, t: torch.Tensor) -> bool:
+        return self.step not in self.fail_at
+
+    def report_error(self, e: Exception) -> None:
+        self.error = e
+
+    def should_commit(self) -> bool:
+        if self.error is not None or self.step in self.fail_at:
+            return False
+        self.step += 1
+        if self.on_commit is not None:
+            self.on_commit()
+        return True
+
+    def is_lead(self) -> bool:
+        return True
+
+    def batches_committed(self) -> int:
+        return self.step
+
+
+def _run(tmp_path: Path, steps: int) -> DeviceRun:
+    path = tmp_path / "loop.toml"
+    path.write_text(SCENARIO.format(steps=steps))
+    scenario = load_scenario(path)
+    return DeviceRun(DeviceOptions(coordinator="127.0.0.1:1", name="dev-0"), scenario, 0)
+
+
+def _params(run: DeviceRun) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in run.strategy.params]
+
+
+def test_a_lone_device_commits_every_step_and_its_wall_time_adds_up(tmp_path: Path) -> None:
+    run, store = _run(tmp_path, steps=10), _Store()
+    before = _params(run)
+    run.train(_Alone(), store)
+    st = run.stats
+    assert st.committed == 10 and st.failed == 0
+    assert st.samples == 10 * 32  # alone, it takes the whole global batch every step
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(run), strict=True))
+    report = run.report(final_step=10, resumed_from=None)
+    assert set(report["breakdown_s"]) == set(STATES)
+    assert report["time_s"] == pytest.approx(sum(report["breakdown_s"].values()))
+    assert report["breakdown_s"]["compute"] > 0 and report["idle_s"] == 0.0  # nobody to wait for
+    rows = int(store.get(KEY_ROWS))  # evaluations at steps 5 and 10
+    assert rows == 2 and b'"step": 10' in store.get(row_key(2))
+
+
+def test_a_failed_exchange_applies_nothing_and_is_counted(tmp_path: Path) -> None:
+    run, store = _run(tmp_path, steps=3), _Store()
+    engine = _Alone(fail_at={1})
+    run.step(engine, store)  # step 0 commits
+    after_first = _params(run)
+    run.step(engine, store)  # step 1's sum fails: nothing applied, the step is not counted
+    assert all(torch.equal(a, b) for a, b in zip(after_first, _params(run), strict=True))
+    assert (run.stats.committed, run.stats.failed, engine.step) == (1, 1, 1)
+
+
+def test_a_stop_request_waits_for_the_update_then_restarts(tmp_path: Path) -> None:
+    run, store = _run(tmp_path, steps=5), _Store()
+
+    def stop_while_committing() -> None:  # what the elastic worker's SIGTERM handler does
+        assert run.critical
+        run.stop_requested = True
+
+    before = _params(run)
+    with pytest.raises(RestartRequired):
+        run.step(_Alone(on_commit=stop_while_committing), store)
+    # The update of the committed step was applied before the stop: model and step agree.
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(run), strict=True))
+
+
+def test_recoveries_are_the_gaps_where_membership_shrank() -> None:
+    commits = [(0.0, 3), (1.0, 3), (4.5, 2), (5.0, 2), (6.0, 3), (9.0, 1)]
+    assert recoveries(commits) == [3.5, 3.0]
