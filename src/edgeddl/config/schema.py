@@ -127,7 +127,8 @@ class FleetConfig:
     step_sync_s: float = 0.0
     """Fixed coordination cost of every synchronous step on a real engine (torchft's quorum
     and commit round trips, the processes' own overhead), beyond moving the payloads; 0 for
-    an ideal one. `benchmarks/calibration.py` measures it (about 11 ms on 127.0.0.1 here)."""
+    an ideal one. `benchmarks/calibration.py` measures it for its fleet (8-18 ms for four
+    device processes on 127.0.0.1 here; it grows with the processes sharing the cores)."""
     failure_detection_s: float = 1.0
     """Time for the others to notice a crashed device (torchft heartbeat measured here: 1.1 s)."""
 
