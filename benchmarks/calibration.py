@@ -122,7 +122,7 @@ def run_real(scenario_file: Path, names: list[str], out: Path) -> dict[str, Any]
     cpu0, t0 = cpu_children_s(), time.perf_counter()
     coord = subprocess.Popen(
         [*edge, "coordinator", str(scenario_file), "--host", "127.0.0.1", "--port", str(port),
-         "--out", str(out)],
+         "--out", str(out), "--min-devices", str(len(names))],
         stdout=(logs / "coordinator.log").open("wb"), stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     time.sleep(0.5)  # the store must be up before devices connect (they retry anyway)

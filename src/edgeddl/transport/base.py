@@ -1,7 +1,10 @@
-"""The Transport interface: how one step's payloads move, and what that cost each device.
+"""The simulator's Transport interface: how one step's payloads move, and what that cost
+each device.
 
-`sim` lays the step out on the virtual clock; a real transport (torch.distributed) will move
-the same payloads between processes and report measured times in the same `StepTimeline`.
+`sim` lays a whole step out on the virtual clock, for every device at once. A real fleet has
+no such global view: each device process runs the same strategy over an `Engine`
+(`transport/device.py`: who takes part, a sum, commit or not), measures its own wall time
+and reports it with the same keys (compute, data loading, communication, idle).
 """
 
 from __future__ import annotations
