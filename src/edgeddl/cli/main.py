@@ -14,7 +14,7 @@ from pathlib import Path
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.transport.checkpoint import CheckpointError, FleetFailed
+from edgeddl.transport.checkpoint import CheckpointError, DeviceFailed, FleetFailed
 
 # Files the user named (scenario, data folder, --out) that cannot be read or written are
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
@@ -24,6 +24,7 @@ USER_ERRORS = (
     TrainingDiverged,
     CheckpointError,
     FleetFailed,
+    DeviceFailed,
     OSError,
 )
 

@@ -29,6 +29,11 @@ class FleetFailed(RuntimeError):
     """Every device that connected stopped on an error, and no other came."""
 
 
+class DeviceFailed(RuntimeError):
+    """A device gave up: its worker failed more often than it may be restarted, or it ended
+    without taking part."""
+
+
 def pack(step: int, batches_committed: int, replica: dict[str, Any], scenario_toml: str) -> bytes:
     import torch  # only a real fleet's processes get here: the CLI starts without torch
 

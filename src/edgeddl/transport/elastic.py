@@ -42,6 +42,7 @@ from edgeddl.transport.checkpoint import (
     KEY_CHECKPOINT_EVERY,
     KEY_RESUME,
     CheckpointError,
+    DeviceFailed,
     pack,
     unpack,
 )
@@ -68,6 +69,7 @@ def in_elastic_worker() -> bool:
 def launch(opts: DeviceOptions, store: Any, num_devices: int, run_id: str) -> dict[str, Any]:
     """Be this device's torchrun elastic agent until the run ends; the device's report."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # workers get a store of their own
@@ -97,17 +99,23 @@ def launch(opts: DeviceOptions, store: Any, num_devices: int, run_id: str) -> di
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as e:
-        raise RuntimeError(
+        raise DeviceFailed(
             f"device {opts.name}: its worker failed {opts.max_restarts + 1} times "
             f"(--max-restarts {opts.max_restarts}); last: {str(e).splitlines()[0]}"
         ) from None
-    except Exception:
+    except Exception as e:
         # The worker finished, then the agent's goodbye to the rendezvous found the
         # coordinator already gone: the run is over all the same.
         if not final.exists():
+            if isinstance(e, RendezvousError):  # the coordinator's store is gone mid-run
+                raise ConnectionError(
+                    f"device {opts.name}: lost the coordinator at {opts.coordinator}; the "
+                    "elastic engine cannot outlive it: start this device again once the "
+                    "coordinator is back (it resumes from the coordinator's checkpoint)"
+                ) from None
             raise
     if not final.exists():
-        raise RuntimeError(
+        raise DeviceFailed(
             f"device {opts.name}: the run ended before this device took part in a step"
         )
     report = dict(json.loads(final.read_text()))
