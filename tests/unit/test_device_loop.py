@@ -149,3 +149,26 @@ def test_a_stop_request_waits_for_the_update_then_restarts(tmp_path: Path) -> No
 def test_recoveries_are_the_gaps_where_membership_shrank() -> None:
     commits = [(0.0, 3), (1.0, 3), (4.5, 2), (5.0, 2), (6.0, 3), (9.0, 1)]
     assert recoveries(commits) == [3.5, 3.0]
+
+
+def test_pacing_waits_out_a_slow_profile_and_counts_a_fast_one_it_cannot_hold(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "loop.toml"
+    path.write_text(
+        SCENARIO.format(steps=3)
+        + "\n[profiles.crawl]\nflops_per_s = 1.0e6\nmemory_bytes = 4.0e9\n"
+        + "op_overhead_s = 0.0\nstep_overhead_s = 0.0\nio_bytes_per_s = 1.0e9\n"
+        + "\n[profiles.blink]\nflops_per_s = 1.0e18\nmemory_bytes = 4.0e9\n"
+        + "op_overhead_s = 0.0\nstep_overhead_s = 0.0\nio_bytes_per_s = 1.0e18\n"
+    )
+    scenario = load_scenario(path)
+    slow = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-0", profile="crawl"), scenario, 0)
+    slow.train(_Alone(), _Store())
+    # 32 samples of the 1-D CNN at 1 MFLOP/s: the profile's seconds, not the machine's.
+    per_step = 32 * slow.w.cost.train_flops_per_sample / 1.0e6
+    work = slow.stats.seconds["compute"] + slow.stats.seconds["data_loading"]
+    assert work >= 3 * per_step and slow.stats.pacing_overruns == 0
+    fast = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-0", profile="blink"), scenario, 0)
+    fast.train(_Alone(), _Store())
+    assert fast.stats.pacing_overruns == 3  # a profile no machine keeps up with

@@ -138,6 +138,9 @@ class DeviceStats:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATES, 0.0))
     restarts: int = 0
     reconnects: int = 0
+    pacing_overruns: int = 0
+    """Steps whose real work took longer than the paced profile allows (pacing did not hold:
+    the machine is too busy or too slow for the profile)."""
     started_at: float = field(default_factory=time.time)
 
 
@@ -332,6 +335,8 @@ class DeviceRun:
         left = float(prof_data[0] + prof_compute[0]) - (time.perf_counter() - t0)
         if left > 0:
             time.sleep(left)
+        else:
+            self.stats.pacing_overruns += 1
         return max(data_s, float(prof_data[0]))
 
     def _after_commit(
@@ -412,6 +417,7 @@ class DeviceRun:
             "checksum": checksum(self.strategy.model),
             "recovery_s": recoveries(st.commits),
             "restarts": st.restarts,
+            "pacing_overruns": st.pacing_overruns,
             "coordinator_reconnects": st.reconnects,
             "resumed_from_step": resumed_from,
         }
