@@ -172,3 +172,30 @@ def test_pacing_waits_out_a_slow_profile_and_counts_a_fast_one_it_cannot_hold(
     fast = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-0", profile="blink"), scenario, 0)
     fast.train(_Alone(), _Store())
     assert fast.stats.pacing_overruns == 3  # a profile no machine keeps up with
+
+
+def test_an_elastic_worker_keeps_model_memory_and_counters_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """What a worker writes as it goes down is what its restarted self reads back: the
+    replica state, its own error-feedback memory, its counters; another run's is ignored."""
+    from edgeddl.transport.elastic import _load_local, _save_local
+
+    path = tmp_path / "loop.toml"
+    path.write_text(
+        SCENARIO.format(steps=4) + '\n[compression]\ncompressor = "topk"\ndensity = 0.05\n'
+    )
+    scenario = load_scenario(path)
+    opts = DeviceOptions(coordinator="h:1", name="dev-0")
+    before = DeviceRun(opts, scenario, 0)
+    before.train(_Alone(), _Store())
+    _save_local(before, tmp_path / "state", step=4)
+    after = DeviceRun(opts, scenario, 0)
+    assert _load_local(after, tmp_path / "state") == 4
+    assert all(torch.equal(a, b) for a, b in zip(_params(before), _params(after), strict=True))
+    memory = before.strategy.device_state(0)["memory"]["error"]
+    assert memory.abs().sum() > 0  # top-k held most of the gradient back
+    assert torch.equal(after.strategy.device_state(0)["memory"]["error"], memory)
+    assert after.stats.committed == 4 and after.stats.samples == before.stats.samples
+    other = load_scenario(path, ["train.lr=0.01"])  # another run's state: start afresh
+    assert _load_local(DeviceRun(opts, other, 0), tmp_path / "state") == 0

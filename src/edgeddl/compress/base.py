@@ -114,6 +114,12 @@ class ErrorFeedback(Protocol):
         """What is held back (None before the first commit)."""
         ...
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The memory as tensors (a device that restarts keeps it)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a phase's weighted payloads over the devices not in this process (identity if none)."""

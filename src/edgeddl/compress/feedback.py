@@ -40,6 +40,12 @@ class ResidualFeedback:
     def residual(self) -> torch.Tensor | None:
         return self._error
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self._error is None else {"error": self._error}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._error = state.get("error")
+
 
 class MomentumFeedback:
     """DGC's momentum-corrected memory with local clipping and momentum factor masking.
@@ -110,6 +116,13 @@ class MomentumFeedback:
     def residual(self) -> torch.Tensor | None:
         return self._accumulated
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"velocity": self._velocity, "accumulated": self._accumulated}
+        return {k: v for k, v in state.items() if v is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._velocity, self._accumulated = state.get("velocity"), state.get("accumulated")
+
 
 class NoFeedback:
     """No memory: the compressor sees the raw gradient, and what it drops is lost."""
@@ -122,4 +135,10 @@ class NoFeedback:
 
     @property
     def residual(self) -> torch.Tensor | None:
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         return None

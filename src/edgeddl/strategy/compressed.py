@@ -155,6 +155,13 @@ class CompressedDataParallel(DataParallel):
         if self.phased is not None:
             self.phased.load_state_dict(state["phased"])
 
+    def device_state(self, device: int) -> dict[str, Any]:
+        """What only this device holds (its error-feedback memory), as tensors."""
+        return {"memory": self._memory(device).state_dict()}
+
+    def load_device_state(self, device: int, state: dict[str, Any]) -> None:
+        self._memory(device).load_state_dict(state.get("memory", {}))
+
     def forget(self, device: int) -> None:
         """The device crashed: its memory and compressor state are gone."""
         self.memories.pop(device, None)

@@ -101,6 +101,13 @@ class DataParallel:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
+    def device_state(self, device: int) -> dict[str, Any]:
+        """What only this device holds beyond the replica state (nothing, uncompressed)."""
+        return {}
+
+    def load_device_state(self, device: int, state: dict[str, Any]) -> None:
+        return None
+
     def forget(self, device: int) -> None:
         """The device crashed (nothing to forget: the dense gradient is kept nowhere)."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -189,10 +190,12 @@ def _load_local(run: DeviceRun, folder: Path) -> int:
         return 0
     try:
         ck = unpack(path.read_bytes(), run.toml, str(path))
-    except CheckpointError as e:  # another run's, or damaged: start afresh, say so
-        print(f"edgeddl device {run.opts.name}: ignoring {e}", file=sys.stderr)
+        own = torch.load(path.with_suffix(".own.pt"), weights_only=True, map_location="cpu")
+    except (CheckpointError, OSError, RuntimeError) as e:  # damaged: start afresh, say so
+        print(f"edgeddl device {run.opts.name}: ignoring {path} ({e})", file=sys.stderr)
         return 0
     run.strategy.load_replica_state(ck["replica"])
+    run.strategy.load_device_state(run.idx, own)  # its error-feedback memory
     stats_path = path.with_suffix(".json")
     if stats_path.exists():
         with contextlib.suppress(ValueError, TypeError):  # counters only: the state matters
@@ -201,7 +204,11 @@ def _load_local(run: DeviceRun, folder: Path) -> int:
 
 
 def _save_local(run: DeviceRun, folder: Path, step: int) -> None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the device's own: nobody else's
     path = folder / f"{run.opts.name}.pt"
+    buf = io.BytesIO()
+    torch.save(run.strategy.device_state(run.idx), buf)
+    write_bytes_atomic(path.with_suffix(".own.pt"), buf.getvalue())
     write_bytes_atomic(path, pack(step, step, run.strategy.replica_state(), run.toml))
     st = run.stats
     write_text_atomic(
