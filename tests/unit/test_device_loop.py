@@ -4,6 +4,7 @@ for the update being applied."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,21 @@ def test_a_stop_request_waits_for_the_update_then_restarts(tmp_path: Path) -> No
 def test_recoveries_are_the_gaps_where_membership_shrank() -> None:
     commits = [(0.0, 3), (1.0, 3), (4.5, 2), (5.0, 2), (6.0, 3), (9.0, 1)]
     assert recoveries(commits) == [3.5, 3.0]
+
+
+def test_a_device_evaluates_as_the_simulator_does(tmp_path: Path) -> None:
+    path = tmp_path / "anomaly.toml"
+    text = (
+        SCENARIO.format(steps=5)
+        .replace('"mnist1d"', '"sensors"')
+        .replace('"cnn1d"', '"autoencoder1d"')
+    )
+    path.write_text(text)
+    run = DeviceRun(DeviceOptions(coordinator="127.0.0.1:1", name="dev-0"), load_scenario(path), 0)
+    store = _Store()
+    run.train(_Alone(), store)
+    row = json.loads(store.get(row_key(1)))
+    w = run.w
+    expected = w.task.evaluate(run.strategy.model, w.x_test, w.y_test)  # the loop's call
+    assert row["test_auroc"] == expected["test_auroc"] and row["test_loss"] == expected["test_loss"]
+    assert "test_accuracy" not in row and run.strategy.model.training
