@@ -153,6 +153,15 @@ def test_summary_keys_follow_the_metric() -> None:
     }
 
 
+def test_real_fleet_summary_has_the_task_metric() -> None:
+    from edgeddl.transport.coordinator import _summary
+
+    rows = [{"step": 0, "test_loss": 0.5, "test_auroc": 0.7}]
+    s = _summary(load_scenario("anomaly_fleet"), rows, [], wall_s=1.0)
+    assert s["task"] == "anomaly_detection" and s["final_test_auroc"] == 0.7
+    assert "final_test_accuracy" not in s
+
+
 @pytest.mark.parametrize(
     ("overrides", "start"),
     [

@@ -125,7 +125,7 @@ def _anomalies(rng: np.random.Generator, kinds: np.ndarray) -> SensorSeries:
     machine = rng.integers(0, NUM_MACHINE_TYPES, n)
     speed = 1.0 + _SPEED_JITTER * rng.standard_normal(n)
     shifted = kinds == ANOMALY_KINDS.index("frequency_shift")
-    # Running 15-30 % faster or slower: between two machine types' speeds, not on one.
+    # 15-30 % faster or 13-23 % slower: between two machine types' speeds, not on one.
     factor = rng.uniform(1.15, 1.3, n) ** rng.choice([-1.0, 1.0], n)
     speed = np.where(shifted, speed * factor, speed)
     x = _series(rng, machine, speed)

@@ -203,6 +203,7 @@ def _summary(
         "transport": "torchdist",
         "clock": "wall",
         "scenario": scenario.run.name,
+        "task": scenario.task,
         **metric_summary(rows, TASKS[scenario.task].metric),
         "time_s": time_s,
         "wall_time_s": wall_s,
