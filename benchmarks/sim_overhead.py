@@ -50,6 +50,7 @@ from common import (
 )
 from edgeddl import Scenario
 from edgeddl.models import build_model
+from edgeddl.task import Classification
 
 GOAL_RATIO = 1.2
 
@@ -57,7 +58,7 @@ GOAL_RATIO = 1.2
 SETUP_PARTS = {
     "model_cost": "model_cost",
     "partition": "partition",
-    "plot_accuracy": "plots",
+    "plot_metric": "plots",
     "plot_timeline": "plots",
     "write_text_atomic": "files",
     "write_json_atomic": "files",
@@ -96,16 +97,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
-    """Test accuracy, computed as `DataParallel.evaluate` does (loss included)."""
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        out = model(x[i : i + batch])
-        total_loss += float(nn.functional.cross_entropy(out, y[i : i + batch])) * len(out)
-        correct += int((out.argmax(1) == y[i : i + batch]).sum())
-    return correct / max(len(x), 1)
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy, computed as the simulator does (`Task.evaluate`, loss included)."""
+    return Classification().evaluate(model, x, y)["test_accuracy"]
 
 
 def plain_loop(
@@ -182,12 +176,6 @@ def instrumented() -> Iterator[dict[str, Any]]:
             found["step_s"] += time.perf_counter() - t0
             return loss
 
-        def evaluate(self, x: torch.Tensor, y: torch.Tensor, *a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
-            out = super().evaluate(x, y, *a, **k)
-            found["eval_s"] += time.perf_counter() - t0
-            return out
-
     def timed(fn: Callable[..., Any], part: str) -> Callable[..., Any]:
         def wrapper(*a: Any, **k: Any) -> Any:
             t0 = time.perf_counter()
@@ -201,6 +189,15 @@ def instrumented() -> Iterator[dict[str, Any]]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(loop, "ShardSampler", RecordingSampler))
         stack.enter_context(mock.patch.object(loop, "DataParallel", TimedStrategy))
+        base_evaluate = Classification.evaluate
+
+        def timed_evaluate(self: Classification, *a: Any, **k: Any) -> dict[str, float]:
+            t0 = time.perf_counter()
+            out = base_evaluate(self, *a, **k)
+            found["eval_s"] += time.perf_counter() - t0
+            return out
+
+        stack.enter_context(mock.patch.object(Classification, "evaluate", timed_evaluate))
         for name, part in SETUP_PARTS.items():
             if hasattr(loop, name):
                 stack.enter_context(mock.patch.object(loop, name, timed(getattr(loop, name), part)))

@@ -33,16 +33,22 @@ from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
 from edgeddl.fleet.timeline import StepRequest
-from edgeddl.report.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from edgeddl.report.plots import plot_accuracy, plot_timeline
+from edgeddl.report.files import (
+    metric_label,
+    metric_plot,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from edgeddl.report.plots import plot_metric, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
 from edgeddl.report.recorder import RunRecorder
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import LossFn
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.fused import batchnorm_layers
+from edgeddl.task import LossFn
 from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
 from edgeddl.workload import build_workload
@@ -75,7 +81,9 @@ def run(
     simulated fleet and write its run folder.
 
     Bring your own `model` (any nn.Module) and `train_set`/`test_set` (any torch Dataset of
-    (input, class index) pairs) to replace the scenario's; `loss_fn` must average over samples.
+    (input, label) pairs: class indices, or for anomaly detection a training label to
+    partition by and a test label 1 = anomaly) to replace the scenario's; `loss_fn(output,
+    target)` must average over samples (the target: the label, or the input).
     """
     if isinstance(config, Scenario):
         scenario = config
@@ -107,7 +115,7 @@ def _train(
     wall_start = time.perf_counter()
     seed = scenario.run.seed
     custom_model = model is not None
-    w = build_workload(scenario, model, train_set, test_set)
+    w = build_workload(scenario, model, train_set, test_set, loss_fn)
     model, info, cost, shards, fleet = w.model, w.info, w.cost, w.shards, w.fleet
     x_train, y_train, x_test, y_test = w.x_train, w.y_train, w.x_test, w.y_test
     device = x_train.device
@@ -116,7 +124,8 @@ def _train(
     per_sample_s = w.per_sample_s
     sampler = ShardSampler(shards, seed)
     t = scenario.train
-    strategy, policy = build_strategy(scenario, model, loss_fn)
+    strategy, policy = build_strategy(scenario, model, w.task.loss_fn)
+    metric = w.task.metric
     transport: Transport = SimTransport(fleet, t.topology, seed)
     agg_flops = strategy.aggregation_flops()
     # BatchNorm cannot normalise a batch of one 1-D sample (PyTorch refuses it): to be safe
@@ -139,20 +148,19 @@ def _train(
 
     def evaluate(at_step: int, num_members: int) -> dict[str, Any]:
         """Test the current model; one line of metrics.jsonl (virtual time is not charged)."""
-        test_loss, acc = strategy.evaluate(x_test, y_test)
         row = rec.add_eval(
             step=at_step,
             virtual_time_s=clock.now_s,
             wall_time_s=time.perf_counter() - wall_start,
-            test_loss=test_loss,
-            test_accuracy=acc,
+            metrics=w.task.evaluate(model, x_test, y_test),
             num_members=num_members,
         )
         write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
         return row
 
-    evaluate(0, len(schedule.members()))  # where the accuracy curve starts
-    with ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress) as display:
+    evaluate(0, len(schedule.members()))  # where the metric's curve starts
+    display = ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress, metric=metric)
+    with display:
         while step < t.num_steps:
             applied = schedule.advance_to(clock.now_s)
             for ev in applied:
@@ -226,7 +234,7 @@ def _train(
             )
             if step % t.eval_every == 0 or done:
                 row = evaluate(step, len(members))
-                display.update(step, clock.now_s, row["train_loss"], row["test_accuracy"])
+                display.update(step, clock.now_s, row["train_loss"], row[metric])
             else:
                 display.update(step, clock.now_s)
             if done:
@@ -235,6 +243,7 @@ def _train(
             evaluate(step, 0)
 
     summary = rec.summary(
+        metric=metric,
         virtual_time_s=clock.now_s,
         wall_time_s=time.perf_counter() - wall_start,
         extra={
@@ -242,6 +251,7 @@ def _train(
             "strategy": t.strategy,
             "topology": t.topology,
             "balance": t.balance,
+            "task": w.task.name,
             "dataset": info.name,
             "model": {
                 "name": "custom" if custom_model else scenario.model.name,
@@ -258,7 +268,8 @@ def _train(
         },
     )
     write_json_atomic(run_dir / "summary.json", summary)
-    plot_accuracy(rec.evals, run_dir / "accuracy.png", f"{scenario.run.name}: test accuracy")
+    title = f"{scenario.run.name}: test {metric_label(metric)}"
+    plot_metric(rec.evals, run_dir / metric_plot(metric), metric, title)
     plot_timeline(rec, run_dir / "timeline.png")
     display.print_summary(summary, str(run_dir))
     return RunResult(run_dir=run_dir, summary=summary, model=model)

@@ -1,8 +1,9 @@
 """What a run trains, set up the same way by the simulator and by every real device.
 
-The data set (generated or read from a local folder), the model (seeded, so every replica
-starts equal), its cost, the fleet's profiles and each device's shard: every process of a
-real fleet builds exactly this from the scenario and the seed, and takes its own shard.
+The data set (generated or read from a local folder), the task (what the loss compares the
+output with, how the test set is scored), the model (seeded, so every replica starts
+equal), its cost, the fleet's profiles and each device's shard: every process of a real
+fleet builds exactly this from the scenario and the seed, and takes its own shard.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo, load_dataset, partition
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.models import ModelCost, build_model, cached_model_cost, model_cost
+from edgeddl.task import LossFn, Task, build_task
 
 
 def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +55,13 @@ OPTIMIZER_STATE_COPIES = 4
 class Workload:
     x_train: torch.Tensor
     y_train: torch.Tensor
+    """Training targets, what the loss compares the output with: class labels, or for
+    anomaly detection the inputs themselves (the same tensor as `x_train`)."""
     x_test: torch.Tensor
     y_test: torch.Tensor
+    """Test labels: classes, or 1 for an anomaly and 0 for a normal sample."""
     info: DatasetInfo
+    task: Task
     model: nn.Module
     cost: ModelCost
     fleet: Fleet
@@ -82,10 +88,14 @@ def build_workload(
     model: nn.Module | None = None,
     train_set: Dataset | None = None,
     test_set: Dataset | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Workload:
-    """Data, model, cost, fleet and shards of `scenario` (seeded: the same in every process).
+    """Data, task, model, cost, fleet and shards of `scenario` (seeded: the same in every
+    process).
 
-    Bring your own `model` and `train_set`/`test_set` to replace the scenario's.
+    Bring your own `model`, `train_set`/`test_set` and `loss_fn` to replace the scenario's.
+    The training labels decide the partition (for anomaly detection, e.g. the machine type
+    that produced a series); the loss sees the task's target.
     """
     seed = scenario.run.seed
     torch.manual_seed(seed)
@@ -106,14 +116,14 @@ def build_workload(
     if scenario.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('run.device: "cuda" asked for but torch sees no CUDA device')
     device = torch.device(scenario.run.device)
-    x_train, y_train = (t.to(device) for t in _tensors(train_set))
+    x_train, labels = (t.to(device) for t in _tensors(train_set))
     x_test, y_test = (t.to(device) for t in _tensors(test_set))
     # A built-in data set knows its stored sample size (uint8 images are 1 byte a value);
     # for a user's data set the in-memory tensors are all we know.
     info = built_in or DatasetInfo(
         name="custom",
         input_shape=tuple(x_train.shape[1:]),
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        num_classes=int(max(labels.max(), y_test.max())) + 1,
         sample_bytes=x_train[0].numel() * x_train.element_size(),
     )
     if scenario.train.global_batch > len(x_train):
@@ -141,19 +151,21 @@ def build_workload(
     weights = (1.0 / per_sample_s).tolist() if d.shard_sizes == "capability" else None
     with as_config_error("data.partition"):
         shards = partition(
-            y_train.cpu(),
+            labels.cpu(),
             fleet.num_devices,
             scheme=d.partition,
             alpha=d.alpha,
             seed=seed,
             weights=weights,
         )
+    task = build_task(scenario.task, loss_fn)
     return Workload(
         x_train=x_train,
-        y_train=y_train,
+        y_train=task.target(x_train, labels),
         x_test=x_test,
         y_test=y_test,
         info=info,
+        task=task,
         model=model,
         cost=cost,
         fleet=fleet,

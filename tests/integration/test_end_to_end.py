@@ -79,7 +79,7 @@ def test_small_fleet_learns_and_summary_adds_up(small_run: edgeddl.RunResult) ->
 
 def test_run_folder_files(small_run: edgeddl.RunResult) -> None:
     d = small_run.run_dir
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, "accuracy.png"):
         assert (d / name).stat().st_size > 0, name
     resolved = tomllib.loads((d / "config.resolved.toml").read_text())
     assert scenario_from_dict(resolved) == _scenario()

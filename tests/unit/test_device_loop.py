@@ -4,6 +4,7 @@ for the update being applied."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,21 @@ def test_an_elastic_worker_keeps_model_memory_and_counters_across_a_restart(
     assert after.stats.committed == 4 and after.stats.samples == before.stats.samples
     other = load_scenario(path, ["train.lr=0.01"])  # another run's state: start afresh
     assert _load_local(DeviceRun(opts, other, 0), tmp_path / "state") == 0
+
+
+def test_a_device_evaluates_as_the_simulator_does(tmp_path: Path) -> None:
+    path = tmp_path / "anomaly.toml"
+    text = (
+        SCENARIO.format(steps=5)
+        .replace('"mnist1d"', '"sensors"')
+        .replace('"cnn1d"', '"autoencoder1d"')
+    )
+    path.write_text(text)
+    run = DeviceRun(DeviceOptions(coordinator="127.0.0.1:1", name="dev-0"), load_scenario(path), 0)
+    store = _Store()
+    run.train(_Alone(), store)
+    row = json.loads(store.get(row_key(1)))
+    w = run.w
+    expected = w.task.evaluate(run.strategy.model, w.x_test, w.y_test)  # the loop's call
+    assert row["test_auroc"] == expected["test_auroc"] and row["test_loss"] == expected["test_loss"]
+    assert "test_accuracy" not in row and run.strategy.model.training

@@ -249,6 +249,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from edgeddl.loop import default_run_dir
+    from edgeddl.report.files import metric_label
+    from edgeddl.task import TASKS
     from edgeddl.transport.coordinator import serve
 
     if not 0 < args.port < 65536:
@@ -276,7 +278,9 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         backend=args.backend,
         min_devices=args.min_devices,
     )
-    print(f"{out}: accuracy {summary['final_test_accuracy']}, {summary['num_steps']} steps")
+    metric = TASKS[scenario.task].metric
+    value = summary[f"final_{metric}"]
+    print(f"{out}: {metric_label(metric)} {value}, {summary['num_steps']} steps")
     return 0
 
 

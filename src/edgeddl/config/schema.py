@@ -12,9 +12,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic"]
+DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic", "sensors"]
 PartitionName = Literal["iid", "dirichlet"]
-ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56"]
+ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56", "autoencoder1d"]
+TaskName = Literal["classification", "anomaly_detection"]
+ANOMALY_DATASETS = ("sensors",)
+"""Data sets for anomaly detection: normal training series, a test set labelled 1 = anomaly."""
+RECONSTRUCTION_MODELS = ("autoencoder1d",)
+"""Models whose output has the input's shape (what anomaly detection trains)."""
 CompressorName = Literal[
     "none",
     "fp16",
@@ -165,7 +170,8 @@ class DataConfig:
     root: str = ""
     """Folder of a local data set (CIFAR-10 in its python format); nothing is downloaded."""
     num_samples: int = 0
-    """Samples to generate (mnist1d, synthetic); 0 keeps the data set's default."""
+    """Samples to generate (mnist1d, synthetic; sensors: training series); 0 keeps the data
+    set's default."""
     input_shape: list[int] = field(default_factory=list)
     """Sample shape for `synthetic`, channel-first; empty for its default (1, 40)."""
     num_classes: int = 10
@@ -357,7 +363,14 @@ class Scenario:
     links: dict[str, LinkProfile] = field(default_factory=dict)
     """Link profiles of your own, beside the built-ins."""
 
+    @property
+    def task(self) -> TaskName:
+        """What the run learns and how it is scored, from the data set: classification
+        (cross-entropy, accuracy) or anomaly detection (reconstruction error, AUROC)."""
+        return "anomaly_detection" if self.data.dataset in ANOMALY_DATASETS else "classification"
+
     def __post_init__(self) -> None:
+        self._check_task()
         # Lazy: the catalog lives in the fleet layer, which builds on these classes.
         from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
 
@@ -386,6 +399,22 @@ class Scenario:
                 key in names,
                 f"compression.groups.{key}: unknown group or device; allowed: a group or "
                 "device name from [fleet]",
+            )
+
+    def _check_task(self) -> None:
+        name, dataset = self.model.name, self.data.dataset
+        if self.task == "anomaly_detection":
+            _require(
+                name in RECONSTRUCTION_MODELS,
+                f"model.name: {name!r} is a classifier, but data.dataset {dataset!r} is for "
+                f"anomaly detection; allowed: {', '.join(RECONSTRUCTION_MODELS)}",
+            )
+        else:
+            _require(
+                name not in RECONSTRUCTION_MODELS,
+                f"model.name: {name!r} reconstructs its input, for anomaly detection, but "
+                f"data.dataset {dataset!r} is for classification; use it with "
+                f"{', '.join(repr(d) for d in ANOMALY_DATASETS)}",
             )
 
     def _check_events(self) -> None:

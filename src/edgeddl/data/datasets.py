@@ -1,8 +1,9 @@
 """Dataset loaders: every dataset comes back as in-memory train/test tensors plus its metadata.
 
-All loaders are offline. MNIST-1D and the synthetic task are generated, digits ships with
-scikit-learn, and CIFAR-10 is read from a local folder in its standard python format; nothing
-is ever downloaded, so runs are reproducible on air-gapped machines and in CI.
+All loaders are offline. MNIST-1D, the synthetic task and the sensor series are generated,
+digits ships with scikit-learn, and CIFAR-10 is read from a local folder in its standard
+python format; nothing is ever downloaded, so runs are reproducible on air-gapped machines
+and in CI.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from edgeddl.config.schema import DatasetName
+from edgeddl.data.sensors import (
+    DEFAULT_NUM_TRAIN,
+    NUM_CHANNELS,
+    NUM_MACHINE_TYPES,
+    SERIES_LENGTH,
+    make_sensors,
+)
 
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)  # one list: the config's
 
@@ -50,6 +58,7 @@ class DatasetInfo:
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
+    """Distinct training labels (for sensors: machine types, what partitioning skews)."""
     sample_bytes: int
 
 
@@ -65,10 +74,14 @@ def load_dataset(
     """Load dataset `name` as (train, test, info); x is float32 channel-first, y is int64.
 
     `root` is used by cifar10 only. `seed` selects the generated data for mnist1d (0 keeps the
-    package's canonical seed 42) and synthetic, and the train/test split for digits. `num_samples`
-    is the total sample count for mnist1d (split 80/20) and the train count for synthetic (plus
-    20 % for test); 0 keeps the default. `input_shape` and `num_classes` shape synthetic only.
+    package's canonical seed 42), synthetic and sensors, and the train/test split for digits.
+    `num_samples` is the total sample count for mnist1d (split 80/20), the train count for
+    synthetic (plus 20 % for test) and sensors (plus 25 %); 0 keeps the default.
+    `input_shape` and `num_classes` shape synthetic only.
     Parameters a dataset does not use are ignored.
+
+    sensors is for anomaly detection: its training labels are machine types (normal series
+    only), its test labels 1 for an anomaly and 0 for a normal series (`data/sensors.py`).
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0 (0 = dataset default), got {num_samples}")
@@ -78,6 +91,8 @@ def load_dataset(
         return _load_digits(seed)
     if name == "cifar10":
         return _load_cifar10(root)
+    if name == "sensors":
+        return _load_sensors(seed, num_samples or DEFAULT_NUM_TRAIN)
     if name == "synthetic":
         shape = tuple(input_shape) or _DEFAULT_SYNTHETIC_SHAPE
         return _load_synthetic(seed, num_samples or _DEFAULT_SYNTHETIC_SAMPLES, shape, num_classes)
@@ -250,3 +265,10 @@ def _load_synthetic(
     test = _tensor_dataset(x[num_train:], labels[num_train:])
     info = DatasetInfo("synthetic", input_shape, num_classes, num_features * _FLOAT32_BYTES)
     return train, test, info
+
+
+def _load_sensors(seed: int, num_train: int) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
+    train, test = make_sensors(num_train, seed)
+    shape = (NUM_CHANNELS, SERIES_LENGTH)
+    info = DatasetInfo("sensors", shape, NUM_MACHINE_TYPES, math.prod(shape) * _FLOAT32_BYTES)
+    return _tensor_dataset(train.x, train.machine), _tensor_dataset(test.x, test.anomaly), info

@@ -6,6 +6,7 @@ fleet can start from identical (or deliberately different) weights.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import get_args
 
@@ -20,6 +21,7 @@ MODEL_NAMES: tuple[str, ...] = get_args(ModelName)  # one list: the config's
 _DEFAULT_MLP_WIDTH = 128
 _DEFAULT_CNN1D_WIDTH = 25
 _DEFAULT_RESNET_WIDTH = 16
+_DEFAULT_AUTOENCODER_WIDTH = 32
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
@@ -28,8 +30,10 @@ def build_model(
 ) -> nn.Module:
     """Build model `name` for one-sample `input_shape` (channel-first) and `num_classes` outputs.
 
-    `width` is the hidden size for mlp, the channel count for cnn1d and the first-stage channel
-    count for the ResNets (stages use width, 2*width, 4*width); 0 picks 128, 25 and 16.
+    `width` is the hidden size for mlp, the channel count for cnn1d, the first-stage channel
+    count for the ResNets (stages use width, 2*width, 4*width) and for autoencoder1d (its
+    code has `width` values); 0 picks 128, 25, 16 and 32. autoencoder1d reconstructs its
+    input (output shape = input shape) and ignores `num_classes`.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
@@ -44,6 +48,8 @@ def build_model(
         return _build_mlp(shape, num_classes, width or _DEFAULT_MLP_WIDTH)
     if name == "cnn1d":
         return _build_cnn1d(shape, num_classes, width or _DEFAULT_CNN1D_WIDTH)
+    if name == "autoencoder1d":
+        return _build_autoencoder1d(shape, width or _DEFAULT_AUTOENCODER_WIDTH)
     if len(shape) != 3:
         raise ValueError(f"{name} needs a 3-D (C, H, W) input_shape, got {input_shape}")
     return CifarResNet(_RESNET_DEPTHS[name], shape[0], num_classes, width or _DEFAULT_RESNET_WIDTH)
@@ -81,6 +87,42 @@ def _build_cnn1d(input_shape: tuple[int, ...], num_classes: int, width: int) -> 
         layers += [nn.Conv1d(in_channels, width, kernel, stride, padding), nn.ReLU()]
         in_channels = width
     layers += [nn.Flatten(), nn.Linear(width * out_length, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _build_autoencoder1d(input_shape: tuple[int, ...], width: int) -> nn.Module:
+    """Two strided convolutions down to a `width`-value code, and back up to the input.
+
+    The narrow code is the point: the model can only reconstruct what it has learned is
+    usual, so an unusual series comes back with a large error (the anomaly score).
+    """
+    if len(input_shape) != 2:
+        raise ValueError(f"autoencoder1d needs a 2-D (C, L) input_shape, got {input_shape}")
+    num_channels, length = input_shape
+    kernel, stride, padding = 5, 2, 2
+    lengths = [length]  # after each downsampling convolution
+    for _ in range(2):
+        lengths.append(_conv1d_out_length(lengths[-1], kernel, stride, padding))
+    channels = (num_channels, width, 2 * width)
+    hidden = channels[-1] * lengths[-1]
+    layers: list[nn.Module] = []
+    for c_in, c_out in itertools.pairwise(channels):
+        layers += [nn.Conv1d(c_in, c_out, kernel, stride, padding), nn.ReLU()]
+    layers += [
+        nn.Flatten(),
+        nn.Linear(hidden, width),
+        nn.ReLU(),
+        nn.Linear(width, hidden),
+        nn.ReLU(),
+        nn.Unflatten(1, (channels[-1], lengths[-1])),
+    ]
+    for k, (c_in, c_out) in enumerate(itertools.pairwise(channels[::-1])):
+        # output_padding picks the one of the two lengths a stride-2 convolution maps alike
+        target, source = lengths[-2 - k], lengths[-1 - k]
+        extra = target - ((source - 1) * stride - 2 * padding + kernel)
+        layers.append(nn.ConvTranspose1d(c_in, c_out, kernel, stride, padding, extra))
+        if c_out != num_channels:
+            layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 

@@ -1,4 +1,4 @@
-"""PNG plots of a run: accuracy against virtual time, and each device's busy/idle timeline."""
+"""PNG plots of a run: the test metric against time, and each device's busy/idle timeline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
-from edgeddl.report.files import write_bytes_atomic
+from edgeddl.report.files import metric_label, write_bytes_atomic
 from edgeddl.report.recorder import TIMELINE_STEPS, RunRecorder
 
 COLORS = {
@@ -29,19 +29,24 @@ def _save(fig: Any, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def plot_accuracy(
-    evals: list[dict[str, Any]], path: Path, title: str, time_key: str = "virtual_time_s"
+def plot_metric(
+    evals: list[dict[str, Any]],
+    path: Path,
+    metric: str,
+    title: str,
+    time_key: str = "virtual_time_s",
 ) -> None:
-    """Test accuracy against `time_key` (virtual time, or wall time for a real fleet)."""
+    """Test `metric` (in [0, 1]) against `time_key` (virtual time, or wall time for a real
+    fleet)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(
         [r[time_key] for r in evals],
-        [r["test_accuracy"] for r in evals],
+        [r[metric] for r in evals],
         marker="o",
         markersize=3,
     )
     ax.set_xlabel("virtual time (s)" if time_key == "virtual_time_s" else "wall time (s)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {metric_label(metric)}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title)

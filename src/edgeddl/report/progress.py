@@ -1,4 +1,4 @@
-"""Live progress display: step, virtual time, loss and accuracy, drawn by `rich`."""
+"""Live progress display: step, virtual time, loss and the test metric, drawn by `rich`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgeddl.report.files import metric_label
+
 
 class ProgressDisplay:
-    """A progress bar over steps with the latest virtual time, loss and test accuracy.
+    """A progress bar over steps with the latest virtual time, loss and test `metric`
+    (an evaluation row's key, such as test_accuracy).
 
     Disabled (prints nothing) when `enabled` is false; on a terminal that is not interactive
     rich draws only the final state.
     """
 
-    def __init__(self, num_steps: int, title: str, enabled: bool = True) -> None:
+    def __init__(
+        self, num_steps: int, title: str, enabled: bool = True, metric: str = "test_accuracy"
+    ) -> None:
         self.enabled = enabled
+        self.metric = metric
         self.console = Console(stderr=True, quiet=not enabled)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -26,11 +32,11 @@ class ProgressDisplay:
             MofNCompleteColumn(),
             TextColumn("virtual {task.fields[vt]:>9}"),
             TextColumn("loss {task.fields[loss]}"),
-            TextColumn("acc {task.fields[acc]}"),
+            TextColumn(f"{metric_label(metric)} {{task.fields[metric]}}"),
             TimeElapsedColumn(),
             console=self.console,
         )
-        self.task = self.progress.add_task(title, total=num_steps, vt="0.0 s", loss="-", acc="-")
+        self.task = self.progress.add_task(title, total=num_steps, vt="0.0 s", loss="-", metric="-")
 
     def __enter__(self) -> ProgressDisplay:
         self.progress.start()
@@ -49,22 +55,25 @@ class ProgressDisplay:
         step: int,
         virtual_time_s: float,
         loss: float | None = None,
-        accuracy: float | None = None,
+        metric: float | None = None,
     ) -> None:
         if not self.enabled:
             return
         fields: dict[str, Any] = {"vt": f"{virtual_time_s:.1f} s"}
         if loss is not None:
             fields["loss"] = f"{loss:.3f}"
-        if accuracy is not None:
-            fields["acc"] = f"{accuracy:.3f}"
+        if metric is not None:
+            fields["metric"] = f"{metric:.3f}"
         self.progress.update(self.task, completed=step, **fields)
 
     def print_summary(self, summary: dict[str, Any], run_dir: str) -> None:
         table = Table(title=f"edgeddl run: {run_dir}", show_header=False)
-        acc = summary.get("final_test_accuracy")
+        value = summary.get(f"final_{self.metric}")
         rows = [
-            ("final test accuracy", f"{acc:.4f}" if acc is not None else "-"),
+            (
+                f"final test {metric_label(self.metric)}",
+                f"{value:.4f}" if value is not None else "-",
+            ),
             ("virtual time", f"{summary['virtual_time_s']:.1f} s"),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
             ("devices", str(summary["num_devices"])),

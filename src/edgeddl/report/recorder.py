@@ -87,10 +87,10 @@ class RunRecorder:
         step: int,
         virtual_time_s: float,
         wall_time_s: float,
-        test_loss: float,
-        test_accuracy: float,
+        metrics: dict[str, float],
         num_members: int,
     ) -> dict[str, Any]:
+        """One evaluation row; `metrics`: the task's (`test_loss` and its own metric)."""
         row = {
             "step": step,
             "clock": "virtual",
@@ -98,8 +98,7 @@ class RunRecorder:
             "virtual_time_s": virtual_time_s,
             "wall_time_s": wall_time_s,
             "train_loss": float(self.loss_sum) / self.loss_count if self.loss_count else None,
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
+            **metrics,
             "samples": int(self.samples.sum()),
             "bytes_up": int(self.bytes_up.sum()),
             "bytes_down": int(self.bytes_down.sum()),
@@ -113,9 +112,8 @@ class RunRecorder:
         return sum((self.seconds[s] for s in STATES), np.zeros(len(self.names)))
 
     def summary(
-        self, *, virtual_time_s: float, wall_time_s: float, extra: dict[str, Any]
+        self, *, metric: str, virtual_time_s: float, wall_time_s: float, extra: dict[str, Any]
     ) -> dict[str, Any]:
-        last = self.evals[-1] if self.evals else {}
         busy = (
             self.seconds["compute"] + self.seconds["data_loading"] + self.seconds["communication"]
         )
@@ -138,9 +136,7 @@ class RunRecorder:
         ]
         total_samples = int(self.samples.sum())
         return {
-            "final_test_accuracy": last.get("test_accuracy"),
-            "final_test_loss": last.get("test_loss"),
-            "best_test_accuracy": max((r["test_accuracy"] for r in self.evals), default=None),
+            **metric_summary(self.evals, metric),
             "clock": "virtual",
             "time_s": virtual_time_s,
             "virtual_time_s": virtual_time_s,
@@ -158,3 +154,14 @@ class RunRecorder:
             "events": self.events,
             "per_device": per_device,
         }
+
+
+def metric_summary(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The summary's view of the evaluation rows: the last and best values of `metric`
+    (`final_test_accuracy`, `best_test_auroc`, ...) and the last test loss."""
+    last = rows[-1] if rows else {}
+    return {
+        f"final_{metric}": last.get(metric),
+        "final_test_loss": last.get("test_loss"),
+        f"best_{metric}": max((r[metric] for r in rows), default=None),
+    }

@@ -49,7 +49,3 @@ class Strategy(Protocol):
     def compression_summary(self) -> dict[str, float]:
         """Gradient bytes sent per device and step, and the ratio to dense."""
         ...
-
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """(mean loss, accuracy) of the current model on a held-out set."""
-        ...

@@ -17,10 +17,10 @@ from edgeddl.workload import as_config_error
 
 
 def build_strategy(
-    scenario: Scenario, model: nn.Module, loss_fn: LossFn | None = None
+    scenario: Scenario, model: nn.Module, loss: LossFn
 ) -> tuple[DataParallel, DensityPolicy | None]:
-    """Plain data-parallel, or with the scenario's compression (checked here)."""
-    loss = loss_fn or nn.functional.cross_entropy
+    """Plain data-parallel, or with the scenario's compression (checked here); `loss` is
+    the task's (`Workload.task.loss_fn`)."""
     comp = scenario.compression
     if not comp.enabled:
         return DataParallel(model, scenario.train, loss), None

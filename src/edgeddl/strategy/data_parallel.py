@@ -13,7 +13,7 @@ devices' batches in one fused pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,7 @@ from edgeddl.compress.base import Layout
 from edgeddl.compress.codec import dense_payload_bytes
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from edgeddl.task import LossFn
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -174,14 +173,3 @@ class DataParallel:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
-
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, float]:
-        """(mean loss, accuracy) on a held-out set."""
-        self.model.eval()
-        total_loss, correct = 0.0, 0
-        for i in range(0, len(x), batch):
-            out = self.model(x[i : i + batch])
-            total_loss += float(self.loss_fn(out, y[i : i + batch])) * len(out)
-            correct += int((out.argmax(1) == y[i : i + batch]).sum())
-        return total_loss / max(len(x), 1), correct / max(len(x), 1)

@@ -23,12 +23,16 @@ from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.timeline import STATES
 from edgeddl.report.files import (
+    metric_label,
+    metric_plot,
     write_bytes_atomic,
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
 )
-from edgeddl.report.plots import plot_accuracy
+from edgeddl.report.plots import plot_metric
+from edgeddl.report.recorder import metric_summary
+from edgeddl.task import TASKS
 from edgeddl.transport.checkpoint import (
     CHECKPOINT_FILE,
     KEY_CHECKPOINT,
@@ -156,8 +160,9 @@ def serve(
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
     write_json_atomic(out_dir / "summary.json", summary)
     if rows:
-        title = f"{scenario.run.name}: test accuracy (real fleet)"
-        plot_accuracy(rows, out_dir / "accuracy.png", title, time_key="wall_time_s")
+        metric = TASKS[scenario.task].metric
+        title = f"{scenario.run.name}: test {metric_label(metric)} (real fleet)"
+        plot_metric(rows, out_dir / metric_plot(metric), metric, title, time_key="wall_time_s")
     return summary
 
 
@@ -191,7 +196,6 @@ def _merged(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[d
 def _summary(
     scenario: Scenario, rows: list[dict[str, Any]], reports: list[dict[str, Any]], wall_s: float
 ) -> dict[str, Any]:
-    last = rows[-1] if rows else {}
     recoveries = [g for r in reports for g in r["recovery_s"]]
     time_s = max((r["time_s"] for r in reports), default=0.0)  # the longest time in steps
     samples = sum(r["samples"] for r in reports)
@@ -199,9 +203,8 @@ def _summary(
         "transport": "torchdist",
         "clock": "wall",
         "scenario": scenario.run.name,
-        "final_test_accuracy": last.get("test_accuracy"),
-        "final_test_loss": last.get("test_loss"),
-        "best_test_accuracy": max((r["test_accuracy"] for r in rows), default=None),
+        "task": scenario.task,
+        **metric_summary(rows, TASKS[scenario.task].metric),
         "time_s": time_s,
         "wall_time_s": wall_s,
         "num_devices": len(scenario.fleet.device_names()),

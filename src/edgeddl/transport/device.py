@@ -221,7 +221,7 @@ class DeviceRun:
         if scenario.run.threads:
             torch.set_num_threads(scenario.run.threads)
         self.w: Workload = build_workload(scenario)
-        self.strategy, _ = build_strategy(scenario, self.w.model)
+        self.strategy, _ = build_strategy(scenario, self.w.model, self.w.task.loss_fn)
         self.replica = ReplicaStep(self.strategy, idx, comm)
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
         self.min_share = 2 if self.strategy.batchnorms else 1
@@ -373,19 +373,15 @@ class DeviceRun:
         )
         return int(shares[known.index(idx)])
 
-    @torch.no_grad()
     def _report_eval(self, store: Any, step: int, train_loss: float, members: int) -> None:
-        """Test the model (replicas are equal) and hand the row to the coordinator."""
-        model, w = self.strategy.model, self.w
-        model.eval()
-        out = model(w.x_test)
-        model.train()
+        """Test the model (replicas are equal; the simulator's evaluation) and hand the row
+        to the coordinator."""
+        w = self.w
         row = {
             "step": step,
             "at": time.time(),  # the coordinator makes it a wall time since its own start
             "train_loss": train_loss,
-            "test_loss": float(torch.nn.functional.cross_entropy(out, w.y_test)),
-            "test_accuracy": float((out.argmax(1) == w.y_test).float().mean()),
+            **w.task.evaluate(self.strategy.model, w.x_test, w.y_test),
             "num_members": members,
         }
         i = store.add(KEY_ROWS, 1)
