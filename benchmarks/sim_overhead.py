@@ -39,6 +39,7 @@ from torch.utils.data import TensorDataset
 
 import edgeddl
 import edgeddl.loop as loop
+import edgeddl.strategy.build as strategy_build
 from common import (
     console,
     load_data,
@@ -158,7 +159,8 @@ def instrumented() -> Iterator[dict[str, Any]]:
         "eval_s": 0.0,
     }
     pending: list[np.ndarray] = []
-    base_sampler, base_strategy = loop.ShardSampler, loop.DataParallel
+    # The loop builds its strategy through `strategy.build`: patch it where it is looked up.
+    base_sampler, base_strategy = loop.ShardSampler, strategy_build.DataParallel
 
     class RecordingSampler(base_sampler):  # type: ignore[misc,valid-type]
         def take_many(self, devices: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -188,7 +190,7 @@ def instrumented() -> Iterator[dict[str, Any]]:
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(loop, "ShardSampler", RecordingSampler))
-        stack.enter_context(mock.patch.object(loop, "DataParallel", TimedStrategy))
+        stack.enter_context(mock.patch.object(strategy_build, "DataParallel", TimedStrategy))
         base_evaluate = Classification.evaluate
 
         def timed_evaluate(self: Classification, *a: Any, **k: Any) -> dict[str, float]:
