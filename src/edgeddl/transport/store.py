@@ -95,7 +95,8 @@ def wait_for_devices(store: Any, timeout_s: float) -> None:
     (a ConnectionError after `timeout_s`)."""
     wanted = int(store.get(KEY_MIN_DEVICES)) if store.check([KEY_MIN_DEVICES]) else 1
     deadline = time.monotonic() + timeout_s
-    while (joined := store.add(KEY_JOINED, 0)) < wanted:
+    # Devices that connected and stopped on an error do not count.
+    while (joined := store.add(KEY_JOINED, 0) - store.add(KEY_FAILED, 0)) < wanted:
         if time.monotonic() > deadline:
             raise ConnectionError(
                 f"--connect-timeout: {joined} of the {wanted} devices the coordinator waits "
