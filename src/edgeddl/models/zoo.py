@@ -197,3 +197,11 @@ class CifarResNet(nn.Module):
         out = self.blocks(out)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.head(out)
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """The same computation as consecutive named layers (where split learning may cut),
+        sharing this model's modules."""
+        stem = nn.Sequential(self.stem, self.stem_bn, self.stem_relu)
+        blocks = [(f"block{i}", b) for i, b in enumerate(self.blocks)]
+        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return [("stem", stem), *blocks, ("pool", pool), ("head", self.head)]

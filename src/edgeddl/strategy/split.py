@@ -1,0 +1,125 @@
+"""Split learning's maths: each device's front, the coordinator's rear, what crosses the cut.
+
+Per step and device k with batch (x_k, y_k), n_k of the step's N samples:
+
+* plain (labels sent): the device computes a_k = front_k(x_k) and sends a_k and y_k; the
+  coordinator computes the loss of rear(a_k) and sends back the gradient at the cut; the
+  device back-propagates it through its front;
+* U-shaped (labels stay): the coordinator sends back h_k = rear(a_k) instead; the device
+  runs its head, computes the loss, and sends the gradient at h_k up; the coordinator
+  back-propagates through the rear and sends the gradient at the cut down.
+
+The rear accumulates the sample-weighted mean of the devices' gradients (the gradient of the
+whole step's mean loss, as one model would get it); each device's front (and head) gets the
+gradient of its own mean loss. Averaging the fronts weighted by samples after the step
+(SplitFed) therefore gives exactly a data-parallel step of the whole model. Raw inputs never
+cross the cut: `CutTraffic` records every tensor that does, for the wire and for the tests.
+
+This module is the maths only (not yet a strategy of the simulator or the real fleet).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgeddl.models.layers import split_model
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(slots=True)
+class CutTraffic:
+    """What crossed the cut(s) for one device in one step, as sent (detached)."""
+
+    up: list[torch.Tensor] = field(default_factory=list)
+    """Device to coordinator: activations at the cut, labels (plain), head gradients (U)."""
+    down: list[torch.Tensor] = field(default_factory=list)
+    """Coordinator to device: rear outputs (U), gradients at the cut."""
+
+    def bytes(self, tensors: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class SplitModels:
+    """One front (and head, U-shaped) per device, one rear on the coordinator."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cut: str | int,
+        num_devices: int,
+        loss_fn: LossFn,
+        head_cut: str | int | None = None,
+    ) -> None:
+        parts = split_model(model, cut, head_cut)
+        self.rear = parts.rear
+        self.fronts = [copy.deepcopy(parts.front) for _ in range(num_devices)]
+        self.heads = (
+            [copy.deepcopy(parts.head) for _ in range(num_devices)]
+            if parts.head is not None
+            else None
+        )
+        self.loss_fn = loss_fn
+
+    @property
+    def u_shaped(self) -> bool:
+        return self.heads is not None
+
+    def device_modules(self, k: int) -> list[nn.Module]:
+        return [self.fronts[k], *([self.heads[k]] if self.heads is not None else [])]
+
+    def backward(
+        self, xs: list[torch.Tensor], ys: list[torch.Tensor], devices: list[int]
+    ) -> tuple[torch.Tensor, list[CutTraffic]]:
+        """Gradients of one step into the devices' fronts (heads) and the rear; the step's
+        mean loss (detached) and what crossed the cut for each device."""
+        total = sum(len(x) for x in xs)
+        loss_sum = torch.zeros(())
+        traffic = []
+        for x, y, k in zip(xs, ys, devices, strict=True):
+            w = len(x) / total
+            t = CutTraffic()
+            a = self.fronts[k](x)
+            a_sent = a.detach().requires_grad_()  # what crosses: the coordinator's copy
+            t.up.append(a_sent.detach())
+            h = self.rear(a_sent)
+            if self.heads is None:
+                t.up.append(y)  # the labels go with the activations
+                loss = self.loss_fn(h, y)
+                (loss * w).backward()
+            else:
+                h_sent = h.detach().requires_grad_()  # the device's copy of the rear's output
+                t.down.append(h_sent.detach())
+                loss = self.loss_fn(self.heads[k](h_sent), y)
+                loss.backward()  # the head's gradient, and the gradient at h for the way back
+                assert h_sent.grad is not None
+                t.up.append(h_sent.grad.detach())
+                h.backward(h_sent.grad * w)  # the rear takes its share of the step's mean
+            assert a_sent.grad is not None
+            grad_at_cut = a_sent.grad / w  # the gradient of this device's own mean loss
+            t.down.append(grad_at_cut.detach())
+            a.backward(grad_at_cut)
+            loss_sum = loss_sum + loss.detach() * w
+            traffic.append(t)
+        return loss_sum, traffic
+
+    @torch.no_grad()
+    def average_devices(self, devices: list[int], weights: list[float]) -> None:
+        """SplitFed: every listed device's front (and head) becomes their weighted average."""
+        for part in [self.fronts, *([self.heads] if self.heads is not None else [])]:
+            states = [part[k].state_dict() for k in devices]
+            mean = {
+                name: sum(w * s[name].double() for s, w in zip(states, weights, strict=True))
+                for name in states[0]
+            }
+            for k in devices:
+                part[k].load_state_dict({n: v.to(states[0][n].dtype) for n, v in mean.items()})
+
+    def whole(self, k: int) -> nn.Module:
+        """Device k's complete model (its front, the rear, its head), for evaluation."""
+        return nn.Sequential(*self.device_modules(k)[:1], self.rear, *self.device_modules(k)[1:])

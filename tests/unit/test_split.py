@@ -1,0 +1,107 @@
+"""Split learning's maths (`models/layers.py`, `strategy/split.py`): the cut, the gradients
+each side gets, SplitFed's equivalence with a data-parallel step, and what crosses the cut."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgeddl.models import build_model
+from edgeddl.models.layers import model_layers, resolve_cut, split_model
+from edgeddl.strategy.split import SplitModels
+
+CE = nn.functional.cross_entropy
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("cnn1d", input_shape=(1, 40), num_classes=10).double()
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 40, generator=g, dtype=torch.float64), torch.randint(
+        0, 10, (n,), generator=g
+    )
+
+
+def _grads(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [p.grad.clone() for m in modules for p in m.parameters()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("head_cut", [None, "5"])
+def test_one_device_gets_the_whole_models_gradients(head_cut: str | None) -> None:
+    model = _cnn()
+    x, y = _batch(16, 1)
+    CE(model(x), y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    split = SplitModels(copy.deepcopy(model), "1", 1, CE, head_cut=head_cut)
+    for p in [*split.fronts[0].parameters(), *split.rear.parameters()]:
+        p.grad = None
+    loss, traffic = split.backward([x], [y], [0])
+    got = _grads([split.fronts[0], split.rear, *(split.heads or [])])
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(loss, CE(model(x), y).detach())
+    (t,) = traffic
+    # Nothing that crosses is the raw input; labels cross only when the head is not kept.
+    assert all(u.shape != x.shape or not torch.equal(u, x) for u in [*t.up, *t.down])
+    assert any(u is y for u in t.up) == (head_cut is None)
+    assert t.bytes(t.up) > 0 and t.bytes(t.down) > 0
+
+
+def test_splitfed_averaging_is_a_data_parallel_step() -> None:
+    model, lr = _cnn(), 0.1
+    batches = [_batch(12, 2), _batch(4, 3), _batch(8, 4)]
+    split = SplitModels(copy.deepcopy(model), "3", 3, CE)
+    split.backward([b[0] for b in batches], [b[1] for b in batches], [0, 1, 2])
+    with torch.no_grad():
+        for m in [*split.fronts, split.rear]:
+            for p in m.parameters():
+                p -= lr * p.grad  # type: ignore[operator]
+    split.average_devices([0, 1, 2], [12 / 24, 4 / 24, 8 / 24])
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    CE(model(x), y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad  # type: ignore[operator]
+    for k in range(3):
+        whole = split.whole(k)
+        for a, b in zip(whole.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_cuts_by_name_and_index_and_the_errors() -> None:
+    layers = model_layers(_cnn())  # conv, relu, conv, relu, conv, relu, flatten, linear
+    assert resolve_cut(layers, "1") == 2 and resolve_cut(layers, 1) == 2
+    assert resolve_cut(layers, -2) == 7
+    with pytest.raises(ValueError, match="no layer named 'conv9'"):
+        resolve_cut(layers, "conv9")
+    with pytest.raises(ValueError, match="leaves no layer"):
+        resolve_cut(layers, 7)
+    with pytest.raises(ValueError, match="the last layer"):
+        resolve_cut(layers, "7")
+    with pytest.raises(ValueError, match="must come after the cut"):
+        split_model(_cnn(), "3", head_cut="1")
+
+    class Opaque(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(ValueError, match="cannot be split"):
+        model_layers(Opaque())
+
+
+def test_a_resnet_is_its_layers_end_to_end() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", input_shape=(3, 8, 8), num_classes=4, width=4).eval()
+    names = [n for n, _ in model_layers(model)]
+    assert names[0] == "stem" and names[-2:] == ["pool", "head"] and "block4" in names
+    x = torch.randn(2, 3, 8, 8)
+    parts = split_model(model, "block2")
+    torch.testing.assert_close(parts.rear(parts.front(x)), model(x))
