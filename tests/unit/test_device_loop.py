@@ -147,9 +147,11 @@ def test_a_stop_request_waits_for_the_update_then_restarts(tmp_path: Path) -> No
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(run), strict=True))
 
 
-def test_recoveries_are_the_gaps_where_membership_shrank() -> None:
-    commits = [(0.0, 3), (1.0, 3), (4.5, 2), (5.0, 2), (6.0, 3), (9.0, 1)]
-    assert recoveries(commits) == [3.5, 3.0]
+def test_recoveries_are_the_gaps_around_a_lost_step_or_member() -> None:
+    commits = [(0.0, 3), (1.0, 3), (4.5, 2), (5.0, 2), (6.0, 3), (9.0, 1), (9.5, 1), (12.0, 1)]
+    # Fewer members at 4.5 and 9.0; a step given up at 10.0 (a joiner died in its first step).
+    assert recoveries(commits, failures=[10.0]) == [3.5, 3.0, 2.5]
+    assert recoveries(commits, failures=[]) == [3.5, 3.0]
 
 
 def test_pacing_waits_out_a_slow_profile_and_counts_a_fast_one_it_cannot_hold(

@@ -135,6 +135,8 @@ class DeviceStats:
     """Payload bytes taken from each peer."""
     commits: list[tuple[float, int]] = field(default_factory=list)
     """(wall-clock time, members) of each committed step."""
+    failures: list[float] = field(default_factory=list)
+    """Wall-clock time of each step that was not committed."""
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATES, 0.0))
     restarts: int = 0
     reconnects: int = 0
@@ -306,6 +308,7 @@ class DeviceRun:
             st.seconds[state] += secs
         if not ok or pending is None:
             st.failed += 1
+            st.failures.append(time.time())
             return
         out = pending.outcome
         self.measured = {d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0}
@@ -411,7 +414,7 @@ class DeviceRun:
             "wall_time_s": time.time() - st.started_at,
             "final_step": final_step,
             "checksum": checksum(self.strategy.model),
-            "recovery_s": recoveries(st.commits),
+            "recovery_s": recoveries(st.commits, st.failures),
             "restarts": st.restarts,
             "pacing_overruns": st.pacing_overruns,
             "coordinator_reconnects": st.reconnects,
@@ -426,10 +429,11 @@ class DeviceRun:
         return report
 
 
-def recoveries(commits: list[tuple[float, int]]) -> list[float]:
-    """Seconds from the last commit before a member was lost to the first commit after."""
+def recoveries(commits: list[tuple[float, int]], failures: list[float]) -> list[float]:
+    """Seconds from the last commit before an interruption to the first commit after: a
+    step given up in between, or fewer members (an elastic restart gives up nothing)."""
     gaps = []
     for (t_prev, m_prev), (t_next, m_next) in itertools.pairwise(commits):
-        if m_next < m_prev:
+        if m_next < m_prev or any(t_prev < f < t_next for f in failures):
             gaps.append(t_next - t_prev)
     return gaps
