@@ -105,3 +105,17 @@ def test_a_resnet_is_its_layers_end_to_end() -> None:
     x = torch.randn(2, 3, 8, 8)
     parts = split_model(model, "block2")
     torch.testing.assert_close(parts.rear(parts.front(x)), model(x))
+
+
+@pytest.mark.parametrize("head_cut", [None, "5"])
+def test_the_parts_costs_add_up_to_the_whole_models(head_cut: str | None) -> None:
+    from edgeddl.models import model_cost
+
+    model = _cnn().float()  # as the simulator measures it
+    whole = model_cost(model, (1, 40))
+    cost = SplitModels(copy.deepcopy(model), "1", 2, CE, head_cut=head_cut).costs((1, 40))
+    parts = cost.front_flops + cost.rear_flops + cost.head_flops
+    assert parts == whole.train_flops_per_sample  # the same arithmetic, split
+    assert cost.front_flops > 0 and cost.rear_flops > 0
+    assert cost.cut_bytes == 25 * 19 * 4  # 25 channels x length 19 after the first conv, fp32
+    assert (cost.head_cut_bytes > 0) == (head_cut is not None)

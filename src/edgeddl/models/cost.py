@@ -62,7 +62,9 @@ def cached_model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCo
         return cost
 
 
-def model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
+def model_cost(
+    model: nn.Module, input_shape: tuple[int, ...], *, input_grad: bool = False
+) -> ModelCost:
     """Measure `model` on a probe batch for one-sample `input_shape` (channel-first).
 
     Works on a deep copy in training mode, so the caller's weights, gradients and BatchNorm
@@ -81,7 +83,8 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
 
     activation_bytes = _forward_activation_bytes(probe, x)
     forward_flops = _count_flops(probe, x, backward=False)
-    train_flops = _count_flops(probe, x, backward=True)
+    # A part of a split model also returns the gradient at its input (`input_grad`).
+    train_flops = _count_flops(probe, x.requires_grad_(input_grad), backward=True)
     ops = _count_step_ops(probe, x)
     return ModelCost(
         num_params=num_params,

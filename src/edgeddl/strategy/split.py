@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edgeddl.models.cost import model_cost
 from edgeddl.models.layers import split_model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,6 +44,17 @@ class CutTraffic:
 
     def bytes(self, tensors: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitCost:
+    """Per sample: training FLOPs of each part, and fp32 bytes at each cut (each way)."""
+
+    front_flops: float
+    rear_flops: float
+    head_flops: float
+    cut_bytes: int
+    head_cut_bytes: int
 
 
 class SplitModels:
@@ -119,6 +131,29 @@ class SplitModels:
             }
             for k in devices:
                 part[k].load_state_dict({n: v.to(states[0][n].dtype) for n, v in mean.items()})
+
+    def costs(self, input_shape: tuple[int, ...]) -> SplitCost:
+        """Per-sample training FLOPs of each part and the bytes crossing each cut (fp32):
+        what the simulator charges the device, the coordinator and the links."""
+        front, rear = self.fronts[0], self.rear
+        probe = torch.zeros(2, *input_shape, dtype=next(front.parameters()).dtype)
+        with torch.no_grad():
+            a = front(probe)
+            h = rear(a)
+        # The rear (and head) also compute the gradient at their input, to send it back.
+        parts = [
+            model_cost(front, input_shape),
+            model_cost(rear, tuple(a.shape[1:]), input_grad=True),
+        ]
+        if self.heads is not None:
+            parts.append(model_cost(self.heads[0], tuple(h.shape[1:]), input_grad=True))
+        return SplitCost(
+            front_flops=parts[0].train_flops_per_sample,
+            rear_flops=parts[1].train_flops_per_sample,
+            head_flops=parts[2].train_flops_per_sample if len(parts) > 2 else 0.0,
+            cut_bytes=a[0].numel() * 4,
+            head_cut_bytes=h[0].numel() * 4 if self.heads is not None else 0,
+        )
 
     def whole(self, k: int) -> nn.Module:
         """Device k's complete model (its front, the rear, its head), for evaluation."""
