@@ -1,0 +1,1 @@
+"""edgeddl.inference layer (see shared/DESIGN.md): communication-aware distributed inference."""
