@@ -264,3 +264,15 @@ def test_non_utf8_scenario_is_one_line(tmp_path: Path, capsys) -> None:
     path.write_bytes(b'[run]\nname = "caf\xe9"\n')
     assert main(["validate", str(path)]) == 2
     assert _one_error_line(capsys).startswith(f"{path}: invalid TOML")
+
+
+def test_infer_plan_prints_the_split_and_refuses_unknown_devices(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["infer", "plan", "paper_fleet", "--fleet", "paper_fleet",
+                 "--devices", "pi-0,pc-0", "--objective", "throughput"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "pi-0" in out and "predicted per sample: latency" in out
+    assert main(["infer", "plan", "paper_fleet", "--fleet", "paper_fleet",
+                 "--devices", "pi-0,toaster"]) == 2  # fmt: skip
+    assert "edgeddl: error: --devices: toaster not in the fleet" in capsys.readouterr().err

@@ -96,7 +96,9 @@ def model_cost(
     )
 
 
-class _OpCounter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched while it is active."""
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
@@ -111,7 +113,7 @@ def _count_step_ops(probe: nn.Module, x: torch.Tensor) -> int:
     probe(x).sum().backward()
     optimizer.step()  # the first step creates the momentum buffers: count a later one
     optimizer.zero_grad(set_to_none=True)
-    with _OpCounter() as counter:
+    with OpCounter() as counter:
         probe(x).sum().backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
