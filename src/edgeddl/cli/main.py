@@ -7,6 +7,7 @@ Every user mistake (a bad scenario, override or argument) ends in one line on st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -328,7 +329,11 @@ def _cmd_device(args: argparse.Namespace) -> int:
     )
     if report is not None:
         print(f"{report['name']}: {report['steps']} steps committed, {report['samples']} samples")
-    return 0
+    # The report is with the coordinator: end now. torchft's and gloo's background threads
+    # can keep the interpreter alive for a long while after their last use.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:

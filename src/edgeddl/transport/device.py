@@ -423,9 +423,16 @@ class DeviceRun:
 
     def finish(self, store: Any, final_step: int, resumed_from: int | None) -> dict[str, Any]:
         report = self.report(final_step, resumed_from)
-        store.set(final_key(self.opts.name), json.dumps(report))
-        if final_step >= self.scenario.train.num_steps:
-            store.set(KEY_DONE, self.opts.name)
+        try:
+            store.set(final_key(self.opts.name), json.dumps(report))
+            if final_step >= self.scenario.train.num_steps:
+                store.set(KEY_DONE, self.opts.name)
+        except (RuntimeError, OSError):
+            print(
+                f"edgeddl device {self.opts.name}: the coordinator had already ended the run; "
+                "this report reached only the console",
+                file=sys.stderr,
+            )
         return report
 
 

@@ -121,6 +121,8 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
             except (RuntimeError, OSError) as e:
                 if answers(store):
                     raise
+                if engine.current_step() >= run.scenario.train.num_steps:
+                    break  # the run is over; the coordinator left first: nothing to wait for
                 # The coordinator is gone: wait for its restart, keep this (newer) state.
                 print(
                     f"edgeddl device {opts.name}: coordinator lost ({e}); reconnecting",
