@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE
 from edgeddl.config.loader import (
+    ConfigError,
     apply_override,
     load_scenario,
     scenario_from_dict,
@@ -47,6 +48,7 @@ from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.errors import TrainingDiverged
+from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.task import LossFn
 from edgeddl.transport.base import Transport
@@ -124,7 +126,9 @@ def _train(
     per_sample_s = w.per_sample_s
     sampler = ShardSampler(shards, seed)
     t = scenario.train
-    strategy, policy = build_strategy(scenario, model, w.task.loss_fn)
+    strategy, policy = build_strategy(
+        scenario, model, w.task.loss_fn, np.array([len(s) for s in shards], dtype=np.int64)
+    )
     metric = w.task.metric
     transport: Transport = SimTransport(fleet, t.topology, seed)
     agg_flops = strategy.aggregation_flops()
@@ -132,6 +136,8 @@ def _train(
     # for every BatchNorm, a device that takes part gets at least two samples.
     min_share = 2 if batchnorm_layers(model) else 1
     caps = w.sample_caps()
+    if isinstance(strategy, Federated):
+        _check_local_batch(scenario.federated.local_batch, caps, min_share, fleet.names)
 
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +148,7 @@ def _train(
     shares = np.zeros(0, dtype=np.int64)
     active = np.zeros(0, dtype=np.int64)
     participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
-    data_s = compute_s = np.zeros(0)
+    num_local: np.ndarray | int = 1  # local steps per device (federated clients: several)
     members: tuple[int, ...] = ()
     step = 0
 
@@ -176,7 +182,9 @@ def _train(
                     break
                 clock.advance_to(nxt)
                 continue
-            if members != members_key:  # rebalance only when membership changes
+            if isinstance(strategy, Federated):  # sampled clients, each its own local steps
+                active, shares, num_local = strategy.plan_round(np.asarray(members), step)
+            elif members != members_key:  # rebalance only when membership changes
                 members_key = members
                 idx = np.asarray(members, dtype=np.int64)
                 up_bytes, down_bytes = strategy.payload_bytes(idx)
@@ -187,13 +195,14 @@ def _train(
                     t.global_batch, per_sample_s[idx], fixed, caps[idx], t.balance, min_share
                 )
                 active, shares = idx[all_shares > 0], all_shares[all_shares > 0]
-                data_s, compute_s = fleet.work_time_s(
-                    active,
-                    shares,
-                    cost.train_flops_per_sample,
-                    info.sample_bytes,
-                    cost.ops_per_step,
-                )
+            data_s, compute_s = fleet.work_time_s(
+                active,
+                shares,
+                cost.train_flops_per_sample,
+                info.sample_bytes,
+                cost.ops_per_step,
+                num_local,
+            )
             # Every replica starts from the same seeded model; later, a device that sat out
             # the previous step must fetch the current one.
             needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
@@ -221,8 +230,11 @@ def _train(
                 needs_model=needs_model,
                 agg_flops=agg_flops,
                 mid_down_bytes=ex.mid_down_bytes,
+                deadline_s=scenario.federated.deadline_s if t.strategy == "federated" else 0.0,
             )
             tl = transport.step(request)
+            if tl.dropped is not None and tl.dropped.any():
+                rec.add_dropped(step, tl.end_s, active[tl.dropped])
             loss = strategy.commit(ex, tl.contributed)
             clock.advance_to(tl.end_s)
             rec.add_step(tl, shares, loss)
@@ -265,6 +277,11 @@ def _train(
                 "adaptive": scenario.compression.adapt.enabled,
                 **strategy.compression_summary(),
             },
+            **(
+                {"federated": {**dataclasses.asdict(scenario.federated), "num_rounds": step}}
+                if t.strategy == "federated"
+                else {}
+            ),
         },
     )
     write_json_atomic(run_dir / "summary.json", summary)
@@ -273,3 +290,18 @@ def _train(
     plot_timeline(rec, run_dir / "timeline.png")
     display.print_summary(summary, str(run_dir))
     return RunResult(run_dir=run_dir, summary=summary, model=model)
+
+
+def _check_local_batch(batch: int, caps: np.ndarray, min_share: int, names: list[str]) -> None:
+    """Every client must hold one local batch in memory (and BatchNorm needs two samples)."""
+    if batch < min_share:
+        raise ConfigError(
+            f"federated.local_batch: this model has BatchNorm, which needs >= {min_share} "
+            f"samples per batch (got {batch})"
+        )
+    small = np.flatnonzero(caps < batch)
+    if len(small):
+        raise ConfigError(
+            f"federated.local_batch: {batch} samples do not fit in the memory of "
+            f"{names[small[0]]} (room for {caps[small[0]]}); lower it"
+        )

@@ -265,3 +265,64 @@ def test_a_crash_event_wipes_the_memory_even_between_payloads(tmp_path, monkeypa
     # pi-1 fetched the model and the momentum once (8 bytes a parameter), then aggregates.
     assert 8 * params <= pi["bytes_down"] < 8 * params + pc["bytes_down"]
     assert pc["bytes_down"] < 8 * params
+
+
+# --- federated --------------------------------------------------------------------------------
+
+FEDERATED = {"strategy": "federated", "num_steps": 25, "eval_every": 25, "lr": 0.1}
+LOCAL = {"local_steps": 20, "local_batch": 32, "fraction": 0.75}
+
+
+def _federated(**sections: dict) -> edgeddl.Scenario:
+    return _scenario(**{"train": FEDERATED, "federated": LOCAL, **sections})
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.01], ids=["fedavg", "fedprox"])
+def test_federated_fleet_learns_and_its_summary_adds_up(tmp_path, mu: float) -> None:
+    scenario = _federated(federated={**LOCAL, "proximal_mu": mu})
+    result = edgeddl.run(scenario, out_dir=tmp_path, progress=False)
+    s = result.summary
+    _check_summary(s)
+    assert s["final_test_accuracy"] > 0.5  # chance is 0.1
+    assert s["strategy"] == "federated" and s["federated"]["num_rounds"] == 25
+    assert s["federated"]["proximal_mu"] == mu and s["dropped_updates"] == []
+    assert s["samples"] == 25 * 3 * 20 * 32  # 3 of 4 clients a round, 20 steps of 32
+    devices = s["per_device"]
+    assert sum(d["steps"] for d in devices) == 25 * 3
+    update = s["compression"]["gradient_bytes_per_device_step"]
+    assert all(d["bytes_up"] == d["steps"] * update for d in devices)  # one update a round
+    resolved = tomllib.loads((result.run_dir / "config.resolved.toml").read_text())
+    assert scenario_from_dict(resolved) == scenario
+
+
+def test_federated_updates_compressed_send_far_fewer_bytes(tmp_path) -> None:
+    comp = edgeddl.run(
+        _federated(compression={"compressor": "topk", "density": 0.05, "values": "fp16"}),
+        out_dir=tmp_path / "topk",
+        progress=False,
+    ).summary
+    _check_summary(comp)
+    c = comp["compression"]
+    assert c["compressor"] == "topk" and c["compression_ratio"] > 10
+    assert comp["bytes_up"] < comp["bytes_down"] / 10  # the model still goes down dense
+    assert comp["final_test_accuracy"] > 0.35  # chance is 0.1
+
+
+def test_federated_deadline_drops_the_stragglers_and_caps_each_round(tmp_path) -> None:
+    deadline = 0.05  # the pc needs about 0.02 s a round; the jetson and the Pis about 0.1 s
+    s = edgeddl.run(
+        _federated(
+            train={**FEDERATED, "num_steps": 6, "eval_every": 6},
+            federated={**LOCAL, "fraction": 1.0, "deadline_s": deadline},
+        ),
+        out_dir=tmp_path,
+        progress=False,
+    ).summary
+    _check_summary(s)
+    dropped = s["dropped_updates"]
+    assert {d["device"] for d in dropped} == {"jetson", "pi-0", "pi-1"}
+    assert sorted(d["round"] for d in dropped) == sorted(list(range(6)) * 3)
+    assert s["virtual_time_s"] == pytest.approx(6 * deadline)  # every round ends at it
+    by_name = {d["name"]: d for d in s["per_device"]}
+    assert by_name["pi-0"]["steps"] == 0 and by_name["pi-0"]["bytes_up"] == 0
+    assert by_name["pc"]["steps"] == 6 and by_name["pi-0"]["time_s"] == pytest.approx(0.3)

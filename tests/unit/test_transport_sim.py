@@ -56,6 +56,7 @@ def _step(
     idx: list[int] | None = None,
     up_bytes: int = U_BYTES,
     down_bytes: int = D_BYTES,
+    deadline_s: float = 0.0,
 ) -> StepTimeline:
     n = len(data_s)
     devices = np.arange(n) if idx is None else np.array(idx)
@@ -71,6 +72,7 @@ def _step(
             crash_at_s=np.array([crashes.get(int(i), np.inf) for i in devices]),
             needs_model=np.array(needs_model if needs_model is not None else [False] * n),
             agg_flops=AGG_FLOPS,
+            deadline_s=deadline_s,
         )
     )
 
@@ -120,6 +122,29 @@ def test_star_expected_link_time_matches_an_uncontended_step() -> None:
     assert expected[0] == _approx(tl.seconds("communication")[0])
     ring = SimTransport(_fleet(["a", "b"]), "ring", 0)
     assert ring.expected_link_s(np.array([0, 1]), U_BYTES, D_BYTES).tolist() == [0.0, 0.0]
+
+
+def test_star_deadline_drops_a_straggler_and_ends_the_step_there() -> None:
+    transport = SimTransport(_fleet(["a", "a", "a"]), "star", 0)
+    late = _step(transport, [0.0, 0.0, 0.0], [0.2, 5.0, 0.3], crash_at_s={2: 1.0})
+    assert late.end_s > 6.0  # without a deadline the server waits for the slow device
+    tl = _step(
+        transport,
+        [0.0, 0.0, 0.0],
+        [0.2, 5.0, 0.3],
+        start_s=10.0,
+        deadline_s=3.0,
+        crash_at_s={2: 11.0},
+    )
+    assert tl.end_s == _approx(13.0)  # neither the straggler nor crash detection is waited for
+    assert tl.contributed.tolist() == [True, False, False]
+    assert tl.dropped is not None and tl.dropped.tolist() == [False, True, False]  # 2 crashed
+    assert tl.bytes_up.tolist() == [U_BYTES, 0, 0]
+    np.testing.assert_allclose(_phase_sums(tl), [3.0, 3.0, 1.0], rtol=1e-12)
+    assert tl.seconds("compute")[1] == _approx(3.0 - tl.phases[0][1][1])  # cut at the deadline
+    on_time = _step(transport, [0.0, 0.0, 0.0], [0.2, 0.2, 0.2], deadline_s=3.0)
+    assert on_time.dropped is not None and not on_time.dropped.any()
+    assert on_time.end_s < 3.0  # all in: the step ends when the last update is taken in
 
 
 def test_star_coordinator_serves_fastest_link_first_and_queues() -> None:

@@ -90,17 +90,21 @@ class Fleet:
         flops_per_sample: float,
         sample_bytes: float,
         ops_per_step: int,
+        num_steps: np.ndarray | int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(data-loading seconds, compute seconds) of devices `idx` for their sample counts.
+        """(data-loading seconds, compute seconds) of devices `idx` for their sample counts,
+        taken in `num_steps` steps each (a federated client's local steps).
 
-        The fixed per-step cost counts as compute; a device with no samples does nothing.
+        The fixed per-step cost counts as compute, once per step; a device with no samples
+        does nothing.
         """
         n = num_samples.astype(np.float64)
         busy = n > 0
         data = np.where(busy, n * sample_bytes / self.io_bytes_per_s[idx], 0.0)
         compute = np.where(
             busy,
-            self.fixed_step_s(ops_per_step)[idx] + n * flops_per_sample / self.flops_per_s[idx],
+            num_steps * self.fixed_step_s(ops_per_step)[idx]
+            + n * flops_per_sample / self.flops_per_s[idx],
             0.0,
         )
         return data, compute

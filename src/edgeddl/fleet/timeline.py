@@ -37,6 +37,9 @@ class StepRequest:
     """FLOPs for the aggregator to take in one contribution."""
     mid_down_bytes: tuple[int, ...] = ()
     """Star with several rounds: what the coordinator sends every device between rounds."""
+    deadline_s: float = 0.0
+    """Star: seconds from the step's start by which a device's upload must have arrived, or
+    it is dropped (a federated round's deadline); 0 for none."""
 
     def up_rounds(self) -> np.ndarray:
         """Bytes sent as rounds x devices (float64)."""
@@ -63,6 +66,8 @@ class StepTimeline:
     """(state, seconds) in the order the device went through them; sums to its time."""
     bytes_up: np.ndarray
     bytes_down: np.ndarray
+    dropped: np.ndarray | None = None
+    """True where the device's upload missed the step's deadline (it is not contributed)."""
 
     def seconds(self, state: str) -> np.ndarray:
         return sum((d for s, d in self.phases if s == state), np.zeros(len(self.devices)))

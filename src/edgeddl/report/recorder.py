@@ -39,6 +39,8 @@ class RunRecorder:
     steps: np.ndarray = field(init=False)
     evals: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    """Updates that missed a federated round's deadline: round, device, the deadline's time."""
     timeline: list[TimelineSpan] = field(default_factory=list)
     num_steps: int = 0
     steps_with_lost_work: int = 0
@@ -80,6 +82,10 @@ class RunRecorder:
 
     def add_event(self, at_s: float, device: int, action: str) -> None:
         self.events.append({"at_s": at_s, "device": self.names[device], "action": action})
+
+    def add_dropped(self, round_index: int, at_s: float, devices: np.ndarray) -> None:
+        for d in devices.tolist():
+            self.dropped.append({"round": round_index, "device": self.names[d], "at_s": at_s})
 
     def add_eval(
         self,
@@ -152,6 +158,7 @@ class RunRecorder:
             "breakdown_s": {s: float(self.seconds[s].sum()) for s in STATES},
             **extra,
             "events": self.events,
+            "dropped_updates": self.dropped,
             "per_device": per_device,
         }
 

@@ -1,4 +1,4 @@
-"""The scenario's strategy: plain data-parallel, or with its compression (checked here).
+"""The scenario's strategy: data-parallel or federated, with its compression (checked here).
 
 The simulator and every device of a real fleet build it the same way, so the maths is the
 same whatever carries the payloads.
@@ -6,31 +6,71 @@ same whatever carries the payloads.
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from edgeddl.compress.adapt import DensityPolicy
-from edgeddl.compress.registry import check_compression
+from edgeddl.compress.registry import COMPRESSORS, check_compression
+from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.strategy.federated import Federated
 from edgeddl.workload import as_config_error
 
 
 def build_strategy(
-    scenario: Scenario, model: nn.Module, loss: LossFn
+    scenario: Scenario,
+    model: nn.Module,
+    loss: LossFn,
+    shard_sizes: np.ndarray | None = None,
 ) -> tuple[DataParallel, DensityPolicy | None]:
     """Plain data-parallel, or with the scenario's compression (checked here); `loss` is
-    the task's (`Workload.task.loss_fn`)."""
+    the task's (`Workload.task.loss_fn`). Federated (`train.strategy`) needs each device's
+    `shard_sizes` (its clients weigh and plan by them)."""
     comp = scenario.compression
+    if scenario.train.strategy == "federated":
+        if shard_sizes is None:
+            raise ValueError("a federated strategy needs the devices' shard sizes")
+        wire = _compressed(scenario, model, loss) if comp.enabled else None
+        fed = Federated(
+            model, scenario.train, scenario.federated, shard_sizes, scenario.run.seed, loss, wire
+        )
+        return fed, None
     if not comp.enabled:
         return DataParallel(model, scenario.train, loss), None
+    strategy = _compressed(scenario, model, loss)
+    policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
+    return strategy, policy
+
+
+def _compressed(scenario: Scenario, model: nn.Module, loss: LossFn) -> CompressedDataParallel:
+    comp = scenario.compression
     with as_config_error(""):
         check_compression(comp, scenario.train.topology)
+    if scenario.train.strategy == "federated":
+        _check_federated_compression(scenario)
     settings = [
         comp.for_device(name, g.name) for g in scenario.fleet.devices for name in g.device_names()
     ]
-    strategy = CompressedDataParallel(
-        model, scenario.train, comp, settings, scenario.run.seed, loss
-    )
-    policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
-    return strategy, policy
+    return CompressedDataParallel(model, scenario.train, comp, settings, scenario.run.seed, loss)
+
+
+def _check_federated_compression(scenario: Scenario) -> None:
+    """Federated updates ride single-round compressors with a plain memory."""
+    comp = scenario.compression
+    if comp.adapt.enabled:
+        raise ConfigError(
+            "compression.adapt: network-aware density is for data-parallel steps; set "
+            'compression.adapt.enabled = false with train.strategy = "federated"'
+        )
+    settings = [("compression", comp)] + [
+        (f"compression.groups.{k}", g) for k, g in comp.groups.items()
+    ]
+    for key, cfg in settings:
+        if COMPRESSORS[cfg.compressor].num_phases > 1 or cfg.compressor == "dgc":
+            raise ConfigError(
+                f"{key}.compressor: {cfg.compressor} needs every device in every step, which "
+                'federated rounds do not have; with train.strategy = "federated" use a '
+                "single-payload compressor (e.g. topk, two_step, qsgd, int8)"
+            )

@@ -185,6 +185,11 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         )
     if store.check([KEY_DONE]):
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
+    if scenario.train.strategy == "federated":
+        raise ConfigError(
+            'train.strategy: "federated" runs on the simulated fleet only for now; '
+            'use "data_parallel" for a real fleet'
+        )
     if scenario.compression.adapt.enabled:
         raise ConfigError(
             "compression.adapt: network-aware adaptation runs on the simulated fleet only; "

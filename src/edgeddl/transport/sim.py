@@ -38,8 +38,11 @@ def _timeline(
     phases: list[tuple[str, np.ndarray]],
     bytes_up: np.ndarray,
     bytes_down: np.ndarray,
+    dropped: np.ndarray | None = None,
 ) -> StepTimeline:
     """Package a laid-out step; each device's phases stop at its crash or the step's end."""
+    if dropped is not None and dropped.any():  # a straggler's phases stop at the deadline
+        crash = np.where(dropped, end, crash)
     return StepTimeline(
         start_s=req.start_s,
         end_s=req.start_s + end,
@@ -49,6 +52,7 @@ def _timeline(
         phases=truncate_phases(phases, np.minimum(crash, end)) if (crash <= end).any() else phases,
         bytes_up=bytes_up.astype(np.int64),
         bytes_down=bytes_down.astype(np.int64),
+        dropped=dropped,
     )
 
 
@@ -183,6 +187,14 @@ class SimTransport:
             # survivors run every round again once they notice (never under-charged).
             arrive, in_s = arrivals(~lost, detect if len(up) > 1 else 0.0)
         end = max(in_s, detect + agg_s * int((~lost).sum()))
+        dropped = np.zeros(len(idx), dtype=bool)
+        if req.deadline_s > 0 and end > req.deadline_s:
+            # The server stops waiting at the deadline: who has not arrived is dropped (a
+            # crashed device too), and the round ends once the arrived updates are taken in.
+            dropped = ~lost & (arrive > req.deadline_s)
+            lost |= dropped
+            arrive, in_s = arrivals(~lost)
+            end = max(in_s, req.deadline_s)
         arrive = np.where(lost, np.maximum(end, done), arrive)
         phases = [
             ("communication", recv),
@@ -199,6 +211,7 @@ class SimTransport:
             phases,
             np.where(lost, 0, up.sum(axis=0)),
             np.where(crash >= recv, down, 0) + np.where(lost, 0, sum(req.mid_down_bytes)),
+            dropped,
         )
 
     def _ring_time(self, members: np.ndarray, num_bytes: float) -> float:

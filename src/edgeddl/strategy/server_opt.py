@@ -1,0 +1,47 @@
+"""The federated server's optimizer: how the mean client update moves the global model.
+
+Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2, with the mean
+update ``d`` (the negated pseudo-gradient) of a round:
+
+* ``avg`` (FedAvg with a server learning rate): ``x += lr * d``;
+* ``adam`` (FedAdam): ``m = b1 m + (1 - b1) d``, ``v = b2 v + (1 - b2) d^2``,
+  ``x += lr * m / (sqrt(v) + tau)``;
+* ``yogi`` (FedYogi): as adam, but ``v = v - (1 - b2) d^2 sign(v - d^2)``, so ``v`` moves
+  additively and cannot grow as fast as adam's.
+
+As in the paper there is no bias correction; ``v`` starts at ``tau^2`` and ``m`` at zero.
+Flat float32 tensors throughout: the strategy flattens the parameters end to end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgeddl.config.schema import FederatedConfig
+
+
+class ServerOptimizer:
+    """Applies one round's mean update to the flat global parameters (in place)."""
+
+    def __init__(self, cfg: FederatedConfig) -> None:
+        self.kind = cfg.server_optimizer
+        self.lr = cfg.server_lr
+        self.beta1, self.beta2, self.tau = cfg.beta1, cfg.beta2, cfg.tau
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def step(self, params: torch.Tensor, update: torch.Tensor) -> None:
+        """Move `params` by the round's mean client update `update` (w_local - w_global)."""
+        if self.kind == "avg":
+            params.add_(update, alpha=self.lr)
+            return
+        if self.m is None or self.v is None:
+            self.m = torch.zeros_like(update)
+            self.v = torch.full_like(update, self.tau**2)
+        self.m.mul_(self.beta1).add_(update, alpha=1 - self.beta1)
+        sq = update * update
+        if self.kind == "adam":
+            self.v.mul_(self.beta2).add_(sq, alpha=1 - self.beta2)
+        else:  # yogi
+            self.v.sub_(sq * torch.sign(self.v - sq), alpha=1 - self.beta2)
+        params.addcdiv_(self.m, self.v.sqrt().add_(self.tau), value=self.lr)
