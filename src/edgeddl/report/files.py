@@ -33,10 +33,14 @@ def metric_plot(metric: str) -> str:
     return f"{metric.removeprefix('test_')}.png"
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write `data` to `path` atomically; `mode` sets the file's permissions before any byte
+    is written (a private key is never readable by others, even for a moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
