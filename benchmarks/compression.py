@@ -41,8 +41,9 @@ from common import machine_info, make_scenario, print_table, warn_if_busy, write
 from edgeddl.compress.base import Layout
 from edgeddl.compress.codec import Codec
 from edgeddl.compress.registry import COMPRESSORS, build_compressor, build_phased
+from edgeddl.config.compression import CompressorConfig
 from edgeddl.config.loader import scenario_from_dict
-from edgeddl.config.schema import CompressorConfig, Scenario
+from edgeddl.config.schema import Scenario
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.profiles import DEVICE_PROFILES, RESNET32_TRAIN_FLOPS_PER_SAMPLE
 from edgeddl.fleet.timeline import StepRequest

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeddl.config.schema import CompressionConfig, CompressorConfig, TrainConfig
+from edgeddl.config.compression import CompressionConfig, CompressorConfig
+from edgeddl.config.schema import TrainConfig
 from edgeddl.models import build_model
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel

@@ -10,8 +10,8 @@ import pytest
 from edgeddl.compress.adapt import DensityPolicy
 from edgeddl.compress.base import Layout
 from edgeddl.compress.registry import COMPRESSORS, build_compressor, check_compression
+from edgeddl.config.compression import AdaptConfig, CompressionConfig, CompressorConfig
 from edgeddl.config.loader import ConfigError, scenario_from_dict
-from edgeddl.config.schema import AdaptConfig, CompressionConfig, CompressorConfig
 from edgeddl.fleet.link import LinkEstimate
 
 

@@ -13,13 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from edgeddl.config.compression import CompressionConfig, CompressorConfig
+from edgeddl.config.federated import FederatedConfig
 from edgeddl.config.loader import ConfigError, scenario_from_dict, to_toml
-from edgeddl.config.schema import (
-    CompressionConfig,
-    CompressorConfig,
-    FederatedConfig,
-    TrainConfig,
-)
+from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import Exchange
 from edgeddl.strategy.federated import Federated, _Work, add_proximal_grad

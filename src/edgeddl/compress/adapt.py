@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeddl.config.schema import AdaptConfig
+from edgeddl.config.compression import AdaptConfig
 from edgeddl.fleet.link import LinkEstimate
 
 DEFAULT_BYTES_PER_VALUE = 6.0

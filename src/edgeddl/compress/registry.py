@@ -25,7 +25,7 @@ from edgeddl.compress.sparse import (
     ThresholdCompressor,
     TopKCompressor,
 )
-from edgeddl.config.schema import CompressionConfig, CompressorConfig
+from edgeddl.config.compression import CompressionConfig, CompressorConfig
 
 COMPRESSORS: dict[str, Any] = {
     "none": NoneCompressor,

@@ -3,16 +3,21 @@
 Every field has a default that makes sense on its own, a docstring, and a check in
 ``__post_init__`` that raises ``ValueError`` with a message naming the field and what is
 allowed. The loader (``edgeddl.config.loader``) prefixes the section path, so a user sees
-``train.global_batch: must be >= 1 (got 0)``. This module must not import torch.
+``train.global_batch: must be >= 1 (got 0)``. This module must not import torch. The larger
+sections live beside it (`compression.py`, `federated.py`, `security.py`); `Scenario` here
+puts them together.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
+
+from edgeddl.config.checks import require as _require
+from edgeddl.config.compression import CompressionConfig
+from edgeddl.config.federated import FederatedConfig
+from edgeddl.config.security import SecurityConfig
 
 DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic", "sensors"]
 PartitionName = Literal["iid", "dirichlet"]
@@ -22,28 +27,10 @@ ANOMALY_DATASETS = ("sensors",)
 """Data sets for anomaly detection: normal training series, a test set labelled 1 = anomaly."""
 RECONSTRUCTION_MODELS = ("autoencoder1d",)
 """Models whose output has the input's shape (what anomaly detection trains)."""
-CompressorName = Literal[
-    "none",
-    "fp16",
-    "int8",
-    "qsgd",
-    "topk",
-    "randomk",
-    "threshold",
-    "two_step",
-    "dgc",
-    "signsgd",
-    "powersgd",
-]
 
 
 MAX_DEVICES = 100_000
 """More simulated devices than this in one group is surely a typo."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -236,246 +223,6 @@ class TrainConfig:
             "topology: federated learning needs its server on the coordinator; "
             'set topology = "star"',
         )
-
-
-@dataclass(kw_only=True, slots=True)
-class CompressorConfig:
-    """One compressor and its parameters (each compressor reads only the ones it needs)."""
-
-    compressor: CompressorName = "none"
-    density: float = 0.01
-    """Fraction of gradient values sent per step: topk, randomk, two_step (its target), dgc
-    (after warm-up)."""
-    levels: int = 16
-    """qsgd: quantization levels s (1..127)."""
-    threshold: float = 0.0
-    """threshold: send values with |x| >= this (required). two_step: the starting threshold
-    (0: estimated from a sample at the first step)."""
-    criterion: Literal["magnitude", "layer_normalized"] = "magnitude"
-    """two_step: what makes a gradient significant: its magnitude, or its magnitude relative
-    to its layer's root mean square (every layer gets a fair share)."""
-    adapt_threshold: bool = True
-    """two_step: move the threshold each step to hold `density`; false keeps it fixed, so a
-    device sends only when enough has accumulated."""
-    rank: int = 2
-    """powersgd: rank of the low-rank approximation of each weight matrix."""
-    clip_norm: float = 0.0
-    """dgc: local gradient clipping at this L2 norm (scaled by num_devices**-0.5); 0 is off."""
-    warmup_steps: int = 0
-    """dgc: steps over which density falls 25 % -> 6.25 % -> 1.6 % -> 0.4 % -> `density`."""
-    sample_fraction: float = 0.01
-    """dgc, two_step: share of values sampled to estimate the threshold (no full sort)."""
-    error_feedback: Literal["auto", "on", "off"] = "auto"
-    """Keep what was not sent and add it to the next step's gradient. auto: on, except for
-    qsgd (unbiased, and its variance can make the memory grow without bound); dgc always
-    keeps its momentum-corrected memory."""
-    values: Literal["fp32", "fp16"] = "fp32"
-    """Wire codec: precision of float values on the wire."""
-    zstd: bool = False
-    """Wire codec: zstd-compress each encoded payload."""
-
-    def __post_init__(self) -> None:
-        _require(0 < self.density <= 1, f"density must be in (0, 1] (got {self.density})")
-        _require(1 <= self.levels <= 127, f"levels must be in 1..127 (got {self.levels})")
-        _require(self.threshold >= 0, f"threshold must be >= 0 (got {self.threshold})")
-        _require(
-            self.compressor != "threshold" or self.threshold > 0,
-            'threshold must be > 0 for compressor = "threshold" (the value to send above)',
-        )
-        _require(1 <= self.rank <= 64, f"rank must be in 1..64 (got {self.rank})")
-        _require(self.clip_norm >= 0, f"clip_norm must be >= 0 (got {self.clip_norm})")
-        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        _require(
-            0 < self.sample_fraction <= 1,
-            f"sample_fraction must be in (0, 1] (got {self.sample_fraction})",
-        )
-
-
-@dataclass(kw_only=True, slots=True)
-class AdaptConfig:
-    """Network-aware density: each round, each device's density is set from its link."""
-
-    enabled: bool = False
-    target_share: float = 0.2
-    """Share of the step that communication should take at most."""
-    min_density: float = 0.0001
-    max_density: float = 0.1
-
-    def __post_init__(self) -> None:
-        _require(
-            0 < self.target_share < 1,
-            f"target_share must be in (0, 1) (got {self.target_share})",
-        )
-        _require(
-            0 < self.min_density <= self.max_density <= 1,
-            "min_density and max_density: need 0 < min_density <= max_density <= 1 "
-            f"(got {self.min_density}, {self.max_density})",
-        )
-
-
-@dataclass(kw_only=True, slots=True)
-class CompressionConfig(CompressorConfig):
-    """The fleet's compressor; `groups` gives groups or single devices one of their own."""
-
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
-    groups: dict[str, CompressorConfig] = field(default_factory=dict)
-    """Group or device name -> its own compressor table (a whole setting: unset keys take the
-    defaults above, not the fleet's)."""
-
-    def for_device(self, name: str, group: str) -> CompressorConfig:
-        """The setting a device uses: its own, else its group's, else the fleet's."""
-        own = self.groups.get(name) or self.groups.get(group)
-        if own is not None:
-            return own
-        fields = {f: getattr(self, f) for f in CompressorConfig.__dataclass_fields__}
-        return CompressorConfig(**fields)
-
-    @property
-    def enabled(self) -> bool:
-        """True unless every device sends plain fp32 (then the fused dense path runs)."""
-        settings = [self, *self.groups.values()]
-        plain = all(s.compressor == "none" and s.values == "fp32" and not s.zstd for s in settings)
-        return not plain or self.adapt.enabled
-
-
-@dataclass(kw_only=True, slots=True)
-class FederatedConfig:
-    """Federated learning (`train.strategy = "federated"`): FedAvg, FedProx, FedAdam, FedYogi.
-
-    Each round a seeded `fraction` of the members trains the global model on its own shard
-    for `local_steps` (or `local_epochs`); the server averages the updates that arrived by
-    `deadline_s` and applies them with its optimizer (Reddi et al., "Adaptive Federated
-    Optimization", ICLR 2021).
-    """
-
-    fraction: float = 1.0
-    """Share of the members sampled each round (seeded; at least one client)."""
-    local_steps: int = 10
-    """Local SGD steps of `local_batch` samples per client and round."""
-    local_epochs: int = 0
-    """When > 0: passes over its whole shard per client and round instead of `local_steps`
-    (FedAvg's E)."""
-    local_batch: int = 32
-    """Samples per local step."""
-    local_lr: float = 0.0
-    """Learning rate of the clients' local SGD; 0 takes train.lr (train.momentum and
-    train.weight_decay apply too; the local optimizer starts afresh every round)."""
-    proximal_mu: float = 0.0
-    """FedProx: weight mu of the local term mu/2 ||w - w_global||^2; 0 is FedAvg."""
-    weighting: Literal["samples", "uniform"] = "samples"
-    """How the server weights the arrived updates: by each client's shard size (FedAvg's
-    n_k / n), or equally."""
-    server_optimizer: Literal["avg", "adam", "yogi"] = "avg"
-    """avg: w += server_lr * mean update (server_lr 1: plain FedAvg); adam, yogi: FedAdam,
-    FedYogi with the negated mean update as pseudo-gradient."""
-    server_lr: float = 1.0
-    """Server learning rate (adam and yogi want about 0.01-0.1)."""
-    beta1: float = 0.9
-    """adam, yogi: decay of the first moment."""
-    beta2: float = 0.99
-    """adam, yogi: decay of the second moment."""
-    tau: float = 1e-3
-    """adam, yogi: adaptivity tau (added to the root of the second moment, which starts at
-    tau^2)."""
-    deadline_s: float = 0.0
-    """Virtual seconds from a round's start after which updates not yet arrived are dropped
-    (and logged); the round then ends at the deadline. 0: wait for every client."""
-
-    def __post_init__(self) -> None:
-        _require(0 < self.fraction <= 1, f"fraction must be in (0, 1] (got {self.fraction})")
-        _require(self.local_steps >= 1, f"local_steps must be >= 1 (got {self.local_steps})")
-        _require(self.local_epochs >= 0, f"local_epochs must be >= 0 (got {self.local_epochs})")
-        _require(self.local_batch >= 1, f"local_batch must be >= 1 (got {self.local_batch})")
-        _require(self.local_lr >= 0, f"local_lr must be >= 0 (got {self.local_lr})")
-        _require(self.proximal_mu >= 0, f"proximal_mu must be >= 0 (got {self.proximal_mu})")
-        _require(self.server_lr > 0, f"server_lr must be > 0 (got {self.server_lr})")
-        _require(0 <= self.beta1 < 1, f"beta1 must be in [0, 1) (got {self.beta1})")
-        _require(0 <= self.beta2 < 1, f"beta2 must be in [0, 1) (got {self.beta2})")
-        _require(self.tau > 0, f"tau must be > 0 (got {self.tau})")
-        _require(self.deadline_s >= 0, f"deadline_s must be >= 0 (got {self.deadline_s})")
-
-
-@dataclass(kw_only=True, slots=True)
-class PublicKeyConfig:
-    """An enrolled identity's public keys, as `edgeddl keys new NAME` prints them."""
-
-    sign: str = ""
-    """Ed25519 signature key: base64 of its 32 raw bytes."""
-    agree: str = ""
-    """X25519 key-agreement key: base64 of its 32 raw bytes."""
-
-    def __post_init__(self) -> None:
-        for key in ("sign", "agree"):
-            value = getattr(self, key)
-            _require(
-                value == "" or _raw_key_length(value) == 32,
-                f"{key}: expected base64 of a 32-byte public key, as `edgeddl keys new` "
-                f"prints it (got {value[:60]!r})",
-            )
-        _require(
-            (self.sign == "") == (self.agree == ""),
-            "sign and agree: give both public keys or neither",
-        )
-
-    @property
-    def is_set(self) -> bool:
-        return self.sign != ""
-
-
-def _raw_key_length(text: str) -> int:
-    try:
-        return len(base64.b64decode(text, validate=True))
-    except binascii.Error:
-        return -1
-
-
-SECURITY_COORDINATOR = "coordinator"
-"""The coordinator's identity name (its ledger entries' author); no device may take it."""
-
-
-@dataclass(kw_only=True, slots=True)
-class SecurityConfig:
-    """Signed, encrypted payloads between enrolled devices and the coordinator, and the
-    audit ledger (`edgeddl.security`)."""
-
-    enabled: bool = False
-    coordinator: PublicKeyConfig = field(default_factory=PublicKeyConfig)
-    """The coordinator's public keys (`edgeddl keys new coordinator`)."""
-    devices: dict[str, PublicKeyConfig] = field(default_factory=dict)
-    """Enrolled devices' public keys by device name; a device not listed is refused."""
-    max_payload_bytes: int = 64 * 2**20
-    """Payloads larger than this on the wire are refused before any crypto is spent on them."""
-    ledger_flush_every: int = 32
-    """Ledger entries written and fsynced together (a crash loses at most the unflushed)."""
-
-    def __post_init__(self) -> None:
-        _require(
-            self.max_payload_bytes >= 1024,
-            f"max_payload_bytes must be >= 1024 (got {self.max_payload_bytes})",
-        )
-        _require(
-            self.ledger_flush_every >= 1,
-            f"ledger_flush_every must be >= 1 (got {self.ledger_flush_every})",
-        )
-        _require(
-            SECURITY_COORDINATOR not in self.devices,
-            f"devices.{SECURITY_COORDINATOR}: that name is the coordinator's; give its keys "
-            "in [security.coordinator]",
-        )
-        for name, keys in self.devices.items():
-            _require(keys.is_set, f"devices.{name}: needs sign and agree keys")
-        if self.enabled:
-            _require(
-                self.coordinator.is_set,
-                "coordinator: enabled security needs the coordinator's public keys "
-                "(`edgeddl keys new coordinator` prints them)",
-            )
-
-    def check_devices(self, names: list[str]) -> None:
-        """Every enrolled name is a device of the fleet (a typo would refuse a real device)."""
-        unknown = sorted(set(self.devices) - set(names))
-        if unknown:
-            raise ValueError(f"security.devices.{unknown[0]}: not a device of [fleet]")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from edgeddl.config.schema import SECURITY_COORDINATOR, PublicKeyConfig, SecurityConfig
+from edgeddl.config.security import SECURITY_COORDINATOR, PublicKeyConfig, SecurityConfig
 from edgeddl.report.files import write_bytes_atomic
 
 MAX_NAME_BYTES = 255

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeddl.config.schema import SECURITY_COORDINATOR
+from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.security.envelope import REJECT_REASONS, Opened, Rejection, verify_receipt
 from edgeddl.security.keys import Identity, PublicIdentity
 

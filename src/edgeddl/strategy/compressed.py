@@ -39,7 +39,8 @@ from edgeddl.compress.registry import (
     build_feedback,
     build_phased,
 )
-from edgeddl.config.schema import CompressionConfig, CompressorConfig, TrainConfig
+from edgeddl.config.compression import CompressionConfig, CompressorConfig
+from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats, per_device_gradients

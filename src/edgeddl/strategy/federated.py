@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.config.schema import FederatedConfig, TrainConfig
+from edgeddl.config.federated import FederatedConfig
+from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeddl.config.schema import FederatedConfig
+from edgeddl.config.federated import FederatedConfig
 
 
 class ServerOptimizer:
