@@ -1,0 +1,91 @@
+"""Robust aggregation: combining devices' updates when some may be broken or hostile.
+
+Each rule takes the updates as rows of a matrix (devices x values) and their sample weights,
+and returns one aggregate:
+
+* `mean`: the sample-weighted mean (what a trusting server does; one bad row moves it
+  anywhere);
+* `median`: the coordinate-wise median (weights ignored);
+* `trimmed_mean`: per coordinate, drop the `trim` largest and `trim` smallest values, then
+  average the rest (Yin et al., ICML 2018);
+* `krum` / `multi_krum`: score each update by the summed squared distances to its n - f - 2
+  nearest others, keep the best one (Krum) or the best m and average them (Blanchard et al.,
+  NeurIPS 2017). Needs n > 2f + 2.
+
+`screen` rejects what no rule should see: non-finite values and norms out of range, each
+with its reason (for the ledger). This module is the maths only: wiring the rules into the
+strategies' aggregation comes with the rest of the trust issue.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RuleName = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
+
+
+def screen(
+    updates: torch.Tensor, max_norm: float = float("inf")
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Which rows may be aggregated (a bool mask), and why each other row was refused."""
+    finite = torch.isfinite(updates).all(dim=1)
+    norms = torch.linalg.vector_norm(torch.nan_to_num(updates), dim=1)
+    keep = finite & (norms <= max_norm)
+    reasons = {}
+    for i in torch.nonzero(~keep).flatten().tolist():
+        reasons[i] = (
+            "non-finite values" if not finite[i] else f"norm {norms[i]:.3g} over {max_norm:.3g}"
+        )
+    return keep, reasons
+
+
+def krum_scores(updates: torch.Tensor, num_byzantine: int) -> torch.Tensor:
+    """Each row's summed squared distance to its n - f - 2 nearest other rows."""
+    n = len(updates)
+    if n <= 2 * num_byzantine + 2:
+        raise ValueError(f"krum needs more than 2f + 2 updates: {n} updates, f = {num_byzantine}")
+    dist = torch.cdist(updates.double(), updates.double()).pow(2)
+    dist.fill_diagonal_(float("inf"))
+    nearest = torch.topk(dist, n - num_byzantine - 2, dim=1, largest=False).values
+    return nearest.sum(dim=1)
+
+
+def aggregate(
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    rule: RuleName = "mean",
+    *,
+    trim: int = 0,
+    num_byzantine: int = 0,
+    multi: int = 1,
+) -> torch.Tensor:
+    """One aggregate of `updates` (devices x values) under `rule`."""
+    if updates.ndim != 2 or len(updates) == 0:
+        raise ValueError("updates: expected a non-empty devices x values matrix")
+    if rule == "mean":
+        w = weights.to(updates.dtype) / weights.sum()
+        return (w[:, None] * updates).sum(dim=0)
+    if rule == "median":
+        return updates.median(dim=0).values if len(updates) % 2 else _mid_median(updates)
+    if rule == "trimmed_mean":
+        if not 0 <= 2 * trim < len(updates):
+            raise ValueError(f"trim {trim}: needs 2 * trim < {len(updates)} updates")
+        ordered = updates.sort(dim=0).values
+        return ordered[trim : len(updates) - trim].mean(dim=0)
+    scores = krum_scores(updates, num_byzantine)
+    if rule == "krum":
+        return updates[int(scores.argmin())].clone()
+    if not 1 <= multi <= len(updates):
+        raise ValueError(f"multi {multi}: must be in 1..{len(updates)}")
+    best = torch.topk(scores, multi, largest=False).indices
+    return updates[best].mean(dim=0)
+
+
+def _mid_median(updates: torch.Tensor) -> torch.Tensor:
+    """The coordinate-wise median of an even count: the mean of the two middle values
+    (torch's median returns the lower one, which biases every coordinate down)."""
+    ordered = updates.sort(dim=0).values
+    mid = len(updates) // 2
+    return (ordered[mid - 1] + ordered[mid]) / 2
