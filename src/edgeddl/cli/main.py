@@ -16,6 +16,7 @@ from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.transport.checkpoint import CheckpointError, DeviceFailed, FleetFailed
+from edgeddl.transport.store import BACKENDS, ENGINES
 
 # Files the user named (scenario, data folder, --out) that cannot be read or written are
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     co.add_argument(
         "--engine",
-        choices=("torchft", "elastic"),
+        choices=ENGINES,
         default="torchft",
         help="fault-tolerance engine: torchft (heals in place, sub-second) or elastic "
         "(torchrun elastic: restarts every worker, for devices without a torchft build; "
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     co.add_argument(
         "--backend",
-        choices=("gloo", "nccl"),
+        choices=BACKENDS,
         default="gloo",
         help="process-group backend of the devices: gloo (CPUs, mixed fleets) or nccl "
         "(every device has a CUDA GPU; default: %(default)s)",
