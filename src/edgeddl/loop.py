@@ -39,6 +39,7 @@ from edgeddl.report.files import (
     metric_plot,
     write_json_atomic,
     write_jsonl_atomic,
+    write_model_atomic,
     write_text_atomic,
 )
 from edgeddl.report.plots import plot_metric, plot_timeline
@@ -285,6 +286,7 @@ def _train(
         },
     )
     write_json_atomic(run_dir / "summary.json", summary)
+    write_model_atomic(run_dir / "model.pt", model.state_dict())
     title = f"{scenario.run.name}: test {metric_label(metric)}"
     plot_metric(rec.evals, run_dir / metric_plot(metric), metric, title)
     plot_timeline(rec, run_dir / "timeline.png")

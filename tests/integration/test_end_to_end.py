@@ -90,6 +90,10 @@ def test_run_folder_files(small_run: edgeddl.RunResult) -> None:
     summary = json.loads((d / "summary.json").read_text())
     assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]
     assert not list(d.glob(".*.tmp"))  # atomic writes leave no temporaries behind
+    saved = torch.load(d / "model.pt", weights_only=True)
+    final = small_run.model.state_dict()
+    assert saved.keys() == final.keys()
+    assert all(torch.equal(saved[k], final[k]) for k in final)
 
 
 def test_same_seed_same_run(tmp_path, small_run: edgeddl.RunResult) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 RUN_FILES = (
     "config.resolved.toml",
     "metrics.jsonl",
+    "model.pt",
     "summary.json",
     "timeline.png",
 )
@@ -49,6 +50,17 @@ def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_model_atomic(path: Path, state: dict[str, Any]) -> None:
+    """A model's state_dict as a torch file (tensors only: loads with weights_only=True)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_text_atomic(path: Path, text: str) -> None:
