@@ -45,14 +45,16 @@ from edgeddl.report.files import (
 from edgeddl.report.plots import plot_metric, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
 from edgeddl.report.recorder import RunRecorder
+from edgeddl.split_step import split_balance_inputs, split_request
 from edgeddl.strategy.balance import balance_shares
-from edgeddl.strategy.build import build_strategy
+from edgeddl.strategy.build import build_split, build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
+from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.fused import batchnorm_layers
+from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.task import LossFn
-from edgeddl.transport.base import Transport
 from edgeddl.transport.sim import SimTransport
 from edgeddl.workload import build_workload
 
@@ -127,11 +129,16 @@ def _train(
     per_sample_s = w.per_sample_s
     sampler = ShardSampler(shards, seed)
     t = scenario.train
-    strategy, policy = build_strategy(
-        scenario, model, w.task.loss_fn, np.array([len(s) for s in shards], dtype=np.int64)
-    )
+    split = build_split(scenario, model, w.task.loss_fn, info) if t.strategy == "split" else None
+    strategy: DataParallel | SplitLearning
+    if split is not None:
+        strategy, policy = split, None
+    else:
+        strategy, policy = build_strategy(
+            scenario, model, w.task.loss_fn, np.array([len(s) for s in shards], dtype=np.int64)
+        )
     metric = w.task.metric
-    transport: Transport = SimTransport(fleet, t.topology, seed)
+    transport = SimTransport(fleet, t.topology, seed)
     agg_flops = strategy.aggregation_flops()
     # BatchNorm cannot normalise a batch of one 1-D sample (PyTorch refuses it): to be safe
     # for every BatchNorm, a device that takes part gets at least two samples.
@@ -155,11 +162,12 @@ def _train(
 
     def evaluate(at_step: int, num_members: int) -> dict[str, Any]:
         """Test the current model; one line of metrics.jsonl (virtual time is not charged)."""
+        scores = [w.task.evaluate(m, x_test, y_test) for m in strategy.evaluation_models()]
         row = rec.add_eval(
             step=at_step,
             virtual_time_s=clock.now_s,
             wall_time_s=time.perf_counter() - wall_start,
-            metrics=w.task.evaluate(model, x_test, y_test),
+            metrics={k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
             num_members=num_members,
         )
         write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
@@ -188,12 +196,18 @@ def _train(
             elif members != members_key:  # rebalance only when membership changes
                 members_key = members
                 idx = np.asarray(members, dtype=np.int64)
-                up_bytes, down_bytes = strategy.payload_bytes(idx)
-                fixed = fleet.fixed_step_s(cost.ops_per_step)[idx] + transport.expected_link_s(
-                    idx, up_bytes, down_bytes
-                )
+                if split is not None:  # its own part of the model, and the cut's bytes
+                    per_sample, fixed = split_balance_inputs(
+                        fleet, transport, split, idx, info.sample_bytes
+                    )
+                else:
+                    up_bytes, down_bytes = strategy.payload_bytes(idx)
+                    per_sample = per_sample_s[idx]
+                    fixed = fleet.fixed_step_s(cost.ops_per_step)[idx] + transport.expected_link_s(
+                        idx, up_bytes, down_bytes
+                    )
                 all_shares = balance_shares(
-                    t.global_batch, per_sample_s[idx], fixed, caps[idx], t.balance, min_share
+                    t.global_batch, per_sample, fixed, caps[idx], t.balance, min_share
                 )
                 active, shares = idx[all_shares > 0], all_shares[all_shares > 0]
             data_s, compute_s = fleet.work_time_s(
@@ -220,20 +234,33 @@ def _train(
                 ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
             except TrainingDiverged as e:
                 raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
-            request = StepRequest(
-                start_s=clock.now_s,
-                devices=active,
-                data_s=data_s,
-                compute_s=compute_s,
-                up_bytes=ex.up_bytes,
-                down_bytes=down,
-                crash_at_s=schedule.next_crash_s[active],
-                needs_model=needs_model,
-                agg_flops=agg_flops,
-                mid_down_bytes=ex.mid_down_bytes,
-                deadline_s=scenario.federated.deadline_s if t.strategy == "federated" else 0.0,
-            )
-            tl = transport.step(request)
+            if split is not None:
+                tl = transport.pipeline(
+                    split_request(
+                        fleet,
+                        split,
+                        ex,
+                        clock.now_s,
+                        data_s,
+                        down,
+                        schedule.next_crash_s[active],
+                    )
+                )
+            else:
+                request = StepRequest(
+                    start_s=clock.now_s,
+                    devices=active,
+                    data_s=data_s,
+                    compute_s=compute_s,
+                    up_bytes=ex.up_bytes,
+                    down_bytes=down,
+                    crash_at_s=schedule.next_crash_s[active],
+                    needs_model=needs_model,
+                    agg_flops=agg_flops,
+                    mid_down_bytes=ex.mid_down_bytes,
+                    deadline_s=scenario.federated.deadline_s if t.strategy == "federated" else 0.0,
+                )
+                tl = transport.step(request)
             if tl.dropped is not None and tl.dropped.any():
                 rec.add_dropped(step, tl.end_s, active[tl.dropped])
             loss = strategy.commit(ex, tl.contributed)
@@ -283,6 +310,7 @@ def _train(
                 if t.strategy == "federated"
                 else {}
             ),
+            **({"split": split.summary()} if split is not None else {}),
         },
     )
     write_json_atomic(run_dir / "summary.json", summary)

@@ -4,14 +4,21 @@ each side gets, SplitFed's equivalence with a data-parallel step, and what cross
 from __future__ import annotations
 
 import copy
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from edgeddl.config.compression import CompressorConfig
+from edgeddl.config.schema import TrainConfig
+from edgeddl.config.split import SplitConfig
 from edgeddl.models import build_model
 from edgeddl.models.layers import model_layers, resolve_cut, split_model
+from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.split import SplitModels
+from edgeddl.strategy.split_learning import SplitLearning
 
 CE = nn.functional.cross_entropy
 
@@ -119,3 +126,101 @@ def test_the_parts_costs_add_up_to_the_whole_models(head_cut: str | None) -> Non
     assert cost.front_flops > 0 and cost.rear_flops > 0
     assert cost.cut_bytes == 25 * 19 * 4  # 25 channels x length 19 after the first conv, fp32
     assert (cost.head_cut_bytes > 0) == (head_cut is not None)
+
+
+# --- the strategy: SplitLearning's steps, lost devices, the cut's wire ------------------------
+
+
+def _strategy(model: nn.Module, num_devices: int, **split: Any) -> SplitLearning:
+    train = TrainConfig(lr=0.1, momentum=0.0)
+    cfg = SplitConfig(**split)
+    return SplitLearning(model, train, cfg, num_devices, (1, 40), 10, seed=0, loss_fn=CE)
+
+
+def _step(s: SplitLearning, batches: list[tuple[torch.Tensor, torch.Tensor]], arrived: list[bool]):
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    counts = [len(b[0]) for b in batches]
+    ex = s.prepare(x, y, counts, np.arange(len(batches)), 0)
+    return ex, s.commit(ex, np.array(arrived))
+
+
+def _float_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("cnn1d", input_shape=(1, 40), num_classes=10)
+
+
+def _float_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _batch(n, seed)
+    return x.float(), y
+
+
+def test_splitfed_steps_equal_data_parallel_steps_of_the_whole_model() -> None:
+    model = _float_cnn()
+    reference = DataParallel(copy.deepcopy(model), TrainConfig(lr=0.1, momentum=0.0), CE)
+    split = _strategy(model, 3, cut=3, splitfed=True)
+    for step in range(2):
+        batches = [_float_batch(n, 10 * step + i) for i, n in enumerate((12, 4, 8))]
+        _, loss = _step(split, batches, [True] * 3)
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        expected = reference.step(x, y, [12, 4, 8])
+        assert loss is not None
+        torch.testing.assert_close(loss, expected)
+    final = zip(
+        split.model.state_dict().items(), reference.model.state_dict().values(), strict=True
+    )
+    for (name, a), b in final:
+        torch.testing.assert_close(a, b, msg=name)
+    for front in split.parts.fronts:  # every device starts the next step from the average
+        for a, b in zip(front.parameters(), split.global_modules[0].parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_lost_devices_share_is_left_out_and_its_front_unchanged() -> None:
+    model = _float_cnn()
+    batches = [_float_batch(6, 1), _float_batch(10, 2)]
+    alone = _strategy(copy.deepcopy(model), 2, cut=3)
+    _step(alone, [batches[0]], [True])
+    split = _strategy(model, 2, cut=3)
+    before = copy.deepcopy(split.parts.fronts[1].state_dict())
+    _step(split, batches, [True, False])
+    for a, b in zip(split.parts.rear.parameters(), alone.parts.rear.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(
+        split.parts.fronts[0].parameters(), alone.parts.fronts[0].parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    for name, value in split.parts.fronts[1].state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert (
+        split.commit(split.prepare(*_cat(batches), [6, 10], np.arange(2), 1), np.zeros(2, bool))
+        is None
+    )
+
+
+def _cat(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+@pytest.mark.parametrize("labels", ["send", "u_shaped"])
+def test_the_cut_wire_counts_encoded_bytes_and_compresses(labels: str) -> None:
+    batches = [_float_batch(16, 5)]
+    plain = _strategy(_float_cnn(), 1, cut=1, labels=labels)
+    ex, _ = _step(plain, batches, [True])
+    a = 16 * plain.cost.cut_bytes  # fp32 activations (and their gradient back)
+    legs = {leg.kind: leg.amount for leg in plain.legs(ex)}
+    if labels == "send":  # labels as 4-bit codes: 8 bytes for 16, plus codec headers
+        assert a + 8 < legs["up"][0] <= a + 8 + 20
+        assert [k for _, k, _ in plain.wire.sent] == ["activations", "labels", "cut_gradients"]
+    else:
+        assert "labels" not in [k for _, k, _ in plain.wire.sent]
+    assert int(ex.up_bytes.sum()) == sum(
+        leg.amount[0] for leg in plain.legs(ex) if leg.kind == "up"
+    )
+    int8 = _strategy(
+        _float_cnn(), 1, cut=1, labels=labels, compression=CompressorConfig(compressor="int8")
+    )
+    ex8, loss8 = _step(int8, batches, [True])
+    assert ex8.up_bytes.sum() < ex.up_bytes.sum() / 3.5  # one byte a value, a scale a sample
+    assert loss8 is not None and torch.isfinite(loss8)

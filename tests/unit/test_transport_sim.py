@@ -13,7 +13,7 @@ import pytest
 
 from edgeddl.config.loader import scenario_from_dict
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.fleet.timeline import StepRequest, StepTimeline
+from edgeddl.fleet.timeline import PipelineRequest, StepRequest, StepTimeline
 from edgeddl.transport.sim import SimTransport
 
 LINKS = {
@@ -524,3 +524,74 @@ def test_step_sync_cost_ends_every_step_and_counts_as_communication(topology: st
     comm = synced.seconds("communication") - plain.seconds("communication")
     assert comm.tolist() == _approx([0.011, 0.011])
     assert _phase_sums(synced).tolist() == _approx([synced.end_s - synced.start_s] * 2)
+
+
+# --- chained steps (split learning): legs, shared coordinator resources, crashes ------------
+
+
+def _chain(
+    fleet: Fleet, crash_at_s: dict[int, float] | None = None, each_s: float = 0.0
+) -> StepTimeline:
+    """data 0.1 s, front 0.2 s, 100 kB up, 0.05 s on the coordinator, 160 kB down, back
+    0.1 s; 0.04 s rear update at the end."""
+    n = fleet.num_devices
+    crash = np.full(n, np.inf)
+    for k, at in (crash_at_s or {}).items():
+        crash[k] = at
+
+    def same(v: float) -> np.ndarray:
+        return np.full(n, v)
+
+    req = PipelineRequest(
+        start_s=0.0,
+        devices=np.arange(n),
+        legs=[
+            ("down", same(0.0)),
+            ("data", same(0.1)),
+            ("device", same(0.2)),
+            ("up", same(100_000.0)),
+            ("coordinator", same(0.05)),
+            ("down", same(160_000.0)),
+            ("device", same(0.1)),
+        ],
+        crash_at_s=crash,
+        end_work_s=0.04,
+        end_work_each_s=each_s,
+    )
+    return SimTransport(fleet, "star", seed=0).pipeline(req)
+
+
+def test_chained_step_on_one_device_adds_up_by_hand() -> None:
+    # Path up: min(8, 80) Mbit/s, 15 ms; down: min(16, 80) Mbit/s, 15 ms.
+    tl = _chain(_fleet(["a"]))
+    up_s, down_s = 0.015 + 0.1, 0.015 + 0.08
+    end = 0.1 + 0.2 + up_s + 0.05 + down_s + 0.1 + 0.04
+    assert tl.end_s == pytest.approx(end)
+    assert tl.contributed.tolist() == [True]
+    assert tl.seconds("communication")[0] == pytest.approx(up_s + down_s)
+    assert tl.seconds("compute")[0] == pytest.approx(0.3)
+    assert tl.seconds("idle")[0] == pytest.approx(0.05 + 0.04)
+    assert tl.bytes_up.tolist() == [100_000] and tl.bytes_down.tolist() == [160_000]
+
+
+def test_chained_steps_share_the_coordinator_first_come_first_served() -> None:
+    tl = _chain(_fleet(["a", "a"]), each_s=0.01)
+    # Uploads arrive at 0.415 and, behind it on the coordinator's downlink (10 ms each),
+    # 0.425; the coordinator serves 0.415-0.465 and 0.465-0.515; the second device's
+    # gradient is back at 0.61 and its front done at 0.71.
+    assert tl.end_s == pytest.approx(0.71 + 0.04 + 2 * 0.01)
+    second = {s: tl.seconds(s)[1] for s in ("communication", "idle", "compute")}
+    assert second["communication"] == pytest.approx(0.125 + 0.095)
+    assert second["idle"] == pytest.approx(0.09 + 0.06)
+    assert second["compute"] == pytest.approx(0.3)
+    for k in range(2):  # every device's phases add up to the step
+        assert sum(d[k] for _, d in tl.phases) == pytest.approx(tl.end_s)
+
+
+def test_a_device_crashing_mid_chain_is_lost_and_noticed() -> None:
+    tl = _chain(_fleet(["a", "a"], detect_s=1.5), crash_at_s={1: 0.45}, each_s=0.01)
+    assert tl.contributed.tolist() == [True, False]
+    assert tl.end_s == pytest.approx(0.45 + 1.5 + 0.04 + 0.01)
+    assert sum(d[1] for _, d in tl.phases) == pytest.approx(0.45)  # cut at its crash
+    assert tl.bytes_up.tolist() == [100_000, 100_000]  # its upload had arrived
+    assert tl.bytes_down.tolist() == [160_000, 0]

@@ -61,8 +61,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a table, got {value!r}")
         _, item = get_args(tp)
         return {k: _convert(item, v, f"{path}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"{path}: union types are not supported in configs")
+    if origin in (typing.Union, types.UnionType):  # of scalars: a layer's name or index
+        members = get_args(tp)
+        for member in members:
+            if member not in (int, str):
+                raise TypeError(f"{path}: only unions of int and str are supported in configs")
+        if isinstance(value, bool) or not isinstance(value, members):
+            raise ConfigError(f"{path}: expected a string or an integer, got {value!r}")
+        return value
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -4,8 +4,8 @@ Every field has a default that makes sense on its own, a docstring, and a check 
 ``__post_init__`` that raises ``ValueError`` with a message naming the field and what is
 allowed. The loader (``edgeddl.config.loader``) prefixes the section path, so a user sees
 ``train.global_batch: must be >= 1 (got 0)``. This module must not import torch. The larger
-sections live beside it (`compression.py`, `federated.py`, `security.py`); `Scenario` here
-puts them together.
+sections live beside it (`compression.py`, `federated.py`, `split.py`, `security.py`);
+`Scenario` here puts them together.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from edgeddl.config.checks import require as _require
 from edgeddl.config.compression import CompressionConfig
 from edgeddl.config.federated import FederatedConfig
 from edgeddl.config.security import SecurityConfig
+from edgeddl.config.split import SplitConfig
 
 DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic", "sensors"]
 PartitionName = Literal["iid", "dirichlet"]
@@ -190,10 +191,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    strategy: Literal["data_parallel", "federated"] = "data_parallel"
+    strategy: Literal["data_parallel", "federated", "split"] = "data_parallel"
     """data_parallel: synchronous SGD over a global batch; federated: rounds of local
     training on sampled clients, their updates averaged on the server ([federated]); a step
-    of the loop is then a round (num_steps rounds, eval_every rounds)."""
+    of the loop is then a round (num_steps rounds, eval_every rounds); split: each device
+    trains the front of the model, the coordinator the rear ([split])."""
     topology: Literal["star", "ring"] = "star"
     """star: a parameter server on the coordinator; ring: all-reduce among the devices."""
     balance: Literal["capability", "min_time", "equal"] = "capability"
@@ -219,8 +221,8 @@ class TrainConfig:
         _require(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
         _require(self.max_virtual_time_s >= 0, "max_virtual_time_s must be >= 0")
         _require(
-            self.strategy != "federated" or self.topology == "star",
-            "topology: federated learning needs its server on the coordinator; "
+            self.strategy == "data_parallel" or self.topology == "star",
+            f"topology: {self.strategy} learning needs its server on the coordinator; "
             'set topology = "star"',
         )
 
@@ -255,6 +257,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     events: list[EventConfig] = field(default_factory=list)
     profiles: dict[str, DeviceProfile] = field(default_factory=dict)
     """Device profiles of your own, beside the built-ins (`edgeddl calibrate` writes one)."""

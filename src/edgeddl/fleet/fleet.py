@@ -83,6 +83,15 @@ class Fleet:
         """Per-step cost that does not depend on the batch: loop overhead plus dispatching."""
         return self.step_overhead_s + ops_per_step * self.op_overhead_s
 
+    def device_seconds(self, idx: np.ndarray, flops: np.ndarray, ops: int) -> np.ndarray:
+        """Devices `idx` computing `flops` each, dispatching `ops` operators."""
+        return flops / self.flops_per_s[idx] + ops * self.op_overhead_s[idx]
+
+    def coordinator_seconds(self, flops: np.ndarray | float, ops: int = 0) -> np.ndarray:
+        """The coordinator computing `flops`, dispatching `ops` operators."""
+        c = self.coordinator
+        return np.asarray(flops, dtype=np.float64) / c.flops_per_s + ops * c.op_overhead_s
+
     def work_time_s(
         self,
         idx: np.ndarray,

@@ -53,6 +53,25 @@ class StepRequest:
         return np.broadcast_to(np.asarray(self.down_bytes, dtype=np.float64), len(self.devices))
 
 
+@dataclass(frozen=True, slots=True)
+class PipelineRequest:
+    """One step as a chain of legs per device (split learning): each device goes through
+    the legs in order; the coordinator's compute, downlink and uplink serve the devices'
+    legs first come, first served."""
+
+    start_s: float
+    devices: np.ndarray
+    legs: list[tuple[str, np.ndarray]]
+    """(kind, amount per device): "data" (data loading) and "device" (compute) in the
+    device's seconds, "coordinator" in the coordinator's seconds, "up" and "down" in bytes."""
+    crash_at_s: np.ndarray
+    """Each participant's next crash time (absolute), inf if none is scheduled."""
+    end_work_s: float = 0.0
+    """Coordinator seconds after the last arrival, once per step (the rear's update)."""
+    end_work_each_s: float = 0.0
+    """Coordinator seconds per contributing device after the last arrival (averaging)."""
+
+
 @dataclass(slots=True)
 class StepTimeline:
     """What one step cost each participant; arrays are aligned with `devices`."""

@@ -1,4 +1,4 @@
-"""The scenario's strategy: data-parallel or federated, with its compression (checked here).
+"""The scenario's strategy: data-parallel, federated or split, with its compression (checked).
 
 The simulator and every device of a real fleet build it the same way, so the maths is the
 same whatever carries the payloads.
@@ -13,9 +13,12 @@ from edgeddl.compress.adapt import DensityPolicy
 from edgeddl.compress.registry import COMPRESSORS, check_compression
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
+from edgeddl.data import DatasetInfo
+from edgeddl.models.layers import model_layers, resolve_cut
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
 from edgeddl.strategy.federated import Federated
+from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.workload import as_config_error
 
 
@@ -27,8 +30,10 @@ def build_strategy(
 ) -> tuple[DataParallel, DensityPolicy | None]:
     """Plain data-parallel, or with the scenario's compression (checked here); `loss` is
     the task's (`Workload.task.loss_fn`). Federated (`train.strategy`) needs each device's
-    `shard_sizes` (its clients weigh and plan by them)."""
+    `shard_sizes` (its clients weigh and plan by them). Split learning: `build_split`."""
     comp = scenario.compression
+    if scenario.train.strategy == "split":
+        raise ValueError("split learning is built by build_split")
     if scenario.train.strategy == "federated":
         if shard_sizes is None:
             raise ValueError("a federated strategy needs the devices' shard sizes")
@@ -42,6 +47,44 @@ def build_strategy(
     strategy = _compressed(scenario, model, loss)
     policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
     return strategy, policy
+
+
+def build_split(
+    scenario: Scenario, model: nn.Module, loss: LossFn, info: DatasetInfo
+) -> SplitLearning:
+    """Split learning with the scenario's cut, label placement and cut compression."""
+    if scenario.compression.enabled:
+        raise ConfigError(
+            "compression: split learning sends activations, not gradients; compress what "
+            "crosses the cut with [split.compression] and leave [compression] at none"
+        )
+    if scenario.task == "anomaly_detection" and scenario.split.labels == "send":
+        raise ConfigError(
+            "split.labels: an autoencoder's target is its input, so sending labels would "
+            'send the raw data; use labels = "u_shaped"'
+        )
+    cfg = scenario.split
+    with as_config_error("split.cut"):
+        layers = model_layers(model)
+        at = resolve_cut(layers, cfg.cut)
+    if cfg.labels == "u_shaped":
+        with as_config_error("split.head_cut"):
+            if resolve_cut(layers, cfg.head_cut) <= at:
+                raise ValueError(
+                    f"{cfg.head_cut!r} is not after the cut ({cfg.cut!r}): the coordinator's "
+                    "part would be empty"
+                )
+    with as_config_error("split"):
+        return SplitLearning(
+            model,
+            scenario.train,
+            cfg,
+            len(scenario.fleet.device_names()),
+            info.input_shape,
+            info.num_classes,
+            scenario.run.seed,
+            loss,
+        )
 
 
 def _compressed(scenario: Scenario, model: nn.Module, loss: LossFn) -> CompressedDataParallel:

@@ -107,6 +107,10 @@ class DataParallel:
     def load_device_state(self, device: int, state: dict[str, Any]) -> None:
         return None
 
+    def evaluation_models(self) -> list[nn.Module]:
+        """The models the run is scored on (the metric is their mean): the one model."""
+        return [self.model]
+
     def forget(self, device: int) -> None:
         """The device crashed (nothing to forget: the dense gradient is kept nowhere)."""
 

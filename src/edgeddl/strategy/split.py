@@ -15,7 +15,7 @@ gradient of its own mean loss. Averaging the fronts weighted by samples after th
 (SplitFed) therefore gives exactly a data-parallel step of the whole model. Raw inputs never
 cross the cut: `CutTraffic` records every tensor that does, for the wire and for the tests.
 
-This module is the maths only (not yet a strategy of the simulator or the real fleet).
+The strategy that runs this on a fleet is `strategy/split_learning.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ from edgeddl.models.layers import split_model
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+Send = Callable[[torch.Tensor, str, int], torch.Tensor]
+"""What crossing a cut does to a tensor: (tensor as sent, kind, device) -> the receiver's
+copy. Kinds:
+"activations", "labels", "outputs" (U-shaped rear outputs), "head_gradients",
+"cut_gradients". The default delivers it unchanged; a wire compresses and counts bytes."""
+
+
+def _unchanged(t: torch.Tensor, kind: str, device: int) -> torch.Tensor:
+    return t
+
+
 @dataclass(slots=True)
 class CutTraffic:
     """What crossed the cut(s) for one device in one step, as sent (detached)."""
@@ -41,6 +52,13 @@ class CutTraffic:
     """Device to coordinator: activations at the cut, labels (plain), head gradients (U)."""
     down: list[torch.Tensor] = field(default_factory=list)
     """Coordinator to device: rear outputs (U), gradients at the cut."""
+    activations: torch.Tensor | None = None
+    """The coordinator's copy of the activations (detached): the rear's input."""
+    rear_target: torch.Tensor | None = None
+    """What the rear's backward needs again: the labels as received (plain), or the head's
+    gradient as received (U-shaped)."""
+    loss: torch.Tensor | None = None
+    """The device's own mean loss (detached)."""
 
     def bytes(self, tensors: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -48,13 +66,19 @@ class CutTraffic:
 
 @dataclass(frozen=True, slots=True)
 class SplitCost:
-    """Per sample: training FLOPs of each part, and fp32 bytes at each cut (each way)."""
+    """Per sample: training FLOPs of each part (and forward FLOPs of front and rear), fp32
+    bytes at each cut (each way); operators dispatched per batch on each side."""
 
     front_flops: float
     rear_flops: float
     head_flops: float
     cut_bytes: int
     head_cut_bytes: int
+    front_forward_flops: float = 0.0
+    rear_forward_flops: float = 0.0
+    device_ops: int = 0
+    """Front and head: forward, backward and their optimizer step."""
+    rear_ops: int = 0
 
 
 class SplitModels:
@@ -86,10 +110,15 @@ class SplitModels:
         return [self.fronts[k], *([self.heads[k]] if self.heads is not None else [])]
 
     def backward(
-        self, xs: list[torch.Tensor], ys: list[torch.Tensor], devices: list[int]
+        self,
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+        devices: list[int],
+        send: Send = _unchanged,
     ) -> tuple[torch.Tensor, list[CutTraffic]]:
         """Gradients of one step into the devices' fronts (heads) and the rear; the step's
-        mean loss (detached) and what crossed the cut for each device."""
+        mean loss (detached) and what crossed the cut for each device. Every crossing goes
+        through `send` (compression): each side computes with what it received."""
         total = sum(len(x) for x in xs)
         loss_sum = torch.zeros(())
         traffic = []
@@ -97,28 +126,43 @@ class SplitModels:
             w = len(x) / total
             t = CutTraffic()
             a = self.fronts[k](x)
-            a_sent = a.detach().requires_grad_()  # what crosses: the coordinator's copy
-            t.up.append(a_sent.detach())
-            h = self.rear(a_sent)
+            t.up.append(a.detach())
+            a_recv = send(a.detach(), "activations", k).requires_grad_()  # the coordinator's
+            t.activations = a_recv.detach()
+            h = self.rear(a_recv)
             if self.heads is None:
                 t.up.append(y)  # the labels go with the activations
-                loss = self.loss_fn(h, y)
+                t.rear_target = send(y, "labels", k)
+                loss = self.loss_fn(h, t.rear_target)
                 (loss * w).backward()
             else:
-                h_sent = h.detach().requires_grad_()  # the device's copy of the rear's output
-                t.down.append(h_sent.detach())
-                loss = self.loss_fn(self.heads[k](h_sent), y)
+                t.down.append(h.detach())
+                h_recv = send(h.detach(), "outputs", k).requires_grad_()  # the device's copy
+                loss = self.loss_fn(self.heads[k](h_recv), y)
                 loss.backward()  # the head's gradient, and the gradient at h for the way back
-                assert h_sent.grad is not None
-                t.up.append(h_sent.grad.detach())
-                h.backward(h_sent.grad * w)  # the rear takes its share of the step's mean
-            assert a_sent.grad is not None
-            grad_at_cut = a_sent.grad / w  # the gradient of this device's own mean loss
+                assert h_recv.grad is not None
+                t.up.append(h_recv.grad.detach())
+                t.rear_target = send(h_recv.grad.detach(), "head_gradients", k)
+                h.backward(t.rear_target * w)  # the rear takes its share of the step's mean
+            assert a_recv.grad is not None
+            grad_at_cut = a_recv.grad / w  # the gradient of this device's own mean loss
             t.down.append(grad_at_cut.detach())
-            a.backward(grad_at_cut)
-            loss_sum = loss_sum + loss.detach() * w
+            a.backward(send(grad_at_cut.detach(), "cut_gradients", k))
+            t.loss = loss.detach()
+            loss_sum = loss_sum + t.loss * w
             traffic.append(t)
         return loss_sum, traffic
+
+    def rear_backward(self, traffic: list[CutTraffic], weights: list[float]) -> None:
+        """The rear's gradient again, from what the coordinator received of some devices
+        (weights summing to 1): after a device was lost, its share must not count."""
+        for t, w in zip(traffic, weights, strict=True):
+            assert t.activations is not None and t.rear_target is not None
+            h = self.rear(t.activations)
+            if self.heads is None:
+                (self.loss_fn(h, t.rear_target) * w).backward()
+            else:
+                h.backward(t.rear_target * w)
 
     @torch.no_grad()
     def average_devices(self, devices: list[int], weights: list[float]) -> None:
@@ -153,6 +197,10 @@ class SplitModels:
             head_flops=parts[2].train_flops_per_sample if len(parts) > 2 else 0.0,
             cut_bytes=a[0].numel() * 4,
             head_cut_bytes=h[0].numel() * 4 if self.heads is not None else 0,
+            front_forward_flops=parts[0].forward_flops_per_sample,
+            rear_forward_flops=parts[1].forward_flops_per_sample,
+            device_ops=parts[0].ops_per_step + (parts[2].ops_per_step if len(parts) > 2 else 0),
+            rear_ops=parts[1].ops_per_step,
         )
 
     def whole(self, k: int) -> nn.Module:

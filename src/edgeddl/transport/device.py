@@ -185,10 +185,10 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         )
     if store.check([KEY_DONE]):
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
-    if scenario.train.strategy == "federated":
+    if scenario.train.strategy != "data_parallel":
         raise ConfigError(
-            'train.strategy: "federated" runs on the simulated fleet only for now; '
-            'use "data_parallel" for a real fleet'
+            f'train.strategy: "{scenario.train.strategy}" runs on the simulated fleet only '
+            'for now; use "data_parallel" for a real fleet'
         )
     if scenario.compression.adapt.enabled:
         raise ConfigError(

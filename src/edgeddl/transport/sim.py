@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.link import LinkEstimate, fifo_finish_s, goodput_bps, transfer_time_s
-from edgeddl.fleet.timeline import StepRequest, StepTimeline, truncate_phases
+from edgeddl.fleet.timeline import PipelineRequest, StepRequest, StepTimeline, truncate_phases
 
 
 def _timeline(
@@ -72,6 +72,16 @@ class SimTransport:
         self._path_latency_s = f.latency_s + c.latency_s
         self._path_jitter_s = f.jitter_s + c.jitter_s
         self._path_loss = 1 - (1 - f.loss) * (1 - c.loss)
+
+    def path_time_s(self, idx: np.ndarray, num_bytes: np.ndarray | float, up: bool) -> np.ndarray:
+        """One transfer per device between it and the coordinator (jitter and loss drawn)."""
+        return self._to_coordinator(idx, num_bytes, up)
+
+    def pipeline(self, req: PipelineRequest) -> StepTimeline:
+        """Carry a step that is a chain of legs per device (`sim_pipeline`)."""
+        from edgeddl.transport.sim_pipeline import pipeline_step
+
+        return pipeline_step(self, req)
 
     def _to_coordinator(
         self, idx: np.ndarray, num_bytes: np.ndarray | float, up: bool

@@ -1,0 +1,322 @@
+"""Split learning as a strategy: devices train fronts, the coordinator the rear.
+
+A step: every member runs its front on its share of the global batch and sends the
+activations at the cut (with the labels, or U-shaped without them); the coordinator runs the
+rear and sends back the gradient at the cut (U-shaped: the rear's output first, and the
+device sends the head's gradient back up); the device back-propagates through its front.
+After the step the rear takes one optimizer step with the sample-weighted mean of the
+devices' gradients, each device's front its own (`SplitModels` has the maths). With
+`splitfed`, the fronts (and heads) are then averaged, weighted by samples, and every device
+starts the next step from the average (it downloads it).
+
+Every tensor that crosses a cut goes through `CutWire`: the scenario's compressor (per
+sample: one scale or norm per sample), the wire codec, and back: each side computes with
+what it received, and the bytes that count are the encoded ones. Labels travel as codes of
+the fewest bits that hold the class count. Raw inputs never cross (the tests check it).
+
+The exchange is a chain of legs per device (`Leg`: device or coordinator FLOPs, bytes up or
+down); the loop turns it into time with the fleet's profiles and the simulated links.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeddl.compress.base import Compressor, Layout, Payload
+from edgeddl.compress.registry import build_codec, build_compressor
+from edgeddl.config.schema import TrainConfig
+from edgeddl.config.split import SplitConfig
+from edgeddl.models.layers import split_model
+from edgeddl.strategy.data_parallel import Exchange, tensor_bytes
+from edgeddl.strategy.errors import TrainingDiverged
+from edgeddl.strategy.split import CutTraffic, SplitModels
+from edgeddl.task import LossFn
+
+LegKind = Literal["device", "coordinator", "up", "down"]
+UP_KINDS = ("activations", "labels", "head_gradients")
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One piece of a device's step: FLOPs on the device or the coordinator (with the
+    operators dispatched once per batch), or bytes up or down its path."""
+
+    kind: LegKind
+    amount: np.ndarray
+    ops: int = 0
+
+
+class CutWire:
+    """Compresses, encodes and decodes each tensor crossing a cut; counts its bytes."""
+
+    def __init__(self, cfg: SplitConfig, num_classes: int, seed: int) -> None:
+        self.cfg = cfg.compression
+        self.codec = build_codec(self.cfg)
+        self.seed = seed
+        self.label_bits = max(1, (max(num_classes, 2) - 1).bit_length())
+        self._compressors: dict[tuple[int, str, tuple[int, ...]], Compressor] = {}
+        self.up_bytes = 0
+        self.down_bytes = 0
+        self.dense_bytes = 0
+        """What the same tensors take as plain fp32 (and labels as int64): the reference."""
+        self.sent: list[tuple[int, str, int]] = []
+        """(device, kind, bytes) of every tensor sent since the last `take_log`."""
+
+    def _compressor(self, device: int, kind: str, shape: tuple[int, ...]) -> Compressor:
+        key = (device, kind, shape)
+        if key not in self._compressors:  # one scale or norm per sample
+            per_sample = int(np.prod(shape[1:], dtype=np.int64))
+            layout = Layout(tuple((per_sample,) for _ in range(shape[0])))
+            self._compressors[key] = build_compressor(self.cfg, layout, self.seed, device)
+        return self._compressors[key]
+
+    def send(self, t: torch.Tensor, kind: str, device: int, step: int) -> torch.Tensor:
+        """What the receiver decodes of `t`; the encoded bytes are counted by direction."""
+        if kind == "labels":
+            data = self.codec.encode(Payload(numel=t.numel(), codes=t, bits=self.label_bits))
+            got = self.codec.decode(data).codes
+            assert got is not None
+            received = got.to(t.dtype).view_as(t)
+        else:
+            comp = self._compressor(device, kind, tuple(t.shape))
+            data = self.codec.encode(comp.compress(t.reshape(-1).float(), step))
+            received = comp.decompress(self.codec.decode(data), step).to(t.dtype).view_as(t)
+        if kind in UP_KINDS:
+            self.up_bytes += len(data)
+        else:
+            self.down_bytes += len(data)
+        self.dense_bytes += t.numel() * t.element_size()
+        self.sent.append((device, kind, len(data)))
+        return received
+
+    def take_log(self, devices: list[int], kinds: tuple[str, ...]) -> np.ndarray:
+        """Bytes each of `devices` sent of `kinds` since the last call (then forgotten)."""
+        where = {k: i for i, k in enumerate(devices)}
+        out = np.zeros(len(devices))
+        for device, kind, size in self.sent:
+            if kind in kinds:
+                out[where[device]] += size
+        return out
+
+
+@dataclass(slots=True)
+class _Work:
+    traffic: list[CutTraffic]
+    legs: list[Leg]
+
+
+class SplitLearning:
+    """Per-device fronts (and heads), the rear on the coordinator; see the module docstring."""
+
+    name = "split"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TrainConfig,
+        cfg: SplitConfig,
+        num_devices: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        seed: int,
+        loss_fn: LossFn,
+    ) -> None:
+        head_cut = cfg.head_cut if cfg.labels == "u_shaped" else None
+        self.parts = SplitModels(model, cfg.cut, num_devices, loss_fn, head_cut)
+        self.model = model
+        """The whole model on the original modules: with SplitFed, the global model."""
+        original = split_model(model, cfg.cut, head_cut)
+        self.global_modules = [original.front, *([original.head] if original.head else [])]
+        self.cfg = cfg
+        self.train = train
+        self.wire = CutWire(cfg, num_classes, seed)
+        self.cost = self.parts.costs(input_shape)
+        self.rear_params = list(self.parts.rear.parameters())
+        self.rear_opt = self._optimizer(self.rear_params)
+        self.device_opts: dict[int, torch.optim.Optimizer] = {}
+        self.initial = [copy.deepcopy(m.state_dict()) for m in self.global_modules]
+        self.device_state_bytes = sum(
+            tensor_bytes([t for t in m.state_dict().values() if t.is_floating_point()])
+            for m in self.global_modules
+        )
+        """A device's front (and head): what SplitFed sends up and down each step."""
+        self.rear_buffers: list[torch.Tensor] = []
+        self.averaged = False
+        self.num_payloads = 0
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        t = self.train
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def _device_opt(self, k: int) -> torch.optim.Optimizer:
+        if k not in self.device_opts:
+            params = [p for m in self.parts.device_modules(k) for p in m.parameters()]
+            self.device_opts[k] = self._optimizer(params)
+        return self.device_opts[k]
+
+    # --- what the loop asks of every strategy ----------------------------------------------
+
+    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Typical (up, down) fp32 bytes per sample crossing the cut(s), for balancing."""
+        c = self.cost
+        per_sample = float(c.cut_bytes + c.head_cut_bytes)
+        return np.full(len(idx), per_sample), np.full(len(idx), per_sample)
+
+    def forget(self, device: int) -> None:
+        """A crashed device lost its front (and head) and their optimizer state: it starts
+        again from the initial weights (with SplitFed it downloads the average anyway)."""
+        for m, state in zip(self.parts.device_modules(device), self.initial, strict=True):
+            m.load_state_dict(state)
+        self.device_opts.pop(device, None)
+
+    def aggregation_flops(self) -> float:
+        """SplitFed: adding one device's front (and head) into the average."""
+        return 2.0 * self.device_state_bytes / 4 if self.cfg.splitfed else 0.0
+
+    def update_flops(self) -> float:
+        """The rear's optimizer step on the coordinator, once per step."""
+        return 4.0 * sum(p.numel() for p in self.rear_params)
+
+    def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
+        """SplitFed: every device downloads the averaged front at the step's start."""
+        size = self.device_state_bytes if self.cfg.splitfed and self.averaged else 0
+        return np.full(len(needs_model), size, dtype=np.int64)
+
+    def evaluation_models(self, max_models: int = 8) -> list[nn.Module]:
+        """SplitFed: the global model; otherwise up to `max_models` devices' own models,
+        spread over the fleet (the metric is their mean)."""
+        if self.cfg.splitfed:
+            return [self.model]
+        n = len(self.parts.fronts)
+        picks = np.unique(np.linspace(0, n - 1, min(n, max_models)).round().astype(int))
+        return [self.parts.whole(int(k)) for k in picks]
+
+    # --- a step ----------------------------------------------------------------------------
+
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
+    ) -> Exchange:
+        """Every device's forward and backward through the cut; what crossed, in bytes."""
+        self.rear_buffers = [b.clone() for b in self.parts.rear.buffers()]
+        self.rear_opt.zero_grad(set_to_none=True)
+        ids = devices.tolist()
+        for k in ids:
+            self._device_opt(k).zero_grad(set_to_none=True)
+        self.wire.sent.clear()
+        _, traffic = self.parts.backward(
+            list(x.split(counts)),
+            list(y.split(counts)),
+            ids,
+            lambda v, kind, k: self.wire.send(v, kind, k, step),
+        )
+        for k, t in zip(ids, traffic, strict=True):
+            if t.loss is None or not torch.isfinite(t.loss):
+                raise TrainingDiverged(step, k)
+        legs = self._legs(ids, np.asarray(counts, dtype=np.float64))
+        up = sum(leg.amount for leg in legs if leg.kind == "up")
+        return Exchange(
+            devices=devices,
+            counts=counts,
+            step=step,
+            up_bytes=np.asarray(up, dtype=np.int64)[None],
+            work=_Work(traffic, legs),
+        )
+
+    def _legs(self, ids: list[int], n: np.ndarray) -> list[Leg]:
+        """Each device's chain of work and transfers in this step, in order."""
+        c, log = self.cost, self.wire.take_log
+        legs = [Leg("device", n * c.front_forward_flops, ops=c.device_ops)]
+        if self.parts.heads is None:
+            legs += [
+                Leg("up", log(ids, ("activations", "labels"))),
+                Leg("coordinator", n * c.rear_flops, ops=c.rear_ops),
+                Leg("down", log(ids, ("cut_gradients",))),
+            ]
+        else:
+            legs += [
+                Leg("up", log(ids, ("activations",))),
+                Leg("coordinator", n * c.rear_forward_flops, ops=c.rear_ops),
+                Leg("down", log(ids, ("outputs",))),
+                Leg("device", n * c.head_flops),
+                Leg("up", log(ids, ("head_gradients",))),
+                Leg("coordinator", n * (c.rear_flops - c.rear_forward_flops)),
+                Leg("down", log(ids, ("cut_gradients",))),
+            ]
+        legs.append(Leg("device", n * (c.front_flops - c.front_forward_flops)))
+        if self.cfg.splitfed:
+            legs.append(Leg("up", np.full(len(n), float(self.device_state_bytes))))
+        return legs
+
+    def legs(self, ex: Exchange) -> list[Leg]:
+        work: _Work = ex.work
+        return work.legs
+
+    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+        """The rear's step with the arrived devices' share; each arrived front its own."""
+        work: _Work = ex.work
+        self.num_payloads += int(contributed.sum())
+        keep = np.flatnonzero(contributed).tolist()
+        ids = ex.devices.tolist()
+        if len(keep) < len(ids):  # the lost devices' share must not count: redo the rear
+            with torch.no_grad():
+                for b, v in zip(self.parts.rear.buffers(), self.rear_buffers, strict=True):
+                    b.copy_(v)
+            self.rear_opt.zero_grad(set_to_none=True)
+        if not keep:
+            return None
+        counts = np.asarray(ex.counts, dtype=np.float64)[keep]
+        w = (counts / counts.sum()).tolist()
+        if len(keep) < len(ids):
+            self.parts.rear_backward([work.traffic[i] for i in keep], w)
+        self.rear_opt.step()
+        for i in keep:
+            self._device_opt(ids[i]).step()
+        if self.cfg.splitfed:
+            self._average([ids[i] for i in keep], w)
+        losses = torch.stack([work.traffic[i].loss for i in keep])  # type: ignore[misc]
+        return (losses * torch.tensor(w, dtype=losses.dtype)).sum()
+
+    @torch.no_grad()
+    def _average(self, devices: list[int], weights: list[float]) -> None:
+        """SplitFed: the arrived fronts' weighted average for every device and the global
+        model (a device that sat out downloads it when it next takes part)."""
+        self.parts.average_devices(devices, weights)
+        mean = [m.state_dict() for m in self.parts.device_modules(devices[0])]
+        for k in range(len(self.parts.fronts)):
+            if k not in devices:
+                for m, state in zip(self.parts.device_modules(k), mean, strict=True):
+                    m.load_state_dict(state)
+        for m, state in zip(self.global_modules, mean, strict=True):
+            m.load_state_dict(state)
+        self.averaged = True
+
+    def compression_summary(self) -> dict[str, float]:
+        """Gradient compression does not apply (`summary()` has the cut's bytes)."""
+        return {}
+
+    def summary(self) -> dict[str, object]:
+        """The run's `split` entry: the cut, the work on each side, the bytes at the cut."""
+        c, sent = self.cost, self.wire.up_bytes + self.wire.down_bytes
+        return {
+            "cut": self.cfg.cut,
+            "labels": self.cfg.labels,
+            "head_cut": self.cfg.head_cut if self.parts.heads is not None else None,
+            "splitfed": self.cfg.splitfed,
+            "compressor": self.cfg.compression.compressor,
+            "device_train_flops_per_sample": c.front_flops + c.head_flops,
+            "coordinator_train_flops_per_sample": c.rear_flops,
+            "cut_bytes_per_sample_fp32": c.cut_bytes + c.head_cut_bytes,
+            "cut_bytes_up": self.wire.up_bytes,
+            "cut_bytes_down": self.wire.down_bytes,
+            "cut_bytes_per_device_step": sent / max(self.num_payloads, 1),
+            "cut_compression_ratio": self.wire.dense_bytes / sent if sent else None,
+            "splitfed_bytes_per_device_step": 2 * self.device_state_bytes
+            if self.cfg.splitfed
+            else 0,
+        }
