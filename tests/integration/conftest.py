@@ -41,7 +41,7 @@ dataset = "mnist1d"
 name = "cnn1d"
 
 [train]
-global_batch = 96
+{train}global_batch = 96
 num_steps = {steps}
 eval_every = 50
 lr = 0.05
@@ -79,13 +79,18 @@ def _children(pid: int) -> list[int]:
 
 class Fleet:
     def __init__(
-        self, tmp_path: Path, steps: int, extra: str = "", coordinator_args: tuple[str, ...] = ()
+        self,
+        tmp_path: Path,
+        steps: int,
+        extra: str = "",
+        coordinator_args: tuple[str, ...] = (),
+        train: str = "",
     ) -> None:
         self.tmp = tmp_path
         self.coordinator_args = coordinator_args
         self.port = _free_port()
         scenario = tmp_path / "fleet.toml"
-        scenario.write_text(SCENARIO.format(steps=steps) + extra)
+        scenario.write_text(SCENARIO.format(steps=steps, train=train) + extra)
         self.out = tmp_path / "run"
         self.scenario = scenario
         self.devices: dict[str, subprocess.Popen[bytes]] = {}
@@ -179,8 +184,10 @@ class Fleet:
 def fleet_factory(tmp_path: Path):
     made: list[Fleet] = []
 
-    def make(steps: int, extra: str = "", coordinator_args: tuple[str, ...] = ()) -> Fleet:
-        made.append(Fleet(tmp_path, steps, extra, coordinator_args))
+    def make(
+        steps: int, extra: str = "", coordinator_args: tuple[str, ...] = (), train: str = ""
+    ) -> Fleet:
+        made.append(Fleet(tmp_path, steps, extra, coordinator_args, train))
         return made[-1]
 
     yield make

@@ -220,3 +220,77 @@ def test_a_device_evaluates_as_the_simulator_does(tmp_path: Path) -> None:
     expected = w.task.evaluate(run.strategy.model, w.x_test, w.y_test)  # the loop's call
     assert row["test_auroc"] == expected["test_auroc"] and row["test_loss"] == expected["test_loss"]
     assert "test_accuracy" not in row and run.strategy.model.training
+
+
+class _Pair:
+    """Two members in two threads: the sum is taken across a barrier, like a collective."""
+
+    def __init__(self, shared: dict[str, Any], slot: int) -> None:
+        self.shared, self.slot, self.step = shared, slot, 0
+
+    def start_step(self) -> tuple[int, int | None]:
+        return 2, self.slot
+
+    def current_step(self) -> int:
+        return self.step
+
+    def allreduce_sum(self, t: torch.Tensor) -> bool:
+        barrier, parts = self.shared["barrier"], self.shared["parts"]
+        parts[self.slot] = t.clone()
+        barrier.wait()
+        total = parts[0] + parts[1]
+        barrier.wait()  # both have read before either writes the next step's part
+        t.copy_(total)
+        return True
+
+    def report_error(self, e: Exception) -> None:
+        raise AssertionError(f"no step may fail here: {e}")
+
+    def should_commit(self) -> bool:
+        self.step += 1
+        return True
+
+    def is_lead(self) -> bool:
+        return self.slot == 0
+
+    def batches_committed(self) -> int:
+        return self.step
+
+
+def test_federated_rounds_on_two_members_give_the_simulators_model(tmp_path: Path) -> None:
+    import threading
+
+    import edgeddl
+
+    rounds = 4
+    path = tmp_path / "fed.toml"
+    path.write_text(
+        SCENARIO.format(steps=rounds).replace("[train]\n", '[train]\nstrategy = "federated"\n')
+        + "\n[federated]\nlocal_steps = 3\nlocal_batch = 16\n"
+    )
+    scenario = load_scenario(path)
+    runs = [
+        DeviceRun(DeviceOptions(coordinator="h:1", name=f"dev-{i}"), scenario, i) for i in (0, 1)
+    ]
+    shared: dict[str, Any] = {"barrier": threading.Barrier(2, timeout=60), "parts": [None, None]}
+    errors: list[BaseException] = []
+
+    def train(i: int) -> None:
+        try:
+            runs[i].train(_Pair(shared, i), _Store())
+        except BaseException as e:  # surfaced below, not lost in the thread
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors and not any(th.is_alive() for th in threads), errors
+    assert all(r.stats.committed == rounds for r in runs)
+    assert all(r.stats.samples == rounds * 3 * 16 for r in runs)  # every client, each round
+    sim = edgeddl.run(scenario, out_dir=tmp_path / "sim", progress=False).model
+    for a, b, c in zip(_params(runs[0]), _params(runs[1]), sim.parameters(), strict=True):
+        assert torch.equal(a, b)  # one model on both members
+        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)  # the simulator's

@@ -244,7 +244,17 @@ class _Store:
         return False
 
 
-def test_a_real_fleet_refuses_federated_with_one_line() -> None:
-    store = _Store(to_toml(scenario_from_dict(_raw())))
-    with pytest.raises(ConfigError, match=r'^train\.strategy: "federated" runs on the simulated'):
+def test_a_real_fleet_refuses_what_it_cannot_carry_with_one_line() -> None:
+    def read(raw: dict[str, Any]) -> None:
+        store = _Store(to_toml(scenario_from_dict(raw)))
         read_scenario(store, DeviceOptions(coordinator="h:1", name="pi-0"))
+
+    read(_raw(fraction=0.5))  # plain federated runs
+    with pytest.raises(ConfigError, match=r"^federated\.deadline_s: a real fleet waits"):
+        read(_raw(deadline_s=1.0))
+    compressed = {**_raw(), "compression": {"compressor": "topk"}}
+    with pytest.raises(ConfigError, match=r"^compression: federated updates travel dense"):
+        read(compressed)
+    split = {**_raw(), "train": {"strategy": "split"}}
+    with pytest.raises(ConfigError, match=r'^train\.strategy: "split" runs on the simulated'):
+        read(split)

@@ -11,7 +11,7 @@ or equally) and applies the mean with its optimizer (`server_opt.py`).
 BatchNorm: each client's running statistics follow its local batches as on a real device;
 they travel with its update as dense float32 (they are statistics, not gradients: never
 compressed) and the server takes their weighted mean, outside the server optimizer;
-`num_batches_tracked` takes the largest count.
+`num_batches_tracked` takes the largest client's count.
 
 With `[compression]`, a client's delta goes through the same pieces as a compressed
 gradient (`CompressedDataParallel`: error feedback per client, compressor, wire codec; the
@@ -22,7 +22,9 @@ a client that crashes loses it (`forget`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,8 +75,19 @@ class Federated(DataParallel):
         loss_fn: LossFn = nn.functional.cross_entropy,
         wire: CompressedDataParallel | None = None,
     ) -> None:
-        # The inherited optimizer is the clients' local SGD (reset for every client).
         super().__init__(model, dataclasses.replace(train, lr=cfg.local_lr or train.lr), loss_fn)
+        # Clients train a copy: the global model never changes mid-round (a real fleet's
+        # engine may read it at any time to heal a joining member).
+        self.client = copy.deepcopy(model)
+        self.client_params = [p for p in self.client.parameters() if p.requires_grad]
+        defaults = self.optimizer.defaults
+        self.optimizer = torch.optim.SGD(
+            self.client_params,
+            lr=defaults["lr"],
+            momentum=defaults["momentum"],
+            weight_decay=defaults["weight_decay"],
+        )
+        """The clients' local SGD (reset for every client)."""
         self.cfg = cfg
         self.seed = seed
         self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64)
@@ -109,12 +122,13 @@ class Federated(DataParallel):
             samples = steps * batch
         return clients, samples.astype(np.int64), steps.astype(np.int64)
 
+    def client_weight(self, device: int) -> float:
+        """A client's unnormalised weight in the mean: its shard size, or 1."""
+        return 1.0 if self.cfg.weighting == "uniform" else float(self.shard_sizes[device])
+
     def weights(self, clients: list[int]) -> torch.Tensor:
         """Each client's weight in the mean (sums to 1)."""
-        if self.cfg.weighting == "uniform":
-            w = np.ones(len(clients))
-        else:
-            w = self.shard_sizes[clients].astype(np.float64)
+        w = np.array([self.client_weight(c) for c in clients])
         return torch.tensor(w / w.sum(), dtype=torch.float32)
 
     # --- what crosses the links ---------------------------------------------------------------
@@ -141,52 +155,47 @@ class Federated(DataParallel):
     def flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
-    @torch.no_grad()
-    def _load(self, flat: torch.Tensor, buffers: list[torch.Tensor]) -> None:
-        for p, v in zip(self.params, self.layout.split(flat), strict=True):
-            p.copy_(v)
-        for b, v in zip(self.buffers, buffers, strict=True):
-            b.copy_(v)
-
     def local_update(
         self, x: torch.Tensor, y: torch.Tensor, num_steps: int, anchor: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """One client's local training from the global model `anchor` (already loaded):
-        (delta, its buffers after training, its mean loss)."""
-        self.model.train()
+        """One client's local training of the client copy from the global model `anchor`
+        (already loaded into it): (delta, its buffers after training, its mean loss)."""
+        self.client.train()
         self.optimizer.state.clear()  # a fresh local optimizer every round
         anchor_views = self.layout.split(anchor)
         losses = []
         for xb, yb in zip(x.tensor_split(num_steps), y.tensor_split(num_steps), strict=True):
-            loss = self.loss_fn(self.model(xb), yb)
+            loss = self.loss_fn(self.client(xb), yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.proximal_mu:
-                add_proximal_grad(self.params, anchor_views, self.cfg.proximal_mu)
+                add_proximal_grad(self.client_params, anchor_views, self.cfg.proximal_mu)
             self.optimizer.step()
             losses.append(loss.detach())
-        delta = self.flat_params() - anchor
-        return delta, [b.detach().clone() for b in self.buffers], torch.stack(losses).mean()
+        delta = torch.cat([p.detach().reshape(-1) for p in self.client_params]) - anchor
+        buffers = [b.detach().clone() for b in self.client.buffers()]
+        return delta, buffers, torch.stack(losses).mean()
+
+    def client_update(
+        self, x: torch.Tensor, y: torch.Tensor, num_steps: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """One client's round from the global model, which it leaves alone: (delta, its
+        buffers after training, its mean loss)."""
+        self.client.load_state_dict(self.model.state_dict())
+        return self.local_update(x, y, num_steps, self.flat_params())
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
     ) -> Exchange:
         """Every sampled client trains locally (consecutive `counts` rows each) and encodes
         its update; `counts[i] / local_batch` rounded up is client i's local steps."""
-        anchor = self.flat_params()
-        start_buffers = [b.detach().clone() for b in self.buffers]
         ids = devices.tolist()
         deltas, buffers, losses = [], [], []
-        try:
-            for xs, ys in zip(x.split(counts), y.split(counts), strict=True):
-                steps = -(-len(xs) // self.cfg.local_batch)
-                self._load(anchor, start_buffers)
-                d, b, loss = self.local_update(xs, ys, steps, anchor)
-                deltas.append(d)
-                buffers.append(b)
-                losses.append(loss)
-        finally:
-            self._load(anchor, start_buffers)  # the server's model is the global one
+        for xs, ys in zip(x.split(counts), y.split(counts), strict=True):
+            d, b, loss = self.client_update(xs, ys, -(-len(xs) // self.cfg.local_batch))
+            deltas.append(d)
+            buffers.append(b)
+            losses.append(loss)
         inputs: list[torch.Tensor] = []
         received: list = []
         if self.wire is not None:
@@ -230,17 +239,47 @@ class Federated(DataParallel):
             mean = torch.zeros_like(work.deltas[0])
             for wi, i in zip(w.tolist(), keep, strict=True):
                 mean.add_(work.deltas[i], alpha=wi)
+        float_means = [
+            sum(wi * work.buffers[i][k] for wi, i in zip(w.tolist(), keep, strict=True))
+            for k, b in enumerate(self.buffers)
+            if b.is_floating_point()
+        ]
+        self.apply_round(mean, float_means, kept)
+        return (work.losses[keep] * w).sum()
+
+    def client_steps(self, devices: list[int]) -> np.ndarray:
+        """Local steps each of `devices` takes in a round (`plan_round`'s, by shard size)."""
+        if not self.cfg.local_epochs:
+            return np.full(len(devices), self.cfg.local_steps, dtype=np.int64)
+        samples = self.cfg.local_epochs * self.shard_sizes[np.asarray(devices, dtype=np.int64)]
+        return -(-samples // self.cfg.local_batch)
+
+    @torch.no_grad()
+    def apply_round(
+        self, mean: torch.Tensor, float_buffers: list[torch.Tensor], clients: list[int]
+    ) -> None:
+        """The server's step with the round's mean update; BatchNorm statistics become the
+        clients' weighted mean, and `num_batches_tracked` the largest client's count (every
+        client starts from the global count and adds its local steps)."""
         flat = self.flat_params()
         self.server.step(flat, mean)
         for p, v in zip(self.params, self.layout.split(flat), strict=True):
             p.copy_(v)
-        for k, b in enumerate(self.buffers):
-            client = [work.buffers[i][k] for i in keep]
+        floats = iter(float_buffers)
+        most = int(self.client_steps(clients).max())
+        for b in self.buffers:
             if b.is_floating_point():
-                b.copy_(sum(wi * c for wi, c in zip(w.tolist(), client, strict=True)))
+                b.copy_(next(floats))
             else:
-                b.copy_(torch.stack(client).max())
-        return (work.losses[keep] * w).sum()
+                b.add_(most)
+
+    def replica_state(self) -> dict[str, Any]:
+        """The global model and the server optimizer's moments (FedAdam, FedYogi)."""
+        return {"model": self.model.state_dict(), "server": self.server.state_dict()}
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.server.load_state_dict(state["server"])
 
     def compression_summary(self) -> dict[str, float]:
         """Update bytes per client and round (BatchNorm statistics included), against dense."""

@@ -30,6 +30,15 @@ class ServerOptimizer:
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The moments (none before the first adaptive step, and none for avg)."""
+        if self.m is None or self.v is None:
+            return {}
+        return {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.m, self.v = state.get("m"), state.get("v")
+
     def step(self, params: torch.Tensor, update: torch.Tensor) -> None:
         """Move `params` by the round's mean client update `update` (w_local - w_global)."""
         if self.kind == "avg":

@@ -45,9 +45,10 @@ from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.timeline import STATES
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.build import build_strategy
+from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import per_device_gradients
 from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
-from edgeddl.transport.replica import ExchangeError, ReplicaStep
+from edgeddl.transport.replica import ClientUpdate, ExchangeError, ReplicaStep
 from edgeddl.transport.store import (
     KEY_DONE,
     KEY_ROWS,
@@ -185,11 +186,22 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         )
     if store.check([KEY_DONE]):
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
-    if scenario.train.strategy != "data_parallel":
+    if scenario.train.strategy == "split":
         raise ConfigError(
-            f'train.strategy: "{scenario.train.strategy}" runs on the simulated fleet only '
-            'for now; use "data_parallel" for a real fleet'
+            'train.strategy: "split" runs on the simulated fleet only for now; use '
+            '"data_parallel" or "federated" for a real fleet'
         )
+    if scenario.train.strategy == "federated":
+        if scenario.compression.enabled:
+            raise ConfigError(
+                "compression: federated updates travel dense on a real fleet for now; "
+                'leave [compression] at compressor = "none" (the simulator compresses them)'
+            )
+        if scenario.federated.deadline_s > 0:
+            raise ConfigError(
+                "federated.deadline_s: a real fleet waits for every sampled member (its "
+                "engine's timeout drops a lost one); set it to 0"
+            )
     if scenario.compression.adapt.enabled:
         raise ConfigError(
             "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
@@ -228,7 +240,8 @@ class DeviceRun:
         if scenario.run.threads:
             torch.set_num_threads(scenario.run.threads)
         self.w: Workload = build_workload(scenario)
-        self.strategy, _ = build_strategy(scenario, self.w.model, self.w.task.loss_fn)
+        shard_sizes = np.array([len(x) for x in self.w.shards], dtype=np.int64)
+        self.strategy, _ = build_strategy(scenario, self.w.model, self.w.task.loss_fn, shard_sizes)
         self.replica = ReplicaStep(self.strategy, idx, comm)
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
         self.min_share = 2 if self.strategy.batchnorms else 1
@@ -258,7 +271,10 @@ class DeviceRun:
         step = engine.current_step()
         t1 = time.perf_counter()
         g, speed, data_s, work_s = None, 0.0, 0.0, 0.0
-        if slot is not None and share > 0:
+        update: ClientUpdate | None = None
+        if isinstance(s, Federated):
+            update, share, data_s, work_s = self._client_round(s, slot, step, t1)
+        elif slot is not None and share > 0:
             rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(w.x_train.device)
             x, y = w.x_train[rows], w.y_train[rows]
             data_s = time.perf_counter() - t1
@@ -274,9 +290,12 @@ class DeviceRun:
             speed = 1.0 / self.own_s_per_sample
         t2 = time.perf_counter()
         try:
-            pending = self.replica.exchange(
-                g, share, speed, slot, members, step, engine, work_s=work_s
-            )
+            if isinstance(s, Federated):
+                pending = self.replica.exchange_update(update, slot, members, engine, work_s)
+            else:
+                pending = self.replica.exchange(
+                    g, share, speed, slot, members, step, engine, work_s=work_s
+                )
         except ExchangeError as e:  # every member read the same bytes: all give up
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
             engine.report_error(e)
@@ -297,7 +316,8 @@ class DeviceRun:
             raise RestartRequired("stopped by the engine")
         t4 = time.perf_counter()
         idle = 0.0
-        if pending is not None and g is not None:  # waiting inside the sum for a slower member
+        worked = g is not None or update is not None
+        if pending is not None and worked:  # waiting inside the sum for a slower member
             out = pending.outcome
             slowest = max(
                 (w for d, w in zip(out.devices, out.work_s, strict=True) if d != self.idx),
@@ -318,7 +338,7 @@ class DeviceRun:
         out = pending.outcome
         self.measured = {d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0}
         st.committed += 1
-        st.samples += share if g is not None else 0
+        st.samples += share if worked else 0
         st.bytes_up += out.wire_bytes
         st.payload_bytes += out.payload_bytes
         for d, n in out.received_bytes.items():
@@ -328,7 +348,27 @@ class DeviceRun:
         st.commits.append((time.time(), members))
         self._after_commit(engine, store, engine.current_step(), out.loss, members)
 
-    def _pace(self, share: int, t0: float, data_s: float) -> float:
+    def _client_round(
+        self, s: Federated, slot: int | None, round_index: int, t1: float
+    ) -> tuple[ClientUpdate | None, int, float, float]:
+        """Federated: this device's round if the round's sample (seeded, over the scenario's
+        devices) picked it: (update, samples, data-loading s, work s). A sampled device that
+        is absent simply sends nothing, like a client that dropped out."""
+        clients, samples, steps = s.plan_round(np.arange(len(self.names)), round_index)
+        if slot is None or self.idx not in clients:
+            return None, 0, 0.0, 0.0
+        i = int(np.flatnonzero(clients == self.idx)[0])
+        share, num_steps = int(samples[i]), int(steps[i])
+        rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(self.w.x_train.device)
+        x, y = self.w.x_train[rows], self.w.y_train[rows]
+        data_s = time.perf_counter() - t1
+        delta, buffers, loss = s.client_update(x, y, num_steps)
+        data_s = self._pace(share, t1, data_s, num_steps)
+        floats = [b.reshape(-1) for b in buffers if b.is_floating_point()]
+        update = ClientUpdate(delta, floats, s.client_weight(self.idx), float(loss))
+        return update, share, data_s, time.perf_counter() - t1
+
+    def _pace(self, share: int, t0: float, data_s: float, num_steps: int = 1) -> float:
         """Wait out the rest of what the profile's device takes; its data-loading seconds."""
         if self.pace is None:
             return data_s
@@ -339,6 +379,7 @@ class DeviceRun:
             w.cost.train_flops_per_sample,
             w.info.sample_bytes,
             w.cost.ops_per_step,
+            num_steps,
         )
         left = float(prof_data[0] + prof_compute[0]) - (time.perf_counter() - t0)
         if left > 0:

@@ -14,7 +14,10 @@ statistics times its samples. Then, by scheme:
   byte buffer, zeros elsewhere, and the sum of those buffers is every payload end to end (an
   all-gather carried by the one fault-tolerant collective). Every member decodes every
   payload with the codec and aggregates exactly as the simulator's parameter server does;
-* PowerSGD: its two rounds, each a sum of the members' weighted factors.
+* PowerSGD: its two rounds, each a sum of the members' weighted factors;
+* federated (`exchange_update`): each sampled client's round update and BatchNorm
+  statistics, times its weight, in the same sum; every member applies the mean with the
+  server optimizer (`Federated.apply_round`, as the simulator does).
 
 A member that is healing (torchft zeroes its contribution) or whose share is empty sends
 nothing and still applies the step. `commit` runs only if torchft says every member's
@@ -33,6 +36,7 @@ import torch
 from edgeddl.compress.codec import CodecError
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
+from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import (
     DeviceGradients,
     apply_batchnorm_stats,
@@ -48,6 +52,17 @@ class Collective(Protocol):
     def allreduce_sum(self, t: torch.Tensor) -> bool:
         """Sum `t` in place over the members; False if the exchange failed (do not use `t`)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUpdate:
+    """A federated client's round: its update, its BatchNorm statistics (float buffers,
+    flat), its weight in the mean and its mean local loss."""
+
+    delta: torch.Tensor
+    buffers: list[torch.Tensor]
+    weight: float
+    loss: float
 
 
 class ExchangeError(ValueError):
@@ -292,6 +307,43 @@ class ReplicaStep:
             s.apply(agg)
 
         return Pending(outcome, [*apply, finish])
+
+    def exchange_update(
+        self,
+        update: ClientUpdate | None,
+        slot: int | None,
+        members: int,
+        collective: Collective,
+        work_s: float = 0.0,
+    ) -> Pending | None:
+        """Federated: sum this client's weighted update (None: it was not sampled, or is
+        healing) with the members'. The table's samples slot carries the client's weight
+        (its shard size, or 1); the mean update and BatchNorm statistics follow from the sum.
+        A round nobody was sampled for commits as a round without an update."""
+        s = self.strategy
+        assert isinstance(s, Federated)
+        size = s.numel + sum(b.numel() for b in s.buffers if b.is_floating_point())
+        own = torch.zeros(members * SLOT + size)
+        if update is not None and slot is not None:
+            w = update.weight
+            own[slot * SLOT : (slot + 1) * SLOT] = torch.tensor(
+                [self.device + 1, w, 0.0, update.loss * w, s.dense_up_bytes, work_s]
+            )
+            own[members * SLOT :] = torch.cat([update.delta, *update.buffers]) * w
+        buf = own.to(self.comm)
+        if not collective.allreduce_sum(buf):
+            return None
+        outcome = self._read_table(buf, members)
+        outcome.wire_bytes = ring_bytes(_nbytes(buf), members)
+        outcome.payload_bytes = s.dense_up_bytes if update is not None else 0
+        if outcome.total <= 0:
+            return Pending(outcome, [])
+        flat = buf[members * SLOT :].to(s.params[0].device) / outcome.total
+        mean, rest = flat[: s.numel], flat[s.numel :]
+        floats = [b for b in s.buffers if b.is_floating_point()]
+        means = list(rest.split([b.numel() for b in floats]))
+        means = [m.view_as(b) for m, b in zip(means, floats, strict=True)]
+        return Pending(outcome, [lambda: s.apply_round(mean, means, outcome.devices)])
 
     def _read_table(self, table: torch.Tensor, members: int) -> StepOutcome:
         rows = table[: members * SLOT].view(members, SLOT).tolist()
