@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,7 +54,7 @@ class ProcessRun:
 
 
 def run_processes(
-    stages: list[nn.Module],
+    stages: Sequence[nn.Module],
     x: torch.Tensor,
     codec: WireCodec,
     micro_batch: int,
@@ -95,7 +96,7 @@ def run_processes(
 def _worker(
     rank: int,
     port: int,
-    stages: list[nn.Module],
+    stages: Sequence[nn.Module],
     x: torch.Tensor,
     codec: WireCodec,
     micro_batch: int,
