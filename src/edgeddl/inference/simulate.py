@@ -26,7 +26,7 @@ import torch
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.link import transfer_time_s
 from edgeddl.inference.activations import ActivationCodec, nbytes, wire_costs
-from edgeddl.inference.plan import LayerCosts, Objective, Plan, plan_split
+from edgeddl.inference.plan import LayerCosts, Objective, Plan, evaluate_cuts, plan_split
 from edgeddl.inference.profile import chain_devices
 from edgeddl.inference.stages import Hop, StageRunner, route
 
@@ -57,6 +57,9 @@ class PipelineConfig:
     link_noise: bool = True
     """Draw the links' jitter and loss (seeded); off, transfers take what the planner says."""
     leaves: tuple[Leave, ...] = ()
+    cuts: tuple[int, ...] = ()
+    """A fixed first plan (`evaluate_cuts`: one entry more than the chain) instead of the
+    planner's best, e.g. to compare against a baseline; a re-plan uses the planner."""
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -151,7 +154,13 @@ class _Pipeline:
     def replan(self, at_s: float, reason: str) -> None:
         chain = chain_devices(self.fleet, self.present)
         wire = wire_costs(self.costs, self.codec, self.cfg.micro_batch)
-        plan = plan_split(wire, chain, self.cfg.objective, self.cfg.micro_batch)
+        if self.cfg.cuts and not self.plans:
+            fixed = evaluate_cuts(wire, chain, list(self.cfg.cuts), self.cfg.micro_batch)
+            if fixed is None:
+                raise ValueError(f"the fixed cuts {self.cfg.cuts} do not fit the devices' memory")
+            plan = fixed
+        else:
+            plan = plan_split(wire, chain, self.cfg.objective, self.cfg.micro_batch)
         self.plans.append(PlanUse(plan, chain.names, at_s, reason))
 
     def _compute_s(self, device: str, start: int, end: int, batch: int) -> float:
