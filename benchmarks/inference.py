@@ -25,8 +25,8 @@ import math
 from typing import Any
 
 import torch
-from common import console, machine_info, print_table, write_json
 
+from common import console, machine_info, print_table, write_json
 from edgeddl import load_scenario
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.inference.plan import evaluate_cuts, plan_split
