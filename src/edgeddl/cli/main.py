@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgeddl.cli.infer import add_infer_parser, cmd_infer
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
@@ -126,25 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         "(every device has a CUDA GPU; default: %(default)s)",
     )
 
-    inf = sub.add_parser("infer", help="distributed inference across a fleet's devices")
-    inf_sub = inf.add_subparsers(dest="infer_command", required=True, metavar="ACTION")
-    ip = inf_sub.add_parser(
-        "plan", help="where to split a model across a chain of devices (latency or throughput)"
-    )
-    ip.add_argument(
-        "model",
-        help="a run folder (its config.resolved.toml), a scenario file or a bundled scenario "
-        "name: the model and input it describes (the plan depends on shapes, not weights)",
-    )
-    ip.add_argument("--fleet", required=True, help="scenario whose fleet runs the inference")
-    ip.add_argument(
-        "--devices",
-        default="",
-        help="comma-separated device names, in chain order (the first holds the input); "
-        "default: the fleet's devices in scenario order",
-    )
-    ip.add_argument("--objective", choices=("latency", "throughput"), default="latency")
-    ip.add_argument("--batch", type=int, default=1, help="samples per batch (default: 1)")
+    add_infer_parser(sub)  # infer plan, infer run (and more: cli/infer.py ACTIONS)
 
     d = sub.add_parser("device", help="be one device of a real fleet")
     d.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
@@ -417,62 +400,6 @@ def _cmd_device(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-def _cmd_infer(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from edgeddl.fleet.fleet import Fleet
-    from edgeddl.inference.plan import plan_split
-    from edgeddl.inference.profile import chain_devices, layer_costs, plan_rows
-    from edgeddl.models import build_model
-
-    if args.batch < 1:
-        raise ConfigError(f"--batch: must be >= 1, got {args.batch}")
-    target = Path(args.model)
-    resolved = target / "config.resolved.toml"
-    scenario = load_scenario(resolved if target.is_dir() else args.model)
-    fleet = Fleet.from_scenario(load_scenario(args.fleet))
-    names = [n for n in args.devices.split(",") if n]
-    unknown = [n for n in names if n not in fleet.names]
-    if unknown:
-        raise ConfigError(f"--devices: {', '.join(unknown)} not in the fleet of {args.fleet}")
-    from edgeddl.data import load_dataset
-
-    d = scenario.data
-    _, _, info = load_dataset(
-        d.dataset, root=d.root, seed=scenario.run.seed, num_samples=d.num_samples,
-        input_shape=tuple(d.input_shape), num_classes=d.num_classes,
-    )  # fmt: skip
-    model = build_model(
-        scenario.model.name,
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        width=scenario.model.width,
-    )
-    try:
-        layers = layer_costs(model, info.input_shape)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    chain = chain_devices(fleet, names or None)
-    try:
-        plan = plan_split(layers, chain, args.objective, args.batch)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    table = Table(
-        "device", "layers", "compute ms", "bytes out", "link ms",
-        title=f"{scenario.model.name} across {len(chain)} devices, best {args.objective}",
-    )  # fmt: skip
-    for row in plan_rows(layers, chain, plan):
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"predicted per sample: latency {plan.latency_s * 1e3:.3f} ms, pipelined throughput "
-        f"{plan.throughput:,.1f} samples/s (bottleneck {plan.bottleneck_s * 1e3:.3f} ms)"
-    )
-    return 0
-
-
 COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
@@ -480,7 +407,7 @@ COMMANDS = {
     "calibrate": _cmd_calibrate,
     "coordinator": _cmd_coordinator,
     "device": _cmd_device,
-    "infer": _cmd_infer,
+    "infer": cmd_infer,
     "keys": _cmd_keys,
     "ledger": _cmd_ledger,
 }

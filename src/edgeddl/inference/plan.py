@@ -4,7 +4,8 @@ The model is a sequence of layers; the devices form a chain in a given order, th
 holding the input (raw data stays where it was measured). Each device used takes one
 contiguous run of layers; a device may be skipped (it takes none). Between two consecutive
 devices used, the activations at the cut cross both devices' access links:
-``latency_a + latency_b + 8 bytes / min(up_bps_a, down_bps_b)``.
+``latency_a + latency_b + 8 bytes / min(up_bps_a, down_bps_b)`` for one transfer; with a
+batch of B samples sent as one transfer, each sample bears 1/B of the links' latency.
 
 Objectives, per sample:
 
@@ -40,6 +41,9 @@ class LayerCosts:
     out_bytes: np.ndarray
     input_bytes: float
     names: tuple[str, ...] = ()
+    out_shapes: tuple[tuple[int, ...], ...] = ()
+    """One sample's output shape per layer (what an activation codec sizes its payload by)."""
+    input_shape: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.flops)
@@ -99,8 +103,16 @@ def _segment(
     return compute, memory <= dev.memory_bytes[d]
 
 
-def _evaluate(layers: LayerCosts, dev: ChainDevices, cuts: list[int], batch: int) -> Plan | None:
-    """The plan in which device d runs layers [cuts[d], cuts[d + 1]); None if one does not fit."""
+def _hop_s(dev: ChainDevices, a: int, b: int, num_bytes: float, batch: int) -> float:
+    """Per sample: a batch's activations sent from a to b as one transfer, over the batch."""
+    return transfer_s(dev, a, b, num_bytes * batch) / batch
+
+
+def evaluate_cuts(
+    layers: LayerCosts, dev: ChainDevices, cuts: list[int], batch: int = 1
+) -> Plan | None:
+    """The plan in which device d runs layers [cuts[d], cuts[d + 1]) (`cuts` has one entry
+    more than the chain, from 0 to the number of layers); None if a part does not fit."""
     segments = tuple(itertools.pairwise(cuts))
     compute, out, transfer = [], [], []
     used = [d for d, (s, e) in enumerate(segments) if e > s]
@@ -115,16 +127,16 @@ def _evaluate(layers: LayerCosts, dev: ChainDevices, cuts: list[int], batch: int
     for a, b in itertools.pairwise(hops):
         at = segments[a][1] if a in used else 0
         nbytes = float(layers.out_bytes[at - 1]) if at > 0 else layers.input_bytes
-        t = transfer_s(dev, a, b, nbytes)
+        t = _hop_s(dev, a, b, nbytes, batch)
         latency += t
         stages.append(t)
     for d, (_s, e) in enumerate(segments):
         nxt = next((b for b in used if b > d), None)
         if d in used and nxt is not None:
-            transfer.append(transfer_s(dev, d, nxt, float(layers.out_bytes[e - 1])))
+            transfer.append(_hop_s(dev, d, nxt, float(layers.out_bytes[e - 1]), batch))
             out.append(float(layers.out_bytes[e - 1]))
         elif d == 0 and used and used[0] != 0:
-            transfer.append(transfer_s(dev, 0, used[0], layers.input_bytes))
+            transfer.append(_hop_s(dev, 0, used[0], layers.input_bytes, batch))
             out.append(layers.input_bytes)
         else:
             transfer.append(0.0)
@@ -163,7 +175,7 @@ def plan_split(
                     hop = 0.0
                     if e != d:
                         nbytes = float(layers.out_bytes[j - 1]) if j > 0 else layers.input_bytes
-                        hop = transfer_s(dev, d, e, nbytes)
+                        hop = _hop_s(dev, d, e, nbytes, batch)
                     cost = combine(best[j][d], hop, compute)
                     if cost < best[k][e]:
                         best[k][e], back[k][e] = cost, (j, d)
@@ -191,7 +203,7 @@ def plan_split(
         if cuts[i] > cuts[i + 1]:
             cuts[i] = cuts[i + 1]
     cuts[0] = 0
-    plan = _evaluate(layers, dev, cuts, batch)
+    plan = evaluate_cuts(layers, dev, cuts, batch)
     assert plan is not None
     return plan
 
@@ -203,7 +215,7 @@ def brute_force_plan(
     n, m = len(layers), len(dev)
     best: Plan | None = None
     for inner in itertools.combinations_with_replacement(range(n + 1), m - 1):
-        plan = _evaluate(layers, dev, [0, *inner, n], batch)
+        plan = evaluate_cuts(layers, dev, [0, *inner, n], batch)
         if plan is None:
             continue
         key = plan.latency_s if objective == "latency" else plan.bottleneck_s

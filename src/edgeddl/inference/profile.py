@@ -30,6 +30,7 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCosts:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x = torch.zeros(_PROBE, *input_shape, device=device)
     flops, ops, params, out, names = [], [], [], [], []
+    shapes: list[tuple[int, ...]] = []
     for name, layer in model_layers(model):
         counter = FlopCounterMode(display=False)
         with counter, OpCounter() as dispatched:
@@ -39,6 +40,7 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCosts:
         ops.append(dispatched.count)
         params.append(sum(p.numel() * p.element_size() for p in layer.parameters()))
         out.append(4.0 * y[0].numel())
+        shapes.append(tuple(y.shape[1:]))
         x = y
     return LayerCosts(
         flops=np.array(flops, dtype=np.float64),
@@ -47,6 +49,8 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCosts:
         out_bytes=np.array(out, dtype=np.float64),
         input_bytes=4.0 * math.prod(input_shape),
         names=tuple(names),
+        out_shapes=tuple(shapes),
+        input_shape=tuple(input_shape),
     )
 
 

@@ -1,0 +1,116 @@
+"""What `edgeddl infer run` prints: each plan used, each device's work, and a summary that
+sets the split's outputs against single-device inference."""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgeddl.fleet.fleet import Fleet
+from edgeddl.inference.activations import ActivationCodec, wire_costs
+from edgeddl.inference.plan import LayerCosts
+from edgeddl.inference.profile import chain_devices, plan_rows
+from edgeddl.inference.simulate import PipelineConfig, SimResult
+from edgeddl.inference.stages import single_device_outputs
+from edgeddl.report.files import metric_label
+
+if TYPE_CHECKING:
+    from edgeddl.inference.deploy import Deployment
+    from edgeddl.transport.pipeline import ProcessRun
+
+
+def compare(outputs: torch.Tensor, reference: torch.Tensor) -> str:
+    """'identical' (torch.equal), or the largest absolute difference."""
+    if torch.equal(outputs, reference):
+        return "identical to single-device outputs (torch.equal)"
+    return f"max |diff| {float((outputs - reference).abs().max()):.3g} vs single-device outputs"
+
+
+def _ms(values: list[float]) -> str:
+    return (
+        f"first {values[0] * 1e3:.3f} ms, mean {statistics.fmean(values) * 1e3:.3f} ms, "
+        f"max {max(values) * 1e3:.3f} ms"
+    )
+
+
+def print_report(
+    dep: Deployment,
+    costs: LayerCosts,
+    fleet: Fleet,
+    cfg: PipelineConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    result: SimResult,
+    procs: ProcessRun | None,
+) -> None:
+    console = Console()
+    name = dep.scenario.model.name
+    if dep.weights is not None:
+        console.print(f"{name}: trained weights from {dep.weights}")
+    else:
+        console.print(
+            f"{name}: no weights given (a scenario, not a run folder): the seeded, untrained "
+            f"model (run.seed = {dep.scenario.run.seed})"
+        )
+    wire = wire_costs(costs, ActivationCodec(cfg.activations), cfg.micro_batch)
+    for i, use in enumerate(result.plans):
+        chain = chain_devices(fleet, list(use.devices))
+        table = Table(
+            "device", "layers", "compute ms", "bytes out", "link ms",
+            title=f"plan {i + 1}: from {use.from_s * 1e3:.3f} ms virtual ({use.reason}), best "
+            f"{cfg.objective} over {len(chain)} devices, per sample ({cfg.activations})",
+        )  # fmt: skip
+        for row in plan_rows(wire, chain, use.plan):
+            table.add_row(*row)
+        console.print(table)
+        p = use.plan
+        console.print(
+            f"  predicted per sample: latency {p.latency_s * 1e3:.3f} ms, pipelined "
+            f"throughput {p.throughput:,.1f} samples/s"
+        )
+    dev = Table(
+        "device", "profile", "link", "compute s", "sending s", "wasted s", "bytes sent",
+        "bytes received", "left at s", title="each device's work (virtual)",
+    )  # fmt: skip
+    for n, s in result.devices.items():
+        i = fleet.names.index(n)
+        dev.add_row(
+            n, fleet.profile_names[i], fleet.link_names[i], f"{s.compute_s:.4f}",
+            f"{s.send_s:.4f}", f"{s.wasted_s:.4f}", f"{s.bytes_sent:,}",
+            f"{s.bytes_received:,}", "" if s.left_at_s is None else f"{s.left_at_s:.4f}",
+        )  # fmt: skip
+    console.print(dev)
+    num_mb = len(result.micro_batch_s)
+    console.print(
+        f"{len(x)} samples in {num_mb} micro-batches of {cfg.micro_batch}, {cfg.activations} "
+        f"activations, links {'with' if cfg.link_noise else 'without'} jitter and loss"
+    )
+    console.print(
+        f"simulated: throughput {result.throughput:,.1f} samples/s (all {len(x)} in "
+        f"{result.makespan_s * 1e3:.3f} ms virtual); latency per micro-batch "
+        f"{_ms(result.latency_s)}"
+    )
+    for b, k, holder in result.resumed:
+        console.print(f"  micro-batch {b} resumed after {k} layers, from {holder}")
+    reference = single_device_outputs(dep.model, x, cfg.micro_batch)
+    console.print(f"outputs: {compare(result.outputs, reference)}")
+    metric = dep.task.metric
+    split = dep.task.score(dep.task.sample_scores(result.outputs, x, y), y)
+    single = dep.task.score(dep.task.sample_scores(reference, x, y), y)
+    label = metric_label(metric)
+    console.print(
+        f"{label} on {len(x)} test samples: split {split:.4f}, single device {single:.4f} "
+        f"(change {split - single:+.4f})"
+    )
+    if procs is not None:
+        console.print(
+            f"processes ({len(procs.bytes_sent)} on 127.0.0.1, gloo, plan 1, wall clock): "
+            f"throughput {procs.throughput:,.1f} samples/s ({procs.wall_s * 1e3:.1f} ms); "
+            f"latency per micro-batch {_ms(procs.latency_s)}; bytes sent per rank "
+            f"{', '.join(f'{b:,}' for b in procs.bytes_sent)}"
+        )
+        console.print(f"processes' outputs: {compare(procs.outputs, reference)}")
