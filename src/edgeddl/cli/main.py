@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgeddl.cli.quantize_cmd import add_quantize_parser
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
@@ -145,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ip.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     ip.add_argument("--batch", type=int, default=1, help="samples per batch (default: 1)")
+    add_quantize_parser(inf_sub)
 
     d = sub.add_parser("device", help="be one device of a real fleet")
     d.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
@@ -489,7 +491,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return getattr(args, "handler", COMMANDS[args.command])(args)
     except USER_ERRORS as e:
         print(f"edgeddl: error: {e}", file=sys.stderr)
         return 2

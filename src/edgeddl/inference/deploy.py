@@ -29,7 +29,7 @@ from edgeddl.data import DatasetInfo
 from edgeddl.inference.quantize import (
     QuantizedSpec,
     accuracy,
-    latency_s,
+    latencies_s,
     quantize_int8,
     state_dict_bytes,
 )
@@ -155,22 +155,19 @@ def compare(
     shape = tuple(train.tensors[0].shape[1:])
     has_bn = bool(batchnorm_layers(model))
 
-    def measure(name: str, m: nn.Module, loss: float | None) -> Variant:
-        return Variant(
-            name, m, accuracy(m, test), state_dict_bytes(m), latency_s(m, shape, repeats=repeats),
-            loss,
-        )  # fmt: skip
-
-    variants = [measure("float", model, None)]
+    candidates: list[tuple[str, nn.Module, float | None]] = [("float", model, None)]
     for kind in calibrations:
         inputs = calibration_inputs(kind, model, train, synthesis)
         loss = None
         if has_bn:
             with torch.no_grad():
                 loss = float(bn_statistics_loss(model, inputs)[0])
-        variants.append(
-            measure(f"int8 {kind}", quantize_int8(model, inputs, backend=backend), loss)
-        )
+        candidates.append((f"int8 {kind}", quantize_int8(model, inputs, backend=backend), loss))
+    times = latencies_s([m for _, m, _ in candidates], shape, repeats=repeats)
+    variants = [
+        Variant(name, m, accuracy(m, test), state_dict_bytes(m), t, loss)
+        for (name, m, loss), t in zip(candidates, times, strict=True)
+    ]
     return variants
 
 
@@ -201,14 +198,15 @@ def fleet_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
 
 
 def variant_rows(variants: Sequence[Variant], scales: dict[str, float]) -> list[list[str]]:
-    """The comparison as table rows: `variant_header(scales)` names the columns."""
+    """The comparison as table rows: `variant_header(scales)` names the columns (a device
+    profile's column: milliseconds per sample)."""
     base = variants[0].size_bytes
     rows = []
     for v in variants:
-        loss = "-" if v.calibration_loss is None else f"{v.calibration_loss:.3g}"
+        loss = "-" if v.calibration_loss is None else f"{v.calibration_loss:.2g}"
         rows.append([
-            v.name, f"{v.accuracy:.2%}", f"{v.size_bytes / 1024:,.1f}",
-            f"{base / v.size_bytes:.2f}x", loss, f"{v.latency_s * 1e6:,.0f}",
+            v.name, f"{v.accuracy:.1%}", f"{v.size_bytes / 1024:,.1f}",
+            f"{base / v.size_bytes:.2f}", loss, f"{v.latency_s * 1e6:,.0f}",
             *(f"{v.latency_s * s * 1e3:,.3f}" for s in scales.values()),
         ])  # fmt: skip
     return rows
@@ -216,6 +214,5 @@ def variant_rows(variants: Sequence[Variant], scales: dict[str, float]) -> list[
 
 def variant_header(scales: dict[str, float]) -> list[str]:
     return [
-        "model", "test acc", "size KiB", "smaller", "BN-stat loss", "CPU us",
-        *(f"{name} ms" for name in scales),
+        "model", "acc", "KiB", "ratio", "BN loss", "CPU us", *scales,
     ]  # fmt: skip

@@ -24,7 +24,7 @@ import io
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -47,6 +47,7 @@ def _quiet_quantization() -> Iterator[None]:
             "Please use quant_min and quant_max",
             "torch.quantize_per_tensor, torch.quantize_per_channel",
             "TypedStorage is deprecated",
+            "must run observer before",  # load_quantized: scales come from the file
         ):
             warnings.filterwarnings("ignore", message=message)
         yield
@@ -179,21 +180,28 @@ def accuracy(model: nn.Module, data: TensorDataset, batch_size: int = 512) -> fl
     return correct / len(y)
 
 
-def latency_s(
-    model: nn.Module, input_shape: tuple[int, ...], *, repeats: int = 200, warmup: int = 20
-) -> float:
-    """Median seconds for one sample (batch 1) on this CPU with one thread, after warm-up."""
+def latencies_s(
+    models: Sequence[nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    repeats: int = 200,
+    warmup: int = 20,
+) -> list[float]:
+    """Per model, the median seconds for one sample (batch 1) on this CPU with one thread,
+    after warm-up. The models take turns call by call, so that other load on the machine
+    falls on all of them alike rather than on whichever ran while it lasted."""
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     try:
         with torch.inference_mode(), _quiet_quantization():
             for i in range(warmup + repeats):
-                start = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+                for model, kept in zip(models, times, strict=True):
+                    start = time.perf_counter()
+                    model(x)
+                    if i >= warmup:
+                        kept.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)
+    return [statistics.median(kept) for kept in times]
