@@ -95,7 +95,7 @@ def test_build_errors(name: str, input_shape: tuple[int, ...], match: str) -> No
 
 def test_model_names_all_build() -> None:
     for name in MODEL_NAMES:
-        shape = (1, 40) if name in ("mlp", "cnn1d", "autoencoder1d") else (3, 8, 8)
+        shape = (1, 40) if name in ("mlp", "cnn1d", "cnn1d_bn", "autoencoder1d") else (3, 8, 8)
         assert isinstance(build_model(name, input_shape=shape, num_classes=2), nn.Module)
 
 

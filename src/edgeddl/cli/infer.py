@@ -1,4 +1,5 @@
-"""`edgeddl infer ACTION`: plan a split of a model across devices, or run one.
+"""`edgeddl infer ACTION`: plan a split of a model across devices, run one, or quantize a
+model for deployment (`quantize_cmd.py`).
 
 Each action is an `InferAction` (name, help, arguments, handler) in `ACTIONS`; another
 module adds one by importing it here and listing it there (see the marked line).
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edgeddl.cli.quantize_cmd import QUANTIZE_HELP, cmd_quantize, quantize_args
 from edgeddl.config.loader import ConfigError, load_scenario
 
 if TYPE_CHECKING:
@@ -222,9 +224,10 @@ RUN = InferAction(
     _run_args, _cmd_run,
 )  # fmt: skip
 
-# ---- The actions of `edgeddl infer`. To add one (e.g. `quantize` from cli/quantize_cmd.py),
-# ---- import its InferAction and list it here: that is the whole registration.
-ACTIONS: tuple[InferAction, ...] = (PLAN, RUN)
+QUANTIZE = InferAction("quantize", QUANTIZE_HELP, quantize_args, cmd_quantize)
+
+# ---- The actions of `edgeddl infer`: list an InferAction here, that is the whole registration.
+ACTIONS: tuple[InferAction, ...] = (PLAN, RUN, QUANTIZE)
 
 
 def add_infer_parser(sub: Any) -> None:

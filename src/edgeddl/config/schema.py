@@ -22,7 +22,7 @@ from edgeddl.config.split import SplitConfig
 
 DatasetName = Literal["mnist1d", "digits", "cifar10", "synthetic", "sensors"]
 PartitionName = Literal["iid", "dirichlet"]
-ModelName = Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56", "autoencoder1d"]
+ModelName = Literal["mlp", "cnn1d", "cnn1d_bn", "resnet20", "resnet32", "resnet56", "autoencoder1d"]
 TaskName = Literal["classification", "anomaly_detection"]
 ANOMALY_DATASETS = ("sensors",)
 """Data sets for anomaly detection: normal training series, a test set labelled 1 = anomaly."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from edgeddl.config.loader import ConfigError, load_scenario
 from edgeddl.config.schema import Scenario
@@ -35,6 +36,8 @@ class Deployment:
     y_test: torch.Tensor
     weights: Path | None
     """The model file the weights came from; None: the seeded, untrained model."""
+    train: TensorDataset
+    test: TensorDataset
 
 
 def load_deployment(target: str, *, weights_needed: bool = True) -> Deployment:
@@ -55,7 +58,7 @@ def load_deployment(target: str, *, weights_needed: bool = True) -> Deployment:
     torch.manual_seed(scenario.run.seed)
     d = scenario.data
     with as_config_error("data"):
-        _, test, info = load_dataset(
+        train, test, info = load_dataset(
             d.dataset, root=d.root, seed=scenario.run.seed, num_samples=d.num_samples,
             input_shape=tuple(d.input_shape), num_classes=d.num_classes,
         )  # fmt: skip
@@ -77,6 +80,8 @@ def load_deployment(target: str, *, weights_needed: bool = True) -> Deployment:
         x_test=x.float(),
         y_test=y.long(),
         weights=weights,
+        train=train,
+        test=test,
     )
 
 
