@@ -176,6 +176,8 @@ class Federated(DataParallel):
         anchor = self.flat_params()
         start_buffers = [b.detach().clone() for b in self.buffers]
         ids = devices.tolist()
+        if self.behaviors is not None:
+            y = self.behaviors.poison_labels(y, counts, ids)
         deltas, buffers, losses = [], [], []
         try:
             for xs, ys in zip(x.split(counts), y.split(counts), strict=True):
@@ -187,6 +189,8 @@ class Federated(DataParallel):
                 losses.append(loss)
         finally:
             self._load(anchor, start_buffers)  # the server's model is the global one
+        if self.behaviors is not None:
+            deltas = self.behaviors.tamper(deltas, ids, step)
         inputs: list[torch.Tensor] = []
         received: list = []
         if self.wire is not None:
@@ -196,7 +200,7 @@ class Federated(DataParallel):
             up = np.array([len(b) for b in datas], dtype=np.int64) + self.buffer_bytes
         else:
             finite = torch.stack([torch.isfinite(d).all() for d in deltas])
-            if not bool(finite.all()):
+            if self.robust is None and not bool(finite.all()):  # else the screen refuses it
                 raise TrainingDiverged(step, ids[int((~finite).nonzero()[0, 0])])
             up = np.full(len(ids), self.dense_up_bytes, dtype=np.int64)
         work = _Work(deltas, inputs, received, buffers, torch.stack(losses))
@@ -220,16 +224,25 @@ class Federated(DataParallel):
         ids = ex.devices.tolist()
         kept = [ids[i] for i in keep]
         w = self.weights(kept).to(work.deltas[0].device)
+        mean: torch.Tensor | None
         if self.wire is not None:
             sent, mean = self.wire.aggregate(
                 kept, w.tolist(), [work.received[i] for i in keep], ex.step
             )
             for d, i, s in zip(kept, keep, sent, strict=True):
                 self.wire.remember(d, work.deltas[i], work.inputs[i], s)
+        elif self.robust is not None:
+            mean, passed = self.robust.combine(
+                ex.step, kept, [work.deltas[i] for i in keep], w.tolist()
+            )
+            keep, kept = [keep[i] for i in passed], [kept[i] for i in passed]
+            w = self.weights(kept).to(w.device) if kept else w
         else:
             mean = torch.zeros_like(work.deltas[0])
             for wi, i in zip(w.tolist(), keep, strict=True):
                 mean.add_(work.deltas[i], alpha=wi)
+        if mean is None:  # nothing usable arrived: the global model stays as it is
+            return (work.losses[keep] * w).sum() if keep else None
         flat = self.flat_params()
         self.server.step(flat, mean)
         for p, v in zip(self.params, self.layout.split(flat), strict=True):
