@@ -223,7 +223,6 @@ def test_federated_clients_deltas_go_through_the_screen() -> None:
         np.array([4] * 5),
         seed=0,
     )
-    fed.robust = RobustAggregator(RobustConfig(rule="median"), NAMES, 5)
     fed.behaviors = Behaviors(["honest"] * 3 + ["nan", "scaled"], [1.0] * 4 + [1e6], 2, 0)
     fed.robust = RobustAggregator(RobustConfig(rule="median", max_update_norm=1e3), NAMES, 5)
     x, y, counts = _batch(5)
