@@ -134,9 +134,8 @@ def _train(
     if split is not None:
         strategy, policy = split, None
     else:
-        strategy, policy = build_strategy(
-            scenario, model, w.task.loss_fn, np.array([len(s) for s in shards], dtype=np.int64)
-        )
+        sizes = np.array([len(s) for s in shards], dtype=np.int64)
+        strategy, policy = build_strategy(scenario, model, w.task.loss_fn, sizes, info.num_classes)
     metric = w.task.metric
     transport = SimTransport(fleet, t.topology, seed)
     agg_flops = strategy.aggregation_flops()
@@ -311,6 +310,7 @@ def _train(
                 else {}
             ),
             **({"split": split.summary()} if split is not None else {}),
+            **(strategy.robust_summary() if isinstance(strategy, DataParallel) else {}),
         },
     )
     write_json_atomic(run_dir / "summary.json", summary)

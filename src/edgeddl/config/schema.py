@@ -17,6 +17,7 @@ from typing import Literal
 from edgeddl.config.checks import require as _require
 from edgeddl.config.compression import CompressionConfig
 from edgeddl.config.federated import FederatedConfig
+from edgeddl.config.robust import BehaviorName, RobustConfig, check_behavior
 from edgeddl.config.security import SecurityConfig
 from edgeddl.config.split import SplitConfig
 
@@ -94,12 +95,20 @@ class DeviceGroup:
     link: str = "lan"
     """A built-in link profile or one from [links]."""
     count: int = 1
+    behavior: BehaviorName = "honest"
+    """What the group's devices send (simulator only): honest; sign_flip: -update; scaled:
+    update * behavior_scale; noise: Gaussian noise of std behavior_scale times the honest
+    update's RMS, instead of it; label_flip: an honest update trained on labels y -> C-1-y;
+    free_rider: zeros (its samples still claimed); nan: NaN values (a broken device)."""
+    behavior_scale: float = 1.0
+    """The factor of `scaled`, the relative std of `noise`; 1 for the other behaviours."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")
         _require(
             1 <= self.count <= MAX_DEVICES, f"count must be in 1..{MAX_DEVICES} (got {self.count})"
         )
+        check_behavior(self.behavior, self.behavior_scale)
 
     def device_names(self) -> list[str]:
         if self.count == 1:
@@ -264,6 +273,7 @@ class Scenario:
     links: dict[str, LinkProfile] = field(default_factory=dict)
     """Link profiles of your own, beside the built-ins."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     @property
     def task(self) -> TaskName:
@@ -295,6 +305,7 @@ class Scenario:
                 f"{where}.link: unknown link {link!r}; allowed: {', '.join(sorted(links))}",
             )
         self._check_events()
+        self._check_robust()
         self.security.check_devices(self.fleet.device_names())
         names = set(self.fleet.device_names()) | {g.name for g in self.fleet.devices}
         for key in self.compression.groups:
@@ -319,6 +330,39 @@ class Scenario:
                 f"data.dataset {dataset!r} is for classification; use it with "
                 f"{', '.join(repr(d) for d in ANOMALY_DATASETS)}",
             )
+
+    @property
+    def misbehaving(self) -> bool:
+        """Whether any device of the fleet is set to misbehave."""
+        return any(g.behavior != "honest" for g in self.fleet.devices)
+
+    def _check_robust(self) -> None:
+        """The rule fits the strategy, the topology and the number of devices taking part."""
+        r, t = self.robust, self.train
+        if t.strategy == "split":
+            _require(
+                not r.screens and not self.misbehaving,
+                "robust: split learning sends activations, not updates to aggregate; leave "
+                '[robust] at rule = "mean" and every device honest',
+            )
+            return
+        _require(
+            not r.screens or t.topology == "star",
+            f"robust.rule: {r.rule} (and the screen) needs a server to see each update; "
+            'set train.topology = "star" or rule = "mean" with max_update_norm = 0',
+        )
+        for i, g in enumerate(self.fleet.devices):
+            _require(
+                g.behavior != "label_flip" or self.task == "classification",
+                f"fleet.devices[{i}].behavior: label_flip needs class labels, but "
+                f"data.dataset {self.data.dataset!r} is for anomaly detection",
+            )
+        n = len(self.fleet.device_names())
+        if t.strategy == "federated":
+            sampled = min(n, max(1, int(self.federated.fraction * n + 0.5)))
+            r.check_fleet(sampled, f"federated.fraction {self.federated.fraction:g} of {n}")
+        else:
+            r.check_fleet(n, "the fleet")
 
     def _check_events(self) -> None:
         groups = {g.name: g.device_names() for g in self.fleet.devices}

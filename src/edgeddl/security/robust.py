@@ -13,8 +13,8 @@ and returns one aggregate:
   NeurIPS 2017). Needs n > 2f + 2.
 
 `screen` rejects what no rule should see: non-finite values and norms out of range, each
-with its reason (for the ledger). This module is the maths only: wiring the rules into the
-strategies' aggregation comes with the rest of the trust issue.
+with its reason (for the ledger). This module is the maths only; `strategy/robust.py` wires
+it into the strategies' aggregation (`[robust]` in a scenario).
 """
 
 from __future__ import annotations

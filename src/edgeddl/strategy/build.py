@@ -18,6 +18,8 @@ from edgeddl.models.layers import model_layers, resolve_cut
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
 from edgeddl.strategy.federated import Federated
+from edgeddl.strategy.robust import Behaviors, RobustAggregator
+from edgeddl.strategy.robust_dp import RobustDataParallel
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.workload import as_config_error
 
@@ -27,26 +29,64 @@ def build_strategy(
     model: nn.Module,
     loss: LossFn,
     shard_sizes: np.ndarray | None = None,
+    num_classes: int = 0,
 ) -> tuple[DataParallel, DensityPolicy | None]:
     """Plain data-parallel, or with the scenario's compression (checked here); `loss` is
     the task's (`Workload.task.loss_fn`). Federated (`train.strategy`) needs each device's
-    `shard_sizes` (its clients weigh and plan by them). Split learning: `build_split`."""
+    `shard_sizes` (its clients weigh and plan by them). `[robust]` and misbehaving devices
+    (label flips need the data set's `num_classes`) are wired in here. Split learning:
+    `build_split`."""
     comp = scenario.compression
     if scenario.train.strategy == "split":
         raise ValueError("split learning is built by build_split")
+    strategy: DataParallel
+    policy = None
     if scenario.train.strategy == "federated":
         if shard_sizes is None:
             raise ValueError("a federated strategy needs the devices' shard sizes")
         wire = _compressed(scenario, model, loss) if comp.enabled else None
-        fed = Federated(
+        strategy = Federated(
             model, scenario.train, scenario.federated, shard_sizes, scenario.run.seed, loss, wire
         )
-        return fed, None
-    if not comp.enabled:
-        return DataParallel(model, scenario.train, loss), None
-    strategy = _compressed(scenario, model, loss)
-    policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
+        _wire_robust(scenario, [strategy] + ([wire] if wire is not None else []), num_classes)
+    elif comp.enabled:
+        strategy = _compressed(scenario, model, loss)
+        policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
+        _wire_robust(scenario, [strategy], num_classes)
+    elif scenario.robust.screens or scenario.misbehaving:
+        strategy = RobustDataParallel(model, scenario.train, loss)
+        _wire_robust(scenario, [strategy], num_classes)
+    else:  # a trusting mean of honest devices: the fused pass
+        strategy = DataParallel(model, scenario.train, loss)
     return strategy, policy
+
+
+def _wire_robust(scenario: Scenario, parts: list[DataParallel], num_classes: int) -> None:
+    """One aggregator and one set of behaviours, shared by a strategy and its wire.
+
+    On a ring nobody sees a single update: the rule is the mean (checked in the config), and
+    the sum takes whatever the devices send, unscreened.
+    """
+    if not (scenario.robust.screens or scenario.misbehaving):
+        return
+    if any(g.behavior == "label_flip" for g in scenario.fleet.devices) and num_classes < 2:
+        raise ConfigError("fleet.devices: label_flip needs the data set's number of classes")
+    if scenario.robust.screens and COMPRESSORS[scenario.compression.compressor].num_phases > 1:
+        raise ConfigError(
+            f"robust.rule: {scenario.compression.compressor} sums factors over several rounds, "
+            "so no one sees a device's update; use a single-payload compressor (e.g. topk, "
+            'qsgd, int8) or rule = "mean" with max_update_norm = 0'
+        )
+    names = scenario.fleet.device_names()
+    n = len(names)
+    if scenario.train.strategy == "federated":
+        n = min(n, max(1, int(scenario.federated.fraction * n + 0.5)))
+    robust = RobustAggregator(scenario.robust, names, n)
+    behaviors = Behaviors.from_scenario(scenario, num_classes) if scenario.misbehaving else None
+    parts[0].behaviors = behaviors  # the strategy's devices; a federated wire only encodes
+    for part in parts:
+        if scenario.train.topology == "star":
+            part.robust = robust
 
 
 def build_split(

@@ -43,7 +43,7 @@ from edgeddl.config.compression import CompressionConfig, CompressorConfig
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats, per_device_gradients
+from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats
 
 
 @dataclass(slots=True)
@@ -200,11 +200,13 @@ class CompressedDataParallel(DataParallel):
 
     def aggregate(
         self, devices: list[int], weights: list[float], received: list[Payload], step: int
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(what each device sent, decompressed; the aggregate every replica applies).
 
         The aggregate is the weighted mean at the wire codec's precision: with fp16 values
-        its rounding (relative 2**-11, to nearest) is applied, not fed back.
+        its rounding (relative 2**-11, to nearest) is applied, not fed back. With `[robust]`
+        the decoded payloads go through the screen and the rule instead of the mean; None
+        when none is usable (the step changes nothing).
         """
         device = self.params[0].device
         sent = [
@@ -212,9 +214,15 @@ class CompressedDataParallel(DataParallel):
             for d, p in zip(devices, received, strict=True)
         ]
         self.num_empty += sum(p.num_sent == 0 for p in received)
-        mean = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        for wi, si in zip(weights, sent, strict=True):
-            mean.add_(si, alpha=wi)
+        if self.robust is not None:
+            robust, _ = self.robust.combine(step, devices, sent, weights)
+            if robust is None:
+                return sent, None
+            mean = robust.float()
+        else:
+            mean = torch.zeros(self.numel, dtype=torch.float32, device=device)
+            for wi, si in zip(weights, sent, strict=True):
+                mean.add_(si, alpha=wi)
         data = self.down_codec.encode(self.down_codec.dense_or_sparse(mean))
         self.last_down_bytes = len(data)
         return sent, _dense(self.down_codec.decode(data, self.numel)).to(device)
@@ -228,11 +236,11 @@ class CompressedDataParallel(DataParallel):
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
     ) -> Exchange:
-        g = per_device_gradients(
-            self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
-        )
         ids = devices.tolist()
+        g = self.device_gradients(x, y, counts, ids)
         self.add_weight_decay(g.grads)
+        if self.behaviors is not None:  # a device's memory and compressor see what it sends
+            g.grads = self.behaviors.tamper(g.grads, ids, step)
         inputs = self.compensate(ids, g.grads, step)
         mid: tuple[int, ...] = ()
         if self.phased is not None:
@@ -271,6 +279,7 @@ class CompressedDataParallel(DataParallel):
         w = torch.tensor(weights, dtype=torch.float32, device=grads[0].device)
         kept = [ids[i] for i in keep]
         inputs = [self._memory(d).compensate(grads[i]) for d, i in zip(kept, keep, strict=True)]
+        agg: torch.Tensor | None
         if self.phased is not None:
             result = work.phased
             if result is None or len(keep) < len(ids):  # the rounds again, among survivors
@@ -282,6 +291,8 @@ class CompressedDataParallel(DataParallel):
             sent, agg = self.aggregate(kept, weights, [work.received[i] for i in keep], ex.step)
         for d, i, c, s in zip(kept, keep, inputs, sent, strict=True):
             self.remember(d, grads[i], c, s)
+        if agg is None:  # the screen left nothing usable: the model stays as it is
+            return (work.grads.losses[keep] * w).sum()
         apply_batchnorm_stats(self.model, work.grads.bn_stats, keep, w, self.batchnorms)
         self.apply(agg)
         return (work.grads.losses[keep] * w).sum()

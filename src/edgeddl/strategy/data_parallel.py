@@ -25,6 +25,8 @@ from edgeddl.compress.base import Layout
 from edgeddl.compress.codec import dense_payload_bytes
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
+from edgeddl.strategy.per_device import DeviceGradients, per_device_gradients
+from edgeddl.strategy.robust import Behaviors, RobustAggregator
 from edgeddl.task import LossFn
 
 
@@ -85,6 +87,10 @@ class DataParallel:
         """Payloads (device steps) that arrived."""
         self.num_empty = 0
         """Payloads that carried nothing (a threshold nothing passed)."""
+        self.robust: RobustAggregator | None = None
+        """Screen and rule for per-device updates (`[robust]`); None: the trusting mean."""
+        self.behaviors: Behaviors | None = None
+        """Simulated misbehaving devices; None: all honest."""
 
     def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Typical (up, down) bytes of devices `idx` per step, for balancing: the gradient
@@ -106,6 +112,17 @@ class DataParallel:
 
     def load_device_state(self, device: int, state: dict[str, Any]) -> None:
         return None
+
+    def device_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], ids: list[int]
+    ) -> DeviceGradients:
+        """Each device's gradient on its consecutive `counts` rows (a label-flipping device
+        computes it honestly on its poisoned labels)."""
+        if self.behaviors is not None:
+            y = self.behaviors.poison_labels(y, counts, ids)
+        return per_device_gradients(
+            self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
+        )
 
     def evaluation_models(self) -> list[nn.Module]:
         """The models the run is scored on (the metric is their mean): the one model."""
@@ -152,8 +169,15 @@ class DataParallel:
         }
 
     def aggregation_flops(self) -> float:
-        """FLOPs for the aggregator to add one device's contribution (one multiply-add)."""
-        return 2.0 * sum(p.numel() for p in self.params)
+        """FLOPs for the aggregator to take in one device's contribution: one multiply-add
+        per value, or the screen and robust rule's share."""
+        if self.robust is not None:
+            return self.robust.flops_per_update(self.numel)
+        return 2.0 * self.numel
+
+    def robust_summary(self) -> dict[str, Any]:
+        """The screen's rejections and the rule (for summary.json); empty without one."""
+        return {"robust": self.robust.summary()} if self.robust is not None else {}
 
     def apply(self, aggregate: torch.Tensor) -> None:
         """One optimizer step with a flat aggregate gradient (every replica, identically)."""

@@ -190,12 +190,16 @@ class Federated(DataParallel):
         """Every sampled client trains locally (consecutive `counts` rows each) and encodes
         its update; `counts[i] / local_batch` rounded up is client i's local steps."""
         ids = devices.tolist()
+        if self.behaviors is not None:
+            y = self.behaviors.poison_labels(y, counts, ids)
         deltas, buffers, losses = [], [], []
         for xs, ys in zip(x.split(counts), y.split(counts), strict=True):
             d, b, loss = self.client_update(xs, ys, -(-len(xs) // self.cfg.local_batch))
             deltas.append(d)
             buffers.append(b)
             losses.append(loss)
+        if self.behaviors is not None:
+            deltas = self.behaviors.tamper(deltas, ids, step)
         inputs: list[torch.Tensor] = []
         received: list = []
         if self.wire is not None:
@@ -205,7 +209,7 @@ class Federated(DataParallel):
             up = np.array([len(b) for b in datas], dtype=np.int64) + self.buffer_bytes
         else:
             finite = torch.stack([torch.isfinite(d).all() for d in deltas])
-            if not bool(finite.all()):
+            if self.robust is None and not bool(finite.all()):  # else the screen refuses it
                 raise TrainingDiverged(step, ids[int((~finite).nonzero()[0, 0])])
             up = np.full(len(ids), self.dense_up_bytes, dtype=np.int64)
         work = _Work(deltas, inputs, received, buffers, torch.stack(losses))
@@ -229,16 +233,25 @@ class Federated(DataParallel):
         ids = ex.devices.tolist()
         kept = [ids[i] for i in keep]
         w = self.weights(kept).to(work.deltas[0].device)
+        mean: torch.Tensor | None
         if self.wire is not None:
             sent, mean = self.wire.aggregate(
                 kept, w.tolist(), [work.received[i] for i in keep], ex.step
             )
             for d, i, s in zip(kept, keep, sent, strict=True):
                 self.wire.remember(d, work.deltas[i], work.inputs[i], s)
+        elif self.robust is not None:
+            mean, passed = self.robust.combine(
+                ex.step, kept, [work.deltas[i] for i in keep], w.tolist()
+            )
+            keep, kept = [keep[i] for i in passed], [kept[i] for i in passed]
+            w = self.weights(kept).to(w.device) if kept else w
         else:
             mean = torch.zeros_like(work.deltas[0])
             for wi, i in zip(w.tolist(), keep, strict=True):
                 mean.add_(work.deltas[i], alpha=wi)
+        if mean is None:  # nothing usable arrived: the global model stays as it is
+            return (work.losses[keep] * w).sum() if keep else None
         float_means = [
             sum(wi * work.buffers[i][k] for wi, i in zip(w.tolist(), keep, strict=True))
             for k, b in enumerate(self.buffers)

@@ -207,6 +207,11 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
             "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
             "set compression.adapt.enabled = false for a real fleet"
         )
+    if scenario.robust.screens or scenario.misbehaving:
+        raise ConfigError(
+            "robust: a real fleet sums updates in an all-reduce, so no one can screen them; "
+            'robust rules and misbehaving devices run on the simulated fleet only (rule = "mean")'
+        )
     return scenario, opts, names.index(opts.name)
 
 

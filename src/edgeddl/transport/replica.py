@@ -302,6 +302,7 @@ class ReplicaStep:
 
         def finish() -> None:
             sent, agg = s.aggregate(senders, weights, received, step)
+            assert agg is not None  # None only from a robust screen, which a real fleet refuses
             if grad is not None and inputs is not None:
                 s.remember(self.device, grad, inputs, sent[senders.index(self.device)])
             s.apply(agg)
