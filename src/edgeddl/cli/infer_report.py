@@ -161,8 +161,10 @@ def print_processes(console: Console, procs: ProcessResult, num_samples: int, mb
                 f"later, its first output {(nxt.output_s[0] - d.at_s) * 1e3:.1f} ms after the "
                 "departure"
             )
+        elif d.process not in run.generations[d.generation].members:
+            line += f" (it held no layers in plan {d.generation + 1}: no re-plan)"
         elif nxt is None:
-            line += " (after its last micro-batch: no re-plan)"
+            line += " (after the last micro-batch: no re-plan)"
         console.print(line)
     console.print(
         f"processes: throughput {run.throughput:,.1f} samples/s ({run.wall_s * 1e3:.1f} ms); "

@@ -167,54 +167,65 @@ def run_processes(
     gens: list[Generation] = []
     departures: list[Departure] = []
     present = list(range(len(segments)))
+    ended: dict[int, str] = {}  # this generation's: process -> done, fail, left, crashed
+    failures: list[str] = []
+
+    def receive(conn: Connection, gen: Generation) -> None:
+        """One message (or the end) from process `conns[conn]`, during `gen`."""
+        i, g = conns[conn], len(gens) - 1
+        try:
+            msg = conn.recv()
+        except EOFError:  # it exited: a crash if it had said nothing and the stream is on
+            del conns[conn]
+            if i in present and i not in ended:
+                ended[i] = "crashed"
+                if len(outputs) < num_mb:
+                    departures.append(Departure(i, "crashed", time.monotonic(), g))
+            return
+        kind = msg[0]
+        if kind == "start":
+            starts[msg[1]] = msg[2]
+            gen.num_started += 1
+        elif kind == "out":
+            outputs[msg[1]] = torch.from_numpy(msg[2])
+            ends[msg[1]] = msg[3]
+            gen.output_s.append(time.monotonic())
+        elif kind == "left":
+            ended[i] = "left"
+            sent[i] += msg[3]
+            departures.append(Departure(i, "left", msg[2], g, msg[1]))
+        else:  # "done" | "fail"
+            ended[i] = kind
+            sent[i] += msg[1]
+            if kind == "fail":
+                failures.append(f"process {i}: {msg[2]}")
+
+    def receive_until(gen: Generation, done: Callable[[], bool]) -> None:
+        while not done():
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(
+                    f"the pipeline processes did not finish in {timeout_s:g} s "
+                    f"(plan {len(gens)}, {len(outputs)} of {num_mb} micro-batches out)"
+                )
+            for conn in wait(list(conns), timeout=deadline - now):
+                assert isinstance(conn, Connection)
+                receive(conn, gen)
+
     gen = _members(segments, present)
     try:
         while True:
             g = len(gens)
             gen.start_s = time.monotonic()
             gens.append(gen)
+            ended.clear()
+            failures.clear()
             store.set(f"{_PREFIX}/gen/{g}", json.dumps([gen.members, gen.segments, gen.from_mb]))
-            ended: dict[int, str] = {}
-            failures: list[str] = []
-            while any(m not in ended for m in gen.members):
-                now = time.monotonic()
-                if now >= deadline:
-                    raise TimeoutError(
-                        f"the pipeline processes did not finish in {timeout_s:g} s "
-                        f"(plan {g + 1}, {len(outputs)} of {num_mb} micro-batches out)"
-                    )
-                for conn in wait(list(conns), timeout=deadline - now):
-                    assert isinstance(conn, Connection)
-                    i = conns[conn]
-                    try:
-                        msg = conn.recv()
-                    except EOFError:
-                        del conns[conn]
-                        if i in present and ended.get(i) != "left":
-                            ended[i] = "crashed"
-                            departures.append(Departure(i, "crashed", time.monotonic(), g))
-                        continue
-                    kind = msg[0]
-                    if kind == "start":
-                        starts[msg[1]] = msg[2]
-                        gen.num_started += 1
-                    elif kind == "out":
-                        b = msg[1]
-                        outputs[b] = torch.from_numpy(msg[2])
-                        ends[b] = msg[3]
-                        gen.output_s.append(time.monotonic())
-                    elif kind == "left":
-                        ended[i] = "left"
-                        sent[i] += msg[3]
-                        departures.append(Departure(i, "left", msg[2], g, msg[1]))
-                    else:  # "done" | "fail"
-                        ended[i] = kind
-                        sent[i] += msg[1]
-                        if kind == "fail":
-                            failures.append(f"process {i}: {msg[2]}")
+            receive_until(gen, lambda: all(m in ended for m in gen.members))  # noqa: B023
             gone = [i for i in present if ended.get(i) in ("left", "crashed")]
             if len(outputs) == num_mb:  # a member gone after its last micro-batch: done
                 store.set(f"{_PREFIX}/gen/{g + 1}", json.dumps(None))  # the end
+                receive_until(gen, lambda: not conns)  # every process exits: the last words
                 break
             if not gone:
                 raise RuntimeError(f"plan {g + 1} failed: {failures[0] if failures else '?'}")
