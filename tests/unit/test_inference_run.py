@@ -17,7 +17,7 @@ from edgeddl.inference.activations import ActivationCodec, nbytes
 from edgeddl.inference.plan import LayerCosts, evaluate_cuts
 from edgeddl.inference.profile import chain_devices, layer_costs
 from edgeddl.inference.simulate import Leave, PipelineConfig, SimResult, simulate
-from edgeddl.inference.stages import build_stages, single_device_outputs
+from edgeddl.inference.stages import StageRunner, single_device_outputs
 from edgeddl.models import build_model
 from edgeddl.models.layers import model_layers
 from edgeddl.transport.pipeline import run_processes
@@ -149,7 +149,6 @@ def test_processes_outputs_equal_single_device_outputs(fleet: Fleet) -> None:
     chain = chain_devices(fleet, CHAIN[:3])
     plan = evaluate_cuts(costs, chain, [0, 2, 5, 8])
     assert plan is not None
-    stages = [m for _, m in build_stages(model_layers(model), plan, chain.names)]
     x = torch.randn(30, *shape)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs
@@ -157,10 +156,12 @@ def test_processes_outputs_equal_single_device_outputs(fleet: Fleet) -> None:
         reference = single_device_outputs(model, x, 4)
     finally:
         torch.set_num_threads(threads)
-    run = run_processes(stages, x, ActivationCodec("fp32"), 4, timeout_s=60)
+    runner = StageRunner(model_layers(model))
+    run = run_processes(runner, plan.segments, x, ActivationCodec("fp32"), 4, timeout_s=60)
     assert torch.equal(run.outputs, reference)
     assert run.bytes_sent == [4 * 30 * 25 * 19, 4 * 30 * 25 * 5, 0]
     assert run.wall_s > 0 and len(run.latency_s) == 8
+    assert len(run.generations) == 1 and not run.departures and run.generations[0].rerun == 0
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -191,7 +192,12 @@ def test_infer_run_cli_loads_a_run_folder_and_gives_one_line_errors(
     torch.save(cnn1d, tmp_path / "model.pt")
     assert "expected NAME@SAMPLE" in _error(capsys, [*base, "--leave", "pc-0"])
     assert "holds the input" in _error(capsys, [*base, "--leave", "pc-0@3"])  # first here
-    assert "simulated only" in _error(capsys, [*base, "--leave", "pc-0@3", "--processes"])
+    procs = [*base, "--devices", "pi-0,pc-0", "--processes", "--timeout", "60"]
+    assert "simulated only" in _error(capsys, [*procs, "--leave", "pc-0@0.001s"])
+    assert main([*procs, "--leave", "pc-0@4"]) == 0  # the 1-D CNN stays on pi-0: pc-0 is idle
+    out = capsys.readouterr().out
+    assert "across processes" in out and "pc-0 left at" in out
+    assert "processes' outputs: identical to single-device outputs" in out
     scen = ["infer", "run", "paper_fleet", "--fleet", "paper_fleet", "--samples", "8"]
     assert main([*scen, "--activations", "int8"]) == 0
     assert "seeded, untrained" in capsys.readouterr().out

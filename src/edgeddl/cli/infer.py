@@ -71,7 +71,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME@SAMPLE|NAME@SECONDSs",
         help="device NAME leaves when the stream reaches sample SAMPLE, or at virtual time "
-        "SECONDS (e.g. pi-1@100, pi-1@0.25s); the rest are re-planned (repeatable)",
+        "SECONDS (e.g. pi-1@100, pi-1@0.25s); the rest are re-planned (repeatable); with "
+        "--processes (NAME@SAMPLE only) its process leaves too and the survivors re-plan",
     )
     p.add_argument(
         "--no-link-noise",
@@ -81,8 +82,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--processes",
         action="store_true",
-        help="also run the first plan for real: one process per stage on 127.0.0.1 (gloo "
-        "point-to-point), and report wall-clock latency and throughput",
+        help="also run for real: one process per device on 127.0.0.1 (gloo point-to-point), "
+        "leaves included, and report wall-clock latency and throughput per plan",
     )
     p.add_argument(
         "--timeout",
@@ -174,8 +175,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.samples < 1 or args.micro_batch < 1:
         raise ConfigError("--samples and --micro-batch must be >= 1")
-    if args.processes and args.leave:
-        raise ConfigError("--leave is simulated only: leave it out with --processes")
     if args.timeout <= 0:
         raise ConfigError(f"--timeout: must be > 0, got {args.timeout}")
     leaves = tuple(parse_leave(t) for t in args.leave)
@@ -202,15 +201,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     procs = None
     if args.processes:
-        from edgeddl.inference.activations import ActivationCodec
-        from edgeddl.inference.stages import build_stages
-        from edgeddl.transport.pipeline import run_processes
+        from edgeddl.inference.processes import run_on_processes
 
-        first = result.plans[0]
-        stages = [m for _, m in build_stages(layers, first.plan, first.devices)]
-        procs = run_processes(
-            stages, x, ActivationCodec(args.activations), args.micro_batch, timeout_s=args.timeout
-        )
+        try:
+            procs = run_on_processes(layers, costs, fleet, names, x, cfg, timeout_s=args.timeout)
+        except (ValueError, RuntimeError, TimeoutError) as e:
+            raise ConfigError(f"--processes: {e}") from None
     print_report(dep, costs, fleet, cfg, x, y, result, procs)
     return 0
 

@@ -4,6 +4,8 @@ sets the split's outputs against single-device inference."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +22,7 @@ from edgeddl.report.files import metric_label
 
 if TYPE_CHECKING:
     from edgeddl.inference.deploy import Deployment
-    from edgeddl.transport.pipeline import ProcessRun
+    from edgeddl.inference.processes import ProcessResult
 
 
 def compare(outputs: torch.Tensor, reference: torch.Tensor) -> str:
@@ -45,7 +47,7 @@ def print_report(
     x: torch.Tensor,
     y: torch.Tensor,
     result: SimResult,
-    procs: ProcessRun | None,
+    procs: ProcessResult | None,
 ) -> None:
     console = Console()
     name = dep.scenario.model.name
@@ -107,10 +109,65 @@ def print_report(
         f"(change {split - single:+.4f})"
     )
     if procs is not None:
-        console.print(
-            f"processes ({len(procs.bytes_sent)} on 127.0.0.1, gloo, plan 1, wall clock): "
-            f"throughput {procs.throughput:,.1f} samples/s ({procs.wall_s * 1e3:.1f} ms); "
-            f"latency per micro-batch {_ms(procs.latency_s)}; bytes sent per rank "
-            f"{', '.join(f'{b:,}' for b in procs.bytes_sent)}"
-        )
-        console.print(f"processes' outputs: {compare(procs.outputs, reference)}")
+        print_processes(console, procs, len(x), cfg.micro_batch)
+        with _threads(1):  # as each process runs: kernels may round differently otherwise
+            reference = single_device_outputs(dep.model, x, cfg.micro_batch)
+        console.print(f"processes' outputs: {compare(procs.run.outputs, reference)}")
+
+
+@contextmanager
+def _threads(num: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def print_processes(console: Console, procs: ProcessResult, num_samples: int, mb: int) -> None:
+    """Each plan the processes used (when it took over, its wall-clock throughput and
+    latency, the micro-batches it started but did not finish), and each departure."""
+    run = procs.run
+    table = Table(
+        "plan", "layers per device", "from mb", "at s", "1st out ms", "mbs", "re-run",
+        "samples/s", "mean lat ms",
+        title=f"across processes ({len(procs.names)} on 127.0.0.1, gloo; wall clock since the "
+        "first micro-batch started)",
+    )  # fmt: skip
+    for i, (gen, (plan, chain)) in enumerate(zip(run.generations, procs.plans, strict=True)):
+        parts = [f"{chain[d]}: {s}-{e - 1}" for d, (s, e) in enumerate(plan.segments) if e > s]
+        done = range(gen.from_mb, gen.from_mb + len(gen.output_s))
+        samples = min(done.stop * mb, num_samples) - done.start * mb
+        span_s = gen.output_s[-1] - gen.start_s if gen.output_s else 0.0
+        table.add_row(
+            str(i + 1), ", ".join(parts) or chain[0], str(gen.from_mb), f"{gen.start_s:.4f}",
+            f"{(gen.output_s[0] - gen.start_s) * 1e3:.2f}" if gen.output_s else "-",
+            str(len(gen.output_s)), str(gen.rerun),
+            f"{samples / span_s:,.1f}" if span_s > 0 else "-",
+            f"{statistics.fmean(run.latency_s[b] for b in done) * 1e3:.3f}" if done else "-",
+        )  # fmt: skip
+    console.print(table)
+    for d in run.departures:
+        name = procs.device(d.process)
+        what = "crashed (its process died)" if d.kind == "crashed" else "left"
+        if d.at_mb is not None:
+            what += f" before micro-batch {d.at_mb}"
+        nxt = run.generations[d.generation + 1] if d.generation + 1 < len(run.generations) else None
+        line = f"{name} {what} at {d.at_s:.4f} s, under plan {d.generation + 1}"
+        if nxt is not None and nxt.from_mb < len(run.latency_s):
+            line += (
+                f"; plan {d.generation + 2} took over {(nxt.start_s - d.at_s) * 1e3:.1f} ms "
+                f"later, its first output {(nxt.output_s[0] - d.at_s) * 1e3:.1f} ms after the "
+                "departure"
+            )
+        elif d.process not in run.generations[d.generation].members:
+            line += f" (it held no layers in plan {d.generation + 1}: no re-plan)"
+        elif nxt is None:
+            line += " (after the last micro-batch: no re-plan)"
+        console.print(line)
+    console.print(
+        f"processes: throughput {run.throughput:,.1f} samples/s ({run.wall_s * 1e3:.1f} ms); "
+        f"latency per micro-batch {_ms(run.latency_s)}; bytes sent per device "
+        + ", ".join(f"{procs.device(i)} {b:,}" for i, b in enumerate(run.bytes_sent))
+    )

@@ -26,7 +26,14 @@ import torch
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.link import transfer_time_s
 from edgeddl.inference.activations import ActivationCodec, nbytes, wire_costs
-from edgeddl.inference.plan import LayerCosts, Objective, Plan, evaluate_cuts, plan_split
+from edgeddl.inference.plan import (
+    ChainDevices,
+    LayerCosts,
+    Objective,
+    Plan,
+    evaluate_cuts,
+    plan_split,
+)
 from edgeddl.inference.profile import chain_devices
 from edgeddl.inference.stages import Hop, StageRunner, route
 
@@ -125,6 +132,17 @@ class SimResult:
         return [end - start for start, end in self.micro_batch_s]
 
 
+def choose_plan(wire: LayerCosts, chain: ChainDevices, cfg: PipelineConfig, first: bool) -> Plan:
+    """The fixed cuts for the first plan if `cfg` gives them, else the planner's best;
+    `wire`: the layer costs as the activations cross the links (`wire_costs`)."""
+    if cfg.cuts and first:
+        fixed = evaluate_cuts(wire, chain, list(cfg.cuts), cfg.micro_batch)
+        if fixed is None:
+            raise ValueError(f"the fixed cuts {cfg.cuts} do not fit the devices' memory")
+        return fixed
+    return plan_split(wire, chain, cfg.objective, cfg.micro_batch)
+
+
 class _Pipeline:
     """The mutable state of one simulated run; `simulate` is its only user."""
 
@@ -154,13 +172,7 @@ class _Pipeline:
     def replan(self, at_s: float, reason: str) -> None:
         chain = chain_devices(self.fleet, self.present)
         wire = wire_costs(self.costs, self.codec, self.cfg.micro_batch)
-        if self.cfg.cuts and not self.plans:
-            fixed = evaluate_cuts(wire, chain, list(self.cfg.cuts), self.cfg.micro_batch)
-            if fixed is None:
-                raise ValueError(f"the fixed cuts {self.cfg.cuts} do not fit the devices' memory")
-            plan = fixed
-        else:
-            plan = plan_split(wire, chain, self.cfg.objective, self.cfg.micro_batch)
+        plan = choose_plan(wire, chain, self.cfg, first=not self.plans)
         self.plans.append(PlanUse(plan, chain.names, at_s, reason))
 
     def _compute_s(self, device: str, start: int, end: int, batch: int) -> float:
