@@ -21,7 +21,7 @@ from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import Exchange
 from edgeddl.strategy.federated import Federated, _Work, add_proximal_grad
 from edgeddl.strategy.server_opt import ServerOptimizer
-from edgeddl.transport.device import DeviceOptions, read_scenario
+from edgeddl.transport.device_setup import DeviceOptions, read_scenario
 from edgeddl.transport.store import KEY_SCENARIO
 
 

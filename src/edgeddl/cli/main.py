@@ -370,7 +370,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
-    from edgeddl.transport.device import DeviceOptions
+    from edgeddl.transport.device_setup import DeviceOptions
     from edgeddl.transport.launch import run_device
     from edgeddl.transport.store import silence_engine_logs
 

@@ -47,7 +47,8 @@ from edgeddl.transport.checkpoint import (
     pack,
     unpack,
 )
-from edgeddl.transport.device import DeviceOptions, DeviceRun, DeviceStats, RestartRequired
+from edgeddl.transport.device import DeviceRun, DeviceStats, RestartRequired
+from edgeddl.transport.device_setup import DeviceOptions
 from edgeddl.transport.store import (
     parse_address,
 )

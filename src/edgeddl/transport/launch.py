@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from edgeddl.config.loader import ConfigError
-from edgeddl.transport.device import DeviceOptions, DeviceRun, read_scenario
+from edgeddl.transport.device import DeviceRun
+from edgeddl.transport.device_setup import DeviceOptions, read_scenario
 from edgeddl.transport.store import (
     KEY_BACKEND,
     KEY_DONE,

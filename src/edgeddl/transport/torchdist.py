@@ -24,7 +24,8 @@ import torch
 from torch.distributed import ReduceOp
 
 from edgeddl.transport.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpack
-from edgeddl.transport.device import DeviceOptions, DeviceRun
+from edgeddl.transport.device import DeviceRun
+from edgeddl.transport.device_setup import DeviceOptions
 from edgeddl.transport.store import (
     KEY_JOINED,
     KEY_LIGHTHOUSE,

@@ -1,0 +1,114 @@
+"""What a device of a real fleet settles before it trains: its options, the scenario it
+reads from the coordinator's store (refusing what a real fleet cannot carry, with one line),
+its name, and the fleet it paces itself to."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from edgeddl.config.loader import ConfigError, scenario_from_dict
+from edgeddl.config.schema import Scenario
+from edgeddl.fleet.fleet import Fleet
+from edgeddl.transport.store import KEY_DONE, KEY_SCENARIO
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceOptions:
+    coordinator: str
+    """The coordinator's HOST:PORT."""
+    name: str
+    """Which device of the scenario this process is ('': torchrun's RANK says)."""
+    host: str = ""
+    """Address the other devices reach this one at ('': the route to the coordinator)."""
+    timeout_s: float = 5.0
+    """How long a collective may wait for a peer before the step is given up: it bounds the
+    recovery after a crash, and must exceed the longest wait for a slower peer."""
+    connect_timeout_s: float = 60.0
+    """How long to wait for the coordinator at start."""
+    profile: str = ""
+    """Pace this process to a device profile's speed ('scenario': the device's own), so a
+    fleet of processes on one machine behaves like a mixed fleet; '' runs at full speed."""
+    max_restarts: int = 100
+    """Elastic engine: how many times this device's worker may fail and be restarted."""
+    state_dir: str = ""
+    """Elastic engine: where the worker keeps its state between restarts ('': a folder
+    under the system's temporary directory)."""
+
+
+def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int]:
+    """The coordinator's scenario, the options with the name settled, this device's index."""
+    scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
+    names = scenario.fleet.device_names()
+    if not opts.name:
+        opts = dataclasses.replace(opts, name=_name_from_rank(names))
+    if opts.name not in names:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ConfigError(
+            f"--name: {opts.name!r} is not a device of the scenario; allowed: {shown}"
+        )
+    if store.check([KEY_DONE]):
+        raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
+    if scenario.train.strategy == "split":
+        raise ConfigError(
+            'train.strategy: "split" runs on the simulated fleet only for now; use '
+            '"data_parallel" or "federated" for a real fleet'
+        )
+    if scenario.train.strategy == "federated":
+        if scenario.compression.enabled:
+            raise ConfigError(
+                "compression: federated updates travel dense on a real fleet for now; "
+                'leave [compression] at compressor = "none" (the simulator compresses them)'
+            )
+        if scenario.federated.deadline_s > 0:
+            raise ConfigError(
+                "federated.deadline_s: a real fleet waits for every sampled member (its "
+                "engine's timeout drops a lost one); set it to 0"
+            )
+    if scenario.compression.adapt.enabled:
+        raise ConfigError(
+            "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
+            "set compression.adapt.enabled = false for a real fleet"
+        )
+    if scenario.robust.screens or scenario.misbehaving:
+        raise ConfigError(
+            "robust: a real fleet sums updates in an all-reduce, so no one can screen them; "
+            'robust rules and misbehaving devices run on the simulated fleet only (rule = "mean")'
+        )
+    return scenario, opts, names.index(opts.name)
+
+
+def _name_from_rank(names: list[str]) -> str:
+    """Under torchrun (which sets RANK): the scenario's device at that position."""
+    rank = os.environ.get("RANK", "")
+    if not rank.isdigit():
+        raise ConfigError("--name: required (or launch with torchrun, which sets RANK)")
+    if int(rank) >= len(names):
+        raise ConfigError(
+            f"--name: torchrun's RANK {rank} has no device: the scenario has {len(names)}"
+        )
+    return names[int(rank)]
+
+
+def pacing_fleet(scenario: Scenario, name: str, profile: str) -> Fleet | None:
+    """The fleet with this device's group on `profile`, for its paced work times."""
+    if not profile:
+        return None
+    groups = [
+        dataclasses.replace(g, profile=profile)
+        if profile != "scenario" and name in g.device_names()
+        else g
+        for g in scenario.fleet.devices
+    ]
+    try:
+        paced = dataclasses.replace(
+            scenario, fleet=dataclasses.replace(scenario.fleet, devices=groups)
+        )
+    except ValueError:
+        raise ConfigError(
+            f"--profile: unknown device profile {profile!r} (see `edgeddl profiles`)"
+        ) from None
+    return Fleet.from_scenario(paced)
