@@ -45,6 +45,7 @@ from edgeddl.report.files import (
 from edgeddl.report.plots import plot_metric, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
 from edgeddl.report.recorder import RunRecorder
+from edgeddl.security.session import secure_run
 from edgeddl.split_step import split_balance_inputs, split_request
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.build import build_split, build_strategy
@@ -150,6 +151,7 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
     rec = RunRecorder(fleet.names, fleet.profile_names, fleet.link_names)
+    secure = secure_run(scenario, run_dir, fleet.flops_per_s) if scenario.security.enabled else None
 
     members_key: tuple[int, ...] = ()
     shares = np.zeros(0, dtype=np.int64)
@@ -179,6 +181,8 @@ def _train(
             applied = schedule.advance_to(clock.now_s)
             for ev in applied:
                 rec.add_event(ev.at_s, ev.device, ev.action)
+                if secure is not None:
+                    secure.event(ev.at_s, ev.device, ev.action)
                 if ev.action == "crash":  # it lost its memory and its copy of the model
                     strategy.forget(ev.device)
                     participated[ev.device] = False
@@ -233,6 +237,13 @@ def _train(
                 ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
             except TrainingDiverged as e:
                 raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
+            sealed = None
+            if secure is not None:  # every payload sealed, opened, recorded
+                sealed = secure.seal_step(
+                    step, clock.now_s, active, strategy.payload_bodies(ex), ex.up_bytes, down,
+                    compute_s,
+                )  # fmt: skip
+                ex.up_bytes, down, compute_s = sealed.up_bytes, sealed.down_bytes, sealed.compute_s
             if split is not None:
                 tl = transport.pipeline(
                     split_request(
@@ -262,7 +273,12 @@ def _train(
                 tl = transport.step(request)
             if tl.dropped is not None and tl.dropped.any():
                 rec.add_dropped(step, tl.end_s, active[tl.dropped])
+            if sealed is not None:  # a refused payload is left out, like a lost one
+                tl.contributed = tl.contributed & sealed.accepted
             loss = strategy.commit(ex, tl.contributed)
+            if secure is not None and sealed is not None:
+                kept = [sealed.entries[i] for i in np.flatnonzero(tl.contributed)]
+                secure.aggregate(step, tl.end_s, model, kept)
             clock.advance_to(tl.end_s)
             rec.add_step(tl, shares, loss)
             participated[:] = False
@@ -310,6 +326,7 @@ def _train(
                 else {}
             ),
             **({"split": split.summary()} if split is not None else {}),
+            **(secure.summary(clock.now_s, model) if secure is not None else {}),
             **(strategy.robust_summary() if isinstance(strategy, DataParallel) else {}),
         },
     )

@@ -102,6 +102,13 @@ class DeviceGroup:
     free_rider: zeros (its samples still claimed); nan: NaN values (a broken device)."""
     behavior_scale: float = 1.0
     """The factor of `scaled`, the relative std of `noise`; 1 for the other behaviours."""
+    envelope_fault: Literal[
+        "none", "forged_signature", "tampered", "replayed", "oversized", "impostor"
+    ] = "none"
+    """With [security] (simulator only): what goes wrong with the group's sealed payloads:
+    signed by another key, a ciphertext byte flipped, the previous payload sent again, past
+    max_payload_bytes, or sealed by an identity nobody enrolled. The coordinator refuses each
+    with its reason and trains on without it."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")
@@ -305,6 +312,12 @@ class Scenario:
                 f"{where}.link: unknown link {link!r}; allowed: {', '.join(sorted(links))}",
             )
         self._check_events()
+        for i, g in enumerate(self.fleet.devices):
+            _require(
+                g.envelope_fault == "none" or self.security.enabled,
+                f"fleet.devices[{i}].envelope_fault: {g.envelope_fault} needs sealed payloads; "
+                "set security.enabled = true",
+            )
         self._check_robust()
         self.security.check_devices(self.fleet.device_names())
         names = set(self.fleet.device_names()) | {g.name for g in self.fleet.devices}

@@ -61,6 +61,9 @@ class SecurityConfig:
     """Payloads larger than this on the wire are refused before any crypto is spent on them."""
     ledger_flush_every: int = 32
     """Ledger entries written and fsynced together (a crash loses at most the unflushed)."""
+    keys_dir: str = ""
+    """The simulator plays every party: the folder holding the private keys of the
+    coordinator and of every device (`edgeddl keys new NAME --out DIR`)."""
 
     def __post_init__(self) -> None:
         _require(

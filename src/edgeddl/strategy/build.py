@@ -53,7 +53,8 @@ def build_strategy(
         strategy = _compressed(scenario, model, loss)
         policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
         _wire_robust(scenario, [strategy], num_classes)
-    elif scenario.robust.screens or scenario.misbehaving:
+    elif scenario.robust.screens or scenario.misbehaving or scenario.security.enabled:
+        # each device's own gradient: to screen, to tamper with, or to seal
         strategy = RobustDataParallel(model, scenario.train, loss)
         _wire_robust(scenario, [strategy], num_classes)
     else:  # a trusting mean of honest devices: the fused pass

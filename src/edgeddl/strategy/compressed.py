@@ -18,7 +18,7 @@ rounds are computed again without it, as a real all-reduce would be re-run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,8 @@ class _Work:
     received: list[Payload]
     """Single-round: each device's payload as decoded at the aggregator."""
     phased: PhasedResult | None
+    datas: list[bytes] = field(default_factory=list)
+    """Single-round: each device's encoded payload, as sent."""
 
 
 def _dense(p: Payload) -> torch.Tensor:
@@ -233,6 +235,13 @@ class CompressedDataParallel(DataParallel):
         """The step committed: device `d`'s memory keeps what it did not send."""
         self._memory(d).commit(grad, compensated, sent)
 
+    def payload_bodies(self, ex: Exchange) -> list[bytes]:
+        """Each device's encoded payload (single-round compressors)."""
+        work: _Work = ex.work
+        if work.phased is not None:
+            raise ValueError("a multi-round compressor's payloads are summed on the way")
+        return work.datas
+
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
     ) -> Exchange:
@@ -259,7 +268,7 @@ class CompressedDataParallel(DataParallel):
             datas = [self.encode(d, c, step) for d, c in zip(ids, inputs, strict=True)]
             up = np.array([[len(b) for b in datas]])
             received = [self.decode(d, b) for d, b in zip(ids, datas, strict=True)]
-            work = _Work(grads=g, received=received, phased=None)
+            work = _Work(grads=g, received=received, phased=None, datas=datas)
         return Exchange(
             devices=devices, counts=counts, step=step, up_bytes=up, mid_down_bytes=mid, work=work
         )

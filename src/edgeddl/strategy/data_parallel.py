@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.compress.base import Layout
-from edgeddl.compress.codec import dense_payload_bytes
+from edgeddl.compress.base import Layout, Payload
+from edgeddl.compress.codec import Codec, dense_payload_bytes
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
 from edgeddl.strategy.per_device import DeviceGradients, per_device_gradients
@@ -32,6 +32,12 @@ from edgeddl.task import LossFn
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def dense_body(t: torch.Tensor) -> bytes:
+    """A tensor as the wire codec sends it dense (float32): a payload's bytes."""
+    flat = t.detach().reshape(-1).to(torch.float32).cpu()
+    return Codec().encode(Payload(numel=flat.numel(), values=flat))
 
 
 @dataclass(slots=True)
@@ -122,6 +128,13 @@ class DataParallel:
             y = self.behaviors.poison_labels(y, counts, ids)
         return per_device_gradients(
             self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
+        )
+
+    def payload_bodies(self, ex: Exchange) -> list[bytes]:
+        """The bytes of each device's payload this step (what `[security]` seals)."""
+        raise ValueError(
+            "the fused data-parallel pass has no per-device payload to seal; security uses "
+            "the per-device strategy"
         )
 
     def evaluation_models(self) -> list[nn.Module]:

@@ -33,7 +33,7 @@ from torch import nn
 from edgeddl.config.federated import FederatedConfig
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
+from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, dense_body, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.server_opt import ServerOptimizer
 
@@ -50,6 +50,8 @@ class _Work:
     """Each client's model buffers after its local steps."""
     losses: torch.Tensor
     """Each client's mean local training loss."""
+    datas: list[bytes] = dataclasses.field(default_factory=list)
+    """With compression: each client's encoded update, as sent."""
 
 
 def add_proximal_grad(params: list[nn.Parameter], anchor: list[torch.Tensor], mu: float) -> None:
@@ -121,6 +123,21 @@ class Federated(DataParallel):
             steps = np.full(len(clients), self.cfg.local_steps, dtype=np.int64)
             samples = steps * batch
         return clients, samples.astype(np.int64), steps.astype(np.int64)
+
+    def payload_bodies(self, ex: Exchange) -> list[bytes]:
+        """Each client's update as sent: its encoded payload, or dense with its BatchNorm
+        statistics (which also travel dense beside a compressed update)."""
+        work: _Work = ex.work
+        floats = [
+            [b.reshape(-1) for b, g in zip(bs, self.buffers, strict=True) if g.is_floating_point()]
+            for bs in work.buffers
+        ]
+        if work.datas:
+            return [
+                d + dense_body(torch.cat(f)) if f else d
+                for d, f in zip(work.datas, floats, strict=True)
+            ]
+        return [dense_body(torch.cat([u, *f])) for u, f in zip(work.deltas, floats, strict=True)]
 
     def client_weight(self, device: int) -> float:
         """A client's unnormalised weight in the mean: its shard size, or 1."""
@@ -202,6 +219,7 @@ class Federated(DataParallel):
             deltas = self.behaviors.tamper(deltas, ids, step)
         inputs: list[torch.Tensor] = []
         received: list = []
+        datas: list[bytes] = []
         if self.wire is not None:
             inputs = self.wire.compensate(ids, deltas, step)
             datas = [self.wire.encode(d, c, step) for d, c in zip(ids, inputs, strict=True)]
@@ -212,7 +230,7 @@ class Federated(DataParallel):
             if self.robust is None and not bool(finite.all()):  # else the screen refuses it
                 raise TrainingDiverged(step, ids[int((~finite).nonzero()[0, 0])])
             up = np.full(len(ids), self.dense_up_bytes, dtype=np.int64)
-        work = _Work(deltas, inputs, received, buffers, torch.stack(losses))
+        work = _Work(deltas, inputs, received, buffers, torch.stack(losses), datas)
         return Exchange(
             devices=devices,
             counts=counts,

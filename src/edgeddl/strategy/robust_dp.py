@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgeddl.security.robust import aggregate
-from edgeddl.strategy.data_parallel import DataParallel, Exchange
+from edgeddl.strategy.data_parallel import DataParallel, Exchange, dense_body
 from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats
 
 
@@ -41,6 +41,11 @@ class RobustDataParallel(DataParallel):
         sent = self.behaviors.tamper(g.grads, ids, step) if self.behaviors else g.grads
         up = np.full((1, len(devices)), self.dense_up_bytes, dtype=np.int64)
         return Exchange(devices=devices, counts=counts, step=step, up_bytes=up, work=_Work(g, sent))
+
+    def payload_bodies(self, ex: Exchange) -> list[bytes]:
+        """Each device's dense gradient as sent (after its behaviour)."""
+        work: _Work = ex.work
+        return [dense_body(t) for t in work.sent]
 
     def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
         """Screen and combine the arrived gradients, then one optimizer step (none when

@@ -188,6 +188,9 @@ class SplitLearning:
         size = self.device_state_bytes if self.cfg.splitfed and self.averaged else 0
         return np.full(len(needs_model), size, dtype=np.int64)
 
+    def payload_bodies(self, ex: Exchange) -> list[bytes]:
+        raise ValueError("split learning's cut tensors are not sealed yet")
+
     def evaluation_models(self, max_models: int = 8) -> list[nn.Module]:
         """SplitFed: the global model; otherwise up to `max_models` devices' own models,
         spread over the fleet (the metric is their mean)."""
