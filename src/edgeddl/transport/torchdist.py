@@ -33,6 +33,7 @@ from edgeddl.transport.store import (
     answers,
     connect,
     parse_address,
+    wait_for_devices,
 )
 
 
@@ -60,7 +61,8 @@ class TorchftEngine:
             world_size=1,
             hostname=self.advertised,
             timeout=timeout,
-            quorum_timeout=timedelta(seconds=max(30.0, 3 * opts.timeout_s)),
+            # Also how long a device blocked in a quorum takes to notice a dead coordinator.
+            quorum_timeout=timedelta(seconds=max(10.0, 3 * opts.timeout_s)),
             connect_timeout=timedelta(seconds=opts.connect_timeout_s),
         )
 
@@ -133,6 +135,9 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 engine.shutdown()
                 store = connect(opts.coordinator, opts.connect_timeout_s)
                 store.add(KEY_JOINED, 1)
+                # A restarted coordinator's --min-devices holds the first back until the
+                # others are in again (else it could finish the run before they notice).
+                wait_for_devices(store, opts.connect_timeout_s)
                 engine = TorchftEngine(run, store, opts, backend)
                 engine.manager.load_state_dict(state)
                 run.stats.reconnects += 1
