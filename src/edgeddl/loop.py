@@ -151,7 +151,7 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
     rec = RunRecorder(fleet.names, fleet.profile_names, fleet.link_names)
-    secure = secure_run(scenario, run_dir, fleet.flops_per_s) if scenario.security.enabled else None
+    secure = secure_run(scenario, run_dir) if scenario.security.enabled else None
 
     members_key: tuple[int, ...] = ()
     shares = np.zeros(0, dtype=np.int64)
@@ -240,10 +240,10 @@ def _train(
             sealed = None
             if secure is not None:  # every payload sealed, opened, recorded
                 sealed = secure.seal_step(
-                    step, clock.now_s, active, strategy.payload_bodies(ex), ex.up_bytes, down,
-                    compute_s,
-                )  # fmt: skip
-                ex.up_bytes, down, compute_s = sealed.up_bytes, sealed.down_bytes, sealed.compute_s
+                    step, clock.now_s, active, strategy.payload_bodies(ex), ex.up_bytes, down
+                )
+                ex.up_bytes, down = sealed.up_bytes, sealed.down_bytes
+                compute_s = compute_s + fleet.crypto_seconds(active, sealed.crypto_bytes)
             if split is not None:
                 tl = transport.pipeline(
                     split_request(

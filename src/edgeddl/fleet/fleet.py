@@ -13,6 +13,13 @@ import numpy as np
 from edgeddl.config.schema import DeviceProfile, LinkProfile, Scenario
 from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
 
+CRYPTO_FIXED_S = 2.0e-4
+"""One seal plus one open of an empty envelope on the development machine (the `pc`
+profile): Ed25519 sign and verify, the header (measured: 0.20 ms)."""
+CRYPTO_BYTE_S = 9.0e-9
+"""Per body byte, seal plus open: ChaCha20-Poly1305 and SHA-256 (measured: 9.2 ms a MB)."""
+CRYPTO_REFERENCE = "pc"
+
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
@@ -91,6 +98,16 @@ class Fleet:
         """The coordinator computing `flops`, dispatching `ops` operators."""
         c = self.coordinator
         return np.asarray(flops, dtype=np.float64) / c.flops_per_s + ops * c.op_overhead_s
+
+    def crypto_seconds(self, idx: np.ndarray, num_bytes: np.ndarray) -> np.ndarray:
+        """Devices `idx` in a step: each seals its update and opens what it receives,
+        `num_bytes` in all. That is one seal and one open (the fixed cost once), and each
+        byte either sealed or opened (half the per-byte cost of both), on the reference
+        profile, scaled by each device's FLOP/s. A model, so that runs repeat;
+        `benchmarks/security_overhead.py` times the real thing."""
+        ref = DEVICE_PROFILES[CRYPTO_REFERENCE].flops_per_s
+        seconds = CRYPTO_FIXED_S + 0.5 * CRYPTO_BYTE_S * np.asarray(num_bytes, dtype=np.float64)
+        return seconds * ref / self.flops_per_s[idx]
 
     def work_time_s(
         self,

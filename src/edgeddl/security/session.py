@@ -14,11 +14,8 @@ public keys the scenario enrolls). Per step:
   final model's digest (`edgeddl ledger verify RUN_DIR` checks it against `summary.json`).
 
 What it costs: every sealed payload is larger by its envelope (header, nonce, tag and
-signature), up and down, and sealing or opening takes device time, counted as compute:
-``CRYPTO_FIXED_S + CRYPTO_BYTE_S * bytes`` measured on this machine for one seal plus one
-open (X25519 pair keys cached, Ed25519, ChaCha20-Poly1305, SHA-256), scaled from the `pc`
-profile (this machine) by each device's FLOP/s. A model, kept deterministic so that runs
-repeat; `benchmarks/security_overhead.py` measures the real thing.
+signature), up and down; the bytes each device seals and opens are handed back so that the
+fleet charges the crypto as device compute (`Fleet.crypto_seconds`).
 
 A device group's `envelope_fault` makes its payloads arrive forged (signature by another
 key), tampered (a ciphertext byte flipped), replayed (its first payload sent again),
@@ -40,7 +37,6 @@ from edgeddl.compress.registry import COMPRESSORS
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
-from edgeddl.fleet.profiles import DEVICE_PROFILES
 from edgeddl.security.envelope import Opened, Receiver, Rejection, Sender
 from edgeddl.security.keys import Identity, SecurityError, enrolled, key_paths, load_identity
 from edgeddl.security.ledger import (
@@ -51,19 +47,15 @@ from edgeddl.security.ledger import (
     update_payload,
 )
 
-CRYPTO_FIXED_S = 2.0e-4
-"""One seal plus one open of an empty body on this machine (the `pc` profile): signing,
-verifying and the header (measured: 0.20 ms)."""
-CRYPTO_BYTE_S = 9.0e-9
-"""Per body byte, seal plus open (measured: 9.2 ms for 1 MB)."""
-CRYPTO_REFERENCE = "pc"
-
 
 @dataclass(frozen=True, slots=True)
 class SealedStep:
     up_bytes: np.ndarray
+    """What each device sends, its envelope included (rounds x devices)."""
     down_bytes: np.ndarray
-    compute_s: np.ndarray
+    """What each device receives at the step's start, its envelope included."""
+    crypto_bytes: np.ndarray
+    """Bytes each device seals (its payload) and opens (what it receives)."""
     accepted: np.ndarray
     entries: list[int]
     """The ledger index of each device's update entry (-1: refused)."""
@@ -72,7 +64,7 @@ class SealedStep:
 class SecureRun:
     """The run's identities, envelopes and ledger (see the module docstring)."""
 
-    def __init__(self, scenario: Scenario, run_dir: Path, flops_per_s: np.ndarray) -> None:
+    def __init__(self, scenario: Scenario, run_dir: Path) -> None:
         cfg = scenario.security
         self.names = scenario.fleet.device_names()
         self.peers = enrolled(cfg)
@@ -105,8 +97,6 @@ class SecureRun:
         if path.exists():  # an earlier run's in this folder: kept aside, not continued
             path.replace(path.with_name(LEDGER_FILE + ".previous"))
         self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
-        reference = DEVICE_PROFILES[CRYPTO_REFERENCE].flops_per_s
-        self.slowdown = reference / np.asarray(flops_per_s, dtype=np.float64)
         self.first_wire: dict[int, bytes] = {}
         self.rejected: list[dict[str, object]] = []
         self.ledger.append(
@@ -128,10 +118,6 @@ class SecureRun:
                 f"security.keys_dir: {private} is not the identity the scenario enrolls as {name!r}"
             )
         return identity
-
-    def crypto_s(self, idx: np.ndarray, num_bytes: np.ndarray) -> np.ndarray:
-        """Device seconds to seal (or open) payloads of `num_bytes`, each device its own."""
-        return (CRYPTO_FIXED_S + CRYPTO_BYTE_S * num_bytes) * self.slowdown[idx]
 
     def event(self, at_s: float, device: int, action: str) -> None:
         self.ledger.append(self.coordinator, action, {"device": self.names[device]}, time_s=at_s)
@@ -192,24 +178,17 @@ class SecureRun:
         bodies: list[bytes],
         up_bytes: np.ndarray,
         down_bytes: np.ndarray,
-        compute_s: np.ndarray,
     ) -> SealedStep:
-        """One step's payloads sealed and opened: the bytes and compute seconds they cost
-        each device (its update up, the model or aggregate down), and which were accepted."""
+        """One step's payloads sealed and opened: what they cost each device in bytes (its
+        update up, the model or aggregate down), and which were accepted."""
         accepted, wire, entries = self.exchange(step, at_s, idx, bodies)
         body = np.array([len(b) for b in bodies], dtype=np.int64)
         envelope = wire - body
         down = np.asarray(down_bytes, dtype=np.int64)
-        receives = down > 0
-        compute = (
-            compute_s
-            + self.crypto_s(idx, body.astype(np.float64))
-            + np.where(receives, self.crypto_s(idx, down.astype(np.float64)), 0.0)
-        )
         return SealedStep(
             up_bytes=np.asarray(up_bytes) + envelope[None],
-            down_bytes=np.where(receives, down + envelope, 0),
-            compute_s=compute,
+            down_bytes=np.where(down > 0, down + envelope, 0),
+            crypto_bytes=body + down,
             accepted=accepted,
             entries=entries,
         )
@@ -242,7 +221,7 @@ class SecureRun:
         }
 
 
-def secure_run(scenario: Scenario, run_dir: Path, flops_per_s: np.ndarray) -> SecureRun:
+def secure_run(scenario: Scenario, run_dir: Path) -> SecureRun:
     """The run's `SecureRun`, once the scenario is one it can seal (one-line errors)."""
     t = scenario.train
     if t.strategy == "split":
@@ -261,7 +240,7 @@ def secure_run(scenario: Scenario, run_dir: Path, flops_per_s: np.ndarray) -> Se
             "security.enabled: a multi-round compressor's payloads are summed on the way; "
             "use a single-payload compressor (e.g. topk, two_step, int8)"
         )
-    return SecureRun(scenario, run_dir, flops_per_s)
+    return SecureRun(scenario, run_dir)
 
 
 def digest(model: nn.Module) -> str:
