@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from edgeddl import Scenario, load_scenario
 from edgeddl.config.schema import RunConfig
-from edgeddl.data import load_dataset
+from edgeddl.workload import scenario_data
 
 console = Console(width=None if sys.stdout.isatty() else 180)
 """Wide when piped (logs, README excerpts), so tables are not squeezed to 80 columns."""
@@ -92,15 +92,7 @@ def make_scenario(
 
 def load_data(scenario: Scenario) -> tuple[TensorDataset, TensorDataset]:
     """The scenario's train and test sets, generated once, held in memory."""
-    d = scenario.data
-    train, test, _ = load_dataset(
-        d.dataset,
-        root=d.root,
-        seed=scenario.run.seed,
-        num_samples=d.num_samples,
-        input_shape=tuple(d.input_shape),
-        num_classes=d.num_classes,
-    )
+    train, test, _ = scenario_data(scenario)
     return train, test
 
 

@@ -157,6 +157,12 @@ def run(steps: int, out_root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _find(rows: list[dict[str, Any]], mode: str, partition: str, link: str) -> dict[str, Any]:
+    return next(
+        r for r in rows if (r["mode"], r["partition"], r["link"]) == (mode, partition, link)
+    )
+
+
 def _table(rows: list[dict[str, Any]]) -> None:
     for partition in PARTITIONS:
         table = Table(
@@ -170,14 +176,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
             title=f"MNIST-1D, 1-D CNN, paper fleet (11 devices), {partition}",
         )
         for mode in MODES:
-            lan, lte = (
-                next(
-                    r
-                    for r in rows
-                    if (r["mode"], r["partition"], r["link"]) == (mode, partition, k)
-                )
-                for k in LINKS
-            )
+            lan, lte = (_find(rows, mode, partition, k) for k in LINKS)
             table.add_row(
                 mode,
                 f"{lan['accuracy']:.3f}",
@@ -211,32 +210,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     x = np.arange(len(MODES))
     for i, partition in enumerate(PARTITIONS):
-        acc = [
-            next(
-                r["accuracy"]
-                for r in rows
-                if (r["mode"], r["partition"], r["link"]) == (m, partition, "lan")
-            )
-            for m in MODES
-        ]
+        acc = [_find(rows, m, partition, "lan")["accuracy"] for m in MODES]
         axes[0].bar(x + (i - 0.5) * 0.4, acc, 0.4, label=partition)
     for i, link in enumerate(LINKS):
-        up = [
-            next(
-                r["up_per_device"]
-                for r in rows
-                if (r["mode"], r["partition"], r["link"]) == (m, "iid", link)
-            )
-            for m in MODES
-        ]
-        t = [
-            next(
-                r["virtual_time_s"]
-                for r in rows
-                if (r["mode"], r["partition"], r["link"]) == (m, "iid", link)
-            )
-            for m in MODES
-        ]
+        up = [_find(rows, m, "iid", link)["up_per_device"] for m in MODES]
+        t = [_find(rows, m, "iid", link)["virtual_time_s"] for m in MODES]
         if i == 0:
             axes[1].bar(x, np.array(up) / 1e6, 0.6)
         axes[2].bar(x + (i - 0.5) * 0.4, t, 0.4, label=link.upper())

@@ -83,6 +83,32 @@ def sample_caps(fleet: Fleet, cost: ModelCost, sample_bytes: float) -> np.ndarra
     )
 
 
+def scenario_data(scenario: Scenario) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
+    """The scenario's built-in data set (train, test, info), seeded; one-line errors."""
+    d = scenario.data
+    with as_config_error("data"):
+        return load_dataset(
+            d.dataset,
+            root=d.root,
+            seed=scenario.run.seed,
+            num_samples=d.num_samples,
+            input_shape=tuple(d.input_shape),
+            num_classes=d.num_classes,
+        )
+
+
+def scenario_model(scenario: Scenario, info: DatasetInfo) -> nn.Module:
+    """The scenario's zoo model for the data set `info` describes (the torch seed decides
+    its initial weights); one-line errors."""
+    with as_config_error("model"):
+        return build_model(
+            scenario.model.name,
+            input_shape=info.input_shape,
+            num_classes=info.num_classes,
+            width=scenario.model.width,
+        )
+
+
 def build_workload(
     scenario: Scenario,
     model: nn.Module | None = None,
@@ -104,15 +130,7 @@ def build_workload(
         raise ValueError("pass both train_set and test_set, or neither")
     built_in: DatasetInfo | None = None
     if train_set is None or test_set is None:
-        with as_config_error("data"):
-            train_set, test_set, built_in = load_dataset(
-                d.dataset,
-                root=d.root,
-                seed=seed,
-                num_samples=d.num_samples,
-                input_shape=tuple(d.input_shape),
-                num_classes=d.num_classes,
-            )
+        train_set, test_set, built_in = scenario_data(scenario)
     if scenario.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('run.device: "cuda" asked for but torch sees no CUDA device')
     device = torch.device(scenario.run.device)
@@ -133,13 +151,7 @@ def build_workload(
         )
     custom = model is not None
     if model is None:
-        with as_config_error("model"):
-            model = build_model(
-                scenario.model.name,
-                input_shape=info.input_shape,
-                num_classes=info.num_classes,
-                width=scenario.model.width,
-            )
+        model = scenario_model(scenario, info)
     model.to(device)
     cost = (
         model_cost(model, info.input_shape)

@@ -17,10 +17,9 @@ from torch.utils.data import TensorDataset
 
 from edgeddl.config.loader import ConfigError, load_scenario
 from edgeddl.config.schema import Scenario
-from edgeddl.data import DatasetInfo, load_dataset
-from edgeddl.models import build_model
+from edgeddl.data import DatasetInfo
 from edgeddl.task import Task, build_task
-from edgeddl.workload import as_config_error
+from edgeddl.workload import scenario_data, scenario_model
 
 MODEL_FILE = "model.pt"
 
@@ -56,19 +55,8 @@ def load_deployment(target: str, *, weights_needed: bool = True) -> Deployment:
     else:
         scenario = load_scenario(target)
     torch.manual_seed(scenario.run.seed)
-    d = scenario.data
-    with as_config_error("data"):
-        train, test, info = load_dataset(
-            d.dataset, root=d.root, seed=scenario.run.seed, num_samples=d.num_samples,
-            input_shape=tuple(d.input_shape), num_classes=d.num_classes,
-        )  # fmt: skip
-    with as_config_error("model"):
-        model = build_model(
-            scenario.model.name,
-            input_shape=info.input_shape,
-            num_classes=info.num_classes,
-            width=scenario.model.width,
-        )
+    train, test, info = scenario_data(scenario)
+    model = scenario_model(scenario, info)
     if weights is not None:
         load_weights(model, weights, scenario.model.name)
     x, y = test.tensors
