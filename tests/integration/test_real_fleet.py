@@ -112,6 +112,7 @@ def test_a_restarted_coordinator_resumes_and_the_devices_carry_on(fleet_factory)
     fleet.start("dev-0")
     fleet.start("dev-1")
     fleet.wait_for("dev-0", 70)
+    fleet.wait_for("dev-1", 70)  # both in (a slow start would meet the kill mid-way)
     checkpoint, metrics = fleet.out / "checkpoint.pt", fleet.out / "metrics.jsonl"
     end = time.monotonic() + 60
     # Kill it once it holds a checkpoint and the row of step 50 (rows it had not yet written
