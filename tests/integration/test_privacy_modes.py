@@ -13,7 +13,8 @@ from small_fleet import check_summary, small_scenario
 import edgeddl
 from edgeddl.config.loader import ConfigError
 from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.split_learning import CutWire, SplitLearning
+from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.strategy.split_roles import CutWire
 
 SPLIT = {"strategy": "split", "num_steps": 150, "eval_every": 50, "lr": 0.05}
 
@@ -117,14 +118,14 @@ def _spy(monkeypatch: pytest.MonkeyPatch, cls: type, seen: list[Any]) -> None:
 )
 def test_no_raw_input_crosses_to_the_coordinator(tmp_path, monkeypatch, mode) -> None:
     seen: list[Any] = []
-    kinds: list[str] = []
-    send = CutWire.send
+    encoded: list[tuple[str, torch.Tensor]] = []
+    encode = CutWire.encode
 
-    def counting_send(self, t, kind, device, step):  # type: ignore[no-untyped-def]
-        kinds.append(kind)
-        return send(self, t, kind, device, step)
+    def spying(self, t, kind, device, step):  # type: ignore[no-untyped-def]
+        encoded.append((kind, t.detach().clone()))
+        return encode(self, t, kind, device, step)
 
-    monkeypatch.setattr(CutWire, "send", counting_send)
+    monkeypatch.setattr(CutWire, "encode", spying)
     _spy(monkeypatch, SplitLearning, seen)
     _spy(monkeypatch, Federated, seen)
     train = {"num_steps": 6, "eval_every": 6, "global_batch": 64, **mode["train"]}
@@ -135,14 +136,15 @@ def test_no_raw_input_crosses_to_the_coordinator(tmp_path, monkeypatch, mode) ->
         samples, length = _rows(x), x[0].numel()
         assert _holds_a_sample(x, samples, length)  # the check finds a sample where one is
         assert ex.x is None and ex.y is None  # no batch is handed to the transport
-        work = ex.work
-        if mode["train"]["strategy"] == "split":
-            crossed = [t for c in work.traffic for t in [*c.up, *c.down, c.activations]]
-        else:
-            crossed = [*work.deltas, *(b for bs in work.buffers for b in bs)]
-        assert crossed
-        for t in crossed:
+        if mode["train"]["strategy"] != "split":
+            crossed = [*ex.work.deltas, *(b for bs in ex.work.buffers for b in bs)]
+            assert crossed
+            for t in crossed:
+                assert not _holds_a_sample(t, samples, length)
+    if mode["train"]["strategy"] == "split":  # every tensor the wire encoded, both ways
+        assert len(encoded) >= 6 * 2 * 3
+        for _, t in encoded:
             assert not _holds_a_sample(t, samples, length)
-    if mode["train"]["strategy"] == "split":
         u_shaped = mode["split"].get("labels") == "u_shaped"
+        kinds = {k for k, _ in encoded}
         assert ("labels" in kinds) != u_shaped  # U-shaped: labels never leave the device

@@ -19,6 +19,7 @@ from edgeddl.models.layers import model_layers, resolve_cut, split_model
 from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.split import SplitModels
 from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.strategy.split_roles import CutWire, RearServer, device_step
 
 CE = nn.functional.cross_entropy
 
@@ -39,33 +40,64 @@ def _grads(modules: list[nn.Module]) -> list[torch.Tensor]:
     return [p.grad.clone() for m in modules for p in m.parameters()]  # type: ignore[union-attr]
 
 
+def _wire_step(
+    split: SplitModels, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0
+) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """One step of every device through a lossless wire to a rear server that applies no
+    update (lr 0): the rear keeps the step's mean gradient. (The mean loss; every tensor
+    that was encoded, with its kind.)"""
+    wire = CutWire(SplitConfig(cut=1), 10, 0)
+    sent: list[tuple[str, torch.Tensor]] = []
+    encode = wire.encode
+
+    def spying(t: torch.Tensor, kind: str, device: int, step: int) -> bytes:
+        sent.append((kind, t.detach().clone()))
+        return encode(t, kind, device, step)
+
+    wire.encode = spying  # type: ignore[method-assign]
+    cost = split.costs((1, 40))
+    rear = RearServer(split, wire, torch.optim.SGD(split.rear.parameters(), lr=0.0), cost)
+    losses = []
+    for k, (x, y) in enumerate(batches):
+
+        def call(kind: str, payloads: list[bytes], k: int = k, n: int = len(x)):
+            return rear.handle(kind, k, step, n, payloads)
+
+        losses.append(device_step(split, wire, cost, k, x, y, step, call))
+    counts = [len(b[0]) for b in batches]
+    assert rear.commit(step, list(range(len(batches))), counts)
+    w = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    return (torch.stack(losses) * w).sum(), sent
+
+
 @pytest.mark.parametrize("head_cut", [None, "5"])
 def test_one_device_gets_the_whole_models_gradients(head_cut: str | None) -> None:
-    model = _cnn()
-    x, y = _batch(16, 1)
+    model = _float_cnn()
+    x, y = _float_batch(16, 1)
     CE(model(x), y).backward()
     expected = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     split = SplitModels(copy.deepcopy(model), "1", 1, CE, head_cut=head_cut)
     for p in [*split.fronts[0].parameters(), *split.rear.parameters()]:
         p.grad = None
-    loss, traffic = split.backward([x], [y], [0])
+    loss, sent = _wire_step(split, [(x, y)])
     got = _grads([split.fronts[0], split.rear, *(split.heads or [])])
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(loss, CE(model(x), y).detach())
-    (t,) = traffic
     # Nothing that crosses is the raw input; labels cross only when the head is not kept.
-    assert all(u.shape != x.shape or not torch.equal(u, x) for u in [*t.up, *t.down])
-    assert any(u is y for u in t.up) == (head_cut is None)
-    assert t.bytes(t.up) > 0 and t.bytes(t.down) > 0
+    assert all(t.shape != x.shape or not torch.equal(t, x) for _, t in sent)
+    kinds = [k for k, _ in sent]
+    assert ("labels" in kinds) == (head_cut is None)
+    up = ["activations", "labels"] if head_cut is None else ["activations", "head_gradients"]
+    assert set(kinds) == {*up, "cut_gradients", *([] if head_cut is None else ["outputs"])}
 
 
 def test_splitfed_averaging_is_a_data_parallel_step() -> None:
-    model, lr = _cnn(), 0.1
-    batches = [_batch(12, 2), _batch(4, 3), _batch(8, 4)]
+    model, lr = _float_cnn(), 0.1
+    batches = [_float_batch(12, 2), _float_batch(4, 3), _float_batch(8, 4)]
     split = SplitModels(copy.deepcopy(model), "3", 3, CE)
-    split.backward([b[0] for b in batches], [b[1] for b in batches], [0, 1, 2])
+    _wire_step(split, batches)
     with torch.no_grad():
         for m in [*split.fronts, split.rear]:
             for p in m.parameters():

@@ -13,7 +13,9 @@ The rear accumulates the sample-weighted mean of the devices' gradients (the gra
 whole step's mean loss, as one model would get it); each device's front (and head) gets the
 gradient of its own mean loss. Averaging the fronts weighted by samples after the step
 (SplitFed) therefore gives exactly a data-parallel step of the whole model. Raw inputs never
-cross the cut: `CutTraffic` records every tensor that does, for the wire and for the tests.
+cross the cut. The methods are each side's part: the device's (`front_forward`,
+`head_backward`, `front_backward`) and the coordinator's (`rear_loss`, `rear_output`,
+`rear_backward_from`); `strategy/split_roles.py` joins them across a wire.
 
 The strategy that runs this on a fleet is `strategy/split_learning.py`.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,35 +35,14 @@ from edgeddl.models.layers import split_model
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-Send = Callable[[torch.Tensor, str, int], torch.Tensor]
-"""What crossing a cut does to a tensor: (tensor as sent, kind, device) -> the receiver's
-copy. Kinds:
-"activations", "labels", "outputs" (U-shaped rear outputs), "head_gradients",
-"cut_gradients". The default delivers it unchanged; a wire compresses and counts bytes."""
-
-
-def _unchanged(t: torch.Tensor, kind: str, device: int) -> torch.Tensor:
-    return t
-
-
 @dataclass(slots=True)
-class CutTraffic:
-    """What crossed the cut(s) for one device in one step, as sent (detached)."""
+class RearInput:
+    """What the coordinator received from one device in a step: the rear's input, and what
+    the rear's backward needs again (labels sent: the labels; U-shaped: the head's
+    gradient), both as received."""
 
-    up: list[torch.Tensor] = field(default_factory=list)
-    """Device to coordinator: activations at the cut, labels (plain), head gradients (U)."""
-    down: list[torch.Tensor] = field(default_factory=list)
-    """Coordinator to device: rear outputs (U), gradients at the cut."""
-    activations: torch.Tensor | None = None
-    """The coordinator's copy of the activations (detached): the rear's input."""
-    rear_target: torch.Tensor | None = None
-    """What the rear's backward needs again: the labels as received (plain), or the head's
-    gradient as received (U-shaped)."""
-    loss: torch.Tensor | None = None
-    """The device's own mean loss (detached)."""
-
-    def bytes(self, tensors: list[torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors)
+    activations: torch.Tensor
+    target: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +60,10 @@ class SplitCost:
     device_ops: int = 0
     """Front and head: forward, backward and their optimizer step."""
     rear_ops: int = 0
+    cut_shape: tuple[int, ...] = ()
+    """One sample's activations at the cut (and its gradient there)."""
+    head_cut_shape: tuple[int, ...] = ()
+    """U-shaped: one sample's rear output (and the head's gradient at it)."""
 
 
 class SplitModels:
@@ -109,60 +94,68 @@ class SplitModels:
     def device_modules(self, k: int) -> list[nn.Module]:
         return [self.fronts[k], *([self.heads[k]] if self.heads is not None else [])]
 
-    def backward(
-        self,
-        xs: list[torch.Tensor],
-        ys: list[torch.Tensor],
-        devices: list[int],
-        send: Send = _unchanged,
-    ) -> tuple[torch.Tensor, list[CutTraffic]]:
-        """Gradients of one step into the devices' fronts (heads) and the rear; the step's
-        mean loss (detached) and what crossed the cut for each device. Every crossing goes
-        through `send` (compression): each side computes with what it received."""
-        total = sum(len(x) for x in xs)
-        loss_sum = torch.zeros(())
-        traffic = []
-        for x, y, k in zip(xs, ys, devices, strict=True):
-            w = len(x) / total
-            t = CutTraffic()
-            a = self.fronts[k](x)
-            t.up.append(a.detach())
-            a_recv = send(a.detach(), "activations", k).requires_grad_()  # the coordinator's
-            t.activations = a_recv.detach()
-            h = self.rear(a_recv)
-            if self.heads is None:
-                t.up.append(y)  # the labels go with the activations
-                t.rear_target = send(y, "labels", k)
-                loss = self.loss_fn(h, t.rear_target)
-                (loss * w).backward()
-            else:
-                t.down.append(h.detach())
-                h_recv = send(h.detach(), "outputs", k).requires_grad_()  # the device's copy
-                loss = self.loss_fn(self.heads[k](h_recv), y)
-                loss.backward()  # the head's gradient, and the gradient at h for the way back
-                assert h_recv.grad is not None
-                t.up.append(h_recv.grad.detach())
-                t.rear_target = send(h_recv.grad.detach(), "head_gradients", k)
-                h.backward(t.rear_target * w)  # the rear takes its share of the step's mean
-            assert a_recv.grad is not None
-            grad_at_cut = a_recv.grad / w  # the gradient of this device's own mean loss
-            t.down.append(grad_at_cut.detach())
-            a.backward(send(grad_at_cut.detach(), "cut_gradients", k))
-            t.loss = loss.detach()
-            loss_sum = loss_sum + t.loss * w
-            traffic.append(t)
-        return loss_sum, traffic
+    # --- the device's side ---------------------------------------------------------------
 
-    def rear_backward(self, traffic: list[CutTraffic], weights: list[float]) -> None:
+    def front_forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Device k's activations at the cut (its graph kept for `front_backward`)."""
+        return self.fronts[k](x)
+
+    def head_backward(
+        self, k: int, h_recv: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """U-shaped: device k's head on the rear's output as received; its gradient goes
+        into the head. (The gradient at the rear's output, to send up; the mean loss.)"""
+        h = h_recv.detach().requires_grad_()
+        loss = self.loss_fn(self.heads[k](h), y)  # type: ignore[index]
+        loss.backward()
+        assert h.grad is not None
+        return h.grad.detach(), loss.detach()
+
+    @staticmethod
+    def front_backward(a: torch.Tensor, grad_at_cut: torch.Tensor) -> None:
+        """The gradient at the cut as received, back through the device's front."""
+        a.backward(grad_at_cut)
+
+    # --- the coordinator's side ----------------------------------------------------------
+
+    def rear_loss(
+        self, a_recv: torch.Tensor, y_recv: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels sent: the rear's loss on the activations and labels as received; `weight`
+        times its gradient goes into the rear. (The gradient of this device's mean loss at
+        the cut; that loss.)"""
+        a = a_recv.detach().requires_grad_()
+        loss = self.loss_fn(self.rear(a), y_recv)
+        (loss * weight).backward()
+        assert a.grad is not None
+        return (a.grad / weight).detach(), loss.detach()
+
+    def rear_output(self, a_recv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """U-shaped: the rear's input (a leaf) and output, the graph kept for
+        `rear_backward_from`."""
+        a = a_recv.detach().requires_grad_()
+        return a, self.rear(a)
+
+    @staticmethod
+    def rear_backward_from(
+        a: torch.Tensor, h: torch.Tensor, head_grad: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        """U-shaped: the head's gradient as received, `weight` times into the rear; the
+        gradient of the device's mean loss at the cut."""
+        h.backward(head_grad * weight)
+        assert a.grad is not None
+        return (a.grad / weight).detach()
+
+    def rear_backward(self, inputs: list[RearInput], weights: list[float]) -> None:
         """The rear's gradient again, from what the coordinator received of some devices
-        (weights summing to 1): after a device was lost, its share must not count."""
-        for t, w in zip(traffic, weights, strict=True):
-            assert t.activations is not None and t.rear_target is not None
-            h = self.rear(t.activations)
+        (with their weights): after a device was lost, its share must not count."""
+        for r, w in zip(inputs, weights, strict=True):
+            assert r.target is not None
+            h = self.rear(r.activations)
             if self.heads is None:
-                (self.loss_fn(h, t.rear_target) * w).backward()
+                (self.loss_fn(h, r.target) * w).backward()
             else:
-                h.backward(t.rear_target * w)
+                h.backward(r.target * w)
 
     @torch.no_grad()
     def average_devices(self, devices: list[int], weights: list[float]) -> None:
@@ -201,6 +194,8 @@ class SplitModels:
             rear_forward_flops=parts[1].forward_flops_per_sample,
             device_ops=parts[0].ops_per_step + (parts[2].ops_per_step if len(parts) > 2 else 0),
             rear_ops=parts[1].ops_per_step,
+            cut_shape=tuple(a.shape[1:]),
+            head_cut_shape=tuple(h.shape[1:]) if self.heads is not None else (),
         )
 
     def whole(self, k: int) -> nn.Module:

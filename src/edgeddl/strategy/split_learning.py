@@ -9,9 +9,11 @@ devices' gradients, each device's front its own (`SplitModels` has the maths). W
 `splitfed`, the fronts (and heads) are then averaged, weighted by samples, and every device
 starts the next step from the average (it downloads it).
 
-Every tensor that crosses a cut goes through `CutWire`: the scenario's compressor (per
-sample: one scale or norm per sample), the wire codec, and back: each side computes with
-what it received, and the bytes that count are the encoded ones. Labels travel as codes of
+Each device's step is `split_roles.device_step` talking to the `RearServer` (called
+directly here; a real fleet runs the same two across processes). Every tensor that crosses
+a cut goes through `CutWire`: the scenario's compressor (per sample: one scale or norm per
+sample), the wire codec, and back: each side computes with what it received, and the bytes
+that count are the encoded ones. Labels travel as codes of
 the fewest bits that hold the class count. Raw inputs never cross (the tests check it).
 
 The exchange is a chain of legs per device (`Leg`: device or coordinator FLOPs, bytes up or
@@ -28,18 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.compress.base import Compressor, Layout, Payload
-from edgeddl.compress.registry import build_codec, build_compressor
 from edgeddl.config.schema import TrainConfig
 from edgeddl.config.split import SplitConfig
 from edgeddl.models.layers import split_model
 from edgeddl.strategy.data_parallel import Exchange, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.strategy.split import CutTraffic, SplitModels
+from edgeddl.strategy.split import SplitModels
+from edgeddl.strategy.split_roles import CutWire, RearServer, device_step
 from edgeddl.task import LossFn
 
 LegKind = Literal["device", "coordinator", "up", "down"]
-UP_KINDS = ("activations", "labels", "head_gradients")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,62 +52,10 @@ class Leg:
     ops: int = 0
 
 
-class CutWire:
-    """Compresses, encodes and decodes each tensor crossing a cut; counts its bytes."""
-
-    def __init__(self, cfg: SplitConfig, num_classes: int, seed: int) -> None:
-        self.cfg = cfg.compression
-        self.codec = build_codec(self.cfg)
-        self.seed = seed
-        self.label_bits = max(1, (max(num_classes, 2) - 1).bit_length())
-        self._compressors: dict[tuple[int, str, tuple[int, ...]], Compressor] = {}
-        self.up_bytes = 0
-        self.down_bytes = 0
-        self.dense_bytes = 0
-        """What the same tensors take as plain fp32 (and labels as int64): the reference."""
-        self.sent: list[tuple[int, str, int]] = []
-        """(device, kind, bytes) of every tensor sent since the last `take_log`."""
-
-    def _compressor(self, device: int, kind: str, shape: tuple[int, ...]) -> Compressor:
-        key = (device, kind, shape)
-        if key not in self._compressors:  # one scale or norm per sample
-            per_sample = int(np.prod(shape[1:], dtype=np.int64))
-            layout = Layout(tuple((per_sample,) for _ in range(shape[0])))
-            self._compressors[key] = build_compressor(self.cfg, layout, self.seed, device)
-        return self._compressors[key]
-
-    def send(self, t: torch.Tensor, kind: str, device: int, step: int) -> torch.Tensor:
-        """What the receiver decodes of `t`; the encoded bytes are counted by direction."""
-        if kind == "labels":
-            data = self.codec.encode(Payload(numel=t.numel(), codes=t, bits=self.label_bits))
-            got = self.codec.decode(data).codes
-            assert got is not None
-            received = got.to(t.dtype).view_as(t)
-        else:
-            comp = self._compressor(device, kind, tuple(t.shape))
-            data = self.codec.encode(comp.compress(t.reshape(-1).float(), step))
-            received = comp.decompress(self.codec.decode(data), step).to(t.dtype).view_as(t)
-        if kind in UP_KINDS:
-            self.up_bytes += len(data)
-        else:
-            self.down_bytes += len(data)
-        self.dense_bytes += t.numel() * t.element_size()
-        self.sent.append((device, kind, len(data)))
-        return received
-
-    def take_log(self, devices: list[int], kinds: tuple[str, ...]) -> np.ndarray:
-        """Bytes each of `devices` sent of `kinds` since the last call (then forgotten)."""
-        where = {k: i for i, k in enumerate(devices)}
-        out = np.zeros(len(devices))
-        for device, kind, size in self.sent:
-            if kind in kinds:
-                out[where[device]] += size
-        return out
-
-
 @dataclass(slots=True)
 class _Work:
-    traffic: list[CutTraffic]
+    losses: list[torch.Tensor]
+    """Each device's mean loss."""
     legs: list[Leg]
 
 
@@ -138,7 +86,9 @@ class SplitLearning:
         self.wire = CutWire(cfg, num_classes, seed)
         self.cost = self.parts.costs(input_shape)
         self.rear_params = list(self.parts.rear.parameters())
-        self.rear_opt = self._optimizer(self.rear_params)
+        self.rear = RearServer(
+            self.parts, self.wire, self._optimizer(self.rear_params), self.cost, _dtype(model)
+        )
         self.device_opts: dict[int, torch.optim.Optimizer] = {}
         self.initial = [copy.deepcopy(m.state_dict()) for m in self.global_modules]
         self.device_state_bytes = sum(
@@ -146,7 +96,6 @@ class SplitLearning:
             for m in self.global_modules
         )
         """A device's front (and head): what SplitFed sends up and down each step."""
-        self.rear_buffers: list[torch.Tensor] = []
         self.averaged = False
         self.num_payloads = 0
 
@@ -205,22 +154,21 @@ class SplitLearning:
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
     ) -> Exchange:
-        """Every device's forward and backward through the cut; what crossed, in bytes."""
-        self.rear_buffers = [b.clone() for b in self.parts.rear.buffers()]
-        self.rear_opt.zero_grad(set_to_none=True)
+        """Every device's step through the cut, each answered by the rear in turn; what
+        crossed, in bytes."""
         ids = devices.tolist()
-        for k in ids:
-            self._device_opt(k).zero_grad(set_to_none=True)
         self.wire.sent.clear()
-        _, traffic = self.parts.backward(
-            list(x.split(counts)),
-            list(y.split(counts)),
-            ids,
-            lambda v, kind, k: self.wire.send(v, kind, k, step),
-        )
-        for k, t in zip(ids, traffic, strict=True):
-            if t.loss is None or not torch.isfinite(t.loss):
+        losses = []
+        for k, xk, yk in zip(ids, x.split(counts), y.split(counts), strict=True):
+            self._device_opt(k).zero_grad(set_to_none=True)
+
+            def call(kind: str, payloads: list[bytes], k: int = k, n: int = len(xk)):
+                return self.rear.handle(kind, k, step, n, payloads)
+
+            loss = device_step(self.parts, self.wire, self.cost, k, xk, yk, step, call)
+            if not torch.isfinite(loss):
                 raise TrainingDiverged(step, k)
+            losses.append(loss)
         legs = self._legs(ids, np.asarray(counts, dtype=np.float64))
         up = sum(leg.amount for leg in legs if leg.kind == "up")
         return Exchange(
@@ -228,7 +176,7 @@ class SplitLearning:
             counts=counts,
             step=step,
             up_bytes=np.asarray(up, dtype=np.int64)[None],
-            work=_Work(traffic, legs),
+            work=_Work(losses, legs),
         )
 
     def _legs(self, ids: list[int], n: np.ndarray) -> list[Leg]:
@@ -266,23 +214,16 @@ class SplitLearning:
         self.num_payloads += int(contributed.sum())
         keep = np.flatnonzero(contributed).tolist()
         ids = ex.devices.tolist()
-        if len(keep) < len(ids):  # the lost devices' share must not count: redo the rear
-            with torch.no_grad():
-                for b, v in zip(self.parts.rear.buffers(), self.rear_buffers, strict=True):
-                    b.copy_(v)
-            self.rear_opt.zero_grad(set_to_none=True)
+        counts = [ex.counts[i] for i in keep]
+        self.rear.commit(ex.step, [ids[i] for i in keep], counts)
         if not keep:
             return None
-        counts = np.asarray(ex.counts, dtype=np.float64)[keep]
-        w = (counts / counts.sum()).tolist()
-        if len(keep) < len(ids):
-            self.parts.rear_backward([work.traffic[i] for i in keep], w)
-        self.rear_opt.step()
+        w = (np.asarray(counts, dtype=np.float64) / sum(counts)).tolist()
         for i in keep:
             self._device_opt(ids[i]).step()
         if self.cfg.splitfed:
             self._average([ids[i] for i in keep], w)
-        losses = torch.stack([work.traffic[i].loss for i in keep])  # type: ignore[misc]
+        losses = torch.stack([work.losses[i] for i in keep])
         return (losses * torch.tensor(w, dtype=losses.dtype)).sum()
 
     @torch.no_grad()
@@ -323,3 +264,7 @@ class SplitLearning:
             if self.cfg.splitfed
             else 0,
         }
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
