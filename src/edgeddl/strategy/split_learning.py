@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ class SplitLearning:
         t = self.train
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
-    def _device_opt(self, k: int) -> torch.optim.Optimizer:
+    def device_optimizer(self, k: int) -> torch.optim.Optimizer:
         if k not in self.device_opts:
             params = [p for m in self.parts.device_modules(k) for p in m.parameters()]
             self.device_opts[k] = self._optimizer(params)
@@ -123,6 +123,61 @@ class SplitLearning:
         for m, state in zip(self.parts.device_modules(device), self.initial, strict=True):
             m.load_state_dict(state)
         self.device_opts.pop(device, None)
+
+    # --- what a real fleet's devices share and keep -------------------------------------
+
+    def replica_state(self) -> dict[str, Any]:
+        """What a device joining a real fleet copies from a peer: with SplitFed the averaged
+        front (and head); without, nothing (each front is its device's own: a new device
+        starts from the initial weights, as after a crash)."""
+        if not self.cfg.splitfed:
+            return {}
+        return {"modules": [m.state_dict() for m in self.global_modules]}
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        if "modules" not in state:
+            return
+        for m, v in zip(self.global_modules, state["modules"], strict=True):
+            m.load_state_dict(v)
+        for k in range(len(self.parts.fronts)):
+            for part, v in zip(self.parts.device_modules(k), state["modules"], strict=True):
+                part.load_state_dict(v)
+
+    def device_state(self, device: int) -> dict[str, Any]:
+        """Device `device`'s own front (and head) and their optimizer's state."""
+        return {
+            "modules": [m.state_dict() for m in self.parts.device_modules(device)],
+            "optimizer": self.device_optimizer(device).state_dict(),
+        }
+
+    def load_device_state(self, device: int, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        for m, v in zip(self.parts.device_modules(device), state["modules"], strict=True):
+            m.load_state_dict(v)
+        self.device_optimizer(device).load_state_dict(state["optimizer"])
+
+    def device_tensors(self, device: int) -> list[torch.Tensor]:
+        """Device `device`'s front (and head) state, tensor by tensor (what SplitFed
+        averages)."""
+        return [t for m in self.parts.device_modules(device) for t in m.state_dict().values()]
+
+    @torch.no_grad()
+    def load_average(self, device: int, mean: torch.Tensor) -> None:
+        """SplitFed on a real fleet: the fleet's weighted mean of `device_tensors`, flat,
+        becomes device `device`'s front (and head) and the global model's."""
+        at = 0
+        for own, glob in zip(
+            self.device_tensors(device),
+            [t for m in self.global_modules for t in m.state_dict().values()],
+            strict=True,
+        ):
+            part = mean[at : at + own.numel()].view_as(own)
+            at += own.numel()
+            value = part if own.is_floating_point() else part.round()
+            own.copy_(value)
+            glob.copy_(value)
+        self.averaged = True
 
     def aggregation_flops(self) -> float:
         """SplitFed: adding one device's front (and head) into the average."""
@@ -160,7 +215,7 @@ class SplitLearning:
         self.wire.sent.clear()
         losses = []
         for k, xk, yk in zip(ids, x.split(counts), y.split(counts), strict=True):
-            self._device_opt(k).zero_grad(set_to_none=True)
+            self.device_optimizer(k).zero_grad(set_to_none=True)
 
             def call(kind: str, payloads: list[bytes], k: int = k, n: int = len(xk)):
                 return self.rear.handle(kind, k, step, n, payloads)
@@ -220,7 +275,7 @@ class SplitLearning:
             return None
         w = (np.asarray(counts, dtype=np.float64) / sum(counts)).tolist()
         for i in keep:
-            self._device_opt(ids[i]).step()
+            self.device_optimizer(ids[i]).step()
         if self.cfg.splitfed:
             self._average([ids[i] for i in keep], w)
         losses = torch.stack([work.losses[i] for i in keep])

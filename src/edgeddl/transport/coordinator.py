@@ -4,8 +4,9 @@
 the scenario, the engine and the backend, and leave their evaluation rows and final
 reports. With the torchft engine it also runs torchft's lighthouse (quorums and
 heartbeats); with the elastic engine the same store holds torchrun's rendezvous. It trains
-nothing itself: devices exchange payloads among themselves. It writes the same run folder
-as the simulator, with wall-clock times.
+nothing itself (devices exchange payloads among themselves), except in split learning,
+where it holds the rear and answers each device (`rear_link.py`). It writes the same run
+folder as the simulator, with wall-clock times.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from edgeddl.transport.checkpoint import (
     FleetFailed,
     read_checkpoint,
 )
+from edgeddl.transport.rear_link import RearService
 from edgeddl.transport.store import (
     KEY_BACKEND,
     KEY_DONE,
@@ -106,6 +108,7 @@ def serve(
     store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
+    rear = RearService.for_scenario(scenario, store) if scenario.train.strategy == "split" else None
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1
@@ -115,6 +118,8 @@ def serve(
     all_failed_at: float | None = None
     try:
         while True:
+            if rear is not None:
+                rear.poll()
             failed, joined = store.add(KEY_FAILED, 0), store.add(KEY_JOINED, 0)
             if failed > failures:
                 failures = failed
@@ -158,6 +163,8 @@ def serve(
     summary["engine"], summary["backend"] = engine, backend
     summary["resumed_from_step"] = resume[1] if resume else None
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
+    if rear is not None:
+        summary["split"] = rear.summary()
     write_json_atomic(out_dir / "summary.json", summary)
     if rows:
         metric = TASKS[scenario.task].metric
@@ -223,6 +230,7 @@ def _summary(
                 round(r["checksum"], 6)
                 for r in reports
                 if r["final_step"] == max(x["final_step"] for x in reports)
+                and r["checksum"] is not None  # split without SplitFed: fronts differ
             }
         )
         <= 1,

@@ -35,18 +35,23 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.timeline import STATES
 from edgeddl.strategy.balance import balance_shares
-from edgeddl.strategy.build import build_strategy
+from edgeddl.strategy.build import build_split, build_strategy
+from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import per_device_gradients
+from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
 from edgeddl.transport.device_setup import DeviceOptions, pacing_fleet
+from edgeddl.transport.rear_link import LinkError
 from edgeddl.transport.replica import ClientUpdate, ExchangeError, ReplicaStep
+from edgeddl.transport.split_device import SplitDevice
 from edgeddl.transport.store import (
     KEY_DONE,
     KEY_ROWS,
@@ -144,11 +149,19 @@ class DeviceRun:
         if scenario.run.threads:
             torch.set_num_threads(scenario.run.threads)
         self.w: Workload = build_workload(scenario)
-        shard_sizes = np.array([len(x) for x in self.w.shards], dtype=np.int64)
-        self.strategy, _ = build_strategy(scenario, self.w.model, self.w.task.loss_fn, shard_sizes)
-        self.replica = ReplicaStep(self.strategy, idx, comm)
+        w = self.w
+        self.strategy: DataParallel | SplitLearning
+        self.split: SplitDevice | None = None
+        if scenario.train.strategy == "split":
+            self.strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
+            self.split = SplitDevice(self.strategy, idx, opts.name, comm, opts.timeout_s)
+        else:
+            shard_sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
+            self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
+            self.replica = ReplicaStep(self.strategy, idx, comm)
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
-        self.min_share = 2 if self.strategy.batchnorms else 1
+        batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in w.model.modules())
+        self.min_share = 2 if batchnorm else 1  # a batch statistic needs two samples
         self.caps = self.w.sample_caps()
         self.pace = pacing_fleet(scenario, opts.name, opts.profile)
         self.toml = to_toml(scenario)
@@ -168,33 +181,33 @@ class DeviceRun:
             self.step(engine, store)
 
     def step(self, engine: Engine, store: Any) -> None:
-        st, s, w = self.stats, self.strategy, self.w
+        st, s = self.stats, self.strategy
         t0 = time.perf_counter()
         members, slot = engine.start_step()
         share = self._my_share(members)
         step = engine.current_step()
         t1 = time.perf_counter()
-        g, speed, data_s, work_s = None, 0.0, 0.0, 0.0
+        g, speed, data_s, work_s, link_s = None, 0.0, 0.0, 0.0, 0.0
         update: ClientUpdate | None = None
-        if isinstance(s, Federated):
+        done: tuple[float, int, float, float, int] | None = None
+        if self.split is not None:
+            done, data_s, work_s, link_s = self._split_work(engine, store, slot, share, step, t1)
+            speed = done[2] if done is not None else 0.0
+        elif isinstance(s, Federated):
             update, share, data_s, work_s = self._client_round(s, slot, step, t1)
         elif slot is not None and share > 0:
-            rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(w.x_train.device)
-            x, y = w.x_train[rows], w.y_train[rows]
+            assert not isinstance(s, SplitLearning)
+            x, y = self._batch(share)
             data_s = time.perf_counter() - t1
             g = per_device_gradients(s.model, s.params, s.loss_fn, x, y, [share], s.batchnorms)
             data_s = self._pace(share, t1, data_s)
             work_s = time.perf_counter() - t1
-            own = work_s / share
-            self.own_s_per_sample = (
-                own
-                if not self.own_s_per_sample
-                else SPEED_SMOOTHING * own + (1 - SPEED_SMOOTHING) * self.own_s_per_sample
-            )
-            speed = 1.0 / self.own_s_per_sample
+            speed = self._measured_speed(work_s / share)
         t2 = time.perf_counter()
         try:
-            if isinstance(s, Federated):
+            if self.split is not None:
+                pending = self.split.exchange(store, done, slot, members, step, engine)
+            elif isinstance(s, Federated):
                 pending = self.replica.exchange_update(update, slot, members, engine, work_s)
             else:
                 pending = self.replica.exchange(
@@ -214,13 +227,15 @@ class DeviceRun:
             t3 = time.perf_counter()
             if ok and pending is not None:
                 pending.commit()
+            elif pending is not None:
+                pending.abandon()
         finally:
             self.critical = False
         if self.stop_requested:
             raise RestartRequired("stopped by the engine")
         t4 = time.perf_counter()
         idle = 0.0
-        worked = g is not None or update is not None
+        worked = g is not None or update is not None or done is not None
         if pending is not None and worked:  # waiting inside the sum for a slower member
             out = pending.outcome
             slowest = max(
@@ -230,8 +245,8 @@ class DeviceRun:
             idle = min(max(slowest - work_s, 0.0), t3 - t2)
         for state, secs in (
             ("data_loading", data_s),
-            ("compute", (t2 - t1 - data_s) + (t4 - t3)),
-            ("communication", (t1 - t0) + (t3 - t2) - idle),
+            ("compute", (t2 - t1 - data_s - link_s) + (t4 - t3)),
+            ("communication", (t1 - t0) + link_s + (t3 - t2) - idle),
             ("idle", idle),
         ):
             st.seconds[state] += secs
@@ -252,6 +267,51 @@ class DeviceRun:
         st.commits.append((time.time(), members))
         self._after_commit(engine, store, engine.current_step(), out.loss, members)
 
+    def _batch(self, share: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This device's next `share` samples of its own shard."""
+        rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(self.w.x_train.device)
+        return self.w.x_train[rows], self.w.y_train[rows]
+
+    def _measured_speed(self, own_s_per_sample: float) -> float:
+        """Samples per second, smoothed over steps (one step is noisy)."""
+        self.own_s_per_sample = (
+            own_s_per_sample
+            if not self.own_s_per_sample
+            else SPEED_SMOOTHING * own_s_per_sample + (1 - SPEED_SMOOTHING) * self.own_s_per_sample
+        )
+        return 1.0 / self.own_s_per_sample
+
+    def _split_work(
+        self, engine: Engine, store: Any, slot: int | None, share: int, step: int, t1: float
+    ) -> tuple[tuple[float, int, float, float, int] | None, float, float, float]:
+        """Split learning: this device's front against the rear, if it takes part: ((loss,
+        samples, speed, work s, cut bytes sent) or None, data-loading s, work s, seconds in
+        requests). A failed request gives the step up for everyone."""
+        assert self.split is not None
+        if slot is None or share <= 0:
+            return None, 0.0, 0.0, 0.0
+        x, y = self._batch(share)
+        data_s = time.perf_counter() - t1
+        try:
+            loss, link_s, sent = self.split.work(store, x, y, step)
+        except LinkError as e:
+            print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
+            engine.report_error(e)
+            return None, data_s, time.perf_counter() - t1, 0.0
+        assert isinstance(self.strategy, SplitLearning)
+        c = self.strategy.cost
+        data_s = self._pace(
+            share,
+            t1,
+            data_s,
+            flops=c.front_flops + c.head_flops,
+            ops=c.device_ops,
+            excluded_s=link_s,
+        )
+        work_s = time.perf_counter() - t1
+        speed = self._measured_speed(work_s / share)
+        return (loss, share, speed, work_s, sent), data_s, work_s, link_s
+
     def _client_round(
         self, s: Federated, slot: int | None, round_index: int, t1: float
     ) -> tuple[ClientUpdate | None, int, float, float]:
@@ -263,8 +323,7 @@ class DeviceRun:
             return None, 0, 0.0, 0.0
         i = int(np.flatnonzero(clients == self.idx)[0])
         share, num_steps = int(samples[i]), int(steps[i])
-        rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(self.w.x_train.device)
-        x, y = self.w.x_train[rows], self.w.y_train[rows]
+        x, y = self._batch(share)
         data_s = time.perf_counter() - t1
         delta, buffers, loss = s.client_update(x, y, num_steps)
         data_s = self._pace(share, t1, data_s, num_steps)
@@ -272,20 +331,32 @@ class DeviceRun:
         update = ClientUpdate(delta, floats, s.client_weight(self.idx), float(loss))
         return update, share, data_s, time.perf_counter() - t1
 
-    def _pace(self, share: int, t0: float, data_s: float, num_steps: int = 1) -> float:
-        """Wait out the rest of what the profile's device takes; its data-loading seconds."""
+    def _pace(
+        self,
+        share: int,
+        t0: float,
+        data_s: float,
+        num_steps: int = 1,
+        flops: float | None = None,
+        ops: int | None = None,
+        excluded_s: float = 0.0,
+    ) -> float:
+        """Wait out the rest of what the profile's device takes for `flops` a sample (the
+        whole model's by default; `excluded_s` of the time since `t0` was not this device's
+        work); its data-loading seconds."""
         if self.pace is None:
             return data_s
         w = self.w
         prof_data, prof_compute = self.pace.work_time_s(
             np.array([self.idx]),
             np.array([share]),
-            w.cost.train_flops_per_sample,
+            w.cost.train_flops_per_sample if flops is None else flops,
             w.info.sample_bytes,
-            w.cost.ops_per_step,
+            w.cost.ops_per_step if ops is None else ops,
             num_steps,
         )
-        left = float(prof_data[0] + prof_compute[0]) - (time.perf_counter() - t0)
+        spent = time.perf_counter() - t0 - excluded_s
+        left = float(prof_data[0] + prof_compute[0]) - spent
         if left > 0:
             time.sleep(left)
         else:
@@ -301,7 +372,10 @@ class DeviceRun:
             if not engine.is_lead():
                 return
             if step % t.eval_every == 0 or step == t.num_steps:
-                self._report_eval(store, step, loss, members)
+                if self.split is not None:  # the rear is on the coordinator: it tests there
+                    self.split.evaluate(store, step, loss, members)
+                else:
+                    self._report_eval(store, step, loss, members)
             if self.checkpoint_every and step % self.checkpoint_every == 0:
                 batches = engine.batches_committed()
                 data = pack(step, batches, self.strategy.replica_state(), self.toml)
@@ -363,7 +437,9 @@ class DeviceRun:
             "payload_bytes_from": st.received,
             "wall_time_s": time.time() - st.started_at,
             "final_step": final_step,
-            "checksum": checksum(self.strategy.model),
+            "checksum": self.split.checksum()
+            if self.split is not None
+            else checksum(self.strategy.model),
             "recovery_s": recoveries(st.commits, st.failures),
             "restarts": st.restarts,
             "pacing_overruns": st.pacing_overruns,

@@ -52,11 +52,6 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         )
     if store.check([KEY_DONE]):
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
-    if scenario.train.strategy == "split":
-        raise ConfigError(
-            'train.strategy: "split" runs on the simulated fleet only for now; use '
-            '"data_parallel" or "federated" for a real fleet'
-        )
     if scenario.train.strategy == "federated":
         if scenario.compression.enabled:
             raise ConfigError(

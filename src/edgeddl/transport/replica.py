@@ -97,14 +97,22 @@ Apply = Callable[[], None]
 
 
 class Pending:
-    """Between the exchange and the engine's verdict: what `commit` applies."""
+    """Between the exchange and the engine's verdict: what `commit` applies, and what
+    `abandon` undoes of a tentative update (the step was not committed)."""
 
-    def __init__(self, outcome: StepOutcome, apply: list[Apply]) -> None:
+    def __init__(
+        self, outcome: StepOutcome, apply: list[Apply], undo: list[Apply] | None = None
+    ) -> None:
         self.outcome = outcome
         self._apply = apply
+        self._undo = undo or []
 
     def commit(self) -> None:
         for fn in self._apply:
+            fn()
+
+    def abandon(self) -> None:
+        for fn in self._undo:
             fn()
 
 
@@ -169,7 +177,7 @@ class ReplicaStep:
             return self._dense(table, grad, share, members, collective)
         if not collective.allreduce_sum(table):
             return None
-        outcome = self._read_table(table, members)
+        outcome = read_table(table, members)
         if outcome.total <= 0:
             return None
         outcome.wire_bytes = ring_bytes(_nbytes(table), members)
@@ -195,7 +203,7 @@ class ReplicaStep:
         if not collective.allreduce_sum(buf):
             return None
         head = buf[: table.numel()]
-        outcome = self._read_table(head, members)
+        outcome = read_table(head, members)
         if outcome.total <= 0:
             return None
         outcome.wire_bytes = ring_bytes(_nbytes(buf), members)
@@ -323,41 +331,23 @@ class ReplicaStep:
         A round nobody was sampled for commits as a round without an update."""
         s = self.strategy
         assert isinstance(s, Federated)
-        size = s.numel + sum(b.numel() for b in s.buffers if b.is_floating_point())
-        own = torch.zeros(members * SLOT + size)
-        if update is not None and slot is not None:
-            w = update.weight
-            own[slot * SLOT : (slot + 1) * SLOT] = torch.tensor(
-                [self.device + 1, w, 0.0, update.loss * w, s.dense_up_bytes, work_s]
-            )
-            own[members * SLOT :] = torch.cat([update.delta, *update.buffers]) * w
-        buf = own.to(self.comm)
-        if not collective.allreduce_sum(buf):
+        floats = [b for b in s.buffers if b.is_floating_point()]
+        size = s.numel + sum(b.numel() for b in floats)
+        mine = None
+        if update is not None:
+            flat = torch.cat([update.delta, *update.buffers])
+            mine = Contribution(flat, update.weight, update.loss, s.dense_up_bytes, work_s)
+        summed = sum_weighted(mine, size, self.device, slot, members, collective, self.comm)
+        if summed is None:
             return None
-        outcome = self._read_table(buf, members)
-        outcome.wire_bytes = ring_bytes(_nbytes(buf), members)
-        outcome.payload_bytes = s.dense_up_bytes if update is not None else 0
+        outcome, mean_flat = summed
         if outcome.total <= 0:
             return Pending(outcome, [])
-        flat = buf[members * SLOT :].to(s.params[0].device) / outcome.total
+        flat = mean_flat.to(s.params[0].device)
         mean, rest = flat[: s.numel], flat[s.numel :]
-        floats = [b for b in s.buffers if b.is_floating_point()]
         means = list(rest.split([b.numel() for b in floats]))
         means = [m.view_as(b) for m, b in zip(means, floats, strict=True)]
         return Pending(outcome, [lambda: s.apply_round(mean, means, outcome.devices)])
-
-    def _read_table(self, table: torch.Tensor, members: int) -> StepOutcome:
-        rows = table[: members * SLOT].view(members, SLOT).tolist()
-        used = [r for r in rows if r[0] >= 1 and r[1] > 0]
-        total = round(sum(r[1] for r in used))
-        return StepOutcome(
-            devices=[int(r[0]) - 1 for r in used],
-            counts=[round(r[1]) for r in used],
-            speeds=[float(r[2]) for r in used],
-            work_s=[float(r[5]) for r in used],
-            total=total,
-            loss=sum(r[3] for r in used) / max(total, 1),
-        )
 
     def _bn_update(self, table: torch.Tensor, members: int, total: int) -> list[Apply]:
         """Running statistics from the members' sample-weighted batch statistics."""
@@ -372,3 +362,60 @@ class ReplicaStep:
         target = self.strategy.params[0].device
         stats = [[(m.to(target), v.to(target)) for m, v in layer] for layer in stats]
         return [lambda: apply_batchnorm_stats(model, stats, [0], torch.ones(1), layers)]
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """One member's part of a weighted sum: its values, its weight (samples, or a client's
+    weight), mean loss, payload bytes and work seconds."""
+
+    flat: torch.Tensor
+    weight: float
+    loss: float
+    payload_bytes: int
+    work_s: float
+    speed: float = 0.0
+
+
+def sum_weighted(
+    mine: Contribution | None,
+    size: int,
+    device: int,
+    slot: int | None,
+    members: int,
+    collective: Collective,
+    comm: torch.device,
+) -> tuple[StepOutcome, torch.Tensor] | None:
+    """Sum `mine` (None, or no slot: this member sends nothing) times its weight with the
+    members' in one collective: the step's table and the weighted mean of the `size` values
+    (zeros if nobody contributed). None if the exchange failed."""
+    own = torch.zeros(members * SLOT + size)
+    if mine is not None and slot is not None:
+        w = mine.weight
+        own[slot * SLOT : (slot + 1) * SLOT] = torch.tensor(
+            [device + 1, w, mine.speed, mine.loss * w, mine.payload_bytes, mine.work_s]
+        )
+        if size:
+            own[members * SLOT :] = mine.flat.reshape(-1).to(own.dtype) * w
+    buf = own.to(comm)
+    if not collective.allreduce_sum(buf):
+        return None
+    outcome = read_table(buf, members)
+    outcome.wire_bytes = ring_bytes(_nbytes(buf), members)
+    outcome.payload_bytes = mine.payload_bytes if mine is not None and slot is not None else 0
+    return outcome, buf[members * SLOT :] / max(outcome.total, 1)
+
+
+def read_table(table: torch.Tensor, members: int) -> StepOutcome:
+    """The members' rows of a summed table (rows without a device or samples left out)."""
+    rows = table[: members * SLOT].view(members, SLOT).tolist()
+    used = [r for r in rows if r[0] >= 1 and r[1] > 0]
+    total = round(sum(r[1] for r in used))
+    return StepOutcome(
+        devices=[int(r[0]) - 1 for r in used],
+        counts=[round(r[1]) for r in used],
+        speeds=[float(r[2]) for r in used],
+        work_s=[float(r[5]) for r in used],
+        total=total,
+        loss=sum(r[3] for r in used) / max(total, 1),
+    )

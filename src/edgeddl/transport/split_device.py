@@ -1,0 +1,180 @@
+"""A real device's split-learning step: its front against the coordinator's rear, then the
+fleet's commit-or-nothing sum.
+
+The device runs the simulator's own `split_roles.device_step` with requests going over its
+`RearLink` instead of into a local `RearServer`. The engine's sum (`sum_weighted`) then
+carries the step's table (who contributed, samples, loss, speed), and with SplitFed each
+member's front (and head) after its own optimizer step, times its samples: the weighted
+mean every member loads is the simulator's SplitFed average. That optimizer step is
+tentative until the engine's verdict: a step that is not committed puts the front and its
+optimizer back as they were. Once a step is committed every member tells the rear (which
+steps once, whichever member told it first), so a lost lead cannot leave the rear behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.strategy.split_roles import device_step
+from edgeddl.transport.rear_link import LinkError, RearLink, state_bytes
+from edgeddl.transport.replica import Collective, Contribution, Pending, sum_weighted
+
+
+class Link(Protocol):
+    """A device's link to the rear (`RearLink`)."""
+
+    seconds: float
+
+    def call(
+        self,
+        op: str,
+        step: int,
+        device: int,
+        count: int,
+        parts: list[bytes],
+        loss: float = 0.0,
+        members: int = 0,
+    ) -> tuple[bytes, float]: ...
+
+
+class SplitDevice:
+    """Device `idx`'s side of split learning on a real fleet."""
+
+    def __init__(
+        self,
+        strategy: SplitLearning,
+        idx: int,
+        name: str,
+        comm: torch.device,
+        timeout_s: float,
+        connect: Callable[[Any, str, float], Link] = RearLink,
+    ) -> None:
+        self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
+        self.timeout_s = timeout_s
+        self.connect = connect
+        """Opens a link to the rear: (the coordinator's store, device name, timeout)."""
+        self._link: Link | None = None
+        self._store: Any = None
+        self.size = (
+            sum(t.numel() for t in strategy.device_tensors(idx)) if strategy.cfg.splitfed else 0
+        )
+
+    def link(self, store: Any) -> Link:
+        """The link to the rear, opened again after a failure or a new coordinator store."""
+        if self._link is None or self._store is not store:
+            self._link, self._store = self.connect(store, self.name, self.timeout_s), store
+        return self._link
+
+    def drop_link(self) -> None:
+        self._link = None
+
+    def work(
+        self, store: Any, x: torch.Tensor, y: torch.Tensor, step: int
+    ) -> tuple[float, float, int]:
+        """The device's step through the cut: (mean loss, seconds in requests, cut bytes
+        sent). LinkError if the rear cannot be reached or refused a request."""
+        s, k, n = self.s, self.idx, len(x)
+        s.device_optimizer(k).zero_grad(set_to_none=True)
+        link = self.link(store)
+        seconds, sent = link.seconds, s.wire.up_bytes
+
+        def call(kind: str, payloads: list[bytes]) -> tuple[bytes, float]:
+            return link.call(kind, step, k, n, payloads)
+
+        try:
+            loss = device_step(s.parts, s.wire, s.cost, k, x, y, step, call)
+        except LinkError:
+            self.drop_link()
+            raise
+        finally:
+            s.wire.sent.clear()  # the simulator's per-step log: nothing reads it here
+        return float(loss), link.seconds - seconds, s.wire.up_bytes - sent
+
+    def exchange(
+        self,
+        store: Any,
+        done: tuple[float, int, float, float, int] | None,
+        slot: int | None,
+        members: int,
+        step: int,
+        collective: Collective,
+    ) -> Pending | None:
+        """The fleet's sum for this step; `done`: (loss, samples, speed, work seconds, cut
+        bytes sent) if this device worked. None if the sum failed or carried no samples."""
+        s, k = self.s, self.idx
+        opt = s.device_optimizer(k)
+        before: tuple[list[torch.Tensor], dict[str, Any]] | None = None
+        mine = None
+        if done is not None:
+            loss, share, speed, work_s, sent = done
+            flat = torch.zeros(0)
+            if s.cfg.splitfed:  # tentative: the mean is of the fronts after their own step
+                before = ([t.clone() for t in s.device_tensors(k)], copy.deepcopy(opt.state_dict()))
+                opt.step()
+                flat = torch.cat([t.reshape(-1).float() for t in s.device_tensors(k)])
+            mine = Contribution(flat, float(share), loss, sent, work_s, speed)
+
+        def undo() -> None:
+            if before is not None:
+                with torch.no_grad():
+                    for t, v in zip(s.device_tensors(k), before[0], strict=True):
+                        t.copy_(v)
+                opt.load_state_dict(before[1])
+
+        summed = sum_weighted(mine, self.size, k, slot, members, collective, self.comm)
+        if summed is None or summed[0].total <= 0:
+            undo()
+            return None
+        outcome, mean = summed
+        outcome.wire_bytes += outcome.payload_bytes  # the cut tensors went up too
+
+        def apply() -> None:
+            if s.cfg.splitfed:
+                s.load_average(k, mean)
+            elif done is not None:
+                opt.step()
+            table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
+            self._tell(store, "commit", step, [table])
+
+        return Pending(outcome, [apply], undo=[undo])
+
+    def evaluate(self, store: Any, step: int, loss: float, members: int) -> None:
+        """The lead's front (and head) to the coordinator, which tests the whole model."""
+        self._tell(store, "evaluate", step, [state_bytes(self.s, self.idx)], loss, members)
+
+    def _tell(
+        self,
+        store: Any,
+        op: str,
+        step: int,
+        parts: list[bytes],
+        loss: float = 0.0,
+        members: int = 0,
+    ) -> None:
+        """A request after the step is committed: a failure is reported, not raised (the
+        other members tell the rear too; the next step opens a new link)."""
+        try:
+            self.link(store).call(op, step, self.idx, 0, parts, loss, members)
+        except LinkError as e:
+            self.drop_link()
+            print(f"edgeddl device {self.name}: {e}", file=sys.stderr)
+
+    def checksum(self) -> float | None:
+        """SplitFed: one number for the shared front (equal on every member); else None
+        (each front is its device's own)."""
+        if not self.s.cfg.splitfed:
+            return None
+        return float(
+            sum(
+                t.detach().double().sum() * (i + 1)
+                for i, t in enumerate(self.s.device_tensors(self.idx))
+                if t.is_floating_point()
+            )
+        )
