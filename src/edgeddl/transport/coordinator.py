@@ -108,7 +108,9 @@ def serve(
     store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
-    rear = RearService.for_scenario(scenario, store) if scenario.train.strategy == "split" else None
+    rear = None
+    if scenario.train.strategy == "split":  # the coordinator holds the rear
+        rear = RearService.for_scenario(scenario, store, out_dir, checkpoint_every)
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1

@@ -146,6 +146,8 @@ class DeviceRun:
         if backend == "nccl":
             comm = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(comm)
+        self.comm = comm
+        """Where the engine's sums happen."""
         if scenario.run.threads:
             torch.set_num_threads(scenario.run.threads)
         self.w: Workload = build_workload(scenario)

@@ -252,7 +252,7 @@ def run_worker(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) ->
         run.checkpoint_every = int(store.get(KEY_CHECKPOINT_EVERY))
     if step:  # a worker restarted (after a loss, or to let a device join)
         run.stats.restarts += 1
-    comm = run.replica.comm
+    comm = run.comm
     dist.init_process_group(
         backend,
         timeout=timedelta(seconds=opts.timeout_s),

@@ -17,6 +17,10 @@ Requests (`op`): the split step's "activations" and "head_gradients"; "commit" (
 devices and samples, from the fleet's sum: the rear takes its step once, whichever member
 tells it first); "evaluate" (at evaluation steps the lead sends its front, and the
 coordinator tests the whole model and records the row).
+
+Every `--checkpoint-every` steps the rear and its optimizer go to `RUN/rear.pt`; a
+coordinator restarted on the run folder resumes the rear from there, so a coordinator crash
+rolls the rear back by less than that many steps while the devices keep their fronts.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,12 +40,17 @@ import torch
 from torch import nn
 
 from edgeddl.compress.bitpack import CodecError
+from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
+from edgeddl.report.files import write_bytes_atomic
 from edgeddl.strategy.build import build_split
 from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.transport.checkpoint import pack, unpack
 from edgeddl.transport.store import KEY_ROWS, row_key
 from edgeddl.workload import build_workload
 
+REAR_FILE = "rear.pt"
+"""The rear's checkpoint in the run folder."""
 KEY_LINKS = "edgeddl/split/links"
 """How many links devices have opened to the rear; link i's device name is at
 `link_key(i)`."""
@@ -143,9 +153,13 @@ class RearService:
         store: Any = None,
         evaluate: Evaluate | None = None,
         timeout_s: float = 3600.0,
+        checkpoint: tuple[Path, int, str] | None = None,
     ) -> None:
         self.strategy, self.names, self.global_batch = strategy, names, global_batch
         self.store, self.evaluate, self.timeout_s = store, evaluate, timeout_s
+        self.checkpoint = checkpoint
+        """(file, every how many steps, the scenario's TOML): the rear kept on disk."""
+        self.resumed_from: int | None = None
         self.lock = threading.Lock()
         self.opened = 0
         self.refused: list[str] = []
@@ -160,17 +174,41 @@ class RearService:
         """What the same tensors take as fp32 values and int64 labels."""
 
     @classmethod
-    def for_scenario(cls, scenario: Scenario, store: Any) -> RearService:
-        """The scenario's rear (built as every device builds its front) and test set."""
+    def for_scenario(
+        cls, scenario: Scenario, store: Any, out_dir: Path, checkpoint_every: int
+    ) -> RearService:
+        """The scenario's rear (built as every device builds its front) and test set; the
+        rear of `out_dir/rear.pt` if an earlier coordinator of this run left one."""
         w = build_workload(scenario)
         strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
-        return cls(
+        toml = to_toml(scenario)
+        service = cls(
             strategy,
             scenario.fleet.device_names(),
             scenario.train.global_batch,
             store,
             lambda model: w.task.evaluate(model, w.x_test, w.y_test),
+            checkpoint=(out_dir / REAR_FILE, checkpoint_every, toml),
         )
+        path = out_dir / REAR_FILE
+        if path.exists():
+            ck = unpack(path.read_bytes(), toml, str(path))
+            strategy.parts.rear.load_state_dict(ck["replica"]["rear"])
+            strategy.rear.optimizer.load_state_dict(ck["replica"]["optimizer"])
+            service.resumed_from = int(ck["step"])
+            print(f"edgeddl coordinator: the rear resumes from step {ck['step']}", flush=True)
+        return service
+
+    def _keep(self, step: int) -> None:
+        """Every `checkpoint_every` steps, the rear and its optimizer to disk (atomically):
+        a restarted coordinator goes on from there (the devices keep their fronts)."""
+        if self.checkpoint is None:
+            return
+        path, every, toml = self.checkpoint
+        if every and step % every == 0:
+            rear = self.strategy.rear
+            state = {"rear": rear.parts.rear.state_dict(), "optimizer": rear.optimizer.state_dict()}
+            write_bytes_atomic(path, pack(step, step, state, toml))
 
     def poll(self) -> None:
         """Serve every link opened since the last call (each on its own thread)."""
@@ -248,6 +286,7 @@ class RearService:
                 devices, counts = table[: len(table) // 2], table[len(table) // 2 :]
                 if rear.commit(step, devices.tolist(), counts.tolist()):
                     self.strategy.num_payloads += len(devices)
+                    self._keep(step + 1)  # the step counter once the step is committed
                 return b"", 0.0
             self._evaluate(step, parts[0] if parts else b"", header)
             return b"", 0.0
@@ -282,6 +321,7 @@ class RearService:
             dense = self.received_dense + wire.dense_bytes
             out["cut_compression_ratio"] = dense / sent if sent else None
             out["rear_steps"] = self.strategy.rear.steps_applied
+            out["rear_resumed_from_step"] = self.resumed_from
             out["links_opened"] = self.opened
             out["requests_refused"] = list(self.refused)
             return out
