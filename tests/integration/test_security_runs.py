@@ -19,6 +19,7 @@ from edgeddl.cli.main import main
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.security.keys import Identity, save_identity
 from edgeddl.security.ledger import LEDGER_FILE, model_digest, read_entries
+from edgeddl.transport.device_setup import check_real_fleet
 
 DEVICES = ("pc", "jetson", "pi-0", "pi-1")
 STEPS = 20
@@ -142,3 +143,5 @@ def test_security_settings_are_checked_with_one_line(
     ring["train"]["topology"] = "ring"
     with pytest.raises(ConfigError, match=r'^security\.enabled: .*topology = "star"'):
         _run(ring, tmp_path)
+    with pytest.raises(ConfigError, match=r"^security\.enabled: sealed payloads .* simulated"):
+        check_real_fleet(scenario_from_dict(_raw(keys[1])))  # the coordinator refuses it

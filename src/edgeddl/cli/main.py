@@ -337,12 +337,14 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     from edgeddl.report.files import metric_label
     from edgeddl.task import TASKS
     from edgeddl.transport.coordinator import serve
+    from edgeddl.transport.device_setup import check_real_fleet
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535 (got {args.port})")
     if args.heartbeat_ms < 1:
         raise ConfigError(f"--heartbeat-ms must be >= 1 (got {args.heartbeat_ms})")
     scenario = load_scenario(args.scenario, args.overrides)
+    check_real_fleet(scenario)  # refused here, before any device connects
     if not 1 <= args.min_devices <= len(scenario.fleet.device_names()):
         raise ConfigError(
             f"--min-devices: must be in 1..{len(scenario.fleet.device_names())} "

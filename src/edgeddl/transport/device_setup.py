@@ -52,6 +52,12 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         )
     if store.check([KEY_DONE]):
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
+    check_real_fleet(scenario)
+    return scenario, opts, names.index(opts.name)
+
+
+def check_real_fleet(scenario: Scenario) -> None:
+    """One-line ConfigError for what a real fleet cannot run (yet)."""
     if scenario.train.strategy == "federated":
         if scenario.compression.enabled:
             raise ConfigError(
@@ -63,6 +69,12 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
                 "federated.deadline_s: a real fleet waits for every sampled member (its "
                 "engine's timeout drops a lost one); set it to 0"
             )
+    if scenario.security.enabled:
+        raise ConfigError(
+            "security.enabled: sealed payloads and the audit ledger run on the simulated fleet "
+            "only for now (a real fleet's devices sum their payloads among themselves); set it "
+            "to false for a real fleet"
+        )
     if scenario.compression.adapt.enabled:
         raise ConfigError(
             "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
@@ -73,7 +85,6 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
             "robust: a real fleet sums updates in an all-reduce, so no one can screen them; "
             'robust rules and misbehaving devices run on the simulated fleet only (rule = "mean")'
         )
-    return scenario, opts, names.index(opts.name)
 
 
 def _name_from_rank(names: list[str]) -> str:
