@@ -1,8 +1,8 @@
-"""Split learning on a real fleet (`transport/split_device.py`, `transport/rear_link.py`) is
+"""Split learning on a real fleet (`transport/split_device.py`, `transport/rear_desk.py`) is
 the simulator's split learning.
 
 Three devices run in threads, each with its own copy of the strategy, as separate processes
-would; they reach the coordinator's `RearService` through an in-process link (what the gloo
+would; they reach the coordinator's `RearDesk` through an in-process link (what the gloo
 link carries: the encoded bytes) and sum through an in-process collective (what the engine
 gives them). The rear and every front must end where the simulator's `SplitLearning` ends.
 """
@@ -23,7 +23,8 @@ from edgeddl.config.schema import TrainConfig
 from edgeddl.config.split import SplitConfig
 from edgeddl.models import build_model
 from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.transport.rear_link import LinkError, RearService
+from edgeddl.transport.coordinator_link import LinkError
+from edgeddl.transport.rear_desk import RearDesk
 from edgeddl.transport.split_device import SplitDevice
 
 COUNTS = [5, 3, 8]
@@ -52,9 +53,9 @@ def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class _Link:
-    """What a `RearLink` does, in process: the request's bytes to the service."""
+    """What a `CoordinatorLink` does, in process: the request's bytes to the service."""
 
-    def __init__(self, service: RearService, name: str) -> None:
+    def __init__(self, service: RearDesk, name: str) -> None:
         self.service, self.name, self.seconds = service, name, 0.0
 
     def call(self, op, step, device, count, parts, loss=0.0, members=0):  # type: ignore[no-untyped-def]
@@ -103,11 +104,11 @@ def _simulate(steps: int, lost: dict[int, int], **split: object) -> SplitLearnin
 
 def _real(
     steps: int, lost: dict[int, int], fail_at: set[int], **split: object
-) -> tuple[RearService, list[SplitDevice]]:
+) -> tuple[RearDesk, list[SplitDevice]]:
     """Three device threads against one service. `lost[step]`: a device that sends its
     activations and then vanishes (it never joins the sum); `fail_at`: steps whose first
     sum fails everywhere (the engine's verdict: not committed), so they are tried again."""
-    service = RearService(_strategy(_model(), **split), NAMES, sum(COUNTS))
+    service = RearDesk(_strategy(_model(), **split), NAMES, sum(COUNTS))
     devices = [
         SplitDevice(
             _strategy(_model(), **split),
@@ -213,7 +214,7 @@ def test_a_step_tried_again_and_a_device_lost_mid_step_count_once_and_not_at_all
 
 
 def test_the_rear_refuses_what_it_cannot_use_and_keeps_nothing_of_it() -> None:
-    service = RearService(_strategy(_model(), cut=1), NAMES, sum(COUNTS))
+    service = RearDesk(_strategy(_model(), cut=1), NAMES, sum(COUNTS))
     before = copy.deepcopy(service.strategy.parts.rear.state_dict())
     link = _Link(service, "pi-0")
     with pytest.raises(LinkError, match="spoke for device 1"):

@@ -5,7 +5,7 @@ the scenario, the engine and the backend, and leave their evaluation rows and fi
 reports. With the torchft engine it also runs torchft's lighthouse (quorums and
 heartbeats); with the elastic engine the same store holds torchrun's rendezvous. It trains
 nothing itself (devices exchange payloads among themselves), except in split learning,
-where it holds the rear and answers each device (`rear_link.py`). It writes the same run
+where it holds the rear and answers each device (`rear_desk.py`). It writes the same run
 folder as the simulator, with wall-clock times.
 """
 
@@ -43,7 +43,8 @@ from edgeddl.transport.checkpoint import (
     FleetFailed,
     read_checkpoint,
 )
-from edgeddl.transport.rear_link import RearService
+from edgeddl.transport.coordinator_link import LinkServer
+from edgeddl.transport.rear_desk import RearDesk
 from edgeddl.transport.store import (
     KEY_BACKEND,
     KEY_DONE,
@@ -108,9 +109,10 @@ def serve(
     store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
-    rear = None
+    rear, links = None, None
     if scenario.train.strategy == "split":  # the coordinator holds the rear
-        rear = RearService.for_scenario(scenario, store, out_dir, checkpoint_every)
+        rear = RearDesk.for_scenario(scenario, store, out_dir, checkpoint_every)
+        links = LinkServer(rear, store)
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1
@@ -120,8 +122,8 @@ def serve(
     all_failed_at: float | None = None
     try:
         while True:
-            if rear is not None:
-                rear.poll()
+            if links is not None:
+                links.poll()
             failed, joined = store.add(KEY_FAILED, 0), store.add(KEY_JOINED, 0)
             if failed > failures:
                 failures = failed
@@ -165,8 +167,12 @@ def serve(
     summary["engine"], summary["backend"] = engine, backend
     summary["resumed_from_step"] = resume[1] if resume else None
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
-    if rear is not None:
-        summary["split"] = rear.summary()
+    if rear is not None and links is not None:
+        summary["split"] = {
+            **rear.summary(),
+            "links_opened": links.opened,
+            "requests_refused": list(links.refused),
+        }
     write_json_atomic(out_dir / "summary.json", summary)
     if rows:
         metric = TASKS[scenario.task].metric

@@ -48,8 +48,8 @@ from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import per_device_gradients
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
+from edgeddl.transport.coordinator_link import LinkError
 from edgeddl.transport.device_setup import DeviceOptions, pacing_fleet
-from edgeddl.transport.rear_link import LinkError
 from edgeddl.transport.replica import ClientUpdate, ExchangeError, ReplicaStep
 from edgeddl.transport.split_device import SplitDevice
 from edgeddl.transport.store import (

@@ -2,7 +2,7 @@
 fleet's commit-or-nothing sum.
 
 The device runs the simulator's own `split_roles.device_step` with requests going over its
-`RearLink` instead of into a local `RearServer`. The engine's sum (`sum_weighted`) then
+`CoordinatorLink` instead of into a local `RearServer`. The engine's sum (`sum_weighted`) then
 carries the step's table (who contributed, samples, loss, speed), and with SplitFed each
 member's front (and head) after its own optimizer step, times its samples: the weighted
 mean every member loads is the simulator's SplitFed average. That optimizer step is
@@ -23,12 +23,13 @@ import torch
 
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.strategy.split_roles import device_step
-from edgeddl.transport.rear_link import LinkError, RearLink, state_bytes
+from edgeddl.transport.coordinator_link import CoordinatorLink, LinkError
+from edgeddl.transport.rear_desk import state_bytes
 from edgeddl.transport.replica import Collective, Contribution, Pending, sum_weighted
 
 
 class Link(Protocol):
-    """A device's link to the rear (`RearLink`)."""
+    """A device's link to the coordinator (`CoordinatorLink`)."""
 
     seconds: float
 
@@ -54,7 +55,7 @@ class SplitDevice:
         name: str,
         comm: torch.device,
         timeout_s: float,
-        connect: Callable[[Any, str, float], Link] = RearLink,
+        connect: Callable[[Any, str, float], Link] = CoordinatorLink,
     ) -> None:
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s = timeout_s

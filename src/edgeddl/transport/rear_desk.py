@@ -1,17 +1,9 @@
-"""Split learning on a real fleet: each device's link to the rear on the coordinator.
+"""Split learning on a real fleet: the rear on the coordinator, and what it answers.
 
 The rear lives on the coordinator, so a split step is a conversation between each device
-and the coordinator, not a sum among devices. Each device opens a link: it registers under
-`KEY_LINKS` in the coordinator's store, and the two form a gloo process group of two
-(coordinator rank 0, device rank 1) on a fresh `PrefixStore`; a request is a fixed-size
-header and the encoded tensors, its answer the same. torch.distributed moves the bytes; no
-socket is ours.
-
-The coordinator serves every link on its own thread (`RearService`); the requests go into
-the one `RearServer` (`strategy/split_roles.py`) one at a time, the order they come in. A
-link whose device dies ends at once (gloo notices the closed connection) and the device's
-unfinished part of the step is left out by the commit. A device that lost its link (the
-coordinator restarted, or a request was refused) opens a new one at its next step.
+and the coordinator over the device's link (`coordinator_link.py`), not a sum among
+devices. The requests go into the one `RearServer` (`strategy/split_roles.py`) one at a
+time, the order they come in; a device that dies mid-step is left out by the commit.
 
 Requests (`op`): the split step's "activations" and "head_gradients"; "commit" (the step's
 devices and samples, from the fleet's sum: the rear takes its step once, whichever member
@@ -27,11 +19,9 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.compress.bitpack import CodecError
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.report.files import write_bytes_atomic
@@ -51,99 +40,12 @@ from edgeddl.workload import build_workload
 
 REAR_FILE = "rear.pt"
 """The rear's checkpoint in the run folder."""
-KEY_LINKS = "edgeddl/split/links"
-"""How many links devices have opened to the rear; link i's device name is at
-`link_key(i)`."""
-OPS = ("activations", "head_gradients", "commit", "evaluate")
-HEADER = 8
-"""Request: op, step, device, samples, loss, members, then the byte length of up to two
-tensors. Answer: status (0 ok, 1 refused: the body is the reason), body length, loss."""
-MAX_PARTS = 2
-
-
-class LinkError(ConnectionError):
-    """The link to the rear failed or the coordinator refused a request."""
-
-
-def link_key(i: int) -> str:
-    return f"edgeddl/split/link/{i}"
-
-
-def _group(store: Any, i: int, rank: int, timeout_s: float) -> Any:
-    from torch.distributed import PrefixStore, ProcessGroupGloo
-
-    return ProcessGroupGloo(
-        PrefixStore(f"edgeddl/split/{i}", store), rank, 2, timedelta(seconds=timeout_s)
-    )
-
-
-def _send(pg: Any, header: list[float], body: bytes) -> None:
-    pg.send([torch.tensor(header, dtype=torch.float64)], 1 - pg.rank(), 0).wait()
-    if body:
-        pg.send([torch.frombuffer(bytearray(body), dtype=torch.uint8)], 1 - pg.rank(), 0).wait()
-
-
-def _recv(pg: Any, size: int) -> bytes:
-    buf = torch.empty(size, dtype=torch.uint8)
-    pg.recv([buf], 1 - pg.rank(), 0).wait()
-    return buf.numpy().tobytes()
-
-
-def _recv_header(pg: Any) -> list[float]:
-    header = torch.zeros(HEADER, dtype=torch.float64)
-    pg.recv([header], 1 - pg.rank(), 0).wait()
-    return header.tolist()
-
-
-class RearLink:
-    """A device's end of its link to the coordinator's rear."""
-
-    def __init__(self, store: Any, name: str, timeout_s: float) -> None:
-        i = store.add(KEY_LINKS, 1)
-        store.set(link_key(i), name)
-        try:
-            self.pg = _group(store, i, 1, timeout_s)
-        except RuntimeError as e:  # the coordinator never took the link up
-            raise LinkError(f"no link to the coordinator's rear ({_first_line(e)})") from None
-        self.seconds = 0.0
-        """Wall seconds spent in requests (sending, the coordinator's work, the answer)."""
-
-    def call(
-        self,
-        op: str,
-        step: int,
-        device: int,
-        count: int,
-        parts: list[bytes],
-        loss: float = 0.0,
-        members: int = 0,
-    ) -> tuple[bytes, float]:
-        """One request and its answer: (body, loss). LinkError if the link failed or the
-        coordinator refused the request."""
-        t0 = time.perf_counter()
-        lengths = [len(p) for p in parts] + [0] * (MAX_PARTS - len(parts))
-        header = [OPS.index(op), step, device, count, loss, members, *lengths]
-        try:
-            _send(self.pg, header, b"".join(parts))
-            status, size, reply_loss = _recv_header(self.pg)[:3]
-            body = _recv(self.pg, int(size)) if size else b""
-        except RuntimeError as e:  # gloo: the coordinator closed the link, or a timeout
-            raise LinkError(
-                f"the link to the coordinator's rear failed ({_first_line(e)})"
-            ) from None
-        finally:
-            self.seconds += time.perf_counter() - t0
-        if status != 0:
-            raise LinkError(f"the coordinator refused {op} at step {step}: {body.decode()}")
-        return body, reply_loss
-
-
 Evaluate = Callable[[nn.Module], dict[str, float]]
 """A model's test metrics."""
 
 
-class RearService:
-    """The coordinator's end: the rear, one thread per link, evaluation rows."""
+class RearDesk:
+    """The coordinator's part in split learning: the rear, its checkpoint, evaluation."""
 
     def __init__(
         self,
@@ -161,8 +63,6 @@ class RearService:
         """(file, every how many steps, the scenario's TOML): the rear kept on disk."""
         self.resumed_from: int | None = None
         self.lock = threading.Lock()
-        self.opened = 0
-        self.refused: list[str] = []
         c = strategy.cost
         per_sample = max(c.cut_bytes, c.head_cut_bytes) + 16  # fp32 values, labels, scales
         self.max_body = global_batch * per_sample + 4096
@@ -176,7 +76,7 @@ class RearService:
     @classmethod
     def for_scenario(
         cls, scenario: Scenario, store: Any, out_dir: Path, checkpoint_every: int
-    ) -> RearService:
+    ) -> RearDesk:
         """The scenario's rear (built as every device builds its front) and test set; the
         rear of `out_dir/rear.pt` if an earlier coordinator of this run left one."""
         w = build_workload(scenario)
@@ -210,47 +110,8 @@ class RearService:
             state = {"rear": rear.parts.rear.state_dict(), "optimizer": rear.optimizer.state_dict()}
             write_bytes_atomic(path, pack(step, step, state, toml))
 
-    def poll(self) -> None:
-        """Serve every link opened since the last call (each on its own thread)."""
-        opened = self.store.add(KEY_LINKS, 0)
-        for i in range(self.opened + 1, opened + 1):
-            threading.Thread(target=self._serve, args=(i,), daemon=True).start()
-        self.opened = max(self.opened, opened)
-
-    def _serve(self, i: int) -> None:
-        name = self.store.get(link_key(i)).decode()
-        try:
-            pg = _group(self.store, i, 0, self.timeout_s)
-        except RuntimeError:  # the device went before the link was up
-            return
-        try:
-            while True:
-                header = _recv_header(pg)
-                op, step, device, count = (int(v) for v in header[:4])
-                sizes = [int(v) for v in header[6:]]
-                limit = self.max_state if op == OPS.index("evaluate") else self.max_body
-                if not 0 <= op < len(OPS) or any(n < 0 for n in sizes) or sum(sizes) > limit:
-                    self._refuse(name, f"a request of {sum(sizes)} bytes (op {op})")
-                    return  # the rest of its bytes cannot be skipped: the link ends
-                body = _recv(pg, sum(sizes)) if sum(sizes) else b""
-                parts = [
-                    body[a : a + n]
-                    for a, n in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)
-                    if n
-                ]
-                try:
-                    reply, loss = self.answer(name, OPS[op], step, device, count, parts, header)
-                    _send(pg, [0, len(reply), loss, 0, 0, 0, 0, 0], reply)
-                except (CodecError, ValueError, RuntimeError) as e:
-                    reason = _first_line(e).encode()
-                    self._refuse(name, f"{OPS[op]} at step {step}: {_first_line(e)}")
-                    _send(pg, [1, len(reason), 0, 0, 0, 0, 0, 0], reason)
-        except RuntimeError:  # gloo: the device closed the link (it ended, or died)
-            return
-
-    def _refuse(self, name: str, what: str) -> None:
-        self.refused.append(f"{name}: {what}")
-        print(f"edgeddl coordinator: refused {name}'s {what}", file=sys.stderr, flush=True)
+    def max_request_bytes(self, op: str) -> int:
+        return self.max_state if op == "evaluate" else self.max_body
 
     def answer(
         self,
@@ -267,6 +128,8 @@ class RearService:
         if device < 0 or device >= len(self.names) or self.names[device] != name:
             raise ValueError(f"the link of {name} spoke for device {device}")
         rear = self.strategy.rear
+        if op not in ("activations", "head_gradients", "commit", "evaluate"):
+            raise ValueError(f"{op} is not a split learning request")
         with self.lock:
             if op in ("activations", "head_gradients"):
                 if not 0 < count <= self.global_batch:
@@ -322,13 +185,7 @@ class RearService:
             out["cut_compression_ratio"] = dense / sent if sent else None
             out["rear_steps"] = self.strategy.rear.steps_applied
             out["rear_resumed_from_step"] = self.resumed_from
-            out["links_opened"] = self.opened
-            out["requests_refused"] = list(self.refused)
             return out
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def state_bytes(strategy: SplitLearning, device: int) -> bytes:
