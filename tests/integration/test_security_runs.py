@@ -143,5 +143,8 @@ def test_security_settings_are_checked_with_one_line(
     ring["train"]["topology"] = "ring"
     with pytest.raises(ConfigError, match=r'^security\.enabled: .*topology = "star"'):
         _run(ring, tmp_path)
-    with pytest.raises(ConfigError, match=r"^security\.enabled: sealed payloads .* simulated"):
-        check_real_fleet(scenario_from_dict(_raw(keys[1])))  # the coordinator refuses it
+    check_real_fleet(scenario_from_dict(_raw(keys[1])))  # a real fleet seals too
+    with pytest.raises(ConfigError, match=r"^security\.keys_dir: each party of a real fleet"):
+        check_real_fleet(scenario_from_dict(_raw(no_dir)))
+    with pytest.raises(ConfigError, match=r'^security\.enabled: .*topology = "star"'):
+        check_real_fleet(scenario_from_dict(ring))

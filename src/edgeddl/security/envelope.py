@@ -240,6 +240,10 @@ class Receiver:
             return verdict
         return Opened(header, body, receipt)
 
+    def last_seq(self, who: str) -> int:
+        """The highest sequence number accepted from `who` (-1: none yet)."""
+        return self._seen.get(who, (-1, 0))[0]
+
     def _check_sequence(self, who: str, seq: int) -> Rejection | None:
         mask = (1 << self.window) - 1
         last, bits = self._seen.get(who, (-1, 0))

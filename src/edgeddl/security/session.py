@@ -26,6 +26,7 @@ coordinator also refuses a payload sealed for another step than the current one.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,14 @@ from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.security.envelope import Opened, Receiver, Rejection, Sender
-from edgeddl.security.keys import Identity, SecurityError, enrolled, key_paths, load_identity
+from edgeddl.security.keys import (
+    Identity,
+    PublicIdentity,
+    SecurityError,
+    enrolled,
+    key_paths,
+    load_identity,
+)
 from edgeddl.security.ledger import (
     LEDGER_FILE,
     Ledger,
@@ -86,9 +94,9 @@ class SecureRun:
         self.faults = faults
         self.senders = []
         for name, fault in zip(self.names, faults, strict=True):
-            who = Identity.generate(f"impostor-{name}") if fault == "impostor" else None
-            self.senders.append(Sender(who or self._identity(folder, name), self.run_id))
-        self.forger = Identity.generate("forger")
+            who = self._identity(folder, name) if fault != "impostor" else None
+            self.senders.append(Sender(who or impostor(name), self.run_id))
+        self.faulty = [FaultySender(f, cfg.max_payload_bytes) for f in faults]
         self.receiver = Receiver(
             self.coordinator, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
         )
@@ -97,7 +105,6 @@ class SecureRun:
         if path.exists():  # an earlier run's in this folder: kept aside, not continued
             path.replace(path.with_name(LEDGER_FILE + ".previous"))
         self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
-        self.first_wire: dict[int, bytes] = {}
         self.rejected: list[dict[str, object]] = []
         self.ledger.append(
             self.coordinator,
@@ -107,17 +114,7 @@ class SecureRun:
         )
 
     def _identity(self, folder: Path, name: str) -> Identity:
-        private, _ = key_paths(folder, name)
-        try:
-            identity = load_identity(private)
-        except (SecurityError, OSError) as e:
-            raise ConfigError(f"security.keys_dir: {e}") from None
-        enrolled_keys = self.peers.get(name)
-        if enrolled_keys is None or identity.public().to_config() != enrolled_keys.to_config():
-            raise ConfigError(
-                f"security.keys_dir: {private} is not the identity the scenario enrolls as {name!r}"
-            )
-        return identity
+        return enrolled_identity(folder, name, self.peers)
 
     def event(self, at_s: float, device: int, action: str) -> None:
         self.ledger.append(self.coordinator, action, {"device": self.names[device]}, time_s=at_s)
@@ -154,21 +151,9 @@ class SecureRun:
 
     def _send(self, d: int, body: bytes, step: int) -> bytes:
         """What device `d` puts on the wire: its sealed body, or its fault's version."""
-        fault = self.faults[d]
-        if fault == "oversized":
-            body = body + bytes(max(self.max_payload_bytes - len(body) + 1, 0))
-        wire = self.senders[d].seal(
-            self.receiver.identity.public(), body, step=step, ledger_head=self.ledger.head
+        return self.faulty[d].seal(
+            self.senders[d], self.receiver.identity.public(), body, step, self.ledger.head
         )
-        if fault == "tampered":
-            flipped = bytearray(wire)
-            flipped[-100] ^= 0x01  # inside the ciphertext (before the 64-byte signature)
-            wire = bytes(flipped)
-        elif fault == "forged_signature":
-            wire = wire[:-64] + self.forger.sign(wire[:-64])
-        elif fault == "replayed":  # its first payload, again and again
-            wire = self.first_wire.setdefault(d, wire)
-        return wire
 
     def seal_step(
         self,
@@ -221,8 +206,68 @@ class SecureRun:
         }
 
 
+def impostor(name: str) -> Identity:
+    """A device's `impostor` fault: it signs with an identity nobody enrolled."""
+    return Identity.generate(f"impostor-{name}")
+
+
+class FaultySender:
+    """What a device with an `envelope_fault` puts on the wire instead of its payload
+    (forged, tampered, replayed, oversized; an impostor's identity is its `Sender`'s)."""
+
+    def __init__(self, fault: str, max_payload_bytes: int) -> None:
+        self.fault, self.max_payload_bytes = fault, max_payload_bytes
+        self.forger = Identity.generate("forger") if fault == "forged_signature" else None
+        self.first_wire: bytes | None = None
+
+    def seal(
+        self,
+        sender: Sender,
+        recipient: PublicIdentity,
+        body: bytes,
+        step: int,
+        ledger_head: tuple[int, bytes],
+    ) -> bytes:
+        fault = self.fault
+        if fault == "oversized":
+            body = body + bytes(max(self.max_payload_bytes - len(body) + 1, 0))
+        wire = sender.seal(recipient, body, step=step, ledger_head=ledger_head)
+        if fault == "tampered":
+            flipped = bytearray(wire)
+            flipped[-100] ^= 0x01  # inside the ciphertext (before the 64-byte signature)
+            wire = bytes(flipped)
+        elif self.forger is not None:
+            wire = wire[:-64] + self.forger.sign(wire[:-64])
+        elif fault == "replayed":  # its first payload, again and again
+            self.first_wire = self.first_wire or wire
+            wire = self.first_wire
+        return wire
+
+
+def enrolled_identity(folder: Path, name: str, peers: Mapping[str, PublicIdentity]) -> Identity:
+    """`name`'s private identity from `folder` (`security.keys_dir`), which must be the one
+    the scenario enrolls (one-line ConfigError otherwise)."""
+    private, _ = key_paths(folder, name)
+    try:
+        identity = load_identity(private)
+    except (SecurityError, OSError) as e:
+        raise ConfigError(f"security.keys_dir: {e}") from None
+    enrolled_keys = peers.get(name)
+    if enrolled_keys is None or identity.public().to_config() != enrolled_keys.to_config():
+        raise ConfigError(
+            f"security.keys_dir: {private} is not the identity the scenario enrolls as {name!r}"
+        )
+    return identity
+
+
 def secure_run(scenario: Scenario, run_dir: Path) -> SecureRun:
     """The run's `SecureRun`, once the scenario is one it can seal (one-line errors)."""
+    check_sealable(scenario)
+    return SecureRun(scenario, run_dir)
+
+
+def check_sealable(scenario: Scenario) -> None:
+    """One-line ConfigError for a scenario whose payloads cannot be sealed (yet)."""
     t = scenario.train
     if t.strategy == "split":
         raise ConfigError(
@@ -240,7 +285,6 @@ def secure_run(scenario: Scenario, run_dir: Path) -> SecureRun:
             "security.enabled: a multi-round compressor's payloads are summed on the way; "
             "use a single-payload compressor (e.g. topk, two_step, int8)"
         )
-    return SecureRun(scenario, run_dir)
 
 
 def digest(model: nn.Module) -> str:

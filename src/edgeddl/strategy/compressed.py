@@ -200,6 +200,10 @@ class CompressedDataParallel(DataParallel):
         """Device `d`'s payload as the receiver reads it (`CodecError` if malformed)."""
         return self.codecs[d].decode(data, self.numel)
 
+    def decompressed(self, d: int, data: bytes, step: int) -> torch.Tensor:
+        """What device `d`'s payload `data` carries, as the aggregation reads it."""
+        return self._compressor(d).decompress(self.decode(d, data), step).to(self.params[0].device)
+
     def aggregate(
         self, devices: list[int], weights: list[float], received: list[Payload], step: int
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:

@@ -45,6 +45,7 @@ from edgeddl.transport.checkpoint import (
 )
 from edgeddl.transport.coordinator_link import LinkServer
 from edgeddl.transport.rear_desk import RearDesk
+from edgeddl.transport.sealed_desk import SealedDesk
 from edgeddl.transport.store import (
     KEY_BACKEND,
     KEY_DONE,
@@ -109,10 +110,12 @@ def serve(
     store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
-    rear, links = None, None
+    desk: RearDesk | SealedDesk | None = None
     if scenario.train.strategy == "split":  # the coordinator holds the rear
-        rear = RearDesk.for_scenario(scenario, store, out_dir, checkpoint_every)
-        links = LinkServer(rear, store)
+        desk = RearDesk.for_scenario(scenario, store, out_dir, checkpoint_every)
+    elif scenario.security.enabled:  # it opens, records and aggregates every payload
+        desk = SealedDesk(scenario, out_dir)
+    links = LinkServer(desk, store) if desk is not None else None
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1
@@ -167,12 +170,14 @@ def serve(
     summary["engine"], summary["backend"] = engine, backend
     summary["resumed_from_step"] = resume[1] if resume else None
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
-    if rear is not None and links is not None:
-        summary["split"] = {
-            **rear.summary(),
-            "links_opened": links.opened,
-            "requests_refused": list(links.refused),
-        }
+    if links is not None:
+        served = {"links_opened": links.opened, "requests_refused": list(links.refused)}
+        if isinstance(desk, RearDesk):
+            summary["split"] = {**desk.summary(), **served}
+        elif isinstance(desk, SealedDesk):
+            sealed = desk.summary()
+            summary["model_digest"] = sealed["model_digest"]
+            summary["security"] = {**sealed["security"], **served}
     write_json_atomic(out_dir / "summary.json", summary)
     if rows:
         metric = TASKS[scenario.task].metric

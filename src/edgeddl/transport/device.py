@@ -50,7 +50,8 @@ from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
 from edgeddl.transport.coordinator_link import LinkError
 from edgeddl.transport.device_setup import DeviceOptions, pacing_fleet
-from edgeddl.transport.replica import ClientUpdate, ExchangeError, ReplicaStep
+from edgeddl.transport.replica import ClientUpdate, ExchangeError, ReplicaStep, checksum
+from edgeddl.transport.sealed_device import SealedDevice
 from edgeddl.transport.split_device import SplitDevice
 from edgeddl.transport.store import (
     KEY_DONE,
@@ -126,11 +127,6 @@ class DeviceStats:
     started_at: float = field(default_factory=time.time)
 
 
-def checksum(model: torch.nn.Module) -> float:
-    """One number that differs if any parameter differs (to compare replicas)."""
-    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
-
-
 class DeviceRun:
     """Everything one device trains with, and the step loop over an engine."""
 
@@ -161,6 +157,12 @@ class DeviceRun:
             shard_sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
             self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
             self.replica = ReplicaStep(self.strategy, idx, comm)
+        self.sealed: SealedDevice | None = None
+        if scenario.security.enabled:  # payloads go sealed to the coordinator
+            assert not isinstance(self.strategy, SplitLearning)
+            self.sealed = SealedDevice(
+                scenario, self.strategy, idx, opts.name, comm, opts.timeout_s
+            )
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
         batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in w.model.modules())
         self.min_share = 2 if batchnorm else 1  # a batch statistic needs two samples
@@ -209,6 +211,11 @@ class DeviceRun:
         try:
             if self.split is not None:
                 pending = self.split.exchange(store, done, slot, members, step, engine)
+            elif self.sealed is not None:
+                work = update if isinstance(s, Federated) else g
+                pending = self.sealed.exchange(
+                    store, work, share, speed, slot, members, step, engine, work_s
+                )
             elif isinstance(s, Federated):
                 pending = self.replica.exchange_update(update, slot, members, engine, work_s)
             else:
@@ -259,7 +266,7 @@ class DeviceRun:
         out = pending.outcome
         self.measured = {d: 1.0 / v for d, v in zip(out.devices, out.speeds, strict=True) if v > 0}
         st.committed += 1
-        st.samples += share if worked else 0
+        st.samples += share if worked and self.idx in out.devices else 0  # counted if used
         st.bytes_up += out.wire_bytes
         st.payload_bytes += out.payload_bytes
         for d, n in out.received_bytes.items():

@@ -13,6 +13,7 @@ from typing import Any
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.fleet import Fleet
+from edgeddl.security.session import check_sealable
 from edgeddl.transport.store import KEY_DONE, KEY_SCENARIO
 
 
@@ -70,11 +71,12 @@ def check_real_fleet(scenario: Scenario) -> None:
                 "engine's timeout drops a lost one); set it to 0"
             )
     if scenario.security.enabled:
-        raise ConfigError(
-            "security.enabled: sealed payloads and the audit ledger run on the simulated fleet "
-            "only for now (a real fleet's devices sum their payloads among themselves); set it "
-            "to false for a real fleet"
-        )
+        check_sealable(scenario)
+        if not scenario.security.keys_dir:
+            raise ConfigError(
+                "security.keys_dir: each party of a real fleet loads its own private key from "
+                "this folder (`edgeddl keys new NAME --out DIR`)"
+            )
     if scenario.compression.adapt.enabled:
         raise ConfigError(
             "compression.adapt: network-aware adaptation runs on the simulated fleet only; "

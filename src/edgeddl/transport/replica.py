@@ -419,3 +419,8 @@ def read_table(table: torch.Tensor, members: int) -> StepOutcome:
         total=total,
         loss=sum(r[3] for r in used) / max(total, 1),
     )
+
+
+def checksum(model: torch.nn.Module) -> float:
+    """One number that differs if any parameter differs (to compare replicas)."""
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))

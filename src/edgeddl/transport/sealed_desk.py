@@ -1,0 +1,290 @@
+"""A secured real fleet: the coordinator opens, records and aggregates sealed payloads.
+
+With `[security]` on, a device's payload goes to the coordinator, not into a sum among
+devices: a sum cannot carry ciphertexts, and the coordinator is who must check each
+sender. Per step, over each device's link (`coordinator_link.py`):
+
+* "update": the device's payload sealed for the coordinator (its dense gradient and
+  BatchNorm batch statistics, its compressed payload, or its federated update with its
+  BatchNorm statistics: the simulator's bodies). The coordinator opens it (`Receiver`:
+  signature, ciphertext, sequence, size, enrolled sender), checks it is sealed for this step
+  by the device whose link it came over, decodes it, and records an `update` entry with the
+  device's receipt; a refused one gets a `reject` entry with its reason and the device sends
+  nothing this step (training goes on without it);
+* the devices' engine then sums only the step's table (who contributed, how many samples),
+  so every member knows the step's senders, and each asks for the "aggregate" of exactly
+  those: the coordinator computes it once (the strategy's own mean, or for compressed
+  payloads its `aggregate`) and seals it for each device, which checks the coordinator's
+  signature before it uses it;
+* "commit" (the engine committed the step): the coordinator applies the aggregate to its
+  own replica of the model, exactly as the devices do, and records an `aggregate` entry with
+  the updates' entries and the model's digest. `run_end` closes the ledger with the final
+  digest, which the devices' models must match (`edgeddl ledger verify RUN_DIR`).
+
+"hello" answers a device's new link with the run id, the next sequence number the
+coordinator expects from it (a restarted device goes on from there) and the ledger head.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeddl.compress.bitpack import CodecError
+from edgeddl.compress.codec import Codec
+from edgeddl.config.loader import ConfigError
+from edgeddl.config.schema import Scenario
+from edgeddl.config.security import SECURITY_COORDINATOR
+from edgeddl.security.envelope import Opened, Receiver, Rejection, Sender
+from edgeddl.security.keys import enrolled
+from edgeddl.security.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    model_digest,
+    reject_payload,
+    update_payload,
+)
+from edgeddl.security.session import enrolled_identity
+from edgeddl.strategy.build import build_strategy
+from edgeddl.strategy.compressed import CompressedDataParallel
+from edgeddl.strategy.data_parallel import DataParallel, dense_body
+from edgeddl.strategy.federated import Federated
+from edgeddl.strategy.per_device import apply_batchnorm_stats, tracking_batchnorms
+from edgeddl.transport.replica import checksum
+from edgeddl.workload import build_workload
+
+
+def dense_values(data: bytes, numel: int) -> torch.Tensor:
+    """The float32 values of a `dense_body` (CodecError if it is not one of `numel`)."""
+    payload = Codec().decode(data, numel)
+    if payload.values is None or payload.values.numel() != numel or payload.indices is not None:
+        raise CodecError(f"expected {numel} dense values")
+    values = payload.values.float()
+    if not torch.isfinite(values).all():
+        raise CodecError("values that are not finite")
+    return values
+
+
+def batchnorm_size(strategy: DataParallel) -> int:
+    """How many values a device's BatchNorm batch statistics take (means and variances)."""
+    return 2 * sum(int(m.num_features) for m in tracking_batchnorms(strategy.batchnorms))
+
+
+def apply_batchnorm(strategy: DataParallel, flat: torch.Tensor) -> None:
+    """Running statistics from the step's sample-weighted mean batch statistics (`flat`)."""
+    stats, at = [], 0
+    for m in tracking_batchnorms(strategy.batchnorms):
+        n = int(m.num_features)
+        stats.append([(flat[at : at + n], flat[at + n : at + 2 * n])])
+        at += 2 * n
+    if stats:
+        apply_batchnorm_stats(strategy.model, stats, [0], torch.ones(1), strategy.batchnorms)
+
+
+class SealedDesk:
+    """The coordinator's part in a secured real fleet; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, out_dir: Path) -> None:
+        cfg = scenario.security
+        self.names = scenario.fleet.device_names()
+        self.peers = enrolled(cfg)
+        self.identity = enrolled_identity(Path(cfg.keys_dir), SECURITY_COORDINATOR, self.peers)
+        w = build_workload(scenario)
+        sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
+        self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, sizes)
+        self.bn_size = batchnorm_size(self.strategy)
+        if self.bn_size and isinstance(self.strategy, CompressedDataParallel):
+            raise ConfigError(
+                "security.enabled: a compressed payload carries no BatchNorm statistics on a "
+                "real fleet yet; use a model without BatchNorm, or no [compression]"
+            )
+        self.run_id = f"{scenario.run.name}-{uuid.uuid4().hex[:12]}"
+        self.receiver = Receiver(
+            self.identity, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
+        )
+        self.sender = Sender(self.identity, self.run_id)
+        self.max_payload_bytes = cfg.max_payload_bytes
+        path = out_dir / LEDGER_FILE
+        if path.exists():  # an earlier run's in this folder: kept aside, not continued
+            path.replace(path.with_name(LEDGER_FILE + ".previous"))
+        self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
+        self.ledger.append(
+            self.identity,
+            "run",
+            {"run_id": self.run_id, "scenario": scenario.run.name, "devices": self.names},
+        )
+        self.lock = threading.Lock()
+        self.updates: dict[int, dict[int, tuple[Any, int]]] = {}
+        """Step -> device -> (its decoded update, its ledger entry)."""
+        self.aggregates: dict[tuple[int, tuple[int, ...]], tuple[bytes, torch.Tensor, Any]] = {}
+        self.committed: set[int] = set()
+        self.rejected: list[dict[str, object]] = []
+        self.started = time.perf_counter()
+
+    def max_request_bytes(self, op: str) -> int:
+        return self.max_payload_bytes if op == "update" else 8 * (2 * len(self.names) + 2)
+
+    def answer(
+        self,
+        name: str,
+        op: str,
+        step: int,
+        device: int,
+        count: int,
+        parts: list[bytes],
+        header: list[float],
+    ) -> tuple[bytes, float]:
+        if device < 0 or device >= len(self.names) or self.names[device] != name:
+            raise ValueError(f"the link of {name} spoke for device {device}")
+        with self.lock:
+            if op == "hello":
+                return self._hello(name), 0.0
+            if op == "update":
+                return self._update(name, device, step, parts[0] if parts else b""), 0.0
+            if op in ("aggregate", "commit"):
+                table = np.frombuffer(parts[0], dtype=np.int64) if parts else np.zeros(0, np.int64)
+                n = len(table) // 2
+                if len(table) % 2 or not n:
+                    raise ValueError(f"{op}: the table of devices and weights is malformed")
+                devices, weights = tuple(table[:n].tolist()), table[n:].tolist()
+                body, _, _ = self._aggregate(step, devices, weights)
+                if op == "commit":
+                    self._commit(step, devices)
+                    return b"", 0.0
+                wire = self.sender.seal(
+                    self.peers[name], body, step=step, ledger_head=self.ledger.head
+                )
+                return wire, 0.0
+        raise ValueError(f"{op} is not a request of a secured fleet")
+
+    def _hello(self, name: str) -> bytes:
+        index, head = self.ledger.head
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "next_seq": self.receiver.last_seq(name) + 1,
+                "ledger": [index, head.hex()],
+            }
+        ).encode()
+
+    def _update(self, name: str, device: int, step: int, wire: bytes) -> bytes:
+        """Open, check and record one sealed update; the ledger head (JSON) once it is in."""
+        opened = self.receiver.open(wire)
+        if isinstance(opened, Opened):
+            h = opened.header
+            if h.sender != name:
+                opened = Rejection(
+                    "unknown_sender", h.sender, f"sealed by {h.sender}, sent by {name}"
+                )
+            elif h.step != step:
+                opened = Rejection("replayed", h.sender, f"sealed for step {h.step}")
+        if isinstance(opened, Opened):
+            try:
+                update = self._decode(device, opened.body)
+            except CodecError as e:
+                opened = Rejection("malformed", name, str(e))
+        if not isinstance(opened, Opened):
+            payload = reject_payload(opened, step=step)
+            payload["device"] = name  # who sent it, whatever it claimed
+            self.rejected.append({**payload, "claimed": opened.sender})
+            self.ledger.append(self.identity, "reject", payload)
+            raise ValueError(f"payload refused ({opened.reason}): {opened.detail}")
+        entry = self.ledger.append(self.identity, "update", update_payload(opened))
+        self.updates.setdefault(step, {})[device] = (update, entry)
+        index, head = self.ledger.head
+        return json.dumps([index, head.hex()]).encode()
+
+    def _decode(self, device: int, body: bytes) -> Any:
+        s = self.strategy
+        if isinstance(s, Federated):
+            floats = sum(b.numel() for b in s.buffers if b.is_floating_point())
+            return dense_values(body, s.numel + floats)
+        if isinstance(s, CompressedDataParallel):
+            return s.decode(device, body)
+        return dense_values(body, s.numel + self.bn_size)
+
+    def _aggregate(
+        self, step: int, devices: tuple[int, ...], weights: list[int]
+    ) -> tuple[bytes, torch.Tensor, Any]:
+        """The step's aggregate of `devices`' updates (each once per step and devices)."""
+        key = (step, devices)
+        if key in self.aggregates:
+            return self.aggregates[key]
+        got = self.updates.get(step, {})
+        missing = [self.names[d] for d in devices if d not in got]
+        if missing:
+            raise ValueError(f"step {step}: no accepted update from {', '.join(missing)}")
+        total = float(sum(weights))
+        w = [x / total for x in weights]
+        s = self.strategy
+        extra: Any = None
+        if isinstance(s, CompressedDataParallel):
+            sent, agg = s.aggregate(list(devices), w, [got[d][0] for d in devices], step)
+            assert agg is not None  # None only from a robust screen, refused on a real fleet
+            extra = sent
+        else:
+            agg = sum(wi * got[d][0] for d, wi in zip(devices, w, strict=True))
+        result = (dense_body(agg), agg, extra)
+        self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] >= step}
+        self.aggregates[key] = result
+        return result
+
+    def _commit(self, step: int, devices: tuple[int, ...]) -> None:
+        """Apply the step's aggregate to the coordinator's replica, once; record it."""
+        if step in self.committed:
+            return
+        _, agg, _ = next(v for k, v in self.aggregates.items() if k == (step, devices))
+        s = self.strategy
+        if isinstance(s, Federated):
+            floats = [b for b in s.buffers if b.is_floating_point()]
+            rest = list(agg[s.numel :].split([b.numel() for b in floats]))
+            s.apply_round(
+                agg[: s.numel],
+                [m.view_as(b) for m, b in zip(rest, floats, strict=True)],
+                list(devices),
+            )
+        else:
+            s.apply(agg[: s.numel])
+            if not isinstance(s, CompressedDataParallel):
+                apply_batchnorm(s, agg[s.numel :])
+        self.committed.add(step)
+        entries = [self.updates[step][d][1] for d in devices]
+        self.ledger.append(
+            self.identity,
+            "aggregate",
+            {"step": step, "updates": entries, "model_digest": self.digest()},
+        )
+        self.updates = {k: v for k, v in self.updates.items() if k > step}
+
+    def digest(self) -> str:
+        with torch.no_grad():
+            return model_digest(self.strategy.model.state_dict())
+
+    def summary(self) -> dict[str, Any]:
+        """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
+        with self.lock:
+            final = self.digest()
+            self.ledger.append(self.identity, "run_end", {"model_digest": final})
+            self.ledger.close()
+            reasons: dict[str, int] = {}
+            for r in self.rejected:
+                reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
+            return {
+                "model_digest": final,
+                "security": {
+                    "run_id": self.run_id,
+                    "ledger_entries": self.ledger.index + 1,
+                    "num_rejected": len(self.rejected),
+                    "rejected_by_reason": reasons,
+                    "rejected_payloads": self.rejected,
+                    "steps_aggregated": len(self.committed),
+                    "coordinator_checksum": checksum(self.strategy.model),
+                },
+            }

@@ -1,0 +1,204 @@
+"""A device of a secured real fleet: its payload sealed to the coordinator, the aggregate
+sealed back.
+
+The device computes what it computes on any fleet (its gradient, compressed payload or
+federated update: the simulator's bodies), seals it for the coordinator with the ledger
+head it last saw, and sends it over its link (`sealed_desk.py` has the coordinator's side).
+A refused payload is not retried: the device sends nothing this step. The engine's sum then
+carries only the step's table, so every member names the same senders when it asks for the
+aggregate; the answer is sealed by the coordinator, and a device uses it only once it has
+checked the signature, the step and the body. The engine's verdict then applies it
+everywhere or nowhere, and every member tells the coordinator, which applies it to its own
+replica and records it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeddl.compress.bitpack import CodecError
+from edgeddl.config.schema import Scenario
+from edgeddl.config.security import SECURITY_COORDINATOR
+from edgeddl.security.envelope import NO_LEDGER_HEAD, Opened, Receiver, Sender
+from edgeddl.security.keys import enrolled
+from edgeddl.security.session import FaultySender, enrolled_identity, impostor
+from edgeddl.strategy.compressed import CompressedDataParallel
+from edgeddl.strategy.data_parallel import DataParallel, dense_body
+from edgeddl.strategy.federated import Federated
+from edgeddl.strategy.per_device import DeviceGradients
+from edgeddl.transport.coordinator_link import CoordinatorLink, LinkError
+from edgeddl.transport.replica import (
+    ClientUpdate,
+    Collective,
+    Contribution,
+    ExchangeError,
+    Pending,
+    sum_weighted,
+)
+from edgeddl.transport.sealed_desk import apply_batchnorm, batchnorm_size, dense_values
+from edgeddl.transport.split_device import Link
+
+
+class SealedDevice:
+    """Device `idx`'s side of a secured real fleet."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        strategy: DataParallel,
+        idx: int,
+        name: str,
+        comm: torch.device,
+        timeout_s: float,
+        connect: Callable[[Any, str, float], Link] = CoordinatorLink,
+    ) -> None:
+        cfg = scenario.security
+        peers = enrolled(cfg)
+        fault = [g.envelope_fault for g in scenario.fleet.devices for _ in range(g.count)][idx]
+        self.identity = enrolled_identity(Path(cfg.keys_dir), name, peers)
+        self.signer = impostor(name) if fault == "impostor" else self.identity
+        """Who seals its payloads: an impostor signs as an identity nobody enrolled."""
+        self.faulty = FaultySender(fault, cfg.max_payload_bytes)
+        """A misbehaving device's envelopes (`envelope_fault`), as in the simulator."""
+        self.coordinator = peers[SECURITY_COORDINATOR]
+        self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
+        self.timeout_s, self.connect = timeout_s, connect
+        self.bn_size = batchnorm_size(strategy)
+        self._link: Link | None = None
+        self._store: Any = None
+        self.sender: Sender | None = None
+        self.receiver: Receiver | None = None
+        self.head = NO_LEDGER_HEAD
+        self.refused = 0
+
+    def link(self, store: Any) -> Link:
+        """The link to the coordinator; a new one starts with "hello" (the run id, the
+        sequence number to go on from, the ledger head)."""
+        if self._link is None or self._store is not store:
+            link = self.connect(store, self.name, self.timeout_s)
+            info = json.loads(link.call("hello", 0, self.idx, 0, [])[0])
+            run_id = str(info["run_id"])
+            self.sender = Sender(self.signer, run_id, first_seq=int(info["next_seq"]))
+            peers = {SECURITY_COORDINATOR: self.coordinator}
+            self.receiver = Receiver(self.identity, run_id, peers, max_payload_bytes=1 << 31)
+            self.head = (int(info["ledger"][0]), bytes.fromhex(info["ledger"][1]))
+            self._link, self._store = link, store
+        return self._link
+
+    def exchange(
+        self,
+        store: Any,
+        work: DeviceGradients | ClientUpdate | None,
+        share: int,
+        speed: float,
+        slot: int | None,
+        members: int,
+        step: int,
+        collective: Collective,
+        work_s: float = 0.0,
+    ) -> Pending | None:
+        """This step over the coordinator: `work` (None: nothing to send) sealed up, the
+        table summed, the aggregate fetched and checked. None if the sum failed or nobody's
+        payload was accepted; ExchangeError if the aggregate cannot be had."""
+        s, k = self.s, self.idx
+        body, weight, loss, remember = self._body(work, share, step)
+        mine = None
+        if body is not None and slot is not None:
+            sent = self._send(store, body, share, step)
+            if sent:
+                mine = Contribution(torch.zeros(0), weight, loss, sent, work_s, speed)
+        summed = sum_weighted(mine, 0, k, slot, members, collective, self.comm)
+        if summed is None or summed[0].total <= 0:
+            return None
+        outcome = summed[0]
+        outcome.wire_bytes += outcome.payload_bytes
+        table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
+        agg = self._aggregate(store, step, table)
+        apply = []
+        if isinstance(s, Federated):
+            floats = [b for b in s.buffers if b.is_floating_point()]
+            rest = list(agg[s.numel :].split([b.numel() for b in floats]))
+            means = [m.view_as(b) for m, b in zip(rest, floats, strict=True)]
+            apply.append(lambda: s.apply_round(agg[: s.numel], means, outcome.devices))
+        else:
+            if remember is not None and mine is not None:
+                apply.append(remember)
+            apply.append(lambda: s.apply(agg[: s.numel].to(s.params[0].device)))
+            if not isinstance(s, CompressedDataParallel):
+                apply.append(lambda: apply_batchnorm(s, agg[s.numel :]))
+        apply.append(lambda: self._tell(store, step, table))
+        return Pending(outcome, apply)
+
+    def _body(
+        self, work: DeviceGradients | ClientUpdate | None, share: int, step: int
+    ) -> tuple[bytes | None, float, float, Callable[[], None] | None]:
+        """(the payload's body, its weight, the loss, what to remember once committed)."""
+        s, k = self.s, self.idx
+        if work is None:
+            return None, 0.0, 0.0, None
+        if isinstance(work, ClientUpdate):
+            return dense_body(torch.cat([work.delta, *work.buffers])), work.weight, work.loss, None
+        grad, loss = work.grads[0], float(work.losses[0])
+        if isinstance(s, CompressedDataParallel):
+            s.add_weight_decay([grad])
+            inputs = s.compensate([k], [grad], step)[0]
+            data = s.encode(k, inputs, step)
+            sent = s.decompressed(k, data, step)
+            return data, float(share), loss, lambda: s.remember(k, grad, inputs, sent)
+        stats = [v.reshape(-1) for layer in work.bn_stats for v in layer[0]]
+        return dense_body(torch.cat([grad, *stats])), float(share), loss, None
+
+    def _send(self, store: Any, body: bytes, share: int, step: int) -> int:
+        """Seal and send; the bytes sent if the coordinator accepted it, else 0."""
+        try:
+            link = self.link(store)
+            assert self.sender is not None
+            wire = self.faulty.seal(self.sender, self.coordinator, body, step, self.head)
+            reply, _ = link.call("update", step, self.idx, share, [wire])
+        except LinkError as e:  # refused, or the link failed: this step goes on without it
+            self.refused += 1
+            self._link = None
+            print(f"edgeddl device {self.name}: {e}", file=sys.stderr)
+            return 0
+        index, head = json.loads(reply)
+        self.head = (int(index), bytes.fromhex(head))
+        return len(wire)
+
+    def _aggregate(self, store: Any, step: int, table: bytes) -> torch.Tensor:
+        """The coordinator's aggregate of the step's senders, checked."""
+        try:
+            wire, _ = self.link(store).call("aggregate", step, self.idx, 0, [table])
+        except LinkError as e:
+            self._link = None
+            raise ExchangeError(f"step {step}: no aggregate ({e})") from None
+        assert self.receiver is not None
+        opened = self.receiver.open(wire)
+        if not isinstance(opened, Opened) or opened.header.step != step:
+            raise ExchangeError(f"step {step}: the coordinator's aggregate was refused ({opened})")
+        self.head = (opened.header.ledger_index, opened.header.ledger_head)
+        s = self.s
+        size = s.numel + (
+            sum(b.numel() for b in s.buffers if b.is_floating_point())
+            if isinstance(s, Federated)
+            else self.bn_size * (not isinstance(s, CompressedDataParallel))
+        )
+        try:
+            return dense_values(opened.body, size)
+        except CodecError as e:
+            raise ExchangeError(f"step {step}: the coordinator's aggregate: {e}") from None
+
+    def _tell(self, store: Any, step: int, table: bytes) -> None:
+        """The step is committed: the coordinator applies and records it (a failure is
+        reported; the other members tell it too)."""
+        try:
+            self.link(store).call("commit", step, self.idx, 0, [table])
+        except LinkError as e:
+            self._link = None
+            print(f"edgeddl device {self.name}: {e}", file=sys.stderr)

@@ -1,0 +1,134 @@
+"""A secured real fleet: every payload sealed to the coordinator, the aggregate sealed back,
+the run's ledger on the coordinator (`transport/sealed_desk.py`, `sealed_device.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeddl.security.keys import Identity, save_identity
+
+torchft = pytest.importorskip("torchft")
+
+DEVICES = ("dev-0", "dev-1", "dev-2")
+
+
+def _security(folder: Path, devices: tuple[str, ...] = DEVICES) -> str:
+    """The [security] table enrolling fresh identities (private keys in `folder`)."""
+
+    def enroll(name: str) -> str:
+        identity = Identity.generate(name)
+        save_identity(identity, folder)
+        keys = dataclasses.asdict(identity.public().to_config())
+        return "{ " + ", ".join(f'{k} = "{v}"' for k, v in keys.items()) + " }"
+
+    lines = [
+        "\n[security]",
+        "enabled = true",
+        f'keys_dir = "{folder}"',
+        "max_payload_bytes = 65536",
+        f"coordinator = {enroll('coordinator')}",
+        "[security.devices]",
+        *(f'"{n}" = {enroll(n)}' for n in devices),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _verify(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeddl", "ledger", "verify", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _check(summary: dict, steps: int, run_dir: Path) -> None:  # type: ignore[type-arg]
+    sec = summary["security"]
+    assert sec["num_rejected"] == 0 and sec["requests_refused"] == []
+    assert sec["steps_aggregated"] == steps  # the coordinator applied every committed step
+    # The coordinator's replica, built from the aggregates it sealed, is the devices' model.
+    assert {round(d["checksum"], 6) for d in summary["per_device"]} == {
+        round(sec["coordinator_checksum"], 6)
+    }
+    done = _verify(run_dir)
+    assert done.returncode == 0, done.stderr
+    assert "final model digest" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("train", "extra", "steps"),
+    [
+        ("", "", 60),
+        ("", '\n[compression]\ncompressor = "topk"\ndensity = 0.05\n', 40),
+        (
+            'strategy = "federated"\n',
+            "\n[federated]\nlocal_steps = 10\nlocal_batch = 32\nlocal_lr = 0.1\n",
+            20,
+        ),
+    ],
+    ids=["dense", "topk", "federated"],
+)
+def test_sealed_payloads_on_a_real_fleet_leave_a_verifiable_ledger(
+    fleet_factory, tmp_path: Path, train: str, extra: str, steps: int
+) -> None:
+    keys = tmp_path / "keys"
+    fleet = fleet_factory(
+        steps=steps,
+        train=train,
+        extra=extra + _security(keys),
+        coordinator_args=("--min-devices", "3"),
+    )
+    for name in DEVICES:
+        fleet.start(name)
+    summary = fleet.finish()
+    assert all(d["final_step"] == steps for d in summary["per_device"])
+    _check(summary, steps, fleet.out)
+    assert summary["final_test_accuracy"] > 0.15  # chance is 0.1
+    entries = [json.loads(x) for x in (fleet.out / "ledger.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in entries]
+    assert kinds[0] == "run" and kinds[-1] == "run_end" and kinds.count("aggregate") == steps
+    # A device's receipt names a ledger head it had seen: after its first update, a later one.
+    heads = {
+        json.loads(json.dumps(e["payload"]))["device"] for e in entries if e["kind"] == "update"
+    }
+    assert heads == set(DEVICES) or train  # federated rounds may leave a device out
+
+
+def test_bad_envelopes_on_a_real_fleet_are_refused_recorded_and_training_goes_on(
+    fleet_factory, tmp_path: Path
+) -> None:
+    """Two more devices: one tampers with its ciphertext, one signs as an impostor. Every
+    payload of theirs is refused with its reason; the honest three train on."""
+    steps = 30
+    bad = (
+        '\n[[fleet.devices]]\nname = "tamper"\nprofile = "pc"\nenvelope_fault = "tampered"\n'
+        '\n[[fleet.devices]]\nname = "fake"\nprofile = "pc"\nenvelope_fault = "impostor"\n'
+    )
+    names = (*DEVICES, "tamper", "fake")
+    fleet = fleet_factory(
+        steps=steps,
+        extra=bad + _security(tmp_path / "keys", names),
+        coordinator_args=("--min-devices", "5"),
+    )
+    for name in names:
+        fleet.start(name)
+    summary = fleet.finish()
+    sec = summary["security"]
+    assert set(sec["rejected_by_reason"]) == {"tampered", "unknown_sender"}
+    assert {r["device"] for r in sec["rejected_payloads"]} == {"tamper", "fake"}
+    by_name = {d["name"]: d for d in summary["per_device"]}
+    assert all(by_name[n]["samples"] > 0 for n in DEVICES)
+    assert by_name["tamper"]["samples"] == by_name["fake"]["samples"] == 0
+    assert len(sec["requests_refused"]) == sec["num_rejected"]  # each told its sender why
+    _check(
+        {**summary, "security": {**sec, "num_rejected": 0, "requests_refused": []}},
+        steps,
+        fleet.out,
+    )
+    entries = [json.loads(x) for x in (fleet.out / "ledger.jsonl").read_text().splitlines()]
+    assert sum(e["kind"] == "reject" for e in entries) == sec["num_rejected"] > 0
