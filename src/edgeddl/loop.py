@@ -237,13 +237,19 @@ def _train(
                 ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
             except TrainingDiverged as e:
                 raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
-            sealed = None
+            sealed, crypto_s = None, None
             if secure is not None:  # every payload sealed, opened, recorded
                 sealed = secure.seal_step(
                     step, clock.now_s, active, strategy.payload_bodies(ex), ex.up_bytes, down
                 )
+                crypto_bytes = sealed.crypto_bytes
+                if split is not None:  # each message of its chain in an envelope of its own
+                    legs = [g.amount for g in split.legs(ex) if g.kind in ("up", "down")]
+                    crypto_bytes = sum(legs) + down
+                    split.add_envelopes(ex, sealed.up_bytes[0] - ex.up_bytes[0])
                 ex.up_bytes, down = sealed.up_bytes, sealed.down_bytes
-                compute_s = compute_s + fleet.crypto_seconds(active, sealed.crypto_bytes)
+                crypto_s = fleet.crypto_seconds(active, crypto_bytes)
+                compute_s = compute_s + crypto_s
             if split is not None:
                 tl = transport.pipeline(
                     split_request(
@@ -254,6 +260,7 @@ def _train(
                         data_s,
                         down,
                         schedule.next_crash_s[active],
+                        crypto_s,
                     )
                 )
             else:

@@ -45,6 +45,7 @@ def split_request(
     data_s: np.ndarray,
     down_bytes: np.ndarray,
     crash_at_s: np.ndarray,
+    extra_device_s: np.ndarray | None = None,
 ) -> PipelineRequest:
     """The step's legs in time: the averaged front down (SplitFed), the data, then the
     strategy's chain with the devices' and the coordinator's FLOPs in seconds."""
@@ -54,8 +55,10 @@ def split_request(
     for leg in strategy.legs(ex):
         if leg.kind == "device":
             seconds = fleet.device_seconds(idx, leg.amount, leg.ops)
-            if first:  # the step's fixed cost, once
+            if first:  # the step's fixed cost (and sealing, `extra_device_s`), once
                 seconds = seconds + fleet.step_overhead_s[idx]
+                if extra_device_s is not None:
+                    seconds = seconds + extra_device_s
                 first = False
             legs.append(("device", seconds))
         elif leg.kind == "coordinator":

@@ -148,3 +148,41 @@ def test_security_settings_are_checked_with_one_line(
         check_real_fleet(scenario_from_dict(_raw(no_dir)))
     with pytest.raises(ConfigError, match=r'^security\.enabled: .*topology = "star"'):
         check_real_fleet(scenario_from_dict(ring))
+
+
+@pytest.mark.parametrize(
+    "split",
+    [{"cut": 1, "splitfed": True}, {"cut": 1, "labels": "u_shaped", "head_cut": "5"}],
+    ids=["splitfed", "u_shaped"],
+)
+def test_split_learnings_cut_tensors_are_sealed_and_recorded(
+    keys: tuple[Path, dict[str, Any]], tmp_path: Path, split: dict[str, Any]
+) -> None:
+    """Every message of a device's chain travels in its own envelope; a tampering Pi's
+    share is left out like a lost device's; the ledger verifies."""
+
+    def raw(security: dict[str, Any] | None, fault: str = "none") -> dict[str, Any]:
+        r = _raw(security, fault)
+        r["train"]["strategy"] = "split"
+        r["split"] = split
+        return r
+
+    security = {**keys[1], "max_payload_bytes": 1 << 22}  # activations: 16x a sample
+    plain = _run(raw(None), tmp_path / "plain")
+    sealed = _run(raw(security), tmp_path / "sealed")
+    check_summary(sealed)
+    assert sealed["security"]["num_rejected"] == 0
+    device_steps = sum(d["steps"] for d in sealed["per_device"])
+    extra = sealed["split"]["cut_bytes_up"] + sealed["split"]["cut_bytes_down"]
+    assert extra == plain["split"]["cut_bytes_up"] + plain["split"]["cut_bytes_down"]
+    assert sealed["virtual_time_s"] > plain["virtual_time_s"]  # envelopes and crypto
+    # Two messages up a step (activations and labels, then the front: SplitFed; or the
+    # activations, then the head's gradient: U-shaped), each in an envelope of ~200 bytes.
+    extra_up = (sealed["bytes_up"] - plain["bytes_up"]) / device_steps
+    assert 2 * 150 < extra_up < 2 * 300
+    assert main(["ledger", "verify", str(tmp_path / "sealed")]) == 0
+    bad = _run(raw(security, "tampered"), tmp_path / "bad")
+    assert bad["security"]["rejected_by_reason"] == {"tampered": 2 * STEPS}
+    by_name = {d["name"]: d for d in bad["per_device"]}
+    assert by_name["pi-0"]["steps"] == 0 and by_name["pc"]["steps"] == STEPS
+    assert main(["ledger", "verify", str(tmp_path / "bad")]) == 0

@@ -269,11 +269,6 @@ def secure_run(scenario: Scenario, run_dir: Path) -> SecureRun:
 def check_sealable(scenario: Scenario) -> None:
     """One-line ConfigError for a scenario whose payloads cannot be sealed (yet)."""
     t = scenario.train
-    if t.strategy == "split":
-        raise ConfigError(
-            "security.enabled: split learning's cut tensors are not sealed yet; use "
-            'train.strategy = "data_parallel" or "federated"'
-        )
     if t.topology != "star":
         raise ConfigError(
             "security.enabled: payloads are sealed between each device and the coordinator; "

@@ -57,6 +57,8 @@ class _Work:
     losses: list[torch.Tensor]
     """Each device's mean loss."""
     legs: list[Leg]
+    bodies: list[bytes]
+    """Everything each device sent up, end to end (what `[security]` seals)."""
 
 
 class SplitLearning:
@@ -193,7 +195,18 @@ class SplitLearning:
         return np.full(len(needs_model), size, dtype=np.int64)
 
     def payload_bodies(self, ex: Exchange) -> list[bytes]:
-        raise ValueError("split learning's cut tensors are not sealed yet")
+        """Each device's encoded tensors up the cut this step, end to end."""
+        work: _Work = ex.work
+        return work.bodies
+
+    def add_envelopes(self, ex: Exchange, envelope: np.ndarray) -> None:
+        """`[security]`: every message each way is sealed on its own, so each up and down
+        leg of device i grows by `envelope[i]` bytes."""
+        work: _Work = ex.work
+        work.legs = [
+            Leg(leg.kind, leg.amount + envelope, leg.ops) if leg.kind in ("up", "down") else leg
+            for leg in work.legs
+        ]
 
     def evaluation_models(self, max_models: int = 8) -> list[nn.Module]:
         """SplitFed: the global model; otherwise up to `max_models` devices' own models,
@@ -214,10 +227,14 @@ class SplitLearning:
         ids = devices.tolist()
         self.wire.sent.clear()
         losses = []
-        for k, xk, yk in zip(ids, x.split(counts), y.split(counts), strict=True):
+        bodies: list[list[bytes]] = [[] for _ in ids]
+        for i, k, xk, yk in zip(
+            range(len(ids)), ids, x.split(counts), y.split(counts), strict=True
+        ):
             self.device_optimizer(k).zero_grad(set_to_none=True)
 
-            def call(kind: str, payloads: list[bytes], k: int = k, n: int = len(xk)):
+            def call(kind: str, payloads: list[bytes], k: int = k, i: int = i, n: int = len(xk)):
+                bodies[i] += payloads
                 return self.rear.handle(kind, k, step, n, payloads)
 
             loss = device_step(self.parts, self.wire, self.cost, k, xk, yk, step, call)
@@ -231,7 +248,7 @@ class SplitLearning:
             counts=counts,
             step=step,
             up_bytes=np.asarray(up, dtype=np.int64)[None],
-            work=_Work(losses, legs),
+            work=_Work(losses, legs, [b"".join(b) for b in bodies]),
         )
 
     def _legs(self, ids: list[int], n: np.ndarray) -> list[Leg]:
