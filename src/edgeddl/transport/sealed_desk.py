@@ -27,10 +27,7 @@ coordinator expects from it (a restarted device goes on from there) and the ledg
 
 from __future__ import annotations
 
-import json
 import threading
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +38,8 @@ from edgeddl.compress.bitpack import CodecError
 from edgeddl.compress.codec import Codec
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
-from edgeddl.config.security import SECURITY_COORDINATOR
-from edgeddl.security.envelope import Opened, Receiver, Rejection, Sender
-from edgeddl.security.keys import enrolled
-from edgeddl.security.ledger import (
-    LEDGER_FILE,
-    Ledger,
-    model_digest,
-    reject_payload,
-    update_payload,
-)
-from edgeddl.security.session import enrolled_identity
+from edgeddl.security.ledger import model_digest
+from edgeddl.security.parties import CoordinatorSeal
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, dense_body
@@ -92,10 +80,7 @@ class SealedDesk:
     """The coordinator's part in a secured real fleet; see the module docstring."""
 
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
-        cfg = scenario.security
         self.names = scenario.fleet.device_names()
-        self.peers = enrolled(cfg)
-        self.identity = enrolled_identity(Path(cfg.keys_dir), SECURITY_COORDINATOR, self.peers)
         w = build_workload(scenario)
         sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
         self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, sizes)
@@ -105,31 +90,15 @@ class SealedDesk:
                 "security.enabled: a compressed payload carries no BatchNorm statistics on a "
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
             )
-        self.run_id = f"{scenario.run.name}-{uuid.uuid4().hex[:12]}"
-        self.receiver = Receiver(
-            self.identity, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
-        )
-        self.sender = Sender(self.identity, self.run_id)
-        self.max_payload_bytes = cfg.max_payload_bytes
-        path = out_dir / LEDGER_FILE
-        if path.exists():  # an earlier run's in this folder: kept aside, not continued
-            path.replace(path.with_name(LEDGER_FILE + ".previous"))
-        self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
-        self.ledger.append(
-            self.identity,
-            "run",
-            {"run_id": self.run_id, "scenario": scenario.run.name, "devices": self.names},
-        )
+        self.seal = CoordinatorSeal(scenario, out_dir)
         self.lock = threading.Lock()
         self.updates: dict[int, dict[int, tuple[Any, int]]] = {}
         """Step -> device -> (its decoded update, its ledger entry)."""
-        self.aggregates: dict[tuple[int, tuple[int, ...]], tuple[bytes, torch.Tensor, Any]] = {}
+        self.aggregates: dict[tuple[int, tuple[int, ...]], tuple[bytes, torch.Tensor]] = {}
         self.committed: set[int] = set()
-        self.rejected: list[dict[str, object]] = []
-        self.started = time.perf_counter()
 
     def max_request_bytes(self, op: str) -> int:
-        return self.max_payload_bytes if op == "update" else 8 * (2 * len(self.names) + 2)
+        return self.seal.max_payload_bytes if op == "update" else 8 * (2 * len(self.names) + 2)
 
     def answer(
         self,
@@ -145,61 +114,20 @@ class SealedDesk:
             raise ValueError(f"the link of {name} spoke for device {device}")
         with self.lock:
             if op == "hello":
-                return self._hello(name), 0.0
+                return self.seal.hello(name), 0.0
             if op == "update":
-                return self._update(name, device, step, parts[0] if parts else b""), 0.0
+                wire = parts[0] if parts else b""
+                update, entry = self.seal.open(name, step, wire, lambda b: self._decode(device, b))
+                self.updates.setdefault(step, {})[device] = (update, entry)
+                return self.seal.head_json(), 0.0
             if op in ("aggregate", "commit"):
-                table = np.frombuffer(parts[0], dtype=np.int64) if parts else np.zeros(0, np.int64)
-                n = len(table) // 2
-                if len(table) % 2 or not n:
-                    raise ValueError(f"{op}: the table of devices and weights is malformed")
-                devices, weights = tuple(table[:n].tolist()), table[n:].tolist()
-                body, _, _ = self._aggregate(step, devices, weights)
+                devices, weights = read_table(parts)
+                body, agg = self._aggregate(step, devices, weights)
                 if op == "commit":
-                    self._commit(step, devices)
+                    self._commit(step, devices, agg)
                     return b"", 0.0
-                wire = self.sender.seal(
-                    self.peers[name], body, step=step, ledger_head=self.ledger.head
-                )
-                return wire, 0.0
+                return self.seal.seal(name, body, step), 0.0
         raise ValueError(f"{op} is not a request of a secured fleet")
-
-    def _hello(self, name: str) -> bytes:
-        index, head = self.ledger.head
-        return json.dumps(
-            {
-                "run_id": self.run_id,
-                "next_seq": self.receiver.last_seq(name) + 1,
-                "ledger": [index, head.hex()],
-            }
-        ).encode()
-
-    def _update(self, name: str, device: int, step: int, wire: bytes) -> bytes:
-        """Open, check and record one sealed update; the ledger head (JSON) once it is in."""
-        opened = self.receiver.open(wire)
-        if isinstance(opened, Opened):
-            h = opened.header
-            if h.sender != name:
-                opened = Rejection(
-                    "unknown_sender", h.sender, f"sealed by {h.sender}, sent by {name}"
-                )
-            elif h.step != step:
-                opened = Rejection("replayed", h.sender, f"sealed for step {h.step}")
-        if isinstance(opened, Opened):
-            try:
-                update = self._decode(device, opened.body)
-            except CodecError as e:
-                opened = Rejection("malformed", name, str(e))
-        if not isinstance(opened, Opened):
-            payload = reject_payload(opened, step=step)
-            payload["device"] = name  # who sent it, whatever it claimed
-            self.rejected.append({**payload, "claimed": opened.sender})
-            self.ledger.append(self.identity, "reject", payload)
-            raise ValueError(f"payload refused ({opened.reason}): {opened.detail}")
-        entry = self.ledger.append(self.identity, "update", update_payload(opened))
-        self.updates.setdefault(step, {})[device] = (update, entry)
-        index, head = self.ledger.head
-        return json.dumps([index, head.hex()]).encode()
 
     def _decode(self, device: int, body: bytes) -> Any:
         s = self.strategy
@@ -212,7 +140,7 @@ class SealedDesk:
 
     def _aggregate(
         self, step: int, devices: tuple[int, ...], weights: list[int]
-    ) -> tuple[bytes, torch.Tensor, Any]:
+    ) -> tuple[bytes, torch.Tensor]:
         """The step's aggregate of `devices`' updates (each once per step and devices)."""
         key = (step, devices)
         if key in self.aggregates:
@@ -224,43 +152,33 @@ class SealedDesk:
         total = float(sum(weights))
         w = [x / total for x in weights]
         s = self.strategy
-        extra: Any = None
         if isinstance(s, CompressedDataParallel):
-            sent, agg = s.aggregate(list(devices), w, [got[d][0] for d in devices], step)
-            assert agg is not None  # None only from a robust screen, refused on a real fleet
-            extra = sent
+            _, mean = s.aggregate(list(devices), w, [got[d][0] for d in devices], step)
+            assert mean is not None  # None only from a robust screen, refused on a real fleet
+            agg = mean
         else:
             agg = sum(wi * got[d][0] for d, wi in zip(devices, w, strict=True))
-        result = (dense_body(agg), agg, extra)
+        result = (dense_body(agg), agg)
         self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] >= step}
         self.aggregates[key] = result
         return result
 
-    def _commit(self, step: int, devices: tuple[int, ...]) -> None:
+    def _commit(self, step: int, devices: tuple[int, ...], agg: torch.Tensor) -> None:
         """Apply the step's aggregate to the coordinator's replica, once; record it."""
         if step in self.committed:
             return
-        _, agg, _ = next(v for k, v in self.aggregates.items() if k == (step, devices))
         s = self.strategy
         if isinstance(s, Federated):
             floats = [b for b in s.buffers if b.is_floating_point()]
             rest = list(agg[s.numel :].split([b.numel() for b in floats]))
-            s.apply_round(
-                agg[: s.numel],
-                [m.view_as(b) for m, b in zip(rest, floats, strict=True)],
-                list(devices),
-            )
+            means = [m.view_as(b) for m, b in zip(rest, floats, strict=True)]
+            s.apply_round(agg[: s.numel], means, list(devices))
         else:
             s.apply(agg[: s.numel])
             if not isinstance(s, CompressedDataParallel):
                 apply_batchnorm(s, agg[s.numel :])
         self.committed.add(step)
-        entries = [self.updates[step][d][1] for d in devices]
-        self.ledger.append(
-            self.identity,
-            "aggregate",
-            {"step": step, "updates": entries, "model_digest": self.digest()},
-        )
+        self.seal.aggregate(step, [self.updates[step][d][1] for d in devices], self.digest())
         self.updates = {k: v for k, v in self.updates.items() if k > step}
 
     def digest(self) -> str:
@@ -270,21 +188,15 @@ class SealedDesk:
     def summary(self) -> dict[str, Any]:
         """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
         with self.lock:
-            final = self.digest()
-            self.ledger.append(self.identity, "run_end", {"model_digest": final})
-            self.ledger.close()
-            reasons: dict[str, int] = {}
-            for r in self.rejected:
-                reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
-            return {
-                "model_digest": final,
-                "security": {
-                    "run_id": self.run_id,
-                    "ledger_entries": self.ledger.index + 1,
-                    "num_rejected": len(self.rejected),
-                    "rejected_by_reason": reasons,
-                    "rejected_payloads": self.rejected,
-                    "steps_aggregated": len(self.committed),
-                    "coordinator_checksum": checksum(self.strategy.model),
-                },
-            }
+            out = self.seal.close(self.digest())
+            out["security"]["coordinator_checksum"] = checksum(self.strategy.model)
+            return out
+
+
+def read_table(parts: list[bytes]) -> tuple[tuple[int, ...], list[int]]:
+    """A request's table of devices and their weights (samples), int64 end to end."""
+    table = np.frombuffer(parts[0], dtype=np.int64) if parts else np.zeros(0, np.int64)
+    n = len(table) // 2
+    if len(table) % 2 or not n:
+        raise ValueError("the table of devices and weights is malformed")
+    return tuple(table[:n].tolist()), table[n:].tolist()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +24,7 @@ import torch
 
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.config.schema import Scenario
-from edgeddl.config.security import SECURITY_COORDINATOR
-from edgeddl.security.envelope import NO_LEDGER_HEAD, Opened, Receiver, Sender
-from edgeddl.security.keys import enrolled
-from edgeddl.security.session import FaultySender, enrolled_identity, impostor
+from edgeddl.security.parties import DeviceSeal
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, dense_body
 from edgeddl.strategy.federated import Federated
@@ -59,36 +55,19 @@ class SealedDevice:
         timeout_s: float,
         connect: Callable[[Any, str, float], Link] = CoordinatorLink,
     ) -> None:
-        cfg = scenario.security
-        peers = enrolled(cfg)
-        fault = [g.envelope_fault for g in scenario.fleet.devices for _ in range(g.count)][idx]
-        self.identity = enrolled_identity(Path(cfg.keys_dir), name, peers)
-        self.signer = impostor(name) if fault == "impostor" else self.identity
-        """Who seals its payloads: an impostor signs as an identity nobody enrolled."""
-        self.faulty = FaultySender(fault, cfg.max_payload_bytes)
-        """A misbehaving device's envelopes (`envelope_fault`), as in the simulator."""
-        self.coordinator = peers[SECURITY_COORDINATOR]
+        self.seal = DeviceSeal(scenario, idx, name)
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s, self.connect = timeout_s, connect
         self.bn_size = batchnorm_size(strategy)
         self._link: Link | None = None
         self._store: Any = None
-        self.sender: Sender | None = None
-        self.receiver: Receiver | None = None
-        self.head = NO_LEDGER_HEAD
         self.refused = 0
 
     def link(self, store: Any) -> Link:
-        """The link to the coordinator; a new one starts with "hello" (the run id, the
-        sequence number to go on from, the ledger head)."""
+        """The link to the coordinator; a new one starts with "hello"."""
         if self._link is None or self._store is not store:
             link = self.connect(store, self.name, self.timeout_s)
-            info = json.loads(link.call("hello", 0, self.idx, 0, [])[0])
-            run_id = str(info["run_id"])
-            self.sender = Sender(self.signer, run_id, first_seq=int(info["next_seq"]))
-            peers = {SECURITY_COORDINATOR: self.coordinator}
-            self.receiver = Receiver(self.identity, run_id, peers, max_payload_bytes=1 << 31)
-            self.head = (int(info["ledger"][0]), bytes.fromhex(info["ledger"][1]))
+            self.seal.start(link.call("hello", 0, self.idx, 0, [])[0])
             self._link, self._store = link, store
         return self._link
 
@@ -159,16 +138,14 @@ class SealedDevice:
         """Seal and send; the bytes sent if the coordinator accepted it, else 0."""
         try:
             link = self.link(store)
-            assert self.sender is not None
-            wire = self.faulty.seal(self.sender, self.coordinator, body, step, self.head)
+            wire = self.seal.seal(body, step)
             reply, _ = link.call("update", step, self.idx, share, [wire])
         except LinkError as e:  # refused, or the link failed: this step goes on without it
             self.refused += 1
             self._link = None
             print(f"edgeddl device {self.name}: {e}", file=sys.stderr)
             return 0
-        index, head = json.loads(reply)
-        self.head = (int(index), bytes.fromhex(head))
+        self.seal.saw(json.loads(reply))
         return len(wire)
 
     def _aggregate(self, store: Any, step: int, table: bytes) -> torch.Tensor:
@@ -178,11 +155,6 @@ class SealedDevice:
         except LinkError as e:
             self._link = None
             raise ExchangeError(f"step {step}: no aggregate ({e})") from None
-        assert self.receiver is not None
-        opened = self.receiver.open(wire)
-        if not isinstance(opened, Opened) or opened.header.step != step:
-            raise ExchangeError(f"step {step}: the coordinator's aggregate was refused ({opened})")
-        self.head = (opened.header.ledger_index, opened.header.ledger_head)
         s = self.s
         size = s.numel + (
             sum(b.numel() for b in s.buffers if b.is_floating_point())
@@ -190,7 +162,7 @@ class SealedDevice:
             else self.bn_size * (not isinstance(s, CompressedDataParallel))
         )
         try:
-            return dense_values(opened.body, size)
+            return dense_values(self.seal.open(wire, step), size)
         except CodecError as e:
             raise ExchangeError(f"step {step}: the coordinator's aggregate: {e}") from None
 

@@ -1,0 +1,175 @@
+"""The two parties of a secured real fleet, each with only its own private key.
+
+`CoordinatorSeal` opens what devices send (`Receiver`: signature, ciphertext, sequence,
+size, enrolled sender; then: sealed for this step, by the device whose link it came over),
+records each `update` with the device's receipt or each `reject` with its reason, seals its
+answers for each device, and closes the ledger with the final model's digest.
+`DeviceSeal` seals a device's payloads with the ledger head it last saw (or, with an
+`envelope_fault`, what a misbehaving device would send instead) and opens the coordinator's
+answers. A device's new link starts with `hello`: the run id, the sequence number the
+coordinator expects from it next (so a restarted device goes on from there) and the ledger
+head. Which payloads they carry is the transport's business (`transport/sealed_desk.py`,
+`transport/rear_desk.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeddl.compress.bitpack import CodecError
+from edgeddl.config.schema import Scenario
+from edgeddl.config.security import SECURITY_COORDINATOR
+from edgeddl.security.envelope import NO_LEDGER_HEAD, Opened, Receiver, Rejection, Sender
+from edgeddl.security.keys import enrolled
+from edgeddl.security.ledger import LEDGER_FILE, Ledger, reject_payload, update_payload
+from edgeddl.security.session import FaultySender, enrolled_identity, impostor
+
+
+class Refused(ValueError):
+    """A payload the coordinator refused (recorded with its reason)."""
+
+
+class CoordinatorSeal:
+    """The coordinator's envelopes and ledger; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, out_dir: Path) -> None:
+        cfg = scenario.security
+        self.names = scenario.fleet.device_names()
+        self.peers = enrolled(cfg)
+        self.identity = enrolled_identity(Path(cfg.keys_dir), SECURITY_COORDINATOR, self.peers)
+        self.run_id = f"{scenario.run.name}-{uuid.uuid4().hex[:12]}"
+        self.receiver = Receiver(
+            self.identity, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
+        )
+        self.sender = Sender(self.identity, self.run_id)
+        self.max_payload_bytes = cfg.max_payload_bytes
+        path = out_dir / LEDGER_FILE
+        if path.exists():  # an earlier run's in this folder: kept aside, not continued
+            path.replace(path.with_name(LEDGER_FILE + ".previous"))
+        self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
+        self.ledger.append(
+            self.identity,
+            "run",
+            {"run_id": self.run_id, "scenario": scenario.run.name, "devices": self.names},
+        )
+        self.rejected: list[dict[str, object]] = []
+        self.steps_aggregated = 0
+
+    def hello(self, name: str) -> bytes:
+        index, head = self.ledger.head
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "next_seq": self.receiver.last_seq(name) + 1,
+                "ledger": [index, head.hex()],
+            }
+        ).encode()
+
+    def open(
+        self, name: str, step: int, wire: bytes, decode: Callable[[bytes], Any] = bytes
+    ) -> tuple[Any, int]:
+        """Device `name`'s payload for step `step`, opened, decoded and recorded: (what
+        `decode` made of it, its `update` entry). Refused (with a `reject` entry) if the
+        envelope, its step, its sender or its body (CodecError from `decode`) is wrong."""
+        opened = self.receiver.open(wire)
+        if isinstance(opened, Opened):
+            h = opened.header
+            if h.sender != name:
+                opened = Rejection(
+                    "unknown_sender", h.sender, f"sealed by {h.sender}, sent by {name}"
+                )
+            elif h.step != step:
+                opened = Rejection("replayed", h.sender, f"sealed for step {h.step}")
+        value = None
+        if isinstance(opened, Opened):
+            try:
+                value = decode(opened.body)
+            except CodecError as e:
+                opened = Rejection("malformed", name, str(e))
+        if not isinstance(opened, Opened):
+            payload = reject_payload(opened, step=step)
+            payload["device"] = name  # who sent it, whatever it claimed
+            self.rejected.append({**payload, "claimed": opened.sender})
+            self.ledger.append(self.identity, "reject", payload)
+            raise Refused(f"payload refused ({opened.reason}): {opened.detail}")
+        return value, self.ledger.append(self.identity, "update", update_payload(opened))
+
+    def head_json(self) -> bytes:
+        index, head = self.ledger.head
+        return json.dumps([index, head.hex()]).encode()
+
+    def seal(self, name: str, body: bytes, step: int) -> bytes:
+        """`body` sealed for device `name`."""
+        return self.sender.seal(self.peers[name], body, step=step, ledger_head=self.ledger.head)
+
+    def aggregate(self, step: int, entries: list[int], digest: str) -> None:
+        self.ledger.append(
+            self.identity, "aggregate", {"step": step, "updates": entries, "model_digest": digest}
+        )
+        self.steps_aggregated += 1
+
+    def close(self, digest: str) -> dict[str, Any]:
+        """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
+        self.ledger.append(self.identity, "run_end", {"model_digest": digest})
+        self.ledger.close()
+        reasons: dict[str, int] = {}
+        for r in self.rejected:
+            reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
+        return {
+            "model_digest": digest,
+            "security": {
+                "run_id": self.run_id,
+                "ledger_entries": self.ledger.index + 1,
+                "num_rejected": len(self.rejected),
+                "rejected_by_reason": reasons,
+                "rejected_payloads": self.rejected,
+                "steps_aggregated": self.steps_aggregated,
+            },
+        }
+
+
+class DeviceSeal:
+    """A device's envelopes; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, idx: int, name: str) -> None:
+        cfg = scenario.security
+        peers = enrolled(cfg)
+        fault = [g.envelope_fault for g in scenario.fleet.devices for _ in range(g.count)][idx]
+        self.identity = enrolled_identity(Path(cfg.keys_dir), name, peers)
+        self.signer = impostor(name) if fault == "impostor" else self.identity
+        """Who seals its payloads: an impostor signs as an identity nobody enrolled."""
+        self.faulty = FaultySender(fault, cfg.max_payload_bytes)
+        self.coordinator = peers[SECURITY_COORDINATOR]
+        self.sender: Sender | None = None
+        self.receiver: Receiver | None = None
+        self.head = NO_LEDGER_HEAD
+
+    def start(self, hello: bytes) -> None:
+        """A new link: the coordinator's `hello`."""
+        info = json.loads(hello)
+        run_id = str(info["run_id"])
+        self.sender = Sender(self.signer, run_id, first_seq=int(info["next_seq"]))
+        peers = {SECURITY_COORDINATOR: self.coordinator}
+        self.receiver = Receiver(self.identity, run_id, peers, max_payload_bytes=1 << 31)
+        self.saw(info["ledger"])
+
+    def saw(self, head: list[Any]) -> None:
+        """The ledger head the coordinator's answer named ([index, hash hex])."""
+        self.head = (int(head[0]), bytes.fromhex(str(head[1])))
+
+    def seal(self, body: bytes, step: int) -> bytes:
+        assert self.sender is not None, "start() first"
+        return self.faulty.seal(self.sender, self.coordinator, body, step, self.head)
+
+    def open(self, wire: bytes, step: int) -> bytes:
+        """The coordinator's answer for step `step`; CodecError if it is not genuinely one."""
+        assert self.receiver is not None, "start() first"
+        opened = self.receiver.open(wire)
+        if not isinstance(opened, Opened) or opened.header.step != step:
+            raise CodecError(f"the coordinator's answer for step {step} was refused ({opened})")
+        self.head = (opened.header.ledger_index, opened.header.ledger_head)
+        return opened.body
