@@ -132,3 +132,32 @@ def test_bad_envelopes_on_a_real_fleet_are_refused_recorded_and_training_goes_on
     )
     entries = [json.loads(x) for x in (fleet.out / "ledger.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "reject" for e in entries) == sec["num_rejected"] > 0
+
+
+def test_split_learning_sealed_on_a_real_fleet(fleet_factory, tmp_path: Path) -> None:
+    """SplitFed with every cut tensor sealed both ways, and a fourth device that tampers
+    with its ciphertexts: refused each step, it sits out; the three train on."""
+    steps = 40
+    extra = (
+        '\n[[fleet.devices]]\nname = "tamper"\nprofile = "pc"\nenvelope_fault = "tampered"\n'
+        "\n[split]\ncut = 1\nsplitfed = true\n"
+    )
+    names = (*DEVICES, "tamper")
+    fleet = fleet_factory(
+        steps=steps,
+        train='strategy = "split"\n',
+        extra=extra + _security(tmp_path / "keys", names).replace("65536", "4194304"),
+        coordinator_args=("--min-devices", "4"),
+    )
+    for name in names:
+        fleet.start(name)
+    summary = fleet.finish()
+    sec, split = summary["security"], summary["split"]
+    assert split["rear_steps"] == steps and sec["steps_aggregated"] == steps
+    assert set(sec["rejected_by_reason"]) == {"tampered"} and sec["num_rejected"] > 0
+    by_name = {d["name"]: d for d in summary["per_device"]}
+    assert by_name["tamper"]["samples"] == 0 and all(by_name[n]["samples"] > 0 for n in DEVICES)
+    assert summary["replicas_consistent"]  # the averaged front, the tamperer's too
+    done = _verify(fleet.out)
+    assert done.returncode == 0, done.stderr
+    assert summary["final_test_accuracy"] > 0.15  # chance is 0.1

@@ -174,6 +174,7 @@ def serve(
         served = {"links_opened": links.opened, "requests_refused": list(links.refused)}
         if isinstance(desk, RearDesk):
             summary["split"] = {**desk.summary(), **served}
+            summary.update(desk.close())  # with [security]: the digest and the ledger's end
         elif isinstance(desk, SealedDesk):
             sealed = desk.summary()
             summary["model_digest"] = sealed["model_digest"]

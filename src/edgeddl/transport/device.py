@@ -41,6 +41,7 @@ from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.timeline import STATES
+from edgeddl.security.parties import DeviceSeal
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.build import build_split, build_strategy
 from edgeddl.strategy.data_parallel import DataParallel
@@ -152,14 +153,15 @@ class DeviceRun:
         self.split: SplitDevice | None = None
         if scenario.train.strategy == "split":
             self.strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
-            self.split = SplitDevice(self.strategy, idx, opts.name, comm, opts.timeout_s)
+            seal = DeviceSeal(scenario, idx, opts.name) if scenario.security.enabled else None
+            self.split = SplitDevice(self.strategy, idx, opts.name, comm, opts.timeout_s, seal=seal)
         else:
             shard_sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
             self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
             self.replica = ReplicaStep(self.strategy, idx, comm)
         self.sealed: SealedDevice | None = None
-        if scenario.security.enabled:  # payloads go sealed to the coordinator
-            assert not isinstance(self.strategy, SplitLearning)
+        if scenario.security.enabled and not isinstance(self.strategy, SplitLearning):
+            # payloads go sealed to the coordinator (split learning seals its cut tensors)
             self.sealed = SealedDevice(
                 scenario, self.strategy, idx, opts.name, comm, opts.timeout_s
             )
@@ -303,9 +305,8 @@ class DeviceRun:
         data_s = time.perf_counter() - t1
         try:
             loss, link_s, sent = self.split.work(store, x, y, step)
-        except LinkError as e:
+        except LinkError as e:  # refused, or the link failed: it sits this step out
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
-            engine.report_error(e)
             return None, data_s, time.perf_counter() - t1, 0.0
         assert isinstance(self.strategy, SplitLearning)
         c = self.strategy.cost

@@ -72,11 +72,6 @@ def check_real_fleet(scenario: Scenario) -> None:
             )
     if scenario.security.enabled:
         check_sealable(scenario)
-        if scenario.train.strategy == "split":
-            raise ConfigError(
-                "security.enabled: split learning's cut tensors are sealed on the simulated "
-                "fleet only for now; set it to false for a real fleet"
-            )
         if not scenario.security.keys_dir:
             raise ConfigError(
                 "security.keys_dir: each party of a real fleet loads its own private key from "

@@ -32,6 +32,8 @@ from torch import nn
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.report.files import write_bytes_atomic
+from edgeddl.security.ledger import model_digest
+from edgeddl.security.parties import CoordinatorSeal
 from edgeddl.strategy.build import build_split
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.transport.checkpoint import pack, unpack
@@ -56,12 +58,17 @@ class RearDesk:
         evaluate: Evaluate | None = None,
         timeout_s: float = 3600.0,
         checkpoint: tuple[Path, int, str] | None = None,
+        seal: CoordinatorSeal | None = None,
     ) -> None:
         self.strategy, self.names, self.global_batch = strategy, names, global_batch
         self.store, self.evaluate, self.timeout_s = store, evaluate, timeout_s
         self.checkpoint = checkpoint
         """(file, every how many steps, the scenario's TOML): the rear kept on disk."""
         self.resumed_from: int | None = None
+        self.seal = seal
+        """`[security]`: every tensor each way sealed, each one recorded in the ledger."""
+        self.entries: dict[int, dict[int, list[int]]] = {}
+        """Step -> device -> the ledger entries of what it sent."""
         self.lock = threading.Lock()
         c = strategy.cost
         per_sample = max(c.cut_bytes, c.head_cut_bytes) + 16  # fp32 values, labels, scales
@@ -89,6 +96,7 @@ class RearDesk:
             store,
             lambda model: w.task.evaluate(model, w.x_test, w.y_test),
             checkpoint=(out_dir / REAR_FILE, checkpoint_every, toml),
+            seal=CoordinatorSeal(scenario, out_dir) if scenario.security.enabled else None,
         )
         path = out_dir / REAR_FILE
         if path.exists():
@@ -111,7 +119,8 @@ class RearDesk:
             write_bytes_atomic(path, pack(step, step, state, toml))
 
     def max_request_bytes(self, op: str) -> int:
-        return self.max_state if op == "evaluate" else self.max_body
+        envelopes = 1024 if self.seal is not None else 0  # two envelopes' headers and names
+        return (self.max_state if op == "evaluate" else self.max_body) + envelopes
 
     def answer(
         self,
@@ -127,14 +136,24 @@ class RearDesk:
         if the request is refused (the rear keeps nothing of it)."""
         if device < 0 or device >= len(self.names) or self.names[device] != name:
             raise ValueError(f"the link of {name} spoke for device {device}")
-        rear = self.strategy.rear
-        if op not in ("activations", "head_gradients", "commit", "evaluate"):
+        rear, seal = self.strategy.rear, self.seal
+        if op not in ("activations", "head_gradients", "commit", "evaluate", "hello"):
             raise ValueError(f"{op} is not a split learning request")
         with self.lock:
+            if op == "hello" and seal is not None:
+                return seal.hello(name), 0.0
+            if op in ("activations", "head_gradients", "evaluate") and seal is not None:
+                opened = [seal.open(name, step, p) for p in parts]
+                self.entries.setdefault(step, {}).setdefault(device, []).extend(
+                    e for _, e in opened
+                )
+                parts = [p for p, _ in opened]
             if op in ("activations", "head_gradients"):
                 if not 0 < count <= self.global_batch:
                     raise ValueError(f"{count} samples (global_batch {self.global_batch})")
                 reply = rear.handle(op, device, step, count, parts)
+                if seal is not None:
+                    reply = (seal.seal(name, reply[0], step), reply[1])
                 c = self.strategy.cost
                 self.received += sum(len(p) for p in parts)
                 per_sample = c.cut_bytes + 8 * (len(parts) - 1)  # activations (and labels)
@@ -150,6 +169,11 @@ class RearDesk:
                 if rear.commit(step, devices.tolist(), counts.tolist()):
                     self.strategy.num_payloads += len(devices)
                     self._keep(step + 1)  # the step counter once the step is committed
+                    if seal is not None:
+                        sent = self.entries.pop(step, {})
+                        used = [e for d in devices.tolist() for e in sent.get(d, [])]
+                        seal.aggregate(step, used, self.digest())
+                        self.entries = {k: v for k, v in self.entries.items() if k > step}
                 return b"", 0.0
             self._evaluate(step, parts[0] if parts else b"", header)
             return b"", 0.0
@@ -172,6 +196,16 @@ class RearDesk:
         i = self.store.add(KEY_ROWS, 1)
         self.store.set(row_key(i), json.dumps(row))
         self.evaluated.add(step)
+
+    def digest(self) -> str:
+        """The rear's digest: what the coordinator's ledger vouches for."""
+        with torch.no_grad():
+            return model_digest(self.strategy.parts.rear.state_dict())
+
+    def close(self) -> dict[str, Any]:
+        """`[security]`: the ledger closed; the run's `model_digest` and `security` keys."""
+        with self.lock:
+            return self.seal.close(self.digest()) if self.seal is not None else {}
 
     def summary(self) -> dict[str, Any]:
         """The run's `split` entry, with the bytes as the coordinator saw them."""

@@ -76,6 +76,10 @@ def apply_batchnorm(strategy: DataParallel, flat: torch.Tensor) -> None:
         apply_batchnorm_stats(strategy.model, stats, [0], torch.ones(1), strategy.batchnorms)
 
 
+KEEP_STEPS = 4
+"""Steps of updates and aggregates the coordinator keeps after a commit."""
+
+
 class SealedDesk:
     """The coordinator's part in a secured real fleet; see the module docstring."""
 
@@ -159,7 +163,7 @@ class SealedDesk:
         else:
             agg = sum(wi * got[d][0] for d, wi in zip(devices, w, strict=True))
         result = (dense_body(agg), agg)
-        self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] >= step}
+        self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] > step - KEEP_STEPS}
         self.aggregates[key] = result
         return result
 
@@ -179,7 +183,9 @@ class SealedDesk:
                 apply_batchnorm(s, agg[s.numel :])
         self.committed.add(step)
         self.seal.aggregate(step, [self.updates[step][d][1] for d in devices], self.digest())
-        self.updates = {k: v for k, v in self.updates.items() if k > step}
+        # A member that was not in this step may still ask for an older one (joins race
+        # with commits): keep the last few steps' updates.
+        self.updates = {k: v for k, v in self.updates.items() if k > step - KEEP_STEPS}
 
     def digest(self) -> str:
         with torch.no_grad():

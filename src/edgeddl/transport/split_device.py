@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edgeddl.compress.bitpack import CodecError
+from edgeddl.security.parties import DeviceSeal
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.strategy.split_roles import device_step
 from edgeddl.transport.coordinator_link import CoordinatorLink, LinkError
@@ -56,10 +58,13 @@ class SplitDevice:
         comm: torch.device,
         timeout_s: float,
         connect: Callable[[Any, str, float], Link] = CoordinatorLink,
+        seal: DeviceSeal | None = None,
     ) -> None:
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s = timeout_s
         self.connect = connect
+        self.seal = seal
+        """`[security]`: every tensor each way sealed."""
         """Opens a link to the rear: (the coordinator's store, device name, timeout)."""
         self._link: Link | None = None
         self._store: Any = None
@@ -70,7 +75,10 @@ class SplitDevice:
     def link(self, store: Any) -> Link:
         """The link to the rear, opened again after a failure or a new coordinator store."""
         if self._link is None or self._store is not store:
-            self._link, self._store = self.connect(store, self.name, self.timeout_s), store
+            link = self.connect(store, self.name, self.timeout_s)
+            if self.seal is not None:
+                self.seal.start(link.call("hello", 0, self.idx, 0, [])[0])
+            self._link, self._store = link, store
         return self._link
 
     def drop_link(self) -> None:
@@ -87,7 +95,14 @@ class SplitDevice:
         seconds, sent = link.seconds, s.wire.up_bytes
 
         def call(kind: str, payloads: list[bytes]) -> tuple[bytes, float]:
-            return link.call(kind, step, k, n, payloads)
+            if self.seal is None:
+                return link.call(kind, step, k, n, payloads)
+            sealed = [self.seal.seal(p, step) for p in payloads]
+            reply, loss = link.call(kind, step, k, n, sealed)
+            try:
+                return self.seal.open(reply, step), loss
+            except CodecError as e:
+                raise LinkError(str(e)) from None
 
         try:
             loss = device_step(s.parts, s.wire, s.cost, k, x, y, step, call)
@@ -148,7 +163,16 @@ class SplitDevice:
 
     def evaluate(self, store: Any, step: int, loss: float, members: int) -> None:
         """The lead's front (and head) to the coordinator, which tests the whole model."""
-        self._tell(store, "evaluate", step, [state_bytes(self.s, self.idx)], loss, members)
+        state = state_bytes(self.s, self.idx)
+        if self.seal is not None:
+            try:
+                self.link(store)  # a new link first: its hello starts the envelopes
+            except LinkError as e:
+                self.drop_link()
+                print(f"edgeddl device {self.name}: {e}", file=sys.stderr)
+                return
+            state = self.seal.seal(state, step)
+        self._tell(store, "evaluate", step, [state], loss, members)
 
     def _tell(
         self,
