@@ -161,3 +161,31 @@ def test_split_learning_sealed_on_a_real_fleet(fleet_factory, tmp_path: Path) ->
     done = _verify(fleet.out)
     assert done.returncode == 0, done.stderr
     assert summary["final_test_accuracy"] > 0.15  # chance is 0.1
+
+
+def test_sealed_on_elastic_survives_a_kill_9(fleet_factory, tmp_path: Path) -> None:
+    """torchrun elastic restarts every worker after a loss: each opens a new link, and its
+    hello tells it the sequence number to go on from, so nothing it sends looks replayed."""
+    steps = 200
+    fleet = fleet_factory(
+        steps=steps,
+        extra=_security(tmp_path / "keys"),
+        coordinator_args=("--engine", "elastic", "--min-devices", "3"),
+    )
+    for name in DEVICES:
+        fleet.start(name)
+    fleet.wait_for("dev-1", 40)
+    fleet.kill("dev-1")
+    summary = fleet.finish()
+    assert sorted(summary["devices_finished"]) == ["dev-0", "dev-2"]
+    for d in summary["per_device"]:
+        assert d["final_step"] == steps and d["restarts"] >= 1
+    sec = summary["security"]
+    assert sec["num_rejected"] == 0  # no envelope of a restarted worker was taken for a replay
+    assert sec["steps_aggregated"] == steps
+    assert summary["replicas_consistent"]
+    assert {round(d["checksum"], 6) for d in summary["per_device"]} == {
+        round(sec["coordinator_checksum"], 6)
+    }
+    done = _verify(fleet.out)
+    assert done.returncode == 0, done.stderr
