@@ -17,8 +17,8 @@ drops the f misbehaving devices' updates and averages the n - f honest ones (the
 `nan` devices behind the screen). What the honest devices reach on their own is the best any
 rule can do: the f devices' shards are lost to training.
 
-    python benchmarks/robust_aggregation.py            # ~15 min on 2 busy cores
-    python benchmarks/robust_aggregation.py --quick    # ~2 min: 3 variants, f = 2
+    python benchmarks/robust_aggregation.py            # ~16 min on 2 busy cores
+    python benchmarks/robust_aggregation.py --quick    # ~3 min: 3 variants, f = 2
     # ~17 min: 3 seeds of the mixing variants against the two main attacks
     python benchmarks/robust_aggregation.py --seeds 3 --attacks sign_flip,scaled \\
         --variants mean,median+nnm,trimmed_mean+nnm,median+momentum+nnm,trimmed_mean+momentum+nnm
