@@ -272,6 +272,7 @@ def test_compressed_payloads_are_aggregated_robustly_after_decoding() -> None:
 
 def test_robust_scenario_round_trips() -> None:
     raw = _raw(robust={"rule": "multi_krum", "num_byzantine": 2, "multi_krum_m": 4})
+    raw["robust"].update(pre_aggregation="nnm", device_momentum=True)
     raw["fleet"]["devices"][1].update(behavior="noise", behavior_scale=2.5)
     scenario = scenario_from_dict(raw)
     text = to_toml(scenario)
@@ -285,7 +286,10 @@ def test_robust_scenario_round_trips() -> None:
         ({"robust": {"rule": "krum", "num_byzantine": 4}}, "robust.num_byzantine: krum needs more"),
         ({"robust": {"rule": "median", "trim": 1}}, "robust.trim: only trimmed_mean uses it"),
         ({"robust": {"rule": "trimmed_mean"}}, "robust.trim: trimmed_mean that trims nothing"),
-        ({"robust": {"rule": "trimmed_mean", "trim": 5}}, "robust.trim: trimming 5 at each end"),
+        (
+            {"robust": {"rule": "trimmed_mean", "trim": 5}},
+            "robust.trim: trimmed_mean trims 5 at each end of 9 updates (the fleet gives 9",
+        ),
         ({"robust": {"rule": "median", "multi_krum_m": 3}}, "robust.multi_krum_m: only multi"),
         (
             {"robust": {"rule": "multi_krum", "num_byzantine": 2, "multi_krum_m": 8}},
@@ -296,6 +300,51 @@ def test_robust_scenario_round_trips() -> None:
         ({"train": {"topology": "ring"}}, "robust.rule: median (and the screen) needs a server"),
         ({"train": {"strategy": "split"}}, "robust: split learning sends activations"),
         ({"data": {"dataset": "sensors"}, "model": {"name": "autoencoder1d"}, "robust": {}}, ""),
+        ({"robust": {"rule": "median", "bucket_size": 3}}, "robust.bucket_size: only pre_agg"),
+        (
+            {"robust": {"rule": "median", "pre_aggregation": "bucketing", "bucket_size": 1}},
+            "robust.bucket_size must be >= 2",
+        ),
+        (
+            {
+                "robust": {
+                    "rule": "median",
+                    "num_byzantine": 2,
+                    "pre_aggregation": "bucketing",
+                    "bucket_size": 3,
+                }
+            },
+            "robust.bucket_size: median needs more than 2f = 4 buckets of 3, got 3",
+        ),
+        (
+            {"robust": {"rule": "krum", "num_byzantine": 2, "pre_aggregation": "bucketing"}},
+            "robust.bucket_size: krum needs more than 2f + 2 = 6 buckets of 2, got 5",
+        ),
+        ({"robust": {"pre_aggregation": "nnm"}}, "robust.pre_aggregation: nnm only changes"),
+        (
+            {"robust": {"rule": "median", "pre_aggregation": "nnm"}},
+            "robust.pre_aggregation: nnm averages each update with its n - f nearest",
+        ),
+        ({"robust": {"pre_aggregation": "sort"}}, "robust.pre_aggregation: expected one of"),
+        ({"robust": {"device_momentum": True}}, "robust.device_momentum: with the trusting"),
+        (
+            {
+                "robust": {"rule": "median", "device_momentum": True},
+                "train": {"strategy": "federated"},
+            },
+            "robust.device_momentum: federated devices do not send gradients",
+        ),
+        (
+            {
+                "robust": {"rule": "median", "device_momentum": True},
+                "compression": {"compressor": "int8"},
+            },
+            "robust.device_momentum: compressed gradients keep their own memory",
+        ),
+        (
+            {"robust": {"rule": "median", "device_momentum": True}, "train": {"momentum": 0.0}},
+            "robust.device_momentum: train.momentum is 0",
+        ),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(change: dict, expected: str) -> None:
@@ -312,8 +361,8 @@ def test_federated_sample_is_what_krum_is_checked_against() -> None:
     scenario_from_dict(raw)  # 9 clients a round > 2f + 2
     raw["federated"] = {"fraction": 0.5}
     assert _error(raw).startswith(
-        "robust.num_byzantine: krum needs more than 2f + 2 = 6 devices taking part, "
-        "federated.fraction 0.5 of 9 gives 5"
+        "robust.num_byzantine: krum needs more than 2f + 2 = 6 updates, got 5 "
+        "(federated.fraction 0.5 of 9 gives 5 updates a step)"
     )
 
 

@@ -1,11 +1,18 @@
-"""Robust aggregation rules on hand-made updates: honest devices agree, hostile ones lie."""
+"""Robust aggregation rules and the mixing before them, on hand-made updates: honest devices
+agree, hostile ones lie."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from edgeddl.security.robust import aggregate, krum_scores, screen
+from edgeddl.security.robust import (
+    aggregate,
+    bucket_means,
+    krum_scores,
+    nearest_neighbor_mixing,
+    screen,
+)
 
 
 def _fleet(num_honest: int, hostile: list[torch.Tensor]) -> torch.Tensor:
@@ -58,3 +65,36 @@ def test_screen_refuses_non_finite_and_oversized_updates_with_a_reason() -> None
     assert reasons == {1: "non-finite values", 2: "norm 500 over 100"}
     with pytest.raises(ValueError, match="trim 2"):
         aggregate(updates, torch.ones(4), "trimmed_mean", trim=2)
+
+
+def test_bucket_means_average_runs_of_the_generators_shuffle() -> None:
+    updates = torch.tensor([[0.0, 1.0], [10.0, 1.0], [20.0, 1.0], [30.0, 1.0], [40.0, 1.0]])
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(3)).tolist()
+    out = bucket_means(updates, 2, torch.Generator().manual_seed(3))
+    first, second, last = order[:2], order[2:4], order[4:]
+    expected = [[5.0 * (first[0] + first[1]), 1.0], [5.0 * (second[0] + second[1]), 1.0]]
+    assert out.tolist() == [*expected, [10.0 * last[0], 1.0]]  # 3 buckets: 2, 2 and 1
+    again = bucket_means(updates, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)  # seeded: the same buckets again
+    assert bucket_means(updates, 5, torch.Generator().manual_seed(3)).tolist() == [[20.0, 1.0]]
+
+
+def test_nearest_neighbor_mixing_averages_each_row_with_its_n_minus_f_nearest() -> None:
+    updates = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    # f = 2: each row and its nearest other: 0 with 1, 1 with 0, 3 with 1, 10 with 3.
+    out = nearest_neighbor_mixing(updates, 2)
+    assert out.tolist() == [[0.5], [0.5], [2.0], [6.5]]
+    assert torch.equal(nearest_neighbor_mixing(updates, 0), updates.mean(dim=0).expand(4, 1))
+    with pytest.raises(ValueError, match="more than f"):
+        nearest_neighbor_mixing(updates, 4)
+
+
+def test_mixing_then_the_median_returns_the_honest_mean_exactly() -> None:
+    g = torch.Generator().manual_seed(1)
+    honest = 1.0 + torch.randn(7, 50, generator=g, dtype=torch.float64)  # noise ~ the signal
+    updates = torch.cat([honest, -honest[:2]])  # two devices flip their update's sign
+    mixed = nearest_neighbor_mixing(updates, 2)
+    out = aggregate(mixed, torch.ones(9), "median")
+    torch.testing.assert_close(out, honest.mean(dim=0))
+    plain = aggregate(updates, torch.ones(9), "median")
+    assert (plain - honest.mean(dim=0)).norm() > 0.1 * honest.mean(dim=0).norm()

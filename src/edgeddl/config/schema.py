@@ -370,6 +370,7 @@ class Scenario:
                 f"fleet.devices[{i}].behavior: label_flip needs class labels, but "
                 f"data.dataset {self.data.dataset!r} is for anomaly detection",
             )
+        r.check_training(t.strategy, self.compression.enabled, t.momentum)
         n = len(self.fleet.device_names())
         if t.strategy == "federated":
             sampled = min(n, max(1, int(self.federated.fraction * n + 0.5)))

@@ -12,6 +12,13 @@ and returns one aggregate:
   nearest others, keep the best one (Krum) or the best m and average them (Blanchard et al.,
   NeurIPS 2017). Needs n > 2f + 2.
 
+Before a rule, honest updates' noise can be shrunk by mixing them (`[robust]
+pre_aggregation`): `bucket_means` (shuffle, average buckets of s; Karimireddy, He & Jaggi,
+ICLR 2022) and `nearest_neighbor_mixing` (each update becomes the mean of its n - f nearest;
+Allouah et al., AISTATS 2023). A hostile update then sits in at most one bucket, or is too
+far to be an honest update's neighbour, while the honest inputs the rule compares are s or
+n - f times less noisy.
+
 `screen` rejects what no rule should see: non-finite values and norms out of range, each
 with its reason (for the ledger). This module is the maths only; `strategy/robust.py` wires
 it into the strategies' aggregation (`[robust]` in a scenario).
@@ -19,11 +26,9 @@ it into the strategies' aggregation (`[robust]` in a scenario).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-RuleName = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
+from edgeddl.config.robust import RuleName
 
 
 def screen(
@@ -50,6 +55,29 @@ def krum_scores(updates: torch.Tensor, num_byzantine: int) -> torch.Tensor:
     dist.fill_diagonal_(float("inf"))
     nearest = torch.topk(dist, n - num_byzantine - 2, dim=1, largest=False).values
     return nearest.sum(dim=1)
+
+
+def bucket_means(
+    updates: torch.Tensor, bucket_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """The rows shuffled by `generator`, then each run of `bucket_size` averaged (the last
+    bucket holds what is left): ceil(n / s) rows."""
+    order = torch.randperm(len(updates), generator=generator).to(updates.device)
+    return torch.stack([updates[rows].mean(dim=0) for rows in order.split(bucket_size)])
+
+
+def nearest_neighbor_mixing(updates: torch.Tensor, num_byzantine: int) -> torch.Tensor:
+    """Each row replaced by the mean of its n - f nearest rows (L2), itself included."""
+    n = len(updates)
+    k = n - num_byzantine
+    if k < 1:
+        raise ValueError(f"nnm needs more than f updates: {n} updates, f = {num_byzantine}")
+    dist = torch.cdist(updates.double(), updates.double())
+    dist.fill_diagonal_(-1.0)  # a row is its own nearest, whatever cdist's rounding says
+    nearest = torch.topk(dist, k, dim=1, largest=False).indices
+    mixing = torch.zeros(n, n, dtype=updates.dtype, device=updates.device)
+    mixing.scatter_(1, nearest, 1.0 / k)
+    return mixing @ updates
 
 
 def aggregate(

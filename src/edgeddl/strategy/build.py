@@ -55,7 +55,9 @@ def build_strategy(
         _wire_robust(scenario, [strategy], num_classes)
     elif scenario.robust.screens or scenario.misbehaving or scenario.security.enabled:
         # each device's own gradient: to screen, to tamper with, or to seal
-        strategy = RobustDataParallel(model, scenario.train, loss)
+        strategy = RobustDataParallel(
+            model, scenario.train, loss, device_momentum=scenario.robust.device_momentum
+        )
         _wire_robust(scenario, [strategy], num_classes)
     else:  # a trusting mean of honest devices: the fused pass
         strategy = DataParallel(model, scenario.train, loss)
@@ -82,7 +84,7 @@ def _wire_robust(scenario: Scenario, parts: list[DataParallel], num_classes: int
     n = len(names)
     if scenario.train.strategy == "federated":
         n = min(n, max(1, int(scenario.federated.fraction * n + 0.5)))
-    robust = RobustAggregator(scenario.robust, names, n)
+    robust = RobustAggregator(scenario.robust, names, n, scenario.run.seed)
     behaviors = Behaviors.from_scenario(scenario, num_classes) if scenario.misbehaving else None
     parts[0].behaviors = behaviors  # the strategy's devices; a federated wire only encodes
     for part in parts:

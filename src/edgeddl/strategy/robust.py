@@ -2,7 +2,8 @@
 
 `RobustAggregator` is the coordinator's side: it screens each arrived update
 (`security.robust.screen`: non-finite values, norms over `max_update_norm`), records every
-rejection with its reason, and combines the rest with the scenario's rule. Every strategy
+rejection with its reason, mixes the rest (`pre_aggregation`: bucketing, seeded per run and
+step, or nearest-neighbour mixing) and combines them with the scenario's rule. Every strategy
 that aggregates per-device updates calls it: data-parallel on raw gradients
 (`robust_dp.py`), compressed data-parallel and compressed federated on the *decoded*
 payloads (what the server actually receives), federated on the clients' deltas.
@@ -24,7 +25,12 @@ import torch
 
 from edgeddl.config.robust import RobustConfig
 from edgeddl.config.schema import Scenario
-from edgeddl.security.robust import aggregate, screen
+from edgeddl.security.robust import aggregate, bucket_means, nearest_neighbor_mixing, screen
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A generator seeded by (run seed, step, ...): reproducible, independent per key."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1)[0]))
 
 
 class Behaviors:
@@ -73,9 +79,7 @@ class Behaviors:
         if kind == "nan":
             return torch.full_like(update, float("nan"))
         if kind == "noise":  # seeded per (run, step, device): reproducible, independent
-            g = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([self.seed, step, d]).generate_state(1)[0])
-            )
+            g = seeded_generator(self.seed, step, d)
             rms = float(update.double().pow(2).mean().sqrt())
             noise = torch.randn(update.shape, generator=g, dtype=update.dtype)
             return noise.to(update.device) * (scale * rms)
@@ -83,13 +87,18 @@ class Behaviors:
 
 
 class RobustAggregator:
-    """Screen, then the rule; rejections and skipped steps are kept for `summary.json`."""
+    """Screen, mixing, then the rule; rejections and skipped steps are kept for
+    `summary.json`."""
 
-    def __init__(self, cfg: RobustConfig, names: list[str], expected_updates: int) -> None:
+    def __init__(
+        self, cfg: RobustConfig, names: list[str], expected_updates: int, seed: int = 0
+    ) -> None:
         self.cfg = cfg
         self.names = names
         self.expected_updates = expected_updates
         """Updates a step usually brings (for the aggregation's cost on the virtual clock)."""
+        self.seed = seed
+        """The run's seed: bucketing shuffles with (seed, step)."""
         self.max_norm = cfg.max_update_norm or math.inf
         self.rejected: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
@@ -108,46 +117,62 @@ class RobustAggregator:
         for i, why in reasons.items():
             self.rejected.append({"step": step, "device": self.names[devices[i]], "reason": why})
         keep = torch.nonzero(keep_mask).flatten().tolist()
-        n, f = len(keep), self.cfg.num_byzantine
-        problem = ""
-        if n == 0:
-            problem = "no update passed the screen"
-        elif self.cfg.rule in ("krum", "multi_krum") and n <= 2 * f + 2:
-            problem = f"{self.cfg.rule} needs more than 2f + 2 = {2 * f + 2} updates, got {n}"
-        elif self.cfg.rule == "trimmed_mean" and 2 * self.cfg.trim_each_end >= n:
-            problem = f"trimmed_mean trims {self.cfg.trim_each_end} at each end of {n} updates"
-        if problem:
-            self.skipped.append({"step": step, "reason": problem})
+        short = self.cfg.shortfall(len(keep)) if keep else ("", "no update passed the screen")
+        if short is not None:
+            self.skipped.append({"step": step, "reason": short[1]})
             return None, keep
+        rows = self.pre_aggregate(stacked[keep], step)
         w = torch.tensor([weights[i] for i in keep], dtype=torch.float64)
+        if self.cfg.pre_aggregation != "none":  # only the mean weighs, and it does not mix
+            w = torch.ones(len(rows), dtype=torch.float64)
+        most = len(rows) - self.cfg.num_byzantine
         agg = aggregate(
-            stacked[keep],
+            rows,
             w,
             self.cfg.rule,
             trim=self.cfg.trim_each_end,
-            num_byzantine=f,
-            multi=self.cfg.multi_krum_m or n - f,
+            num_byzantine=self.cfg.num_byzantine,
+            multi=min(self.cfg.multi_krum_m or most, most),
         )
         return agg.to(updates[0].dtype), keep
 
+    def pre_aggregate(self, updates: torch.Tensor, step: int) -> torch.Tensor:
+        """What the rule sees: the updates, or their buckets' means, or their mixing."""
+        if self.cfg.pre_aggregation == "bucketing":
+            generator = seeded_generator(self.seed, step)
+            return bucket_means(updates, self.cfg.bucket_size, generator)
+        if self.cfg.pre_aggregation == "nnm":
+            return nearest_neighbor_mixing(updates, self.cfg.num_byzantine)
+        return updates
+
     def flops_per_update(self, numel: int) -> float:
         """The coordinator's FLOPs per arrived update with `expected_updates` of them:
-        the screen (finite check, norm), then the rule. Median and trimmed mean sort every
-        coordinate's n values (n log2 n comparisons); Krum computes n(n-1)/2 squared
-        distances of 3 FLOPs per value (O(n^2 d) in all)."""
+        the screen (finite check, norm), the mixing, then the rule on the m rows it sees.
+        Bucketing adds each value once; nnm computes n(n-1)/2 squared distances (3 FLOPs a
+        value) and an n x n mixing product. Median and trimmed mean sort every coordinate's
+        m values (m log2 m comparisons); Krum computes m(m-1)/2 squared distances."""
         n, d = max(self.expected_updates, 1), float(numel)
-        screen_flops = 3.0 * d
+        m = self.cfg.rule_inputs(n)
+        per_update = 3.0 * d
+        if self.cfg.pre_aggregation == "bucketing":
+            per_update += d
+        elif self.cfg.pre_aggregation == "nnm":
+            per_update += 1.5 * d * (n - 1) + 2.0 * d * n
         rule = self.cfg.rule
         if rule == "mean":
-            return screen_flops + 2.0 * d
-        if rule in ("median", "trimmed_mean"):
-            return screen_flops + d * max(1.0, math.log2(n)) + d
-        return screen_flops + 1.5 * d * (n - 1) + 2.0 * d
+            per_row = 2.0 * d
+        elif rule in ("median", "trimmed_mean"):
+            per_row = d * max(1.0, math.log2(m)) + d
+        else:
+            per_row = 1.5 * d * (m - 1) + 2.0 * d
+        return per_update + per_row * m / n
 
     def summary(self) -> dict[str, Any]:
         kinds = Counter(r["reason"].split(" ")[0] for r in self.rejected)
         return {
             "rule": self.cfg.rule,
+            "pre_aggregation": self.cfg.pre_aggregation,
+            "device_momentum": self.cfg.device_momentum,
             "num_rejected": len(self.rejected),
             "rejected_by_kind": dict(kinds),
             "rejected_updates": self.rejected,
