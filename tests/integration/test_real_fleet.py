@@ -201,7 +201,9 @@ def test_federated_rounds_on_a_real_fleet(fleet_factory) -> None:
     by_name = {d["name"]: d for d in summary["per_device"]}
     assert set(by_name) == {"dev-0", "dev-1", "dev-2"}
     assert summary["replicas_consistent"] and summary["steps_not_committed"] == 0
-    assert all(d["final_step"] == rounds for d in by_name.values())
+    # The run ends when one device finishes; on a loaded machine a device still healing in
+    # then may report an earlier step (seen once in CI under load).
+    assert max(d["final_step"] for d in by_name.values()) == rounds
     # Two clients of 320 samples a round (the simulator's seeded draw). Rounds are short, so
     # on a loaded machine the first device in can run many of them alone while the others
     # are still healing in (5 to 20 of 20 rounds committed per device measured); a drawn
