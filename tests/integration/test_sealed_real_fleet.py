@@ -92,11 +92,8 @@ def test_sealed_payloads_on_a_real_fleet_leave_a_verifiable_ledger(
     entries = [json.loads(x) for x in (fleet.out / "ledger.jsonl").read_text().splitlines()]
     kinds = [e["kind"] for e in entries]
     assert kinds[0] == "run" and kinds[-1] == "run_end" and kinds.count("aggregate") == steps
-    # A device's receipt names a ledger head it had seen: after its first update, a later one.
-    heads = {
-        json.loads(json.dumps(e["payload"]))["device"] for e in entries if e["kind"] == "update"
-    }
-    assert heads == set(DEVICES) or train  # federated rounds may leave a device out
+    senders = {e["payload"]["device"] for e in entries if e["kind"] == "update"}
+    assert senders == set(DEVICES)  # every device's payloads were opened and recorded
 
 
 def test_bad_envelopes_on_a_real_fleet_are_refused_recorded_and_training_goes_on(

@@ -26,7 +26,7 @@ from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.security.envelope import NO_LEDGER_HEAD, Opened, Receiver, Rejection, Sender
 from edgeddl.security.keys import enrolled
 from edgeddl.security.ledger import LEDGER_FILE, Ledger, reject_payload, update_payload
-from edgeddl.security.session import FaultySender, enrolled_identity, impostor
+from edgeddl.security.session import FaultySender, close_ledger, enrolled_identity, impostor
 
 
 class Refused(ValueError):
@@ -114,22 +114,9 @@ class CoordinatorSeal:
 
     def close(self, digest: str) -> dict[str, Any]:
         """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
-        self.ledger.append(self.identity, "run_end", {"model_digest": digest})
-        self.ledger.close()
-        reasons: dict[str, int] = {}
-        for r in self.rejected:
-            reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
-        return {
-            "model_digest": digest,
-            "security": {
-                "run_id": self.run_id,
-                "ledger_entries": self.ledger.index + 1,
-                "num_rejected": len(self.rejected),
-                "rejected_by_reason": reasons,
-                "rejected_payloads": self.rejected,
-                "steps_aggregated": self.steps_aggregated,
-            },
-        }
+        out = close_ledger(self.ledger, self.identity, self.run_id, self.rejected, digest)
+        out["security"]["steps_aggregated"] = self.steps_aggregated
+        return out
 
 
 class DeviceSeal:

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,22 +189,36 @@ class SecureRun:
 
     def summary(self, at_s: float, model: nn.Module) -> dict[str, object]:
         """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
-        final = digest(model)
-        self.ledger.append(self.coordinator, "run_end", {"model_digest": final}, time_s=at_s)
-        self.ledger.close()
-        reasons: dict[str, int] = {}
-        for r in self.rejected:
-            reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
-        return {
-            "model_digest": final,
-            "security": {
-                "run_id": self.run_id,
-                "ledger_entries": self.ledger.index + 1,
-                "num_rejected": len(self.rejected),
-                "rejected_by_reason": reasons,
-                "rejected_payloads": self.rejected,
-            },
-        }
+        return close_ledger(
+            self.ledger, self.coordinator, self.run_id, self.rejected, digest(model), at_s
+        )
+
+
+def close_ledger(
+    ledger: Ledger,
+    author: Identity,
+    run_id: str,
+    rejected: list[dict[str, object]],
+    final_digest: str,
+    at_s: float | None = None,
+) -> dict[str, Any]:
+    """`run_end` with the final model's digest, the ledger closed; the run's
+    `model_digest` and `security` keys."""
+    ledger.append(author, "run_end", {"model_digest": final_digest}, time_s=at_s)
+    ledger.close()
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
+    return {
+        "model_digest": final_digest,
+        "security": {
+            "run_id": run_id,
+            "ledger_entries": ledger.index + 1,
+            "num_rejected": len(rejected),
+            "rejected_by_reason": reasons,
+            "rejected_payloads": rejected,
+        },
+    }
 
 
 def impostor(name: str) -> Identity:
