@@ -90,7 +90,9 @@ def robust_section(variant: str) -> dict[str, Any]:
     return robust
 
 
-def scenario_raw(variant: str, behavior: str, f: int, steps: int, seed: int) -> dict[str, Any]:
+def scenario_raw(
+    variant: str, behavior: str, f: int, steps: int, seed: int, samples: int = 0
+) -> dict[str, Any]:
     devices: list[dict[str, Any]] = [
         {"name": "pi", "profile": "rpi4", "link": "wifi", "count": NUM_DEVICES - f}
     ]
@@ -100,7 +102,7 @@ def scenario_raw(variant: str, behavior: str, f: int, steps: int, seed: int) -> 
     return {
         "run": {"name": "robust", "seed": seed, "threads": 1},
         "fleet": {"devices": devices},
-        "data": {"dataset": "mnist1d"},
+        "data": {"dataset": "mnist1d", "num_samples": samples},
         "model": {"name": "cnn1d"},
         "train": {
             "global_batch": 64 * NUM_DEVICES,
@@ -114,9 +116,9 @@ def scenario_raw(variant: str, behavior: str, f: int, steps: int, seed: int) -> 
 
 
 def one_run(
-    variant: str, behavior: str, f: int, steps: int, seed: int, data: Any
+    variant: str, behavior: str, f: int, steps: int, seed: int, data: Any, samples: int
 ) -> dict[str, Any]:
-    scenario = scenario_from_dict(scenario_raw(variant, behavior, f, steps, seed))
+    scenario = scenario_from_dict(scenario_raw(variant, behavior, f, steps, seed, samples))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(scenario, train_set=data[0], test_set=data[1], out_dir=tmp, progress=False)
@@ -142,6 +144,7 @@ def main() -> None:
     p.add_argument("--variants", default="", help="comma-separated; default: all listed")
     p.add_argument("--attacks", default="", help="comma-separated behaviours; default: all")
     p.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_VARIANTS)}; f = 2")
+    p.add_argument("--samples", type=int, default=0, help="MNIST-1D samples, 80/20 (0: its 5000)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
@@ -151,7 +154,7 @@ def main() -> None:
         attacks = [(b, f) for b, f in attacks if f == 2 and b in ("sign_flip", "scaled")]
     fs = sorted({f for _, f in attacks})
     seeds = range(args.seeds)
-    data = load_data(scenario_from_dict(scenario_raw("mean", "", 0, args.steps, 0)))
+    data = load_data(scenario_from_dict(scenario_raw("mean", "", 0, args.steps, 0, args.samples)))
     start = time.perf_counter()
     results = []
     cells = [("mean", "", 0)] + [(v, "", 0) for v in variants if v != "mean"]
@@ -159,7 +162,7 @@ def main() -> None:
     cells += [(ORACLE, "nan", f) for f in fs]
     for variant, behavior, f in cells:
         for seed in seeds:
-            r = one_run(variant, behavior, f, args.steps, seed, data)
+            r = one_run(variant, behavior, f, args.steps, seed, data, args.samples)
             results.append(r)
             print(
                 f"{variant} {r['behavior']} f={f} seed {seed}: {r['final_accuracy']:.3f} "
@@ -196,7 +199,8 @@ def main() -> None:
         row += [f"{a:.3f}" for a in attacked]
         rows.append([*row, f"{100 * worst_clean:+.1f}", f"{100 * worst_oracle:+.1f}"])
     print_table(
-        f"final test accuracy, n = {NUM_DEVICES}, {args.steps} steps, mean of "
+        f"final test accuracy, n = {NUM_DEVICES}, {args.steps} steps, "
+        f"{args.samples or 5000} MNIST-1D samples, mean of "
         f"{args.seeds} seed(s) ({total_s / 60:.1f} min)",
         columns,
         rows,
@@ -208,6 +212,7 @@ def main() -> None:
                 "num_devices": NUM_DEVICES,
                 "assumed_f": ASSUMED_F,
                 "steps": args.steps,
+                "mnist1d_samples": args.samples or 5000,
                 "seeds": args.seeds,
                 "behavior_scales": BEHAVIORS,
                 "total_wall_s": total_s,

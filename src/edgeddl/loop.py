@@ -237,10 +237,12 @@ def _train(
                 ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
             except TrainingDiverged as e:
                 raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
-            sealed, crypto_s = None, None
+            sealed, crypto_s, open_s, seal_s = None, None, 0.0, 0.0
             if secure is not None:  # every payload sealed, opened, recorded
-                sealed = secure.seal_step(
-                    step, clock.now_s, active, strategy.payload_bodies(ex), ex.up_bytes, down
+                bodies = strategy.payload_bodies(ex)
+                sealed = secure.seal_step(step, clock.now_s, active, bodies, ex.up_bytes, down)
+                open_s, seal_s = fleet.coordinator_crypto_s(
+                    float(np.mean([len(b) for b in bodies])), float(np.mean(down))
                 )
                 crypto_bytes = sealed.crypto_bytes
                 if split is not None:  # each message of its chain in an envelope of its own
@@ -273,7 +275,9 @@ def _train(
                     down_bytes=down,
                     crash_at_s=schedule.next_crash_s[active],
                     needs_model=needs_model,
-                    agg_flops=agg_flops,
+                    # sealed: the coordinator also seals each device's answer
+                    agg_flops=agg_flops + seal_s * fleet.coordinator.flops_per_s,
+                    open_s=open_s,
                     mid_down_bytes=ex.mid_down_bytes,
                     deadline_s=scenario.federated.deadline_s if t.strategy == "federated" else 0.0,
                 )
@@ -284,8 +288,11 @@ def _train(
                 tl.contributed = tl.contributed & sealed.accepted
             loss = strategy.commit(ex, tl.contributed)
             if secure is not None and sealed is not None:
-                kept = [sealed.entries[i] for i in np.flatnonzero(tl.contributed)]
-                secure.aggregate(step, tl.end_s, model, kept)
+                entry = {int(active[i]): sealed.entries[i] for i in np.flatnonzero(tl.contributed)}
+                out = strategy.screened_at(step) if isinstance(strategy, DataParallel) else {}
+                screened = {entry[d]: why for d, why in out.items() if d in entry}
+                kept = [e for d, e in entry.items() if d not in out]
+                secure.aggregate(step, tl.end_s, model, kept, screened)
             clock.advance_to(tl.end_s)
             rec.add_step(tl, shares, loss)
             participated[:] = False

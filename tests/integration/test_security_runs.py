@@ -186,3 +186,35 @@ def test_split_learnings_cut_tensors_are_sealed_and_recorded(
     by_name = {d["name"]: d for d in bad["per_device"]}
     assert by_name["pi-0"]["steps"] == 0 and by_name["pc"]["steps"] == STEPS
     assert main(["ledger", "verify", str(tmp_path / "bad")]) == 0
+
+
+def test_updates_a_robust_screen_refuses_are_named_in_the_ledger(
+    keys: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Pi sends NaN every step: its envelope is genuine, so it is opened and recorded,
+    then the screen keeps it out. Each aggregate entry names it as screened, with the
+    reason, and lists only the updates it used; the ledger verifies."""
+    raw = _raw(keys[1])
+    raw["fleet"]["devices"][2]["behavior"] = "nan"  # both Pis
+    raw["robust"] = {"rule": "median"}
+    out = tmp_path / "screened"
+    summary = _run(raw, out)
+    assert summary["robust"]["rejected_by_kind"] == {"non-finite": 2 * STEPS}
+    entries = [e for e in read_entries(out / LEDGER_FILE)[0] if e is not None]
+    updates = {e["index"]: e["payload"]["device"] for e in entries if e["kind"] == "update"}
+    aggregates = [e["payload"] for e in entries if e["kind"] == "aggregate"]
+    assert len(aggregates) == STEPS
+    for a in aggregates:
+        assert {updates[u] for u in a["updates"]} == {"pc", "jetson"}
+        assert {updates[s["update"]] for s in a["screened"]} == {"pi-0", "pi-1"}
+        assert {s["reason"] for s in a["screened"]} == {"non-finite values"}
+    assert main(["ledger", "verify", str(out)]) == 0
+    assert main(["ledger", "show", str(out)]) == 0
+    assert "(non-finite values)" in capsys.readouterr().out
+    # A real fleet screens only what reaches the coordinator on its own: the secured path.
+    check_real_fleet(scenario_from_dict(raw))
+    with pytest.raises(ConfigError, match=r"^robust: without \[security\] a real fleet"):
+        check_real_fleet(scenario_from_dict({k: v for k, v in raw.items() if k != "security"}))
+    raw["robust"]["device_momentum"] = True
+    with pytest.raises(ConfigError, match=r"^robust\.device_momentum: runs on the simulated"):
+        check_real_fleet(scenario_from_dict(raw))

@@ -162,3 +162,28 @@ def test_misaddressed_and_truncated_are_malformed(ids: dict[str, Identity]) -> N
     wire = _seal(ids, b"body")
     pos = Header.decode(wire)[1]
     _rejected(_receiver(ids).open(wire[: pos + 20]), "malformed")
+
+
+def test_without_signature_checks_the_aead_still_authenticates(ids: dict[str, Identity]) -> None:
+    """A receiver that leaves signatures unchecked (a device opening its coordinator's
+    answers) takes a genuine envelope whose signature is damaged, and still refuses anyone
+    without the sender's X25519 key, tampering, and replays."""
+    receiver = Receiver(
+        ids["coordinator"],
+        RUN,
+        {"pi-0": ids["pi-0"].public()},
+        max_payload_bytes=MAX,
+        check_signatures=False,
+    )
+    wire = bytearray(_seal(ids, b"aggregate"))
+    wire[-1] ^= 0x01
+    opened = receiver.open(bytes(wire))
+    assert isinstance(opened, Opened) and opened.body == b"aggregate"
+    _rejected(receiver.open(bytes(wire)), "replayed")
+    # mallory signs and agrees with her own keys under pi-0's name: the AEAD key differs
+    impostor = Identity("pi-0", ids["mallory"].sign_key, ids["mallory"].agree_key)
+    fake = Sender(impostor, RUN, first_seq=1).seal(ids["coordinator"].public(), b"evil", step=3)
+    _rejected(receiver.open(fake), "tampered")
+    bad = bytearray(_seal(ids, b"aggregate", seq=2))
+    bad[12] ^= 0x01  # the header is the AEAD's associated data
+    _rejected(receiver.open(bytes(bad)), "tampered")

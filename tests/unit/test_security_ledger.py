@@ -16,6 +16,7 @@ from edgeddl.security.keys import Identity, PublicIdentity
 from edgeddl.security.ledger import (
     LEDGER_FILE,
     Ledger,
+    aggregate_payload,
     model_digest,
     reject_payload,
     update_payload,
@@ -240,3 +241,30 @@ def test_cli_ledger_verify_and_show(
     assert main(["ledger", "verify", str(run_dir), "--partial"]) == 0
     assert main(["ledger", "verify", str(tmp_path)]) == 2
     assert "no ledger" in capsys.readouterr().err
+
+
+def test_an_aggregate_may_name_only_its_steps_updates_as_screened(
+    tmp_path: Path, ids: dict[str, Identity]
+) -> None:
+    """`screened` (updates a robust screen kept out) is checked like `updates`."""
+    path = tmp_path / LEDGER_FILE
+    coord = ids["coordinator"]
+    receiver = Receiver(coord, RUN, _peers(ids), max_payload_bytes=1 << 20)
+    with Ledger(path) as ledger:
+        ledger.append(coord, "run", {"run_id": RUN})
+        refs = {}
+        for step in (0, 1):
+            wire = Sender(ids["pi-0"], RUN, first_seq=step).seal(
+                coord.public(), b"nan", step=step, ledger_head=ledger.head
+            )
+            opened = receiver.open(wire)
+            assert isinstance(opened, Opened)
+            refs[step] = ledger.append(coord, "update", update_payload(opened))
+        digest = model_digest(_model(0))
+        ledger.append(coord, "aggregate", aggregate_payload(0, [], digest, {refs[0]: "nan"}))
+        ledger.flush()
+        good = verify(path, _peers(ids))
+        assert good.ok, good.error
+        ledger.append(coord, "aggregate", aggregate_payload(1, [], digest, {refs[0]: "nan"}))
+    bad = verify(path, _peers(ids))
+    assert bad.error == f"entry 4: aggregate names entry {refs[0]}, not an update of step 1"

@@ -31,6 +31,9 @@ def _value(key: str, value: Any) -> str:
         return _receipt_text(value)
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return f"{key} {value[:DIGEST_CHARS]}"
+    if key == "screened" and isinstance(value, list):
+        kept_out = (v for v in value if isinstance(v, dict))
+        return "screened " + ", ".join(f"#{v.get('update')} ({v.get('reason')})" for v in kept_out)
     if isinstance(value, list):
         return f"{key} " + ",".join(f"#{v}" if key == "updates" else str(v) for v in value)
     return f"{key} {value}"

@@ -13,11 +13,16 @@ import numpy as np
 from edgeddl.config.schema import DeviceProfile, LinkProfile, Scenario
 from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
 
-CRYPTO_FIXED_S = 2.0e-4
-"""One seal plus one open of an empty envelope on the development machine (the `pc`
-profile): Ed25519 sign and verify, the header (measured: 0.20 ms)."""
-CRYPTO_BYTE_S = 9.0e-9
-"""Per body byte, seal plus open: ChaCha20-Poly1305 and SHA-256 (measured: 9.2 ms a MB)."""
+CRYPTO_SEAL_S = 5.0e-5
+"""Sealing an empty envelope on the development machine (the `pc` profile): the header,
+Ed25519 sign (fitted by `benchmarks/security_overhead.py`: 0.05 ms)."""
+CRYPTO_OPEN_S = 1.2e-5
+"""A device opening the coordinator's answer: AEAD only, no signature check (0.012 ms)."""
+CRYPTO_VERIFY_S = 1.3e-4
+"""The coordinator checking a device's Ed25519 signature, as it must for its ledger's
+receipt (0.13 ms on top of an open)."""
+CRYPTO_BYTE_S = 4.5e-9
+"""Per body byte, sealed once and opened once: ChaCha20-Poly1305 and SHA-256 (4.5 ms a MB)."""
 CRYPTO_REFERENCE = "pc"
 
 
@@ -106,8 +111,21 @@ class Fleet:
         profile, scaled by each device's FLOP/s. A model, so that runs repeat;
         `benchmarks/security_overhead.py` times the real thing."""
         ref = DEVICE_PROFILES[CRYPTO_REFERENCE].flops_per_s
-        seconds = CRYPTO_FIXED_S + 0.5 * CRYPTO_BYTE_S * np.asarray(num_bytes, dtype=np.float64)
+        seconds = (
+            CRYPTO_SEAL_S
+            + CRYPTO_OPEN_S
+            + 0.5 * CRYPTO_BYTE_S * np.asarray(num_bytes, dtype=np.float64)
+        )
         return seconds * ref / self.flops_per_s[idx]
+
+    def coordinator_crypto_s(self, up_bytes: float, down_bytes: float) -> tuple[float, float]:
+        """The coordinator's crypto per device and step, on its profile: (opening one
+        update of `up_bytes`, signature checked, as it arrives; sealing one answer of
+        `down_bytes`, Ed25519 signed, with the aggregation)."""
+        scale = DEVICE_PROFILES[CRYPTO_REFERENCE].flops_per_s / self.coordinator.flops_per_s
+        seal = CRYPTO_SEAL_S + 0.5 * CRYPTO_BYTE_S * down_bytes
+        open_ = CRYPTO_OPEN_S + CRYPTO_VERIFY_S + 0.5 * CRYPTO_BYTE_S * up_bytes
+        return open_ * scale, seal * scale
 
     def work_time_s(
         self,

@@ -37,6 +37,9 @@ class StepRequest:
     """FLOPs for the aggregator to take in one contribution."""
     mid_down_bytes: tuple[int, ...] = ()
     """Star with several rounds: what the coordinator sends every device between rounds."""
+    open_s: float = 0.0
+    """Star: the coordinator's seconds to open one sealed update, first come first served
+    as the updates arrive (0: nothing sealed)."""
     deadline_s: float = 0.0
     """Star: seconds from the step's start by which a device's upload must have arrived, or
     it is dropped (a federated round's deadline); 0 for none."""

@@ -108,6 +108,17 @@ def reject_payload(rejection: Rejection, *, step: int) -> dict[str, Any]:
     }
 
 
+def aggregate_payload(
+    step: int, updates: list[int], model_digest: str, screened: dict[int, str] | None = None
+) -> dict[str, Any]:
+    """The `aggregate` entry: the `update` entries the step's aggregate used, the model's
+    digest after it, and the accepted updates a robust screen kept out (entry -> reason)."""
+    payload: dict[str, Any] = {"step": step, "updates": updates, "model_digest": model_digest}
+    if screened:
+        payload["screened"] = [{"update": e, "reason": r} for e, r in sorted(screened.items())]
+    return payload
+
+
 def _split(data: bytes) -> tuple[list[bytes], int]:
     """Complete lines, and the length of a torn last line (no newline) if there is one."""
     lines = data.split(b"\n")
@@ -368,6 +379,11 @@ def _check_receipt(
 def _check_aggregate(payload: dict[str, Any], hashes: list[str], state: _State) -> None:
     if not isinstance(payload.get("model_digest"), str):
         raise _Bad("an aggregate without model_digest")
-    for ref in payload.get("updates", []):
+    screened = payload.get("screened", [])
+    if not isinstance(screened, list) or not all(
+        isinstance(s, dict) and set(s) == {"update", "reason"} for s in screened
+    ):
+        raise _Bad("an aggregate's screened list is malformed")
+    for ref in [*payload.get("updates", []), *(s["update"] for s in screened)]:
         if state.update_steps.get(ref) != payload.get("step"):
             raise _Bad(f"aggregate names entry {ref}, not an update of step {payload.get('step')}")

@@ -25,7 +25,13 @@ from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.security.envelope import NO_LEDGER_HEAD, Opened, Receiver, Rejection, Sender
 from edgeddl.security.keys import enrolled
-from edgeddl.security.ledger import LEDGER_FILE, Ledger, reject_payload, update_payload
+from edgeddl.security.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    aggregate_payload,
+    reject_payload,
+    update_payload,
+)
 from edgeddl.security.session import FaultySender, close_ledger, enrolled_identity, impostor
 
 
@@ -106,10 +112,11 @@ class CoordinatorSeal:
         """`body` sealed for device `name`."""
         return self.sender.seal(self.peers[name], body, step=step, ledger_head=self.ledger.head)
 
-    def aggregate(self, step: int, entries: list[int], digest: str) -> None:
-        self.ledger.append(
-            self.identity, "aggregate", {"step": step, "updates": entries, "model_digest": digest}
-        )
+    def aggregate(
+        self, step: int, entries: list[int], digest: str, screened: dict[int, str] | None = None
+    ) -> None:
+        payload = aggregate_payload(step, entries, digest, screened)
+        self.ledger.append(self.identity, "aggregate", payload)
         self.steps_aggregated += 1
 
     def close(self, digest: str) -> dict[str, Any]:
@@ -141,7 +148,10 @@ class DeviceSeal:
         run_id = str(info["run_id"])
         self.sender = Sender(self.signer, run_id, first_seq=int(info["next_seq"]))
         peers = {SECURITY_COORDINATOR: self.coordinator}
-        self.receiver = Receiver(self.identity, run_id, peers, max_payload_bytes=1 << 31)
+        # The coordinator's answers: the AEAD authenticates it (see Receiver); no receipts
+        self.receiver = Receiver(
+            self.identity, run_id, peers, max_payload_bytes=1 << 31, check_signatures=False
+        )
         self.saw(info["ledger"])
 
     def saw(self, head: list[Any]) -> None:

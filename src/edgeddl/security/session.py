@@ -51,6 +51,7 @@ from edgeddl.security.keys import (
 from edgeddl.security.ledger import (
     LEDGER_FILE,
     Ledger,
+    aggregate_payload,
     model_digest,
     reject_payload,
     update_payload,
@@ -179,13 +180,18 @@ class SecureRun:
             entries=entries,
         )
 
-    def aggregate(self, step: int, at_s: float, model: nn.Module, entries: list[int]) -> None:
-        self.ledger.append(
-            self.coordinator,
-            "aggregate",
-            {"step": step, "updates": entries, "model_digest": digest(model)},
-            time_s=at_s,
-        )
+    def aggregate(
+        self,
+        step: int,
+        at_s: float,
+        model: nn.Module,
+        entries: list[int],
+        screened: dict[int, str] | None = None,
+    ) -> None:
+        """The step's `aggregate` entry: `entries` it used, `screened` (entry -> reason)
+        the robust screen kept out."""
+        payload = aggregate_payload(step, entries, digest(model), screened)
+        self.ledger.append(self.coordinator, "aggregate", payload, time_s=at_s)
 
     def summary(self, at_s: float, model: nn.Module) -> dict[str, object]:
         """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""

@@ -188,6 +188,10 @@ class DataParallel:
             return self.robust.flops_per_update(self.numel)
         return 2.0 * self.numel
 
+    def screened_at(self, step: int) -> dict[int, str]:
+        """Device -> reason for the updates a robust screen refused at `step`."""
+        return self.robust.screened_at(step) if self.robust is not None else {}
+
     def robust_summary(self) -> dict[str, Any]:
         """The screen's rejections and the rule (for summary.json); empty without one."""
         return {"robust": self.robust.summary()} if self.robust is not None else {}

@@ -102,6 +102,8 @@ class RobustAggregator:
         self.max_norm = cfg.max_update_norm or math.inf
         self.rejected: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
+        self._screened: tuple[int, dict[int, str]] = (-1, {})
+        """The last `combine`'s step and the updates its screen refused."""
 
     def combine(
         self,
@@ -114,6 +116,7 @@ class RobustAggregator:
         is None when no update passed or too few for the rule (the step changes nothing)."""
         stacked = torch.stack(updates)
         keep_mask, reasons = screen(stacked, self.max_norm)
+        self._screened = (step, {devices[i]: why for i, why in reasons.items()})
         for i, why in reasons.items():
             self.rejected.append({"step": step, "device": self.names[devices[i]], "reason": why})
         keep = torch.nonzero(keep_mask).flatten().tolist()
@@ -135,6 +138,11 @@ class RobustAggregator:
             multi=min(self.cfg.multi_krum_m or most, most),
         )
         return agg.to(updates[0].dtype), keep
+
+    def screened_at(self, step: int) -> dict[int, str]:
+        """Device -> reason for the updates the screen refused at `step` (its last
+        `combine`, for the ledger's aggregate entry)."""
+        return dict(self._screened[1]) if self._screened[0] == step else {}
 
     def pre_aggregate(self, updates: torch.Tensor, step: int) -> torch.Tensor:
         """What the rule sees: the updates, or their buckets' means, or their mixing."""

@@ -179,6 +179,8 @@ def serve(
             sealed = desk.summary()
             summary["model_digest"] = sealed["model_digest"]
             summary["security"] = {**sealed["security"], **served}
+            if "robust" in sealed:  # the screen's rejections and the rule
+                summary["robust"] = sealed["robust"]
     write_json_atomic(out_dir / "summary.json", summary)
     if rows:
         metric = TASKS[scenario.task].metric

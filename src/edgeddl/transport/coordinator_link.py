@@ -171,11 +171,14 @@ class LinkServer:
                     reply, loss = self.desk.answer(
                         name, OPS[op], step, device, count, parts, header
                     )
-                    _send(pg, [0, len(reply), loss, 0, 0, 0, 0, 0], reply)
                 except (CodecError, ValueError, RuntimeError) as e:
                     reason = _first_line(e).encode()
                     self._refuse(name, f"{OPS[op]} at step {step}: {_first_line(e)}")
                     _send(pg, [1, len(reason), 0, 0, 0, 0, 0, 0], reason)
+                    continue
+                # Outside the refusal's try: a device that died before reading its answer
+                # ends the link (gloo's error), it was not refused.
+                _send(pg, [0, len(reply), loss, 0, 0, 0, 0, 0], reply)
         except RuntimeError:  # gloo: the device closed the link (it ended, or died)
             return
 

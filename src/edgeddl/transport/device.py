@@ -279,9 +279,14 @@ class DeviceRun:
         self._after_commit(engine, store, engine.current_step(), out.loss, members)
 
     def _batch(self, share: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This device's next `share` samples of its own shard."""
+        """This device's next `share` samples of its own shard (labels flipped if the
+        scenario makes it a label-flipping device)."""
         rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(self.w.x_train.device)
-        return self.w.x_train[rows], self.w.y_train[rows]
+        y = self.w.y_train[rows]
+        behaviors = getattr(self.strategy, "behaviors", None)
+        if behaviors is not None:
+            y = behaviors.poison_labels(y, [share], [self.idx])
+        return self.w.x_train[rows], y
 
     def _measured_speed(self, own_s_per_sample: float) -> float:
         """Samples per second, smoothed over steps (one step is noisy)."""

@@ -82,10 +82,16 @@ def check_real_fleet(scenario: Scenario) -> None:
             "compression.adapt: network-aware adaptation runs on the simulated fleet only; "
             "set compression.adapt.enabled = false for a real fleet"
         )
-    if scenario.robust.screens or scenario.misbehaving:
+    if (scenario.robust.screens or scenario.misbehaving) and not scenario.security.enabled:
         raise ConfigError(
-            "robust: a real fleet sums updates in an all-reduce, so no one can screen them; "
-            'robust rules and misbehaving devices run on the simulated fleet only (rule = "mean")'
+            "robust: without [security] a real fleet sums updates in an all-reduce, so no one "
+            "sees them to screen; set security.enabled = true (each update then goes sealed to "
+            'the coordinator), or leave robust.rule = "mean" and every device honest'
+        )
+    if scenario.robust.device_momentum:
+        raise ConfigError(
+            "robust.device_momentum: runs on the simulated fleet only (a real device's "
+            "momentum would have to follow the engine's commits); set it to false"
         )
 
 

@@ -13,9 +13,10 @@ sender. Per step, over each device's link (`coordinator_link.py`):
   nothing this step (training goes on without it);
 * the devices' engine then sums only the step's table (who contributed, how many samples),
   so every member knows the step's senders, and each asks for the "aggregate" of exactly
-  those: the coordinator computes it once (the strategy's own mean, or for compressed
-  payloads its `aggregate`) and seals it for each device, which checks the coordinator's
-  signature before it uses it;
+  those: the coordinator computes it once (the strategy's own mean; with `[robust]` its
+  screen and rule, the screened updates named in the ledger; for compressed payloads its
+  `aggregate`) and seals it for each device, which opens it before it uses it (an empty
+  body: nothing usable passed the screen, the step changes nothing);
 * "commit" (the engine committed the step): the coordinator applies the aggregate to its
   own replica of the model, exactly as the devices do, and records an `aggregate` entry with
   the updates' entries and the model's digest. `run_end` closes the ledger with the final
@@ -28,6 +29,7 @@ coordinator expects from it (a restarted device goes on from there) and the ledg
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +51,14 @@ from edgeddl.transport.replica import checksum
 from edgeddl.workload import build_workload
 
 
-def dense_values(data: bytes, numel: int) -> torch.Tensor:
-    """The float32 values of a `dense_body` (CodecError if it is not one of `numel`)."""
+def dense_values(data: bytes, numel: int, finite: bool = True) -> torch.Tensor:
+    """The float32 values of a `dense_body` (CodecError if it is not one of `numel`, or,
+    with `finite`, if any is not finite)."""
     payload = Codec().decode(data, numel)
     if payload.values is None or payload.values.numel() != numel or payload.indices is not None:
         raise CodecError(f"expected {numel} dense values")
     values = payload.values.float()
-    if not torch.isfinite(values).all():
+    if finite and not torch.isfinite(values).all():
         raise CodecError("values that are not finite")
     return values
 
@@ -74,6 +77,37 @@ def apply_batchnorm(strategy: DataParallel, flat: torch.Tensor) -> None:
         at += 2 * n
     if stats:
         apply_batchnorm_stats(strategy.model, stats, [0], torch.ones(1), strategy.batchnorms)
+
+
+def robust_aggregate(
+    s: DataParallel, step: int, devices: list[int], w: list[float], updates: list[torch.Tensor]
+) -> torch.Tensor | None:
+    """The robust rule on the updates' model part (gradients, or federated deltas); the rest
+    (BatchNorm statistics, or buffers) is the weighted mean of the updates that passed the
+    screen, as in the simulator. None: nothing usable (the step changes nothing)."""
+    assert s.robust is not None
+    n = s.numel
+    mean, passed = s.robust.combine(step, devices, [u[:n] for u in updates], w)
+    if mean is None:
+        return None
+    kept = torch.tensor([w[i] for i in passed], dtype=torch.float32)
+    kept = kept / kept.sum()
+    rest = sum(wi * updates[i][n:] for wi, i in zip(kept.tolist(), passed, strict=True))
+    return torch.cat([mean.float(), torch.as_tensor(rest, dtype=torch.float32).reshape(-1)])
+
+
+NOTHING_USABLE = b""
+"""The aggregate's body when a robust screen left nothing usable: the step changes nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """A step's aggregate: its body as sealed for the devices, its values (None: nothing
+    usable) and the updates the robust screen refused (device -> reason)."""
+
+    body: bytes
+    values: torch.Tensor | None
+    screened: dict[int, str]
 
 
 KEEP_STEPS = 4
@@ -98,7 +132,7 @@ class SealedDesk:
         self.lock = threading.Lock()
         self.updates: dict[int, dict[int, tuple[Any, int]]] = {}
         """Step -> device -> (its decoded update, its ledger entry)."""
-        self.aggregates: dict[tuple[int, tuple[int, ...]], tuple[bytes, torch.Tensor]] = {}
+        self.aggregates: dict[tuple[int, tuple[int, ...]], Aggregate] = {}
         self.committed: set[int] = set()
 
     def max_request_bytes(self, op: str) -> int:
@@ -126,25 +160,25 @@ class SealedDesk:
                 return self.seal.head_json(), 0.0
             if op in ("aggregate", "commit"):
                 devices, weights = read_table(parts)
-                body, agg = self._aggregate(step, devices, weights)
+                result = self._aggregate(step, devices, weights)
                 if op == "commit":
-                    self._commit(step, devices, agg)
+                    self._commit(step, devices, result)
                     return b"", 0.0
-                return self.seal.seal(name, body, step), 0.0
+                return self.seal.seal(name, result.body, step), 0.0
         raise ValueError(f"{op} is not a request of a secured fleet")
 
     def _decode(self, device: int, body: bytes) -> Any:
         s = self.strategy
+        # With a robust screen, non-finite values are its to refuse (as in the simulator)
+        finite = s.robust is None
         if isinstance(s, Federated):
             floats = sum(b.numel() for b in s.buffers if b.is_floating_point())
-            return dense_values(body, s.numel + floats)
+            return dense_values(body, s.numel + floats, finite)
         if isinstance(s, CompressedDataParallel):
             return s.decode(device, body)
-        return dense_values(body, s.numel + self.bn_size)
+        return dense_values(body, s.numel + self.bn_size, finite)
 
-    def _aggregate(
-        self, step: int, devices: tuple[int, ...], weights: list[int]
-    ) -> tuple[bytes, torch.Tensor]:
+    def _aggregate(self, step: int, devices: tuple[int, ...], weights: list[int]) -> Aggregate:
         """The step's aggregate of `devices`' updates (each once per step and devices)."""
         key = (step, devices)
         if key in self.aggregates:
@@ -156,33 +190,41 @@ class SealedDesk:
         total = float(sum(weights))
         w = [x / total for x in weights]
         s = self.strategy
-        if isinstance(s, CompressedDataParallel):
-            _, mean = s.aggregate(list(devices), w, [got[d][0] for d in devices], step)
-            assert mean is not None  # None only from a robust screen, refused on a real fleet
-            agg = mean
+        updates = [got[d][0] for d in devices]
+        agg: torch.Tensor | None
+        if isinstance(s, CompressedDataParallel):  # its screen and rule, when it has them
+            _, agg = s.aggregate(list(devices), w, updates, step)
+        elif s.robust is not None:
+            agg = robust_aggregate(s, step, list(devices), w, updates)
         else:
-            agg = sum(wi * got[d][0] for d, wi in zip(devices, w, strict=True))
-        result = (dense_body(agg), agg)
+            agg = sum(wi * u for u, wi in zip(updates, w, strict=True))
+        body = dense_body(agg) if agg is not None else NOTHING_USABLE
+        result = Aggregate(body, agg, s.screened_at(step))
         self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] > step - KEEP_STEPS}
         self.aggregates[key] = result
         return result
 
-    def _commit(self, step: int, devices: tuple[int, ...], agg: torch.Tensor) -> None:
+    def _commit(self, step: int, devices: tuple[int, ...], result: Aggregate) -> None:
         """Apply the step's aggregate to the coordinator's replica, once; record it."""
         if step in self.committed:
             return
-        s = self.strategy
-        if isinstance(s, Federated):
+        s, agg = self.strategy, result.values
+        used = [d for d in devices if d not in result.screened]
+        if agg is not None and isinstance(s, Federated):  # None: the model stays as it is
             floats = [b for b in s.buffers if b.is_floating_point()]
             rest = list(agg[s.numel :].split([b.numel() for b in floats]))
             means = [m.view_as(b) for m, b in zip(rest, floats, strict=True)]
+            # every member, screened or not, counts for num_batches_tracked: the devices
+            # apply the same without knowing who was screened
             s.apply_round(agg[: s.numel], means, list(devices))
-        else:
+        elif agg is not None:
             s.apply(agg[: s.numel])
             if not isinstance(s, CompressedDataParallel):
                 apply_batchnorm(s, agg[s.numel :])
         self.committed.add(step)
-        self.seal.aggregate(step, [self.updates[step][d][1] for d in devices], self.digest())
+        entry = {d: self.updates[step][d][1] for d in devices}
+        screened = {entry[d]: why for d, why in result.screened.items() if d in entry}
+        self.seal.aggregate(step, [entry[d] for d in used], self.digest(), screened)
         # A member that was not in this step may still ask for an older one (joins race
         # with commits): keep the last few steps' updates.
         self.updates = {k: v for k, v in self.updates.items() if k > step - KEEP_STEPS}
@@ -196,7 +238,7 @@ class SealedDesk:
         with self.lock:
             out = self.seal.close(self.digest())
             out["security"]["coordinator_checksum"] = checksum(self.strategy.model)
-            return out
+            return out | self.strategy.robust_summary()
 
 
 def read_table(parts: list[bytes]) -> tuple[tuple[int, ...], list[int]]:

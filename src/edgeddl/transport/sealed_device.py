@@ -6,10 +6,11 @@ federated update: the simulator's bodies), seals it for the coordinator with the
 head it last saw, and sends it over its link (`sealed_desk.py` has the coordinator's side).
 A refused payload is not retried: the device sends nothing this step. The engine's sum then
 carries only the step's table, so every member names the same senders when it asks for the
-aggregate; the answer is sealed by the coordinator, and a device uses it only once it has
-checked the signature, the step and the body. The engine's verdict then applies it
-everywhere or nowhere, and every member tells the coordinator, which applies it to its own
-replica and records it.
+aggregate; the answer is sealed by the coordinator, and a device uses it only once it
+opens (the pair's AEAD key authenticates the coordinator) for this step with a body of the
+right size. The engine's verdict then applies it everywhere or nowhere, and every member
+tells the coordinator, which applies it to its own replica and records it. Misbehaving
+devices (`behavior`) tamper with their update before sealing it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from edgeddl.transport.replica import (
     Pending,
     sum_weighted,
 )
-from edgeddl.transport.sealed_desk import apply_batchnorm, batchnorm_size, dense_values
+from edgeddl.transport.sealed_desk import (
+    NOTHING_USABLE,
+    apply_batchnorm,
+    batchnorm_size,
+    dense_values,
+)
 from edgeddl.transport.split_device import Link
 
 
@@ -101,7 +107,10 @@ class SealedDevice:
         table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
         agg = self._aggregate(store, step, table)
         apply = []
-        if isinstance(s, Federated):
+        if agg is None:  # a robust screen left nothing usable: the step changes nothing
+            if remember is not None and mine is not None:
+                apply.append(remember)
+        elif isinstance(s, Federated):
             floats = [b for b in s.buffers if b.is_floating_point()]
             rest = list(agg[s.numel :].split([b.numel() for b in floats]))
             means = [m.view_as(b) for m, b in zip(rest, floats, strict=True)]
@@ -123,8 +132,9 @@ class SealedDevice:
         if work is None:
             return None, 0.0, 0.0, None
         if isinstance(work, ClientUpdate):
-            return dense_body(torch.cat([work.delta, *work.buffers])), work.weight, work.loss, None
-        grad, loss = work.grads[0], float(work.losses[0])
+            delta = self._behave(work.delta, step)
+            return dense_body(torch.cat([delta, *work.buffers])), work.weight, work.loss, None
+        grad, loss = self._behave(work.grads[0], step), float(work.losses[0])
         if isinstance(s, CompressedDataParallel):
             s.add_weight_decay([grad])
             inputs = s.compensate([k], [grad], step)[0]
@@ -133,6 +143,13 @@ class SealedDevice:
             return data, float(share), loss, lambda: s.remember(k, grad, inputs, sent)
         stats = [v.reshape(-1) for layer in work.bn_stats for v in layer[0]]
         return dense_body(torch.cat([grad, *stats])), float(share), loss, None
+
+    def _behave(self, update: torch.Tensor, step: int) -> torch.Tensor:
+        """What this device sends instead of its honest `update`: the scenario's
+        `behavior` (a misbehaving device, to try robust rules on; label flips happen
+        before training)."""
+        behaviors = self.s.behaviors
+        return update if behaviors is None else behaviors.tamper([update], [self.idx], step)[0]
 
     def _send(self, store: Any, body: bytes, share: int, step: int) -> int:
         """Seal and send; the bytes sent if the coordinator accepted it, else 0."""
@@ -148,8 +165,9 @@ class SealedDevice:
         self.seal.saw(json.loads(reply))
         return len(wire)
 
-    def _aggregate(self, store: Any, step: int, table: bytes) -> torch.Tensor:
-        """The coordinator's aggregate of the step's senders, checked."""
+    def _aggregate(self, store: Any, step: int, table: bytes) -> torch.Tensor | None:
+        """The coordinator's aggregate of the step's senders, checked (None: a robust
+        screen left nothing usable)."""
         try:
             wire, _ = self.link(store).call("aggregate", step, self.idx, 0, [table])
         except LinkError as e:
@@ -162,7 +180,8 @@ class SealedDevice:
             else self.bn_size * (not isinstance(s, CompressedDataParallel))
         )
         try:
-            return dense_values(self.seal.open(wire, step), size)
+            body = self.seal.open(wire, step)
+            return dense_values(body, size) if body != NOTHING_USABLE else None
         except CodecError as e:
             raise ExchangeError(f"step {step}: the coordinator's aggregate: {e}") from None
 

@@ -182,6 +182,8 @@ class SimTransport:
                 o = sel[np.argsort(at[sel], kind="stable")]
                 out = np.full(len(idx), np.inf)
                 out[o] = fifo_finish_s(at[o], serve_in[o])
+                if req.open_s:  # sealed: the coordinator opens each update as it arrives
+                    out[o] = fifo_finish_s(out[o] + req.open_s, np.full(len(o), req.open_s))
                 end = (out[sel].max() if len(sel) else 0.0) + agg_s * len(sel)
                 if r < len(mid):  # the round's reduction goes back before the next round
                     ready = end + mid[r]
