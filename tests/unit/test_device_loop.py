@@ -13,8 +13,9 @@ import torch
 
 from edgeddl.config.loader import load_scenario
 from edgeddl.fleet.timeline import STATES
-from edgeddl.transport.device import DeviceRun, RestartRequired, recoveries
+from edgeddl.transport.device import DeviceRun
 from edgeddl.transport.device_setup import DeviceOptions
+from edgeddl.transport.engine import RestartRequired, recoveries
 from edgeddl.transport.store import KEY_ROWS, row_key
 
 SCENARIO = """

@@ -96,19 +96,20 @@ class DeviceGroup:
     """A built-in link profile or one from [links]."""
     count: int = 1
     behavior: BehaviorName = "honest"
-    """What the group's devices send (simulator only): honest; sign_flip: -update; scaled:
-    update * behavior_scale; noise: Gaussian noise of std behavior_scale times the honest
-    update's RMS, instead of it; label_flip: an honest update trained on labels y -> C-1-y;
-    free_rider: zeros (its samples still claimed); nan: NaN values (a broken device)."""
+    """What the group's devices send (simulator; real fleet with [security]): honest;
+    sign_flip: -update; scaled: update * behavior_scale; noise: Gaussian noise of std
+    behavior_scale times the honest update's RMS, instead of it; label_flip: an honest
+    update trained on labels y -> C-1-y; free_rider: zeros (its samples still claimed);
+    nan: NaN values (a broken device)."""
     behavior_scale: float = 1.0
     """The factor of `scaled`, the relative std of `noise`; 1 for the other behaviours."""
     envelope_fault: Literal[
         "none", "forged_signature", "tampered", "replayed", "oversized", "impostor"
     ] = "none"
-    """With [security] (simulator only): what goes wrong with the group's sealed payloads:
-    signed by another key, a ciphertext byte flipped, the previous payload sent again, past
-    max_payload_bytes, or sealed by an identity nobody enrolled. The coordinator refuses each
-    with its reason and trains on without it."""
+    """With [security] (simulator and real fleet): what goes wrong with the group's sealed
+    payloads: signed by another key, a ciphertext byte flipped, the previous payload sent
+    again, past max_payload_bytes, or sealed by an identity nobody enrolled. The coordinator
+    refuses each with its reason and trains on without it."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")

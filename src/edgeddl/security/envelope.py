@@ -6,17 +6,20 @@ On the wire (big-endian)::
               body SHA-256 32 B | run id, sender, recipient (each u8 length + UTF-8)
     nonce     12 B, random
     ciphertext  ChaCha20-Poly1305(body), header as associated data (len(body) + 16 B tag)
-    signature 64 B, Ed25519 by the sender over DOMAIN | header | SHA-256(nonce | ciphertext)
+    signature 64 B, Ed25519 by the sender over DOMAIN | header | nonce | tag
 
 The AEAD key comes from X25519 between the sender's and the recipient's static keys and
 HKDF-SHA256 with the run id, sender and recipient in its info, so each direction of each pair
 in each run has a key of its own. Nonces are 96 random bits rather than the sequence number:
 a device that restarts without its counter would reuse a counter nonce under the same key,
 which breaks ChaCha20-Poly1305 outright, while random nonces under one key stay safe far
-beyond any run's messages (birthday bound 2**48). The signature covers the ciphertext by its
-hash, so ``header | hash | signature`` (a *receipt*, ~190 B) proves on its own, to anyone
-with the sender's public key, what the sender sent and which ledger head it had seen; the
-ledger stores receipts (`edgeddl.security.ledger`).
+beyond any run's messages (birthday bound 2**48). The signature covers the header, which
+holds the body's SHA-256, and the nonce and tag, which bind it to this ciphertext: so
+``header | nonce | tag | signature`` (a *receipt*, ~190 B) proves on its own, to anyone with
+the sender's public key, what the sender sent and which ledger head it had seen; the ledger
+stores receipts (`edgeddl.security.ledger`). (Version 1 signed a SHA-256 of the whole
+ciphertext instead: one more pass over every byte on each side, for nothing the receipt
+needs, since the body's digest is in the header. Its receipts do not verify under v2.)
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from edgeddl.security.keys import Identity, PublicIdentity, check_name
 
 MAGIC = b"EDE1"
-DOMAIN = b"edgeddl envelope v1\x00"
+DOMAIN = b"edgeddl envelope v2\x00"
 NO_LEDGER_HEAD = (-1, bytes(32))
 """(index, hash) of the ledger head before the sender has seen any entry."""
 _FIXED = struct.Struct(">4sQQq32s32s")
-NONCE_BYTES, TAG_BYTES, SIG_BYTES, HASH_BYTES = 12, 16, 64, 32
+NONCE_BYTES, TAG_BYTES, SIG_BYTES = 12, 16, 64
 
 RejectReason = Literal[
     "bad_signature",
@@ -139,8 +142,13 @@ def _pair_key(
     return ChaCha20Poly1305(key)
 
 
-def _signed_message(header: bytes, ct_hash: bytes) -> bytes:
-    return DOMAIN + header + ct_hash
+def _nonce_tag(sealed: bytes | memoryview) -> bytes:
+    """What the signature binds of the ciphertext: its nonce and its AEAD tag."""
+    return bytes(sealed[:NONCE_BYTES]) + bytes(sealed[-TAG_BYTES:])
+
+
+def _signed_message(header: bytes, nonce_tag: bytes) -> bytes:
+    return DOMAIN + header + nonce_tag
 
 
 class Sender:
@@ -175,7 +183,7 @@ class Sender:
             self._keys[recipient.name] = aead
         nonce = os.urandom(NONCE_BYTES)
         sealed = nonce + aead.encrypt(nonce, body, header)
-        signature = self.identity.sign(_signed_message(header, hashlib.sha256(sealed).digest()))
+        signature = self.identity.sign(_signed_message(header, _nonce_tag(sealed)))
         return header + sealed + signature
 
 
@@ -240,7 +248,7 @@ class Receiver:
             body = aead.decrypt(nonce, bytes(sealed[NONCE_BYTES:]), bytes(head))
         except InvalidTag:
             return Rejection("tampered", who, "ciphertext or header altered (AEAD tag mismatch)")
-        receipt = bytes(head) + hashlib.sha256(sealed).digest() + bytes(signature)
+        receipt = bytes(head) + _nonce_tag(sealed) + bytes(signature)
         if self.check_signatures and verify_receipt(receipt, peer) is None:
             return Rejection("bad_signature", who, f"not signed by {who!r}")
         if hashlib.sha256(body).digest() != header.body_digest:
@@ -274,7 +282,8 @@ def verify_receipt(receipt: bytes, signer: PublicIdentity) -> Header | None:
         header, pos = Header.decode(receipt)
     except (ValueError, UnicodeDecodeError):
         return None
-    if len(receipt) != pos + HASH_BYTES + SIG_BYTES or header.sender != signer.name:
+    signed = pos + NONCE_BYTES + TAG_BYTES
+    if len(receipt) != signed + SIG_BYTES or header.sender != signer.name:
         return None
-    message = _signed_message(receipt[:pos], receipt[pos : pos + HASH_BYTES])
-    return header if signer.verify(receipt[pos + HASH_BYTES :], message) else None
+    message = _signed_message(receipt[:pos], receipt[pos:signed])
+    return header if signer.verify(receipt[signed:], message) else None

@@ -47,8 +47,9 @@ from edgeddl.transport.checkpoint import (
     pack,
     unpack,
 )
-from edgeddl.transport.device import DeviceRun, DeviceStats, RestartRequired
+from edgeddl.transport.device import DeviceRun
 from edgeddl.transport.device_setup import DeviceOptions
+from edgeddl.transport.engine import DeviceStats, RestartRequired
 from edgeddl.transport.store import (
     parse_address,
 )
