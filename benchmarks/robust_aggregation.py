@@ -22,6 +22,9 @@ rule can do: the f devices' shards are lost to training.
     # ~17 min: 3 seeds of the mixing variants against the two main attacks
     python benchmarks/robust_aggregation.py --seeds 3 --attacks sign_flip,scaled \\
         --variants mean,median+nnm,trimmed_mean+nnm,median+momentum+nnm,trimmed_mean+momentum+nnm
+    # ~22 min: four times the data (--samples), twice the steps
+    python benchmarks/robust_aggregation.py --samples 20000 --steps 1200 --seeds 3 \\
+        --attacks sign_flip,scaled --variants median+nnm,trimmed_mean+nnm
 """
 
 from __future__ import annotations
