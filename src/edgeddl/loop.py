@@ -241,9 +241,10 @@ def _train(
             if secure is not None:  # every payload sealed, opened, recorded
                 bodies = strategy.payload_bodies(ex)
                 sealed = secure.seal_step(step, clock.now_s, active, bodies, ex.up_bytes, down)
-                open_s, seal_s = fleet.coordinator_crypto_s(
-                    float(np.mean([len(b) for b in bodies])), float(np.mean(down))
-                )
+                if split is None:  # a split chain charges its legs' crypto to the devices
+                    open_s, seal_s = fleet.coordinator_crypto_s(
+                        float(np.mean([len(b) for b in bodies])), float(np.mean(down))
+                    )
                 crypto_bytes = sealed.crypto_bytes
                 if split is not None:  # each message of its chain in an envelope of its own
                     legs = [g.amount for g in split.legs(ex) if g.kind in ("up", "down")]

@@ -199,8 +199,8 @@ class Receiver:
     X25519 keys of this receiver and the sender, bound to run and direction, so only that
     sender could have sealed what opens, header included. That is enough for a party that
     keeps no receipts for others to check: a device opening its coordinator's answers
-    (verifying is 60 % of a small payload's crypto). The coordinator, whose ledger holds the
-    devices' receipts, always checks.
+    (an Ed25519 verify, ~0.13 ms here, is most of a small payload's crypto). The
+    coordinator, whose ledger holds the devices' receipts, always checks.
     """
 
     def __init__(

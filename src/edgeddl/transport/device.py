@@ -220,9 +220,9 @@ class DeviceRun:
         scenario makes it a label-flipping device)."""
         rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(self.w.x_train.device)
         y = self.w.y_train[rows]
-        behaviors = getattr(self.strategy, "behaviors", None)
-        if behaviors is not None:
-            y = behaviors.poison_labels(y, [share], [self.idx])
+        s = self.strategy
+        if isinstance(s, DataParallel) and s.behaviors is not None:
+            y = s.behaviors.poison_labels(y, [share], [self.idx])
         return self.w.x_train[rows], y
 
     def _measured_speed(self, own_s_per_sample: float) -> float:
