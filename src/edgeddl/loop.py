@@ -10,7 +10,6 @@ virtual.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,16 +22,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE
-from edgeddl.config.loader import (
-    ConfigError,
-    apply_override,
-    load_scenario,
-    scenario_from_dict,
-    to_toml,
-)
+from edgeddl.config.loader import ConfigError, to_toml
 from edgeddl.config.schema import Scenario
-from edgeddl.data import ShardSampler
-from edgeddl.fleet.clock import FleetSchedule, VirtualClock
 from edgeddl.fleet.timeline import StepRequest
 from edgeddl.report.files import (
     metric_label,
@@ -44,19 +35,26 @@ from edgeddl.report.files import (
 )
 from edgeddl.report.plots import plot_metric, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
-from edgeddl.report.recorder import RunRecorder
+from edgeddl.resume import (
+    CHECKPOINT_FILE,
+    CheckpointHeader,
+    StopRequest,
+    checkpoint,
+    restore,
+    resume_scenario,
+    stop_requests,
+)
 from edgeddl.security.session import secure_run
+from edgeddl.sim_state import SimRun, SimState, fresh_state, min_share, run_summary, scenario_of
 from edgeddl.split_step import split_balance_inputs, split_request
 from edgeddl.strategy.balance import balance_shares
-from edgeddl.strategy.build import build_split, build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.task import LossFn
-from edgeddl.transport.sim import SimTransport
+from edgeddl.threads import scenario_threads
 from edgeddl.workload import build_workload
 
 
@@ -65,6 +63,11 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     model: nn.Module
+
+    @property
+    def interrupted(self) -> bool:
+        """The run stopped on Ctrl-C (or SIGTERM); `edgeddl run --resume RUN` goes on."""
+        return self.summary.get("status") == "interrupted"
 
 
 def default_run_dir(scenario: Scenario) -> Path:
@@ -82,6 +85,7 @@ def run(
     out_dir: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
+    resume: str | Path | None = None,
 ) -> RunResult:
     """Train `config` (a Scenario, a scenario file, or a bundled scenario name) on the
     simulated fleet and write its run folder.
@@ -90,21 +94,23 @@ def run(
     (input, label) pairs: class indices, or for anomaly detection a training label to
     partition by and a test label 1 = anomaly) to replace the scenario's; `loss_fn(output,
     target)` must average over samples (the target: the label, or the input).
+
+    `resume`: a run folder with a checkpoint (an interrupted run, or one killed after a
+    checkpoint); the run goes on in that folder to the same result as if it had never
+    stopped. Its scenario comes from the checkpoint (`overrides` may change only
+    `RESUMABLE_KEYS`); pass the same `model`, data and `loss_fn` it was started with.
+    Ctrl-C (or SIGTERM) stops a run after the step in flight with a complete run folder.
     """
-    if isinstance(config, Scenario):
-        scenario = config
-        if overrides:  # the same strict path as a file: edit the raw table, validate again
-            raw = dataclasses.asdict(config)
-            for assignment in overrides:
-                apply_override(raw, assignment)
-            scenario = scenario_from_dict(raw)
+    if resume is not None:
+        if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
+            raise ConfigError("--out: a resumed run goes on in its own folder; leave --out out")
+        out_dir = resume
+        scenario, header = resume_scenario(Path(resume), config, overrides)
     else:
-        scenario = load_scenario(config, overrides)
+        scenario, header = scenario_of(config, overrides), None
     threads = torch.get_num_threads()
-    if scenario.run.threads:
-        torch.set_num_threads(scenario.run.threads)
     try:
-        return _train(scenario, model, train_set, test_set, loss_fn, out_dir, progress)
+        return _train(scenario, model, train_set, test_set, loss_fn, out_dir, progress, header)
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
 
@@ -117,239 +123,251 @@ def _train(
     loss_fn: LossFn | None,
     out_dir: str | Path | None,
     progress: bool,
+    resume: CheckpointHeader | None,
 ) -> RunResult:
     wall_start = time.perf_counter()
-    seed = scenario.run.seed
     custom_model = model is not None
     w = build_workload(scenario, model, train_set, test_set, loss_fn)
-    model, info, cost, shards, fleet = w.model, w.info, w.cost, w.shards, w.fleet
-    x_train, y_train, x_test, y_test = w.x_train, w.y_train, w.x_test, w.y_test
-    device = x_train.device
-    schedule = FleetSchedule(scenario)
-    clock = VirtualClock()
-    per_sample_s = w.per_sample_s
-    sampler = ShardSampler(shards, seed)
-    t = scenario.train
-    split = build_split(scenario, model, w.task.loss_fn, info) if t.strategy == "split" else None
-    strategy: DataParallel | SplitLearning
-    if split is not None:
-        strategy, policy = split, None
-    else:
-        sizes = np.array([len(s) for s in shards], dtype=np.int64)
-        strategy, policy = build_strategy(scenario, model, w.task.loss_fn, sizes, info.num_classes)
-    metric = w.task.metric
-    transport = SimTransport(fleet, t.topology, seed)
-    agg_flops = strategy.aggregation_flops()
-    # BatchNorm cannot normalise a batch of one 1-D sample (PyTorch refuses it): to be safe
-    # for every BatchNorm, a device that takes part gets at least two samples.
-    min_share = 2 if batchnorm_layers(model) else 1
-    caps = w.sample_caps()
-    if isinstance(strategy, Federated):
-        _check_local_batch(scenario.federated.local_batch, caps, min_share, fleet.names)
-
+    threads = scenario_threads(scenario, w.cost.train_flops_per_sample)
+    torch.set_num_threads(threads)
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
-    rec = RunRecorder(fleet.names, fleet.profile_names, fleet.link_names)
-    secure = secure_run(scenario, run_dir) if scenario.security.enabled else None
-
-    members_key: tuple[int, ...] = ()
-    shares = np.zeros(0, dtype=np.int64)
-    active = np.zeros(0, dtype=np.int64)
-    participated = np.zeros(fleet.num_devices, dtype=bool)  # holds the current model (ring)
-    num_local: np.ndarray | int = 1  # local steps per device (federated clients: several)
-    members: tuple[int, ...] = ()
-    step = 0
-
-    def evaluate(at_step: int, num_members: int) -> dict[str, Any]:
-        """Test the current model; one line of metrics.jsonl (virtual time is not charged)."""
-        scores = [w.task.evaluate(m, x_test, y_test) for m in strategy.evaluation_models()]
-        row = rec.add_eval(
-            step=at_step,
-            virtual_time_s=clock.now_s,
-            wall_time_s=time.perf_counter() - wall_start,
-            metrics={k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
-            num_members=num_members,
+    st = fresh_state(scenario, w)
+    if scenario.train.strategy == "federated":
+        _check_local_batch(
+            scenario.federated.local_batch, w.sample_caps(), min_share(w), w.fleet.names
         )
-        write_jsonl_atomic(run_dir / "metrics.jsonl", rec.evals)
-        return row
-
-    evaluate(0, len(schedule.members()))  # where the metric's curve starts
-    display = ProgressDisplay(t.num_steps, scenario.run.name, enabled=progress, metric=metric)
-    with display:
-        while step < t.num_steps:
-            applied = schedule.advance_to(clock.now_s)
-            for ev in applied:
-                rec.add_event(ev.at_s, ev.device, ev.action)
-                if secure is not None:
-                    secure.event(ev.at_s, ev.device, ev.action)
-                if ev.action == "crash":  # it lost its memory and its copy of the model
-                    strategy.forget(ev.device)
-                    participated[ev.device] = False
-            if applied or not members_key:
-                members = tuple(schedule.members())
-            if not members:  # everyone is gone: wait for the next join, or stop
-                nxt = schedule.next_event_s()
-                if nxt is None or (t.max_virtual_time_s and nxt >= t.max_virtual_time_s):
-                    break
-                clock.advance_to(nxt)
-                continue
-            if isinstance(strategy, Federated):  # sampled clients, each its own local steps
-                active, shares, num_local = strategy.plan_round(np.asarray(members), step)
-            elif members != members_key:  # rebalance only when membership changes
-                members_key = members
-                idx = np.asarray(members, dtype=np.int64)
-                if split is not None:  # its own part of the model, and the cut's bytes
-                    per_sample, fixed = split_balance_inputs(
-                        fleet, transport, split, idx, info.sample_bytes
-                    )
-                else:
-                    up_bytes, down_bytes = strategy.payload_bytes(idx)
-                    per_sample = per_sample_s[idx]
-                    fixed = fleet.fixed_step_s(cost.ops_per_step)[idx] + transport.expected_link_s(
-                        idx, up_bytes, down_bytes
-                    )
-                all_shares = balance_shares(
-                    t.global_batch, per_sample, fixed, caps[idx], t.balance, min_share
-                )
-                active, shares = idx[all_shares > 0], all_shares[all_shares > 0]
-            data_s, compute_s = fleet.work_time_s(
-                active,
-                shares,
-                cost.train_flops_per_sample,
-                info.sample_bytes,
-                cost.ops_per_step,
-                num_local,
-            )
-            # Every replica starts from the same seeded model; later, a device that sat out
-            # the previous step must fetch the current one.
-            needs_model = ~participated[active] if step else np.zeros(len(active), dtype=bool)
-            down = strategy.down_bytes(needs_model)
-            if policy is not None and isinstance(strategy, CompressedDataParallel):
-                work_s = float((data_s + compute_s).max())
-                bpv = strategy.bytes_per_value[active]
-                bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
-                link = transport.link_estimate(active)
-                strategy.set_density(active, policy.densities(link, work_s, bpv))
-            rows = torch.from_numpy(sampler.take_many(active, shares)).to(device)
-            # Every device computes and sends; a crash decides later whose payload counts.
-            try:
-                ex = strategy.prepare(x_train[rows], y_train[rows], shares.tolist(), active, step)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
-            sealed, crypto_s, open_s, seal_s = None, None, 0.0, 0.0
-            if secure is not None:  # every payload sealed, opened, recorded
-                bodies = strategy.payload_bodies(ex)
-                sealed = secure.seal_step(step, clock.now_s, active, bodies, ex.up_bytes, down)
-                if split is None:  # a split chain charges its legs' crypto to the devices
-                    open_s, seal_s = fleet.coordinator_crypto_s(
-                        float(np.mean([len(b) for b in bodies])), float(np.mean(down))
-                    )
-                crypto_bytes = sealed.crypto_bytes
-                if split is not None:  # each message of its chain in an envelope of its own
-                    legs = [g.amount for g in split.legs(ex) if g.kind in ("up", "down")]
-                    crypto_bytes = sum(legs) + down
-                    split.add_envelopes(ex, sealed.up_bytes[0] - ex.up_bytes[0])
-                ex.up_bytes, down = sealed.up_bytes, sealed.down_bytes
-                crypto_s = fleet.crypto_seconds(active, crypto_bytes)
-                compute_s = compute_s + crypto_s
-            if split is not None:
-                tl = transport.pipeline(
-                    split_request(
-                        fleet,
-                        split,
-                        ex,
-                        clock.now_s,
-                        data_s,
-                        down,
-                        schedule.next_crash_s[active],
-                        crypto_s,
-                    )
-                )
-            else:
-                request = StepRequest(
-                    start_s=clock.now_s,
-                    devices=active,
-                    data_s=data_s,
-                    compute_s=compute_s,
-                    up_bytes=ex.up_bytes,
-                    down_bytes=down,
-                    crash_at_s=schedule.next_crash_s[active],
-                    needs_model=needs_model,
-                    # sealed: the coordinator also seals each device's answer
-                    agg_flops=agg_flops + seal_s * fleet.coordinator.flops_per_s,
-                    open_s=open_s,
-                    mid_down_bytes=ex.mid_down_bytes,
-                    deadline_s=scenario.federated.deadline_s if t.strategy == "federated" else 0.0,
-                )
-                tl = transport.step(request)
-            if tl.dropped is not None and tl.dropped.any():
-                rec.add_dropped(step, tl.end_s, active[tl.dropped])
-            if sealed is not None:  # a refused payload is left out, like a lost one
-                tl.contributed = tl.contributed & sealed.accepted
-            loss = strategy.commit(ex, tl.contributed)
-            if secure is not None and sealed is not None:
-                entry = {int(active[i]): sealed.entries[i] for i in np.flatnonzero(tl.contributed)}
-                out = strategy.screened_at(step) if isinstance(strategy, DataParallel) else {}
-                screened = {entry[d]: why for d, why in out.items() if d in entry}
-                kept = [e for d, e in entry.items() if d not in out]
-                secure.aggregate(step, tl.end_s, model, kept, screened)
-            clock.advance_to(tl.end_s)
-            rec.add_step(tl, shares, loss)
-            participated[:] = False
-            participated[active[tl.contributed]] = True
-            step += 1
-            done = step == t.num_steps or (
-                t.max_virtual_time_s and clock.now_s >= t.max_virtual_time_s
-            )
-            if step % t.eval_every == 0 or done:
-                row = evaluate(step, len(members))
-                display.update(step, clock.now_s, row["train_loss"], row[metric])
-            else:
-                display.update(step, clock.now_s)
-            if done:
-                break
-        if rec.evals[-1]["step"] != step:  # stopped early: the fleet emptied for good
-            evaluate(step, 0)
-
-    summary = rec.summary(
-        metric=metric,
-        virtual_time_s=clock.now_s,
-        wall_time_s=time.perf_counter() - wall_start,
-        extra={
-            "scenario": scenario.run.name,
-            "strategy": t.strategy,
-            "topology": t.topology,
-            "balance": t.balance,
-            "task": w.task.name,
-            "dataset": info.name,
-            "model": {
-                "name": "custom" if custom_model else scenario.model.name,
-                "num_params": cost.num_params,
-                "train_flops_per_sample": cost.train_flops_per_sample,
-            },
-            "num_crashes": schedule.num_crashes,
-            "compression": {
-                "compressor": scenario.compression.compressor,
-                "per_device": bool(scenario.compression.groups),
-                "adaptive": scenario.compression.adapt.enabled,
-                **strategy.compression_summary(),
-            },
-            **(
-                {"federated": {**dataclasses.asdict(scenario.federated), "num_rounds": step}}
-                if t.strategy == "federated"
-                else {}
-            ),
-            **({"split": split.summary()} if split is not None else {}),
-            **(secure.summary(clock.now_s, model) if secure is not None else {}),
-            **(strategy.robust_summary() if isinstance(strategy, DataParallel) else {}),
-        },
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = SimRun(
+        scenario=scenario,
+        w=w,
+        run_dir=run_dir,
+        secure=None,
+        caps=w.sample_caps(),
+        min_share=min_share(w),
+        agg_flops=st.strategy.aggregation_flops(),
+        threads=threads,
+        custom_model=custom_model,
+        wall_start=wall_start,
     )
+    write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
+    if resume is not None:
+        st = restore(ctx)
+        # The run is under way again: the stopped session's summary no longer holds.
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    else:
+        ctx.secure = secure_run(scenario, run_dir) if scenario.security.enabled else None
+        _evaluate(ctx, st, len(st.schedule.members()))  # where the metric's curve starts
+    display = ProgressDisplay(
+        scenario.train.num_steps, scenario.run.name, enabled=progress, metric=w.task.metric
+    )
+    with display, stop_requests() as stop:
+        display.update(st.step, st.clock.now_s)
+        interrupted = _loop(ctx, st, display, stop)
+    return _finish(ctx, st, interrupted, display)
+
+
+def _loop(ctx: SimRun, st: SimState, display: ProgressDisplay, stop: StopRequest) -> bool:
+    """Train until the last step, the time limit or an empty fleet; True if interrupted."""
+    t, every = ctx.scenario.train, ctx.scenario.run.checkpoint_every
+    while st.step < t.num_steps:
+        if stop.requested:
+            return True
+        ready = _plan_step(ctx, st)
+        if ready is None:  # everyone is gone for good
+            break
+        if not ready:  # everyone is gone until the next join
+            continue
+        _step(ctx, st)
+        done = st.step == t.num_steps or bool(
+            t.max_virtual_time_s and st.clock.now_s >= t.max_virtual_time_s
+        )
+        if st.step % t.eval_every == 0 or done:
+            row = _evaluate(ctx, st, len(st.members))
+            display.update(st.step, st.clock.now_s, row["train_loss"], row[ctx.w.task.metric])
+        else:
+            display.update(st.step, st.clock.now_s)
+        if done:
+            break
+        if every and st.step % every == 0:
+            checkpoint(ctx, st, "checkpoint")
+    return False
+
+
+def _plan_step(ctx: SimRun, st: SimState) -> bool | None:
+    """Apply membership changes due by now and choose who trains how many samples. False:
+    nobody is in the fleet (the clock moved to the next join); None: nobody will be."""
+    scenario, w, strategy = ctx.scenario, ctx.w, st.strategy
+    applied = st.schedule.advance_to(st.clock.now_s)
+    for ev in applied:
+        st.rec.add_event(ev.at_s, ev.device, ev.action)
+        if ctx.secure is not None:
+            ctx.secure.event(ev.at_s, ev.device, ev.action)
+        if ev.action == "crash":  # it lost its memory and its copy of the model
+            strategy.forget(ev.device)
+            st.participated[ev.device] = False
+    if applied or not st.members_key:
+        st.members = tuple(st.schedule.members())
+    if not st.members:
+        nxt = st.schedule.next_event_s()
+        limit = scenario.train.max_virtual_time_s
+        if nxt is None or (limit and nxt >= limit):
+            return None
+        st.clock.advance_to(nxt)
+        return False
+    if isinstance(strategy, Federated):  # sampled clients, each its own local steps
+        st.active, st.shares, st.num_local = strategy.plan_round(np.asarray(st.members), st.step)
+    elif st.members != st.members_key:  # rebalance only when membership changes
+        st.members_key = st.members
+        idx = np.asarray(st.members, dtype=np.int64)
+        if isinstance(strategy, SplitLearning):  # its own part of the model, the cut's bytes
+            per_sample, fixed = split_balance_inputs(
+                w.fleet, st.transport, strategy, idx, w.info.sample_bytes
+            )
+        else:
+            up_bytes, down_bytes = strategy.payload_bytes(idx)
+            per_sample = w.per_sample_s[idx]
+            fixed = w.fleet.fixed_step_s(w.cost.ops_per_step)[idx] + st.transport.expected_link_s(
+                idx, up_bytes, down_bytes
+            )
+        all_shares = balance_shares(
+            scenario.train.global_batch,
+            per_sample,
+            fixed,
+            ctx.caps[idx],
+            scenario.train.balance,
+            ctx.min_share,
+        )
+        st.active, st.shares = idx[all_shares > 0], all_shares[all_shares > 0]
+    return True
+
+
+def _step(ctx: SimRun, st: SimState) -> None:
+    """One step of the planned devices: compute, seal, carry, commit, record."""
+    scenario, w, strategy, secure = ctx.scenario, ctx.w, st.strategy, ctx.secure
+    fleet, active, shares, clock = w.fleet, st.active, st.shares, st.clock
+    split = strategy if isinstance(strategy, SplitLearning) else None
+    data_s, compute_s = fleet.work_time_s(
+        active,
+        shares,
+        w.cost.train_flops_per_sample,
+        w.info.sample_bytes,
+        w.cost.ops_per_step,
+        st.num_local,
+    )
+    # Every replica starts from the same seeded model; later, a device that sat out the
+    # previous step must fetch the current one.
+    needs_model = ~st.participated[active] if st.step else np.zeros(len(active), dtype=bool)
+    down = strategy.down_bytes(needs_model)
+    if st.policy is not None and isinstance(strategy, CompressedDataParallel):
+        work_s = float((data_s + compute_s).max())
+        bpv = strategy.bytes_per_value[active]
+        bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
+        link = st.transport.link_estimate(active)
+        strategy.set_density(active, st.policy.densities(link, work_s, bpv))
+    rows = torch.from_numpy(st.sampler.take_many(active, shares)).to(w.x_train.device)
+    # Every device computes and sends; a crash decides later whose payload counts.
+    try:
+        ex = strategy.prepare(w.x_train[rows], w.y_train[rows], shares.tolist(), active, st.step)
+    except TrainingDiverged as e:
+        raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
+    sealed, crypto_s, open_s, seal_s = None, None, 0.0, 0.0
+    if secure is not None:  # every payload sealed, opened, recorded
+        bodies = strategy.payload_bodies(ex)
+        sealed = secure.seal_step(st.step, clock.now_s, active, bodies, ex.up_bytes, down)
+        if split is None:  # a split chain charges its legs' crypto to the devices
+            open_s, seal_s = fleet.coordinator_crypto_s(
+                float(np.mean([len(b) for b in bodies])), float(np.mean(down))
+            )
+        crypto_bytes = sealed.crypto_bytes
+        if split is not None:  # each message of its chain in an envelope of its own
+            legs = [g.amount for g in split.legs(ex) if g.kind in ("up", "down")]
+            crypto_bytes = sum(legs) + down
+            split.add_envelopes(ex, sealed.up_bytes[0] - ex.up_bytes[0])
+        ex.up_bytes, down = sealed.up_bytes, sealed.down_bytes
+        crypto_s = fleet.crypto_seconds(active, crypto_bytes)
+        compute_s = compute_s + crypto_s
+    crash_at_s = st.schedule.next_crash_s[active]
+    if split is not None:
+        tl = st.transport.pipeline(
+            split_request(fleet, split, ex, clock.now_s, data_s, down, crash_at_s, crypto_s)
+        )
+    else:
+        request = StepRequest(
+            start_s=clock.now_s,
+            devices=active,
+            data_s=data_s,
+            compute_s=compute_s,
+            up_bytes=ex.up_bytes,
+            down_bytes=down,
+            crash_at_s=crash_at_s,
+            needs_model=needs_model,
+            # sealed: the coordinator also seals each device's answer
+            agg_flops=ctx.agg_flops + seal_s * fleet.coordinator.flops_per_s,
+            open_s=open_s,
+            mid_down_bytes=ex.mid_down_bytes,
+            deadline_s=scenario.federated.deadline_s
+            if scenario.train.strategy == "federated"
+            else 0.0,
+        )
+        tl = st.transport.step(request)
+    if tl.dropped is not None and tl.dropped.any():
+        st.rec.add_dropped(st.step, tl.end_s, active[tl.dropped])
+    if sealed is not None:  # a refused payload is left out, like a lost one
+        tl.contributed = tl.contributed & sealed.accepted
+    loss = strategy.commit(ex, tl.contributed)
+    if secure is not None and sealed is not None:
+        entry = {int(active[i]): sealed.entries[i] for i in np.flatnonzero(tl.contributed)}
+        out = strategy.screened_at(st.step) if isinstance(strategy, DataParallel) else {}
+        screened = {entry[d]: why for d, why in out.items() if d in entry}
+        kept = [e for d, e in entry.items() if d not in out]
+        secure.aggregate(st.step, tl.end_s, ctx.model, kept, screened)
+    clock.advance_to(tl.end_s)
+    st.rec.add_step(tl, shares, loss)
+    st.participated[:] = False
+    st.participated[active[tl.contributed]] = True
+    st.step += 1
+
+
+def _evaluate(ctx: SimRun, st: SimState, num_members: int) -> dict[str, Any]:
+    """Test the current model; one line of metrics.jsonl (virtual time is not charged)."""
+    w = ctx.w
+    scores = [w.task.evaluate(m, w.x_test, w.y_test) for m in st.strategy.evaluation_models()]
+    row = st.rec.add_eval(
+        step=st.step,
+        virtual_time_s=st.clock.now_s,
+        wall_time_s=ctx.wall_s(st),
+        metrics={k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
+        num_members=num_members,
+    )
+    write_jsonl_atomic(ctx.run_dir / "metrics.jsonl", st.rec.evals)
+    return row
+
+
+def _finish(ctx: SimRun, st: SimState, interrupted: bool, display: ProgressDisplay) -> RunResult:
+    """Close the run: the last evaluation, the ledger, summary, model and plots; an
+    interrupted run first writes the checkpoint it resumes from."""
+    model, run_dir, secure = ctx.model, ctx.run_dir, ctx.secure
+    security: dict[str, Any] = {}
+    if interrupted:
+        if secure is not None:  # the checkpoint names the ledger's interrupted entry
+            security = secure.interrupted(st.clock.now_s, model, st.step)
+        checkpoint(ctx, st, None)
+        if st.rec.evals[-1]["step"] != st.step:
+            _evaluate(ctx, st, len(st.members))
+    else:
+        if st.rec.evals[-1]["step"] != st.step:  # stopped early: the fleet emptied for good
+            _evaluate(ctx, st, 0)
+        if secure is not None:
+            security = secure.summary(st.clock.now_s, model)
+    summary = run_summary(ctx, st, "interrupted" if interrupted else "completed", security)
     write_json_atomic(run_dir / "summary.json", summary)
     write_model_atomic(run_dir / "model.pt", model.state_dict())
-    title = f"{scenario.run.name}: test {metric_label(metric)}"
-    plot_metric(rec.evals, run_dir / metric_plot(metric), metric, title)
-    plot_timeline(rec, run_dir / "timeline.png")
+    if not interrupted:  # a finished run has nothing to resume
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    metric = ctx.w.task.metric
+    title = f"{ctx.scenario.run.name}: test {metric_label(metric)}"
+    plot_metric(st.rec.evals, run_dir / metric_plot(metric), metric, title)
+    plot_timeline(st.rec, run_dir / "timeline.png")
     display.print_summary(summary, str(run_dir))
     return RunResult(run_dir=run_dir, summary=summary, model=model)
 

@@ -61,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="run folder (default: runs/NAME-TIMESTAMP)"
     )
     r.add_argument("--quiet", action="store_true", help="no progress display")
+    r.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="go on with an interrupted run from its checkpoint, in its folder, to the same "
+        "result (its scenario is in the checkpoint; --set may change only train.num_steps, "
+        "train.max_virtual_time_s, train.eval_every, run.checkpoint_every)",
+    )
 
     v = sub.add_parser("validate", help="check a scenario and print it fully resolved")
     scenario_args(v)
@@ -263,9 +272,19 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgeddl.loop import run  # torch is imported only when it is needed
 
-    scenario = load_scenario(args.scenario, args.overrides)
-    result = run(scenario, out_dir=args.out, progress=not args.quiet)
+    if args.resume is not None:
+        if args.scenario is not None:
+            raise ConfigError("--resume: the run's scenario is in its checkpoint; name no other")
+        result = run(
+            resume=args.resume, overrides=args.overrides, out_dir=args.out, progress=not args.quiet
+        )
+    else:
+        scenario = load_scenario(args.scenario, args.overrides)
+        result = run(scenario, out_dir=args.out, progress=not args.quiet)
     print(result.run_dir)
+    if result.interrupted:
+        print(f"interrupted: go on with `edgeddl run --resume {result.run_dir}`", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -249,7 +249,12 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     threads: int = 0
-    """torch CPU threads for the simulator; 0 lets torch decide."""
+    """torch CPU threads; 0: automatic, from the model's work per pass and the cores (one
+    thread for small models, which lose most to threads on a busy machine). A run's bits
+    depend on this number, never on the machine's load."""
+    checkpoint_every: int = 100
+    """Simulator: write RUN/checkpoint.pkl every this many steps (and always when a run is
+    interrupted), for `edgeddl run --resume RUN`; 0: only on interruption."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the simulator does the maths (the simulated devices' speeds come from profiles)."""
 
@@ -261,6 +266,10 @@ class RunConfig:
         )
         _require(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1 (got {self.seed})")
         _require(0 <= self.threads <= 1024, f"threads must be in 0..1024 (got {self.threads})")
+        _require(
+            self.checkpoint_every >= 0,
+            f"checkpoint_every must be >= 0 (got {self.checkpoint_every})",
+        )
 
 
 @dataclass(kw_only=True, slots=True)

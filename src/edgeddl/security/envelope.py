@@ -258,6 +258,14 @@ class Receiver:
             return verdict
         return Opened(header, body, receipt)
 
+    def windows(self) -> dict[str, tuple[int, int]]:
+        """Per sender, (highest seq accepted, bitmap of the window below it): what a
+        receiver resumed from a checkpoint needs to keep refusing replays."""
+        return dict(self._seen)
+
+    def restore_windows(self, windows: Mapping[str, tuple[int, int]]) -> None:
+        self._seen = dict(windows)
+
     def last_seq(self, who: str) -> int:
         """The highest sequence number accepted from `who` (-1: none yet)."""
         return self._seen.get(who, (-1, 0))[0]

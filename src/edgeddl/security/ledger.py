@@ -53,7 +53,13 @@ KINDS = (
     "checkpoint",
     "reject",
     "run_end",
+    "interrupted",
+    "resumed",
 )
+CLOSING = ("run_end", "interrupted")
+"""Entries that end a ledger; only a `resumed` entry may follow an `interrupted` one."""
+DIGEST_MARKS = ("checkpoint", "interrupted", "resumed")
+"""Entries that name the model's digest at a step boundary (simulated runs)."""
 FIELDS = {"author", "index", "kind", "payload", "prev", "sig", "time"}
 
 
@@ -135,7 +141,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = self.path.read_bytes() if self.path.exists() else b""
         lines, self.torn_tail_bytes = _split(data)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         if self.torn_tail_bytes:  # a crash mid-write: cut the partial line, chain on
             os.ftruncate(self._fd, len(data) - self.torn_tail_bytes)
             os.fsync(self._fd)
@@ -255,7 +261,8 @@ def verify(
     """Check the chain, every signature and receipt, and the final model's digest.
 
     `peers`: the trusted public identities by name (devices and the coordinator).
-    `complete`: the run ended, so the ledger must end with `run_end` and have no torn tail.
+    `complete`: the run ended, so the ledger must end with `run_end` (or `interrupted`,
+    for a run stopped cleanly) and have no torn tail.
     """
     try:
         data = Path(path).read_bytes()
@@ -281,7 +288,7 @@ def verify(
             f"{where}: the final model's digest {final_model_digest[:16]}... does not match "
             f"the last aggregation's {str(state.last_model_digest)[:16]}...",
         )
-    if complete and (torn or state.last_kind != "run_end"):
+    if complete and (torn or state.last_kind not in CLOSING):
         why = f"a torn last line of {torn} bytes" if torn else f"its last is {state.last_kind!r}"
         return VerifyReport(n, torn, f"entry {n}: the run ended but the ledger does not: {why}")
     return VerifyReport(n, torn)
@@ -295,6 +302,8 @@ class _State:
     last_model_digest: str | None = None
     update_steps: dict[int, int] = field(default_factory=dict)
     """Index -> step of every update entry so far."""
+    marks: dict[int, str] = field(default_factory=dict)
+    """Index -> model digest of every checkpoint and interrupted entry so far."""
 
 
 def _check_entry(
@@ -312,6 +321,8 @@ def _check_entry(
         raise _Bad("breaks the hash chain (index or prev hash)")
     if state.last_kind == "run_end":
         raise _Bad("follows the run_end entry")
+    if state.last_kind == "interrupted" and entry["kind"] != "resumed":
+        raise _Bad("follows an interrupted entry but is not a resumed one")
     author, kind, payload = entry["author"], entry["kind"], entry["payload"]
     if kind not in KINDS or not isinstance(payload, dict):
         raise _Bad(f"unknown kind {kind!r} or payload not a table")
@@ -338,6 +349,9 @@ def _check_entry(
     if kind == "aggregate":
         _check_aggregate(payload, hashes, state)
         state.last_aggregate, state.last_model_digest = i, payload.get("model_digest")
+    if kind in DIGEST_MARKS:
+        _check_mark(kind, payload, state)
+        state.marks[i] = payload["model_digest"]
     if kind == "update":
         state.update_steps[i] = payload["step"]
     state.last_kind = kind
@@ -387,3 +401,20 @@ def _check_aggregate(payload: dict[str, Any], hashes: list[str], state: _State) 
     for ref in [*payload.get("updates", []), *(s["update"] for s in screened)]:
         if state.update_steps.get(ref) != payload.get("step"):
             raise _Bad(f"aggregate names entry {ref}, not an update of step {payload.get('step')}")
+
+
+def _check_mark(kind: str, payload: dict[str, Any], state: _State) -> None:
+    """A checkpoint or interrupted entry names the model the last aggregate made; a resumed
+    entry names a checkpoint before it and goes on from that model (entries after that
+    checkpoint were lost with the process that wrote them)."""
+    digest = payload.get("model_digest")
+    if not isinstance(digest, str):
+        raise _Bad(f"a {kind} entry without model_digest")
+    if kind != "resumed":
+        if state.last_aggregate >= 0 and digest != state.last_model_digest:
+            raise _Bad(f"a {kind} entry's model digest is not the last aggregate's")
+        return
+    ref = payload.get("checkpoint_entry")
+    if not isinstance(ref, int) or state.marks.get(ref) != digest:
+        raise _Bad(f"resumed from entry {ref!r}, which is not a checkpoint of that model")
+    state.last_model_digest = digest

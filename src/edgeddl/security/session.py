@@ -25,6 +25,7 @@ coordinator also refuses a payload sealed for another step than the current one.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from edgeddl.security.ledger import (
     Ledger,
     aggregate_payload,
     model_digest,
+    read_entries,
     reject_payload,
     update_payload,
 )
@@ -74,7 +76,11 @@ class SealedStep:
 class SecureRun:
     """The run's identities, envelopes and ledger (see the module docstring)."""
 
-    def __init__(self, scenario: Scenario, run_dir: Path) -> None:
+    def __init__(
+        self, scenario: Scenario, run_dir: Path, resume: dict[str, Any] | None = None
+    ) -> None:
+        """A new run's ledger in `run_dir`; or with `resume` (a checkpoint's `state()`) the
+        run's own ledger, continued after a `resumed` entry."""
         cfg = scenario.security
         self.names = scenario.fleet.device_names()
         self.peers = enrolled(cfg)
@@ -91,7 +97,7 @@ class SecureRun:
             )
         folder = Path(cfg.keys_dir)
         self.coordinator = self._identity(folder, SECURITY_COORDINATOR)
-        self.run_id = f"{scenario.run.name}-{uuid.uuid4().hex[:12]}"
+        self.run_id = resume["run_id"] if resume else f"{scenario.run.name}-{uuid.uuid4().hex[:12]}"
         faults = [g.envelope_fault for g in scenario.fleet.devices for _ in range(g.count)]
         self.faults = faults
         self.senders = []
@@ -104,16 +110,59 @@ class SecureRun:
         )
         self.max_payload_bytes = cfg.max_payload_bytes
         path = run_dir / LEDGER_FILE
+        self.rejected: list[dict[str, object]] = []
+        if resume is not None:
+            self._resume(path, resume, cfg.ledger_flush_every)
+            return
         if path.exists():  # an earlier run's in this folder: kept aside, not continued
             path.replace(path.with_name(LEDGER_FILE + ".previous"))
         self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
-        self.rejected: list[dict[str, object]] = []
         self.ledger.append(
             self.coordinator,
             "run",
             {"run_id": self.run_id, "scenario": scenario.run.name, "devices": self.names},
             time_s=0.0,
         )
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the run id, sequence numbers, replay windows, refusals
+        and the ledger's head (flushed first, so the entry it names is on disk)."""
+        self.ledger.flush()
+        return {
+            "run_id": self.run_id,
+            "next_seq": [s.next_seq for s in self.senders],
+            "seen": self.receiver.windows(),
+            "first_wire": [f.first_wire for f in self.faulty],
+            "rejected": list(self.rejected),
+            "ledger_head": [self.ledger.index, self.ledger.head_hash],
+        }
+
+    def _resume(self, path: Path, state: dict[str, Any], flush_every: int) -> None:
+        """Reopen the run's ledger where the checkpoint left it: the entry it names must be
+        there unchanged. Entries after it (a run killed after its checkpoint) stay: the
+        senders number on past every sequence number they hold."""
+        index, head_hash = state["ledger_head"]
+        entries, _ = read_entries(path) if path.exists() else ([], 0)
+        at = entries[index] if 0 <= index < len(entries) else None
+        lines = path.read_bytes().split(b"\n") if at is not None else []
+        if at is None or hashlib.sha256(lines[index]).hexdigest() != head_hash:
+            raise ConfigError(
+                f"{path}: does not hold the checkpoint's ledger entry {index} unchanged; "
+                "it cannot be continued"
+            )
+        used: dict[str, int] = {}
+        for e in entries[index + 1 :]:
+            if e is not None and e.get("kind") == "update" and isinstance(e.get("payload"), dict):
+                who, seq = e["payload"].get("device"), e["payload"].get("seq")
+                if isinstance(who, str) and isinstance(seq, int):
+                    used[who] = max(used.get(who, -1), seq)
+        for sender, seq in zip(self.senders, state["next_seq"], strict=True):
+            sender.next_seq = max(seq, used.get(sender.identity.name, -1) + 1)
+        self.receiver.restore_windows(state["seen"])
+        for faulty, wire in zip(self.faulty, state["first_wire"], strict=True):
+            faulty.first_wire = wire
+        self.rejected = list(state["rejected"])
+        self.ledger = Ledger(path, flush_every=flush_every)
 
     def _identity(self, folder: Path, name: str) -> Identity:
         return enrolled_identity(folder, name, self.peers)
@@ -193,6 +242,26 @@ class SecureRun:
         payload = aggregate_payload(step, entries, digest(model), screened)
         self.ledger.append(self.coordinator, "aggregate", payload, time_s=at_s)
 
+    def mark(self, kind: str, at_s: float, model: nn.Module, payload: dict[str, Any]) -> None:
+        """A `checkpoint`, `interrupted` or `resumed` entry with the model's digest."""
+        self.ledger.append(
+            self.coordinator, kind, {**payload, "model_digest": digest(model)}, time_s=at_s
+        )
+
+    def interrupted(self, at_s: float, model: nn.Module, step: int) -> dict[str, object]:
+        """Close the ledger with `interrupted` (a resumed run continues it); the run's
+        `model_digest` and `security` keys."""
+        return close_ledger(
+            self.ledger,
+            self.coordinator,
+            self.run_id,
+            self.rejected,
+            digest(model),
+            at_s,
+            kind="interrupted",
+            payload={"step": step},
+        )
+
     def summary(self, at_s: float, model: nn.Module) -> dict[str, object]:
         """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
         return close_ledger(
@@ -207,10 +276,13 @@ def close_ledger(
     rejected: list[dict[str, object]],
     final_digest: str,
     at_s: float | None = None,
+    *,
+    kind: str = "run_end",
+    payload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`run_end` with the final model's digest, the ledger closed; the run's
-    `model_digest` and `security` keys."""
-    ledger.append(author, "run_end", {"model_digest": final_digest}, time_s=at_s)
+    """`run_end` (or `interrupted`) with the final model's digest, the ledger closed; the
+    run's `model_digest` and `security` keys."""
+    ledger.append(author, kind, {**(payload or {}), "model_digest": final_digest}, time_s=at_s)
     ledger.close()
     reasons: dict[str, int] = {}
     for r in rejected:
@@ -281,10 +353,12 @@ def enrolled_identity(folder: Path, name: str, peers: Mapping[str, PublicIdentit
     return identity
 
 
-def secure_run(scenario: Scenario, run_dir: Path) -> SecureRun:
+def secure_run(
+    scenario: Scenario, run_dir: Path, resume: dict[str, Any] | None = None
+) -> SecureRun:
     """The run's `SecureRun`, once the scenario is one it can seal (one-line errors)."""
     check_sealable(scenario)
-    return SecureRun(scenario, run_dir)
+    return SecureRun(scenario, run_dir, resume)
 
 
 def check_sealable(scenario: Scenario) -> None:

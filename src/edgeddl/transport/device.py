@@ -45,6 +45,7 @@ from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import per_device_gradients
 from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.threads import scenario_threads
 from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
 from edgeddl.transport.coordinator_link import LinkError
 from edgeddl.transport.device_setup import DeviceOptions, pacing_fleet
@@ -82,10 +83,9 @@ class DeviceRun:
             torch.cuda.set_device(comm)
         self.comm = comm
         """Where the engine's sums happen."""
-        if scenario.run.threads:
-            torch.set_num_threads(scenario.run.threads)
         self.w: Workload = build_workload(scenario)
         w = self.w
+        torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
         self.strategy: DataParallel | SplitLearning
         self.split: SplitDevice | None = None
         if scenario.train.strategy == "split":

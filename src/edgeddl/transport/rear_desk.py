@@ -36,6 +36,7 @@ from edgeddl.security.ledger import model_digest
 from edgeddl.security.parties import CoordinatorSeal
 from edgeddl.strategy.build import build_split
 from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.threads import scenario_threads
 from edgeddl.transport.checkpoint import pack, unpack
 from edgeddl.transport.store import KEY_ROWS, row_key
 from edgeddl.workload import build_workload
@@ -87,6 +88,8 @@ class RearDesk:
         """The scenario's rear (built as every device builds its front) and test set; the
         rear of `out_dir/rear.pt` if an earlier coordinator of this run left one."""
         w = build_workload(scenario)
+        # the same threads as the devices: the replicas' sums must agree to the bit
+        torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
         strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
         toml = to_toml(scenario)
         service = cls(

@@ -47,6 +47,7 @@ from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, dense_body
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import apply_batchnorm_stats, tracking_batchnorms
+from edgeddl.threads import scenario_threads
 from edgeddl.transport.replica import checksum
 from edgeddl.workload import build_workload
 
@@ -120,6 +121,8 @@ class SealedDesk:
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
         self.names = scenario.fleet.device_names()
         w = build_workload(scenario)
+        # the same threads as the devices: the replicas' sums must agree to the bit
+        torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
         sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
         self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, sizes)
         self.bn_size = batchnorm_size(self.strategy)
