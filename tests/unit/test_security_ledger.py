@@ -268,3 +268,54 @@ def test_an_aggregate_may_name_only_its_steps_updates_as_screened(
         ledger.append(coord, "aggregate", aggregate_payload(1, [], digest, {refs[0]: "nan"}))
     bad = verify(path, _peers(ids))
     assert bad.error == f"entry 4: aggregate names entry {refs[0]}, not an update of step 1"
+
+
+def test_the_ledger_is_private_to_its_owner(tmp_path: Path, ids: dict[str, Identity]) -> None:
+    path = tmp_path / LEDGER_FILE
+    _write_run(path, ids, num_steps=1)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def _marked_run(path: Path, ids: dict[str, Identity], kinds: list[tuple[str, dict]]) -> None:
+    coord = ids["coordinator"]
+    with Ledger(path, flush_every=1) as ledger:
+        ledger.append(coord, "run", {"run_id": RUN}, time_s=0.0)
+        for step in range(2):
+            digest = model_digest(_model(step))
+            ledger.append(coord, "aggregate", {"step": step, "updates": [], "model_digest": digest})
+        for kind, payload in kinds:
+            ledger.append(coord, kind, payload)
+
+
+def test_interrupted_and_resumed_entries_must_name_the_right_model(
+    tmp_path: Path, ids: dict[str, Identity]
+) -> None:
+    now, before = model_digest(_model(1)), model_digest(_model(0))
+    cases = {
+        "closed": ([("interrupted", {"step": 2, "model_digest": now})], ""),
+        "resumed": (
+            [
+                ("interrupted", {"step": 2, "model_digest": now}),
+                ("resumed", {"from_step": 2, "checkpoint_entry": 3, "model_digest": now}),
+                ("run_end", {"model_digest": now}),
+            ],
+            "",
+        ),
+        "stale mark": (
+            [("checkpoint", {"step": 2, "model_digest": before})],
+            "entry 3: a checkpoint entry's model digest is not the last aggregate's",
+        ),
+        "no resumed after interrupted": (
+            [("interrupted", {"step": 2, "model_digest": now}), ("join", {"device": "pi-0"})],
+            "entry 4: follows an interrupted entry but is not a resumed one",
+        ),
+        "resumed from nowhere": (
+            [("resumed", {"from_step": 2, "checkpoint_entry": 2, "model_digest": now})],
+            "entry 3: resumed from entry 2, which is not a checkpoint of that model",
+        ),
+    }
+    for name, (kinds, error) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        _marked_run(path, ids, kinds)
+        report = verify(path, _peers(ids), final_model_digest=now, complete=not error)
+        assert report.error == error, name
