@@ -228,6 +228,7 @@ def checkpoint(ctx: SimRun, st: SimState, mark: str | None) -> None:
         "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None},
         "rng": _rng_states(),
         "secure": ctx.secure.state() if ctx.secure is not None else None,
+        "data": _data_fingerprint(ctx),
     }
     save_checkpoint(ctx.run_dir, st.step, to_toml(ctx.scenario), state, shared_objects(ctx))
 
@@ -238,6 +239,11 @@ def restore(ctx: SimRun) -> SimState:
     modules = frozenset(type(m).__module__ for m in ctx.model.modules())
     state = load_state(ctx.run_dir, body, shared_objects(ctx), modules)
     model = ctx.model
+    if state["data"] != _data_fingerprint(ctx):
+        raise ConfigError(
+            "--resume: the run was trained on other data than it is given now; pass the "
+            "train_set and test_set it started with"
+        )
     with as_config_error("--resume"):
         model.load_state_dict(state["model"])
     params = dict(model.named_parameters())
@@ -252,6 +258,13 @@ def restore(ctx: SimRun) -> SimState:
             "resumed", st.clock.now_s, model, {"from_step": st.step, "checkpoint_entry": entry}
         )
     return st
+
+
+def _data_fingerprint(ctx: SimRun) -> list[tuple[str, list[int], str, float]]:
+    """Shape, type and sum of each data tensor: a resumed run must train on the same data."""
+    w = ctx.w
+    tensors = {"x_train": w.x_train, "y_train": w.y_train, "x_test": w.x_test, "y_test": w.y_test}
+    return [(k, list(t.shape), str(t.dtype), float(t.double().sum())) for k, t in tensors.items()]
 
 
 def _rng_states() -> dict[str, Any]:

@@ -248,3 +248,32 @@ def test_resume_keeps_the_scenario_and_checks_the_checkpoint(
     assert main(["run", "--resume", str(out), "--quiet", "--set", "train.num_steps=12"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["num_steps"] == 12
+
+
+def _own(seed: int) -> tuple[torch.nn.Module, Any, Any]:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(600, 1, 40, generator=g), torch.randint(0, 10, (600,), generator=g)
+    data = torch.utils.data.TensorDataset
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(40, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
+    return model, data(x[:500], y[:500]), data(x[500:], y[500:])
+
+
+def test_your_own_model_and_data_resume_too_and_other_data_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = scenario_from_dict(_raw({}))
+    model, train, test = _own(1)
+    edgeddl.run(scenario, model=model, train_set=train, test_set=test, out_dir=tmp_path / "a")
+    model, train, test = _own(1)
+    with monkeypatch.context() as m:
+        _stop_after(m, STOP_AT, "interrupt")
+        edgeddl.run(scenario, model=model, train_set=train, test_set=test, out_dir=tmp_path / "b")
+    model, train, test = _own(2)  # another draw of the data
+    with pytest.raises(ConfigError, match="other data"):
+        edgeddl.run(resume=tmp_path / "b", model=model, train_set=train, test_set=test)
+    model, train, test = _own(1)
+    edgeddl.run(resume=tmp_path / "b", model=model, train_set=train, test_set=test)
+    _same_run(tmp_path / "a", tmp_path / "b")
