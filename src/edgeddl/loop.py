@@ -28,7 +28,6 @@ from edgeddl.config.loader import (
     apply_override,
     load_scenario,
     scenario_from_dict,
-    to_toml,
 )
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
@@ -99,7 +98,9 @@ def run(
                 apply_override(raw, assignment)
             scenario = scenario_from_dict(raw)
     else:
-        scenario = load_scenario(config, overrides)
+        scenario = load_scenario(
+            config, overrides, own_model=model is not None, own_data=train_set is not None
+        )
     threads = torch.get_num_threads()
     if scenario.run.threads:
         torch.set_num_threads(scenario.run.threads)
@@ -120,7 +121,6 @@ def _train(
 ) -> RunResult:
     wall_start = time.perf_counter()
     seed = scenario.run.seed
-    custom_model = model is not None
     w = build_workload(scenario, model, train_set, test_set, loss_fn)
     model, info, cost, shards, fleet = w.model, w.info, w.cost, w.shards, w.fleet
     x_train, y_train, x_test, y_test = w.x_train, w.y_train, w.x_test, w.y_test
@@ -149,7 +149,7 @@ def _train(
 
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(scenario)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
+    write_text_atomic(run_dir / "config.resolved.toml", w.resolved_toml())
     rec = RunRecorder(fleet.names, fleet.profile_names, fleet.link_names)
     secure = secure_run(scenario, run_dir) if scenario.security.enabled else None
 
@@ -322,12 +322,7 @@ def _train(
             "topology": t.topology,
             "balance": t.balance,
             "task": w.task.name,
-            "dataset": info.name,
-            "model": {
-                "name": "custom" if custom_model else scenario.model.name,
-                "num_params": cost.num_params,
-                "train_flops_per_sample": cost.train_flops_per_sample,
-            },
+            **w.summary_entries(),
             "num_crashes": schedule.num_crashes,
             "compression": {
                 "compressor": scenario.compression.compressor,
