@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE
-from edgeddl.config.loader import ConfigError, to_toml
+from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.timeline import StepRequest
 from edgeddl.report.files import (
@@ -101,13 +101,14 @@ def run(
     `RESUMABLE_KEYS`); pass the same `model`, data and `loss_fn` it was started with.
     Ctrl-C (or SIGTERM) stops a run after the step in flight with a complete run folder.
     """
+    own = {"own_model": model is not None, "own_data": train_set is not None}
     if resume is not None:
         if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
             raise ConfigError("--out: a resumed run goes on in its own folder; leave --out out")
         out_dir = resume
-        scenario, header = resume_scenario(Path(resume), config, overrides)
+        scenario, header = resume_scenario(Path(resume), config, overrides, **own)
     else:
-        scenario, header = scenario_of(config, overrides), None
+        scenario, header = scenario_of(config, overrides, **own), None
     threads = torch.get_num_threads()
     try:
         return _train(scenario, model, train_set, test_set, loss_fn, out_dir, progress, header)
@@ -126,7 +127,6 @@ def _train(
     resume: CheckpointHeader | None,
 ) -> RunResult:
     wall_start = time.perf_counter()
-    custom_model = model is not None
     w = build_workload(scenario, model, train_set, test_set, loss_fn)
     threads = scenario_threads(scenario, w.cost.train_flops_per_sample)
     torch.set_num_threads(threads)
@@ -146,10 +146,9 @@ def _train(
         min_share=min_share(w),
         agg_flops=st.strategy.aggregation_flops(),
         threads=threads,
-        custom_model=custom_model,
         wall_start=wall_start,
     )
-    write_text_atomic(run_dir / "config.resolved.toml", to_toml(scenario))
+    write_text_atomic(run_dir / "config.resolved.toml", w.resolved_toml())
     if resume is not None:
         st = restore(ctx)
         # The run is under way again: the stopped session's summary no longer holds.

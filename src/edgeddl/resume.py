@@ -157,13 +157,17 @@ RESUMABLE_KEYS = (
 
 
 def resume_scenario(
-    run_dir: Path, config: Scenario | str | Path | None, overrides: Sequence[str]
+    run_dir: Path,
+    config: Scenario | str | Path | None,
+    overrides: Sequence[str],
+    **own: bool,
 ) -> tuple[Scenario, CheckpointHeader]:
     """The scenario to resume `run_dir` with: its checkpoint's, with `overrides` of
-    `RESUMABLE_KEYS` only; a `config` passed too must be the same scenario."""
+    `RESUMABLE_KEYS` only; a `config` passed too must be the same scenario (`own`: the
+    caller brings its own model or data, as `scenario_of` takes them)."""
     header, _ = read_header(run_dir)
     saved = scenario_from_dict(tomllib.loads(header.scenario_toml))
-    if config is not None and _comparable(scenario_of(config, ())) != _comparable(saved):
+    if config is not None and _comparable(scenario_of(config, (), **own)) != _comparable(saved):
         raise ConfigError(
             f"--resume: {run_dir} was trained with another scenario; resume it without one "
             "(its own is in the checkpoint)"

@@ -29,7 +29,15 @@ from edgeddl.transport.sim import SimTransport
 from edgeddl.workload import Workload
 
 
-def scenario_of(config: Scenario | str | Path | None, overrides: Sequence[str]) -> Scenario:
+def scenario_of(
+    config: Scenario | str | Path | None,
+    overrides: Sequence[str],
+    *,
+    own_model: bool = False,
+    own_data: bool = False,
+) -> Scenario:
+    """The scenario `config` names, with `overrides`; `own_model`/`own_data`: the caller
+    brings them (a run folder's record of a user's model loads only then)."""
     if isinstance(config, Scenario):
         if not overrides:
             return config
@@ -37,7 +45,7 @@ def scenario_of(config: Scenario | str | Path | None, overrides: Sequence[str]) 
         for assignment in overrides:
             apply_override(raw, assignment)
         return scenario_from_dict(raw)
-    return load_scenario(config, tuple(overrides))
+    return load_scenario(config, tuple(overrides), own_model=own_model, own_data=own_data)
 
 
 @dataclass(slots=True)
@@ -77,7 +85,6 @@ class SimRun:
     min_share: int
     agg_flops: float
     threads: int
-    custom_model: bool
     wall_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -132,12 +139,7 @@ def run_summary(ctx: SimRun, st: SimState, status: str, security: dict[str, Any]
             "topology": t.topology,
             "balance": t.balance,
             "task": w.task.name,
-            "dataset": w.info.name,
-            "model": {
-                "name": "custom" if ctx.custom_model else scenario.model.name,
-                "num_params": w.cost.num_params,
-                "train_flops_per_sample": w.cost.train_flops_per_sample,
-            },
+            **w.summary_entries(),
             "threads": ctx.threads,
             "num_crashes": st.schedule.num_crashes,
             "compression": {

@@ -42,6 +42,14 @@ class Task(ABC):
         """What the loss compares the model's output on `x` with."""
 
     @abstractmethod
+    def output_mismatch(
+        self, out_shape: tuple[int, ...], x_shape: tuple[int, ...], num_classes: int, exact: bool
+    ) -> str:
+        """Why a model's outputs of `out_shape` for a batch of `x_shape` cannot train this
+        task ("" if they can); `exact`: `num_classes` is all the classes there are, not only
+        those the labels show."""
+
+    @abstractmethod
     def sample_scores(
         self, out: torch.Tensor, x: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
@@ -88,6 +96,17 @@ class Classification(Task):
     def target(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return labels
 
+    def output_mismatch(
+        self, out_shape: tuple[int, ...], x_shape: tuple[int, ...], num_classes: int, exact: bool
+    ) -> str:
+        n, scores = x_shape[0], out_shape[-1] if out_shape else 0
+        fits = scores == num_classes or (not exact and scores > num_classes)
+        if len(out_shape) == 2 and out_shape[0] == n and fits:
+            return ""
+        if exact:
+            return f"expected ({n}, {num_classes}): one score per class of the data set"
+        return f"expected ({n}, >= {num_classes}): a score per class (labels 0..{num_classes - 1})"
+
     def sample_scores(
         self, out: torch.Tensor, x: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
@@ -110,6 +129,13 @@ class AnomalyDetection(Task):
 
     def target(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return x
+
+    def output_mismatch(
+        self, out_shape: tuple[int, ...], x_shape: tuple[int, ...], num_classes: int, exact: bool
+    ) -> str:
+        if out_shape == x_shape:
+            return ""
+        return f"expected {x_shape}: a reconstruction of the input, for anomaly detection"
 
     def sample_scores(
         self, out: torch.Tensor, x: torch.Tensor, labels: torch.Tensor

@@ -9,15 +9,18 @@ fleet builds exactly this from the scenario and the seed, and takes its own shar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from edgeddl.config.loader import ConfigError
+from edgeddl.config.custom import CustomDataRecord, CustomModelRecord
+from edgeddl.config.loader import ConfigError, first_line, to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo, load_dataset, partition
 from edgeddl.fleet.fleet import Fleet
@@ -34,6 +37,56 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*loader, strict=True)
         x, y = torch.cat(xs), torch.cat(ys)
     return x.float(), y.long()
+
+
+def own_data(
+    train_set: Dataset, test_set: Dataset
+) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
+    """Your own data sets held in memory (train, test, info): for them the in-memory
+    tensors are all we know (a built-in one knows its stored sample size)."""
+    x_train, labels = _tensors(train_set)
+    x_test, y_test = _tensors(test_set)
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ConfigError(
+            f"test_set: samples of shape {tuple(x_test.shape[1:])}, but the training samples "
+            f"are {tuple(x_train.shape[1:])}"
+        )
+    info = DatasetInfo(
+        name="custom",
+        input_shape=tuple(x_train.shape[1:]),
+        num_classes=int(max(labels.max(), y_test.max())) + 1,
+        sample_bytes=x_train[0].numel() * x_train.element_size(),
+    )
+    return TensorDataset(x_train, labels), TensorDataset(x_test, y_test), info
+
+
+def check_model_fits(
+    model: nn.Module, x: torch.Tensor, task: Task, num_classes: int, *, exact: bool
+) -> None:
+    """Push two training samples through `model` (eval mode, no gradients) before anything
+    slow: a model that does not take the data, or whose outputs do not fit the task, is one
+    ConfigError line naming the shapes, not a traceback from deep inside training."""
+    sample, name = x[:2], type(model).__name__
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as e:  # a model of your own can raise anything
+        raise ConfigError(
+            f"model: {name} fails on inputs of shape {tuple(sample.shape)} (samples of shape "
+            f"{tuple(x.shape[1:])}): {first_line(e)}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model: {name} returns a {type(out).__name__}, not a tensor of outputs")
+    why = task.output_mismatch(tuple(out.shape), tuple(sample.shape), num_classes, exact)
+    if why:
+        raise ConfigError(
+            f"model: {name} gives outputs of shape {tuple(out.shape)} for inputs of shape "
+            f"{tuple(sample.shape)}; {why}"
+        )
 
 
 @contextlib.contextmanager
@@ -69,10 +122,42 @@ class Workload:
     """Each device's profile seconds per training sample (compute and data loading)."""
     shards: list[np.ndarray]
     """Each device's training sample indices (raw data never leaves its device)."""
+    scenario: Scenario
+    model_record: CustomModelRecord | None
+    """Your own model, as the run folder records it (None: the scenario's zoo model)."""
+    data_record: CustomDataRecord | None
+    """Your own data set, as the run folder records it (None: the scenario's)."""
 
     def sample_caps(self) -> np.ndarray:
         """The most samples each device's memory holds in one step."""
         return sample_caps(self.fleet, self.cost, self.info.sample_bytes)
+
+    def resolved_toml(self) -> str:
+        """config.resolved.toml: the scenario, its [model] and [data] saying what ran."""
+        return to_toml(self.scenario, self.model_record, self.data_record)
+
+    def summary_entries(self) -> dict[str, Any]:
+        """summary.json's "dataset" and "model": what was trained on what."""
+        info, cost = self.info, self.cost
+        data = dataclasses.asdict(self.data_record) if self.data_record else {}
+        model = dataclasses.asdict(self.model_record) if self.model_record else {}
+        data.pop("dataset", None)
+        return {
+            "dataset": {
+                "name": info.name,
+                "num_train": len(self.x_train),
+                "num_test": len(self.x_test),
+                "input_shape": list(info.input_shape),
+                "num_classes": info.num_classes,
+                **data,
+            },
+            "model": {
+                "name": self.scenario.model.name,
+                **model,
+                "num_params": cost.num_params,
+                "train_flops_per_sample": cost.train_flops_per_sample,
+            },
+        }
 
 
 def sample_caps(fleet: Fleet, cost: ModelCost, sample_bytes: float) -> np.ndarray:
@@ -126,24 +211,12 @@ def build_workload(
     seed = scenario.run.seed
     torch.manual_seed(seed)
     d = scenario.data
-    if (train_set is None) != (test_set is None):
-        raise ValueError("pass both train_set and test_set, or neither")
-    built_in: DatasetInfo | None = None
-    if train_set is None or test_set is None:
-        train_set, test_set, built_in = scenario_data(scenario)
+    train, test, info, data_record = workload_data(scenario, train_set, test_set)
     if scenario.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('run.device: "cuda" asked for but torch sees no CUDA device')
     device = torch.device(scenario.run.device)
-    x_train, labels = (t.to(device) for t in _tensors(train_set))
-    x_test, y_test = (t.to(device) for t in _tensors(test_set))
-    # A built-in data set knows its stored sample size (uint8 images are 1 byte a value);
-    # for a user's data set the in-memory tensors are all we know.
-    info = built_in or DatasetInfo(
-        name="custom",
-        input_shape=tuple(x_train.shape[1:]),
-        num_classes=int(max(labels.max(), y_test.max())) + 1,
-        sample_bytes=x_train[0].numel() * x_train.element_size(),
-    )
+    x_train, labels = (t.to(device) for t in _tensors(train))
+    x_test, y_test = (t.to(device) for t in _tensors(test))
     if scenario.train.global_batch > len(x_train):
         raise ConfigError(
             f"train.global_batch: {scenario.train.global_batch} is more than the "
@@ -153,6 +226,9 @@ def build_workload(
     if model is None:
         model = scenario_model(scenario, info)
     model.to(device)
+    task = build_task(scenario.task, loss_fn)
+    # Before anything slow (FLOP counting, partitioning): one line if model and data differ.
+    check_model_fits(model, x_train, task, info.num_classes, exact=data_record is None)
     cost = (
         model_cost(model, info.input_shape)
         if custom
@@ -170,7 +246,6 @@ def build_workload(
             seed=seed,
             weights=weights,
         )
-    task = build_task(scenario.task, loss_fn)
     return Workload(
         x_train=x_train,
         y_train=task.target(x_train, labels),
@@ -183,4 +258,39 @@ def build_workload(
         fleet=fleet,
         per_sample_s=per_sample_s,
         shards=shards,
+        scenario=scenario,
+        model_record=_model_record(model, cost, info) if custom else None,
+        data_record=data_record,
     )
+
+
+def _model_record(model: nn.Module, cost: ModelCost, info: DatasetInfo) -> CustomModelRecord:
+    cls = type(model)
+    return CustomModelRecord(
+        class_name=cls.__qualname__,
+        module=cls.__module__,
+        num_params=cost.num_params,
+        input_shape=list(info.input_shape),
+    )
+
+
+def workload_data(
+    scenario: Scenario, train_set: Dataset | None = None, test_set: Dataset | None = None
+) -> tuple[TensorDataset, TensorDataset, DatasetInfo, CustomDataRecord | None]:
+    """(train, test, info) of the scenario's data set, or of your own and its record."""
+    if (train_set is None) != (test_set is None):
+        raise ValueError("pass both train_set and test_set, or neither")
+    if train_set is None or test_set is None:
+        return (*scenario_data(scenario), None)
+    train, test, info = own_data(train_set, test_set)
+    cls = type(train_set)
+    record = CustomDataRecord(
+        class_name=cls.__qualname__,
+        module=cls.__module__,
+        task=scenario.task,
+        num_train=len(train),
+        num_test=len(test),
+        input_shape=list(info.input_shape),
+        num_classes=info.num_classes,
+    )
+    return train, test, info, record

@@ -118,7 +118,8 @@ def test_python_api_takes_any_model_and_dataset(tmp_path) -> None:
     )
     assert result.model is model
     assert result.summary["model"]["name"] == "custom"
-    assert result.summary["dataset"] == "custom"
+    assert result.summary["dataset"]["name"] == "custom"
+    assert result.summary["dataset"]["class_name"] == "_ListDataset"
     assert result.summary["final_test_accuracy"] > 0.8
 
 

@@ -17,6 +17,7 @@ from edgeddl.cli.quantize_cmd import QUANTIZE_HELP, cmd_quantize, quantize_args
 from edgeddl.config.loader import ConfigError, load_scenario
 
 if TYPE_CHECKING:
+    from edgeddl.inference.deploy import Deployment
     from edgeddl.inference.plan import ChainDevices, LayerCosts, Plan
 
 
@@ -38,6 +39,41 @@ def _common_args(p: argparse.ArgumentParser, model_help: str) -> None:
         "default: the fleet's devices in scenario order",
     )
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
+    p.add_argument(
+        "--model",
+        dest="model_factory",
+        metavar="MODULE:FACTORY",
+        default="",
+        help="your own model, for a run of edgeddl.run(model=...): FACTORY() in the "
+        "importable MODULE gives the nn.Module (default: the run's recorded class, built "
+        "without arguments, where it can be)",
+    )
+    p.add_argument(
+        "--data",
+        dest="data_factory",
+        metavar="MODULE:FACTORY",
+        default="",
+        help="your own data, for a run of edgeddl.run(train_set=..., test_set=...): "
+        "FACTORY() in the importable MODULE gives (train_set, test_set)",
+    )
+
+
+def _deployment(args: argparse.Namespace, *, weights_needed: bool = True) -> Deployment:
+    """What `args.model` deploys, with your own model and data from --model and --data."""
+    from edgeddl.inference.deploy import factory_data, factory_model, load_deployment
+
+    own: dict[str, Any] = {}
+    try:
+        if args.model_factory:
+            own["model"] = factory_model(args.model_factory)
+    except ValueError as e:
+        raise ConfigError(f"--model {args.model_factory}: {e}") from None
+    try:
+        if args.data_factory:
+            own["train_set"], own["test_set"] = factory_data(args.data_factory)
+    except ValueError as e:
+        raise ConfigError(f"--data {args.data_factory}: {e}") from None
+    return load_deployment(args.model, weights_needed=weights_needed, **own)
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -127,13 +163,12 @@ def _predicted(plan: Plan) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from edgeddl.inference.deploy import load_deployment
     from edgeddl.inference.plan import plan_split
     from edgeddl.inference.profile import chain_devices, layer_costs
 
     if args.batch < 1:
         raise ConfigError(f"--batch: must be >= 1, got {args.batch}")
-    dep = load_deployment(args.model, weights_needed=False)
+    dep = _deployment(args, weights_needed=False)
     fleet, names = _chain(args)
     try:
         layers = layer_costs(dep.model, dep.info.input_shape)
@@ -144,7 +179,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         plan = plan_split(layers, chain, args.objective, args.batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    title = f"{dep.scenario.model.name} across {len(chain)} devices, best {args.objective}"
+    title = f"{dep.model_name} across {len(chain)} devices, best {args.objective}"
     console = Console()
     console.print(_plan_table(layers, chain, plan, title))
     console.print(f"predicted per sample: {_predicted(plan)}")
@@ -168,7 +203,6 @@ def parse_leave(text: str) -> Any:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgeddl.cli.infer_report import print_report
-    from edgeddl.inference.deploy import load_deployment
     from edgeddl.inference.profile import layer_costs
     from edgeddl.inference.simulate import PipelineConfig, simulate
     from edgeddl.models.layers import model_layers
@@ -178,7 +212,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ConfigError(f"--timeout: must be > 0, got {args.timeout}")
     leaves = tuple(parse_leave(t) for t in args.leave)
-    dep = load_deployment(args.model)
+    dep = _deployment(args)
     try:
         layers = model_layers(dep.model)
     except ValueError as e:

@@ -50,7 +50,7 @@ def print_report(
     procs: ProcessResult | None,
 ) -> None:
     console = Console()
-    name = dep.scenario.model.name
+    name = dep.model_name
     if dep.weights is not None:
         console.print(f"{name}: trained weights from {dep.weights}")
     else:

@@ -249,7 +249,9 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     from edgeddl.security.keys import SecurityError, enrolled
     from edgeddl.security.ledger import verify
 
-    scenario = load_scenario(args.scenario or args.run_dir / "config.resolved.toml")
+    # Only [security] is read: a run of your own model or data set verifies too.
+    config = args.scenario or args.run_dir / "config.resolved.toml"
+    scenario = load_scenario(config, own_model=True, own_data=True)
     try:
         peers = enrolled(scenario.security)
     except SecurityError as e:

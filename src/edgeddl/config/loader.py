@@ -18,6 +18,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import tomli_w
 
+from edgeddl.config.custom import (
+    CustomDataRecord,
+    CustomModelRecord,
+    Recorded,
+    record_table,
+    take_records,
+)
 from edgeddl.config.schema import Scenario
 
 T = TypeVar("T")
@@ -28,6 +35,12 @@ DEFAULT_SCENARIO = "paper_fleet"
 
 class ConfigError(ValueError):
     """A scenario, override or profile file that cannot be used; the message is one line."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The gist of an exception for a one-line error: its message's first line."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
 def _type_name(tp: Any) -> str:
@@ -172,15 +185,28 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_scenario(
-    spec: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    spec: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    own_model: bool = False,
+    own_data: bool = False,
 ) -> Scenario:
-    """Load a scenario file (or bundled name), apply `--set` overrides, validate everything."""
+    """Load a scenario file (or bundled name), apply `--set` overrides, validate everything.
+
+    A run folder's record of your own model or data set (config/custom.py) loads only for
+    a caller that brings its own (`own_model`, `own_data`); else one line says how to."""
+    path = resolve_path(spec)
+    return require_own(load_recorded(path, overrides), own_model, own_data, str(path))
+
+
+def load_recorded(spec: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recorded:
+    """`load_scenario`, with the records of your own model and data set it may hold."""
     path = resolve_path(spec)
     raw = read_toml(path)
     _merge_includes(raw, path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return scenario_from_dict(raw)
+    return recorded_from_dict(raw)
 
 
 def _merge_includes(raw: dict[str, Any], path: Path) -> None:
@@ -213,9 +239,45 @@ def _merge_includes(raw: dict[str, Any], path: Path) -> None:
 
 
 def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
-    return from_dict(Scenario, raw)
+    return require_own(recorded_from_dict(raw), own_model=False, own_data=False)
 
 
-def to_toml(scenario: Scenario) -> str:
-    """The resolved scenario as TOML; loading it back gives an equal Scenario."""
-    return tomli_w.dumps(dataclasses.asdict(scenario))
+def recorded_from_dict(raw: dict[str, Any]) -> Recorded:
+    """A raw scenario table, strictly validated, and its records (see config/custom.py)."""
+    raw, model, data = take_records(raw)
+    return Recorded(
+        scenario=from_dict(Scenario, raw),
+        model=None if model is None else from_dict(CustomModelRecord, model, "model"),
+        data=None if data is None else from_dict(CustomDataRecord, data, "data"),
+    )
+
+
+def require_own(rec: Recorded, own_model: bool, own_data: bool, source: str = "") -> Scenario:
+    """`rec`'s scenario, or one line naming the recorded model or data set the caller does
+    not bring, and how to rerun the run."""
+    missing = [
+        f"{what} ({record.describe()})"
+        for what, record, own in (("model", rec.model, own_model), ("data", rec.data, own_data))
+        if record is not None and not own
+    ]
+    if not missing:
+        return rec.scenario
+    args = ["model=..."] if rec.model is not None else []
+    if rec.data is not None:
+        args.append("train_set=..., test_set=...")
+    where = f"{source}: " if source else ""
+    config = repr(source) if source else "scenario"
+    raise ConfigError(
+        f"{where}this run used your own {' and '.join(missing)}, which a scenario file cannot "
+        f"rebuild; rerun it from Python: edgeddl.run({config}, {', '.join(args)})"
+    )
+
+
+def to_toml(
+    scenario: Scenario,
+    model: CustomModelRecord | None = None,
+    data: CustomDataRecord | None = None,
+) -> str:
+    """The resolved scenario as TOML, [model] and [data] the records of your own model and
+    data set where given; loading it back gives an equal Scenario (and records)."""
+    return tomli_w.dumps(record_table(scenario, model, data))

@@ -31,6 +31,12 @@ RECONSTRUCTION_MODELS = ("autoencoder1d",)
 """Models whose output has the input's shape (what anomaly detection trains)."""
 
 
+def dataset_task(dataset: str) -> TaskName:
+    """What a run on `dataset` learns: anomaly detection for `ANOMALY_DATASETS`, else
+    classification."""
+    return "anomaly_detection" if dataset in ANOMALY_DATASETS else "classification"
+
+
 MAX_DEVICES = 100_000
 """More simulated devices than this in one group is surely a typo."""
 
@@ -296,7 +302,7 @@ class Scenario:
     def task(self) -> TaskName:
         """What the run learns and how it is scored, from the data set: classification
         (cross-entropy, accuracy) or anomaly detection (reconstruction error, AUROC)."""
-        return "anomaly_detection" if self.data.dataset in ANOMALY_DATASETS else "classification"
+        return dataset_task(self.data.dataset)
 
     def __post_init__(self) -> None:
         self._check_task()

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from edgeddl.config.loader import ConfigError
+from edgeddl.config.loader import ConfigError, load_recorded
 from edgeddl.config.schema import DeviceProfile, Scenario
 from edgeddl.data import DatasetInfo
-from edgeddl.inference.deploy import load_deployment
+from edgeddl.inference.deploy import load_deployment, run_config
 from edgeddl.inference.quantize import (
     QuantizedSpec,
     accuracy,
@@ -71,6 +71,11 @@ def load_run(run_dir: Path) -> RunModel:
     does not fit the other."""
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: not a run folder")
+    rec = load_recorded(run_config(run_dir))
+    if rec.model is not None or rec.data is not None:  # its spec rebuilds a zoo model
+        own = rec.model.describe() if rec.model is not None else "data set"
+        raise ConfigError(f"{run_dir}: int8 deployment takes the zoo's models and data sets, "
+                          f"but this run trained your own ({own})")  # fmt: skip
     deployed = load_deployment(str(run_dir))
     scenario = deployed.scenario
     if scenario.task != "classification":
