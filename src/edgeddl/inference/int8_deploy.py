@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import DeviceProfile, Scenario
 from edgeddl.data import DatasetInfo
-from edgeddl.inference.deploy import load_deployment
+from edgeddl.inference.deploy import MODEL_FILE, load_deployment, read_weights
 from edgeddl.inference.quantize import (
     QuantizedSpec,
     accuracy,
@@ -35,6 +35,7 @@ from edgeddl.inference.quantize import (
     state_dict_bytes,
 )
 from edgeddl.inference.synthesize import (
+    NO_BATCHNORM,
     SynthesisConfig,
     batchnorm_layers,
     bn_statistics_loss,
@@ -77,6 +78,17 @@ def load_run(run_dir: Path) -> RunModel:
         raise ConfigError(f"{run_dir}: int8 deployment compares accuracy, so it needs a "
                           f"classification run (this one is {scenario.task})")  # fmt: skip
     return RunModel(scenario, deployed.model, deployed.train, deployed.test, deployed.info)
+
+
+def require_batchnorm(run_dir: Path) -> None:
+    """Refuse data-free calibration of a run whose weights hold no BatchNorm statistics,
+    from `model.pt` alone: before the seconds that loading the data and measuring take.
+    (A BatchNorm layer with running statistics saves its `running_mean`.)"""
+    weights = run_dir / MODEL_FILE
+    if not weights.is_file():
+        return  # load_run says what is missing
+    if not any(key.endswith(".running_mean") for key in read_weights(weights)):
+        raise ConfigError(f"{weights}: {NO_BATCHNORM}")
 
 
 @dataclass(frozen=True, slots=True)
