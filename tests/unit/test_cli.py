@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -252,11 +253,69 @@ def test_run_refuses_what_the_scenario_cannot_have(
     assert _one_error_line(capsys).startswith(start)
 
 
-def test_unwritable_out_is_one_line(tiny: Path, tmp_path: Path, capsys) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    assert main(["run", str(tiny), "--quiet", "--out", str(blocker / "run")]) == 2
-    assert str(blocker) in _one_error_line(capsys)
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edgeddl run` fails the test if it gets as far as training."""
+
+    def train(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("edgeddl.loop.run", train)
+
+
+@pytest.mark.parametrize(
+    ("out", "problem"),
+    [
+        ("file", "is a file, not a folder"),  # an existing file
+        ("file/run", "{tmp}/file is a file, not a folder"),  # a folder under a file
+    ],
+)
+def test_out_that_cannot_be_a_folder_is_refused_before_training(
+    tiny: Path, tmp_path: Path, capsys, no_training, out: str, problem: str
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    path = tmp_path / out
+    assert main(["run", str(tiny), "--quiet", "--out", str(path)]) == 2
+    assert _one_error_line(capsys) == f"--out {path}: {problem.format(tmp=tmp_path)}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_out_without_write_permission_is_refused_before_training(
+    tiny: Path, tmp_path: Path, capsys, no_training
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    out = locked / "runs" / "r"
+    assert main(["run", str(tiny), "--quiet", "--out", str(out)]) == 2
+    assert _one_error_line(capsys) == f"--out {out}: no permission to write in {locked}"
+
+
+def test_a_folder_as_scenario_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(tmp_path)]) == 2
+    message = _one_error_line(capsys)
+    assert message.startswith(f"scenario {str(tmp_path)!r}: is a directory; expected a scenario")
+    assert "paper_fleet" in message  # the bundled names it could have meant
+
+
+@pytest.mark.parametrize(
+    ("root", "start"),
+    [
+        (None, "dataset 'cifar10' needs data.root"),
+        ("empty", "CIFAR-10 not found in {tmp}/empty"),
+    ],
+)
+def test_validate_refuses_missing_cifar10_files_as_run_does(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], root, start
+) -> None:
+    sets = ["--set", "data.dataset=cifar10", "--set", "model.name=resnet20"]
+    if root is not None:
+        (tmp_path / root).mkdir()
+        sets += ["--set", f"data.root={tmp_path / root}"]
+    assert main(["validate", str(tiny), *sets]) == 2
+    validated = _one_error_line(capsys)
+    assert main(["run", str(tiny), "--quiet", "--out", str(tmp_path / "run"), *sets]) == 2
+    assert _one_error_line(capsys) == validated
+    assert validated.startswith(start.format(tmp=tmp_path))
 
 
 def test_non_utf8_scenario_is_one_line(tmp_path: Path, capsys) -> None:

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import string
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from edgeddl.config.loader import (
     to_toml,
 )
 from edgeddl.config.schema import LinkProfile, Scenario, TrainConfig
+from edgeddl.config.suggest import ALIASES
 
 
 def _raw() -> dict[str, Any]:
@@ -89,6 +91,50 @@ def test_unknown_key_names_dotted_key_and_suggests_close_match(edit, key, sugges
     message = _error(raw)
     assert message.startswith(f"{key}: unknown key")
     assert f"did you mean {suggestion!r}?" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "suggestion"),
+    [
+        ("train", "lerning_rate", "lr"),  # a typo of another tool's name for the key
+        ("train", "learning_rate", "lr"),
+        ("train", "Learning-Rate", "lr"),
+        ("train", "LR", "lr"),
+        ("train", "batch_size", "global_batch"),
+        ("train", "epochs", "num_steps"),
+        ("train", "steps", "num_steps"),
+        ("train", "eval_interval", "eval_every"),
+        ("federated", "epochs", "local_epochs"),  # the first meaning this table has
+        ("federated", "batch_size", "local_batch"),
+        ("federated", "learning_rate", "local_lr"),
+        ("data", "n_classes", "num_classes"),
+        ("robust", "aggregator", "rule"),
+    ],
+)
+def test_unknown_key_suggests_the_key_another_name_means(section, key, suggestion) -> None:
+    raw = _raw()
+    raw[section] = {key: 1}
+    assert f"{section}.{key}: unknown key; did you mean {suggestion!r}?" in _error(raw)
+
+
+def _config_keys(cls: type, seen: set[type]) -> set[str]:
+    """Every key of `cls` and the config tables below it."""
+    seen.add(cls)
+    keys = set()
+    for f in dataclasses.fields(cls):
+        keys.add(f.name)
+        hint = typing.get_type_hints(cls)[f.name]
+        for tp in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(tp) and tp not in seen:
+                keys |= _config_keys(typing.cast(type, tp), seen)
+    return keys
+
+
+def test_every_alias_names_keys_that_exist() -> None:
+    keys = _config_keys(Scenario, set())
+    for alias, meanings in ALIASES.items():
+        assert alias not in keys, f"{alias} is a real key: it needs no alias"
+        assert set(meanings) <= keys, f"{alias}: {set(meanings) - keys} are no keys"
 
 
 def test_unknown_key_without_close_match_lists_allowed_keys_only() -> None:

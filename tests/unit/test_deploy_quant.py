@@ -209,7 +209,9 @@ def test_cli_errors_are_one_line(
     torch.manual_seed(0)
     mlp = build_model("mlp", input_shape=SHAPE, num_classes=10).state_dict()
     other = _run_folder(tmp_path / "other", "cnn1d_bn", mlp)
-    assert "not the weights of this run's cnn1d_bn" in _error([*base, str(other)], capsys)
+    # (With the default synthetic calibration, these weights are refused first: no BatchNorm.)
+    err = _error([*base, str(other), "--calibration", "real"], capsys)
+    assert "not the weights of this run's cnn1d_bn" in err
 
     plain = build_model("cnn1d", input_shape=SHAPE, num_classes=10).state_dict()
     no_bn = _run_folder(tmp_path / "no_bn", "cnn1d", plain)
@@ -219,3 +221,19 @@ def test_cli_errors_are_one_line(
     assert "--samples" in _error([*base, str(run_dir), "--samples", "0"], capsys)
     assert "unknown profile" in _error(["infer", "quantize", str(run_dir),
                                         "--this-machine", "nope"], capsys)  # fmt: skip
+
+
+def test_cli_quantize_refuses_a_model_without_batchnorm_before_loading_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded the data or measured this machine before refusing")
+
+    monkeypatch.setattr("edgeddl.inference.int8_deploy.load_deployment", no_loading)
+    monkeypatch.setattr("edgeddl.fleet.calibrate.calibrate_profile", no_loading)
+    torch.manual_seed(0)
+    plain = build_model("mlp", input_shape=SHAPE, num_classes=10).state_dict()
+    run = _run_folder(tmp_path / "mlp", "mlp", plain)
+    err = _error(["infer", "quantize", str(run)], capsys)  # synthetic: the default
+    assert err.startswith(f"edgeddl: error: {run / 'model.pt'}: data-free calibration needs")
+    assert "--calibration real" in err

@@ -12,8 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgeddl.cli.catalog_cmd import CATALOG_COMMANDS, add_catalog_parsers
+from edgeddl.cli.checks import require_writable
 from edgeddl.cli.infer import add_infer_parser, cmd_infer
+from edgeddl.cli.runs_cmd import RUNS_COMMANDS, add_runs_parsers
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
+from edgeddl.report.runs import ReportError
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.transport.checkpoint import CheckpointError, DeviceFailed, FleetFailed
@@ -23,6 +27,7 @@ from edgeddl.transport.store import BACKENDS, ENGINES
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
 USER_ERRORS = (
     ConfigError,
+    ReportError,
     BalanceError,
     TrainingDiverged,
     CheckpointError,
@@ -74,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a scenario and print it fully resolved")
     scenario_args(v)
 
-    sub.add_parser("profiles", help="list the built-in device and link profiles")
+    add_catalog_parsers(sub)  # profiles, scenarios
 
     c = sub.add_parser("calibrate", help="measure this machine and write a device profile")
     c.add_argument("--name", default="this_machine", help="profile name (default: %(default)s)")
@@ -137,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_infer_parser(sub)  # infer plan, infer run (and more: cli/infer.py ACTIONS)
+    add_runs_parsers(sub)  # compare, export
 
     d = sub.add_parser("device", help="be one device of a real fleet")
     d.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
@@ -272,7 +278,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgeddl.loop import run  # torch is imported only when it is needed
+    from edgeddl.loop import default_run_dir, run  # torch is imported only when it is needed
 
     if args.resume is not None:
         if args.scenario is not None:
@@ -282,7 +288,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     else:
         scenario = load_scenario(args.scenario, args.overrides)
-        result = run(scenario, out_dir=args.out, progress=not args.quiet)
+        out = args.out or default_run_dir(scenario)
+        require_writable("--out", out, folder=True)  # before the data is loaded and trained on
+        result = run(scenario, out_dir=out, progress=not args.quiet)
     print(result.run_dir)
     if result.interrupted:
         print(f"interrupted: go on with `edgeddl run --resume {result.run_dir}`", file=sys.stderr)
@@ -292,6 +300,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, args.overrides)
+    if scenario.data.dataset == "cifar10":  # read from disk: the loader's own check (torch)
+        from edgeddl.data.datasets import check_local_files
+
+        check_local_files(scenario.data.dataset, scenario.data.root)
     if scenario.compression.enabled:  # capability checks need the compressors (and torch)
         from edgeddl.compress.registry import check_compression
 
@@ -300,39 +312,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     print(to_toml(scenario), end="")
-    return 0
-
-
-def _cmd_profiles(_: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
-
-    dev = Table("device profile", "GFLOP/s", "memory GiB", "us/op", "source", title="devices")
-    for name, d in DEVICE_PROFILES.items():
-        dev.add_row(
-            name,
-            f"{d.flops_per_s / 1e9:.1f}",
-            f"{d.memory_bytes / 2**30:.0f}",
-            f"{d.op_overhead_s * 1e6:.0f}",
-            d.source,
-        )
-    lnk = Table(
-        "link profile", "up Mbit/s", "down Mbit/s", "latency ms", "jitter ms", "loss", title="links"
-    )
-    for name, x in LINK_PROFILES.items():
-        lnk.add_row(
-            name,
-            f"{x.up_bps / 1e6:g}",
-            f"{x.down_bps / 1e6:g}",
-            f"{x.latency_s * 1e3:g}",
-            f"{x.jitter_s * 1e3:g}",
-            f"{x.loss:.2%}",
-        )
-    console = Console()
-    console.print(dev)
-    console.print(lnk)
     return 0
 
 
@@ -374,6 +353,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
     out = args.out or default_run_dir(scenario)
+    require_writable("--out", out, folder=True)
     print(f"edgeddl coordinator: devices connect to {args.host}:{args.port}", flush=True)
     summary = serve(
         scenario,
@@ -426,7 +406,8 @@ def _cmd_device(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
-    "profiles": _cmd_profiles,
+    **CATALOG_COMMANDS,
+    **RUNS_COMMANDS,
     "calibrate": _cmd_calibrate,
     "coordinator": _cmd_coordinator,
     "device": _cmd_device,

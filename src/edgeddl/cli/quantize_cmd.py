@@ -74,22 +74,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         fleet_profiles,
         load_run,
         profile_scales,
+        require_batchnorm,
         variant_header,
         variant_rows,
     )
     from edgeddl.inference.quantize import load_quantized, save_quantized
-    from edgeddl.inference.synthesize import NO_BATCHNORM, SynthesisConfig, batchnorm_layers
+    from edgeddl.inference.synthesize import SynthesisConfig, batchnorm_layers
 
     try:
         synthesis = SynthesisConfig(num_samples=args.samples, num_steps=args.steps)
     except ValueError as e:
         raise ConfigError(f"--samples/--steps: {e}") from None
+    if args.calibration == "synthetic":
+        require_batchnorm(args.run_dir)  # first: loading data and measuring take seconds
     run = load_run(args.run_dir)
     profiles = fleet_profiles(run.scenario)
     here = _this_machine(args.this_machine, run.scenario)
     has_bn = bool(batchnorm_layers(run.model))
-    if args.calibration == "synthetic" and not has_bn:
-        raise ConfigError(f"{run.scenario.model.name}: {NO_BATCHNORM}")
     calibrations = [k for k in CALIBRATIONS if k != "synthetic" or has_bn]
     variants = compare(
         run.model,

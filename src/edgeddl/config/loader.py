@@ -8,8 +8,8 @@ edits the raw TOML table before validation, so it goes through exactly the same 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -26,6 +26,7 @@ from edgeddl.config.custom import (
     take_records,
 )
 from edgeddl.config.schema import Scenario
+from edgeddl.config.suggest import suggest_key
 
 T = TypeVar("T")
 
@@ -104,8 +105,8 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     prefix = f"{path}." if path else ""
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = suggest_key(key, fields)
+            hint = f"did you mean {close!r}? " if close else ""
             raise ConfigError(f"{prefix}{key}: unknown key; {hint}allowed: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
@@ -168,20 +169,49 @@ def resolve_path(spec: str | Path | None) -> Path:
     bundled = BUNDLED_DIR / f"{path.stem if path.suffix == '.toml' else spec}.toml"
     if path.parent == Path(".") and bundled.is_file():
         return bundled
-    names = ", ".join(sorted(p.stem for p in BUNDLED_DIR.glob("*.toml")))
+    names = ", ".join(bundled_names())
+    if path.is_dir():
+        raise ConfigError(
+            f"scenario {str(spec)!r}: is a directory; expected a scenario .toml file or a bundled "
+            f"name ({names})"
+        )
     raise ConfigError(
         f"scenario {str(spec)!r}: no such file and no bundled scenario; bundled: {names}"
     )
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def bundled_names() -> list[str]:
+    """The bundled scenarios' names (src/edgeddl/scenarios/NAME.toml), sorted."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.toml"))
+
+
+def scenario_description(path: Path) -> str:
+    """The first sentence of a scenario file's leading comment ("" without one)."""
+    lines = []
+    for line in read_text(path).splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(line for line in lines if line)
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def read_text(path: Path) -> str:
+    """A scenario or profile file's text (UTF-8, as TOML must be); one-line errors."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return path.read_bytes().decode("utf-8")  # as tomllib.load reads: no newline rewriting
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    text = read_text(path)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
 def load_scenario(

@@ -188,6 +188,13 @@ def _load_digits(seed: int) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
     return _tensor_dataset(x_train, y_train), _tensor_dataset(x_test, y_test), info
 
 
+def check_local_files(name: str, root: str) -> None:
+    """Refuse, as `load_dataset` does and without reading a sample, a data set whose local
+    files are not there (`edgeddl validate` checks what `edgeddl run` would find)."""
+    if name == "cifar10":
+        _find_cifar10_folder(root)
+
+
 def _find_cifar10_folder(root: str) -> Path:
     if not root:
         raise FileNotFoundError(

@@ -162,14 +162,20 @@ def factory_data(spec: str) -> tuple[Dataset, Dataset]:
     return pair[0], pair[1]
 
 
-def load_weights(model: nn.Module, path: Path, name: str) -> None:
-    """Load `path` (a state_dict) into `model`, or say in one line why it does not fit."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in `path`, or one line saying why it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn, foreign or code-carrying file: torch raises many kinds
         raise ConfigError(f"{path}: not a readable model file ({first_line(e, 120)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: not a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path, name: str) -> None:
+    """Load `path` (a state_dict) into `model`, or say in one line why it does not fit."""
+    state = read_weights(path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]

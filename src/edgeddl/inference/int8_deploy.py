@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from edgeddl.config.loader import ConfigError, load_recorded
 from edgeddl.config.schema import DeviceProfile, Scenario
 from edgeddl.data import DatasetInfo
-from edgeddl.inference.deploy import load_deployment, run_config
+from edgeddl.inference.deploy import MODEL_FILE, load_deployment, read_weights, run_config
 from edgeddl.inference.quantize import (
     QuantizedSpec,
     accuracy,
@@ -35,6 +35,7 @@ from edgeddl.inference.quantize import (
     state_dict_bytes,
 )
 from edgeddl.inference.synthesize import (
+    NO_BATCHNORM,
     SynthesisConfig,
     batchnorm_layers,
     bn_statistics_loss,
@@ -71,17 +72,34 @@ def load_run(run_dir: Path) -> RunModel:
     does not fit the other."""
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: not a run folder")
-    rec = load_recorded(run_config(run_dir))
-    if rec.model is not None or rec.data is not None:  # its spec rebuilds a zoo model
-        own = rec.model.describe() if rec.model is not None else "data set"
-        raise ConfigError(f"{run_dir}: int8 deployment takes the zoo's models and data sets, "
-                          f"but this run trained your own ({own})")  # fmt: skip
+    require_zoo_run(run_dir)
     deployed = load_deployment(str(run_dir))
     scenario = deployed.scenario
     if scenario.task != "classification":
         raise ConfigError(f"{run_dir}: int8 deployment compares accuracy, so it needs a "
                           f"classification run (this one is {scenario.task})")  # fmt: skip
     return RunModel(scenario, deployed.model, deployed.train, deployed.test, deployed.info)
+
+
+def require_zoo_run(run_dir: Path) -> None:
+    """Refuse a run that trained your own model or data: an int8 spec rebuilds zoo models."""
+    rec = load_recorded(run_config(run_dir))
+    if rec.model is not None or rec.data is not None:
+        own = rec.model.describe() if rec.model is not None else "data set"
+        raise ConfigError(f"{run_dir}: int8 deployment takes the zoo's models and data sets, "
+                          f"but this run trained your own ({own})")  # fmt: skip
+
+
+def require_batchnorm(run_dir: Path) -> None:
+    """Refuse data-free calibration of a run whose weights hold no BatchNorm statistics,
+    from `model.pt` alone: before the seconds that loading the data and measuring take.
+    (A BatchNorm layer with running statistics saves its `running_mean`.)"""
+    weights = run_dir / MODEL_FILE
+    if not weights.is_file():
+        return  # load_run says what is missing
+    require_zoo_run(run_dir)
+    if not any(key.endswith(".running_mean") for key in read_weights(weights)):
+        raise ConfigError(f"{weights}: {NO_BATCHNORM}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,24 @@ def metric_plot(metric: str) -> str:
     return f"{metric.removeprefix('test_')}.png"
 
 
+def write_problem(path: Path, *, folder: bool) -> str | None:
+    """Why `path` cannot be written, as a folder (a run folder) or as a file (a plot); None
+    when it can. Nothing is created: a mistake is refused before the work that would write."""
+    try:
+        if path.exists() and path.is_dir() != folder:
+            return "is a file, not a folder" if folder else "is a folder, not a file"
+        nearest = path if folder else path.parent  # an atomic write renames in the parent
+        while not nearest.exists() and nearest != nearest.parent:
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            return f"{nearest} is a file, not a folder"
+    except OSError as e:
+        return e.strerror or str(e)
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"no permission to write in {nearest}"
+    return None
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write `data` to `path` atomically; `mode` sets the file's permissions before any byte
     is written (a private key is never readable by others, even for a moment)."""

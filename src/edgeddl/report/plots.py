@@ -1,4 +1,5 @@
-"""PNG plots of a run: the test metric against time, and each device's busy/idle timeline."""
+"""PNG plots of a run: the test metric and the losses against time, and each device's busy/idle
+timeline."""
 
 from __future__ import annotations
 
@@ -36,19 +37,54 @@ def plot_metric(
     title: str,
     time_key: str = "virtual_time_s",
 ) -> None:
-    """Test `metric` (in [0, 1]) against `time_key` (virtual time, or wall time for a real
-    fleet)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    """Two panels against `time_key` (virtual time, or wall time for a real fleet): test
+    `metric` (in [0, 1]) on the left, the train and test losses on the right."""
+    fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.0))
     ax.plot(
         [r[time_key] for r in evals],
         [r[metric] for r in evals],
         marker="o",
         markersize=3,
     )
-    ax.set_xlabel("virtual time (s)" if time_key == "virtual_time_s" else "wall time (s)")
     ax.set_ylabel(f"test {metric_label(metric)}")
     ax.set_ylim(0, 1)
+    ax.set_title(title)
+    _plot_losses(loss_ax, evals, time_key)
+    for a in (ax, loss_ax):
+        a.set_xlabel("virtual time (s)" if time_key == "virtual_time_s" else "wall time (s)")
+        a.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_losses(ax: Any, evals: list[dict[str, Any]], time_key: str) -> None:
+    """Train loss (the mean since the previous evaluation; none before the first step) and
+    test loss, from the evaluation rows of metrics.jsonl."""
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        rows = [r for r in evals if r.get(key) is not None]
+        ax.plot([r[time_key] for r in rows], [r[key] for r in rows], marker="o", markersize=3,
+                label=label)  # fmt: skip
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.legend(fontsize=8)
+
+
+def plot_curves(
+    lines: list[tuple[str, list[float], list[float]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> None:
+    """Several runs' metric (in [0, 1]) on one axes: (label, times, values) each."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, times, values in lines:
+        ax.plot(times, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     ax.set_title(title)
     _save(fig, path)
 
