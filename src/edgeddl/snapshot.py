@@ -18,6 +18,7 @@ bit for bit. Three rules keep that safe and small:
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import io
 import pickle
@@ -32,6 +33,7 @@ class SnapshotError(ValueError):
     """State that cannot be saved, or bytes that cannot be restored."""
 
 
+@functools.cache
 def code_fingerprint() -> str:
     """SHA-256 over edgeddl's sources and torch's version: pickled state fits only the code
     that wrote it."""
