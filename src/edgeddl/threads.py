@@ -1,12 +1,14 @@
 """How many torch CPU threads a run uses when `run.threads = 0` (auto).
 
-Intra-op threads pay only when each operator has enough work to share. A 1-D CNN's step is
-a few MFLOP: two threads spend it waiting for each other, and on a busy machine, where the
-other thread is often descheduled, a step took 15x longer than with one. A ResNet's step is
-tens of GFLOP: two threads make it about 1.5x faster on an idle 2-core machine (and 1.2x
-slower on a busy one). The choice depends on the model's work per pass and the cores this
-process may use, never on the machine's load: torch's sums, and so a run's bits, change with
-the thread count, and a scenario must give the same result on an idle and a busy machine.
+Intra-op threads pay only when each operator has enough work to share, and only when the
+cores are free. A 1-D CNN's step is a few MFLOP: on an idle 2-core machine two threads save
+about a quarter of its time, on a busy one (other programs holding the cores) they cost 5x
+(15x seen at load 3-16), because each operator waits for a descheduled partner. A ResNet's
+step is tens of GFLOP: two threads make it about 1.5x faster on an idle 2-core machine and
+1.2x slower on a busy one. So: one thread below `PARALLEL_MIN_FLOPS` a pass, the cores above.
+The choice depends on the model's work and the cores this process may use, never on the
+load: torch's sums, and so a run's bits, change with the thread count, and a scenario must
+give the same result on an idle and a busy machine.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 from edgeddl.config.schema import Scenario
 
 PARALLEL_MIN_FLOPS = 1e9
-"""Training FLOPs of one forward/backward pass from which threads pay (measured on 2 cores:
-a 1-D CNN at 48 MFLOP a pass is faster on one thread, a ResNet-20 at 62 GFLOP on two)."""
+"""Training FLOPs of one forward/backward pass from which threads are worth their risk
+(benchmarks/threads.py: a 1-D CNN's few MFLOP lose up to 5x on a busy machine, a
+ResNet-20's GFLOPs gain 1.5x on an idle one and lose 1.2x on a busy one)."""
 MAX_AUTO_THREADS = 8
 """Beyond this, a simulator's small batches scale poorly; set run.threads to go higher."""
 
