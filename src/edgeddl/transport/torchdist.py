@@ -27,6 +27,7 @@ from edgeddl.transport.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpac
 from edgeddl.transport.device import DeviceRun
 from edgeddl.transport.device_setup import DeviceOptions
 from edgeddl.transport.store import (
+    KEY_ENGINES,
     KEY_JOINED,
     KEY_LIGHTHOUSE,
     advertised_host,
@@ -34,6 +35,7 @@ from edgeddl.transport.store import (
     connect,
     parse_address,
     wait_for_devices,
+    wait_for_engines,
 )
 
 
@@ -117,6 +119,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
     if store.check([KEY_CHECKPOINT_EVERY]):
         run.checkpoint_every = int(store.get(KEY_CHECKPOINT_EVERY))
     try:
+        _await_the_others(store, opts)
         while True:
             try:
                 run.train(engine, store)
@@ -140,7 +143,16 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 wait_for_devices(store, opts.connect_timeout_s)
                 engine = TorchftEngine(run, store, opts, backend)
                 engine.manager.load_state_dict(state)
+                _await_the_others(store, opts)
                 run.stats.reconnects += 1
     finally:
         engine.shutdown()
     return run.finish(store, engine.current_step(), resume["step"] if resume else None)
+
+
+def _await_the_others(store: Any, opts: DeviceOptions) -> None:
+    """This device's Manager is up: the first quorum waits for --min-devices of them (see
+    `wait_for_engines`: else the first device in could take step 0 alone and the others
+    the same step again)."""
+    store.add(KEY_ENGINES, 1)
+    wait_for_engines(store, opts.connect_timeout_s)
