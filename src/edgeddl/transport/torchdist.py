@@ -95,6 +95,9 @@ class TorchftEngine:
     def batches_committed(self) -> int:
         return int(self.manager.batches_committed())
 
+    def catch_up(self, step: int, batches_committed: int) -> None:
+        self.manager.load_state_dict({"step": step, "batches_committed": batches_committed})
+
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
 
@@ -113,9 +116,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
         run.strategy.load_replica_state(resume["replica"])
     engine = TorchftEngine(run, store, opts, backend)
     if resume is not None:
-        engine.manager.load_state_dict(
-            {"step": resume["step"], "batches_committed": resume["batches_committed"]}
-        )
+        engine.catch_up(resume["step"], resume["batches_committed"])
     if store.check([KEY_CHECKPOINT_EVERY]):
         run.checkpoint_every = int(store.get(KEY_CHECKPOINT_EVERY))
     try:
@@ -145,9 +146,11 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 engine.manager.load_state_dict(state)
                 _await_the_others(store, opts)
                 run.stats.reconnects += 1
+        # Done before the Manager goes: a device left out of the last step gets a quorum of
+        # its own only once this one stops heartbeating, and must then see the run is over.
+        return run.finish(store, engine.current_step(), resume["step"] if resume else None)
     finally:
         engine.shutdown()
-    return run.finish(store, engine.current_step(), resume["step"] if resume else None)
 
 
 def _await_the_others(store: Any, opts: DeviceOptions) -> None:
