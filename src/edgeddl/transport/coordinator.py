@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed import TCPStore
 
 from edgeddl.config.loader import to_toml
@@ -83,6 +84,8 @@ def serve(
     If `out_dir` holds a checkpoint of this scenario, the run resumes from it.
     """
     silence_engine_logs()
+    if scenario.run.threads:  # the rear (split learning) and the sealed desk compute here
+        torch.set_num_threads(scenario.run.threads)
     try:
         store = TCPStore(
             host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
