@@ -16,7 +16,7 @@ from edgeddl.fleet.timeline import STATES
 from edgeddl.transport.device import DeviceRun
 from edgeddl.transport.device_setup import DeviceOptions
 from edgeddl.transport.engine import RestartRequired, recoveries
-from edgeddl.transport.store import KEY_ROWS, row_key
+from edgeddl.transport.store import KEY_ENGINES, KEY_MIN_DEVICES, KEY_ROWS, row_key
 
 SCENARIO = """
 [run]
@@ -97,6 +97,9 @@ class _Alone:
     def batches_committed(self) -> int:
         return self.step
 
+    def catch_up(self, step: int, batches_committed: int) -> None:
+        self.step = step
+
 
 def _run(tmp_path: Path, steps: int) -> DeviceRun:
     path = tmp_path / "loop.toml"
@@ -147,6 +150,69 @@ def test_a_stop_request_waits_for_the_update_then_restarts(tmp_path: Path) -> No
         run.step(_Alone(on_commit=stop_while_committing), store)
     # The update of the committed step was applied before the stop: model and step agree.
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(run), strict=True))
+
+
+def test_a_device_the_others_finished_without_takes_their_state_not_their_step(
+    tmp_path: Path,
+) -> None:
+    """Left out of the last step's quorum (a straggler on a busy machine), a device got a
+    quorum of its own once the others had finished and gone, and took that step again alone
+    (seen: the rear stepped 41 times in 40 steps, and the run's last row was that device's).
+    It takes the state the first device to finish left instead, and stops."""
+    store = _Store()
+    finisher = _run(tmp_path, steps=2)
+    finisher.train(_Alone(), store)
+    scenario = finisher.scenario
+
+    class LateQuorum(_Alone):
+        def start_step(self) -> tuple[int, int | None]:
+            finisher.finish(store, 2, None)  # the others finished while it waited
+            return super().start_step()
+
+    behind = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-1"), scenario, 1)
+    engine = LateQuorum()
+    engine.step = 1  # it took step 0 with the others, then was left out of step 1
+    behind.train(engine, store)
+    assert engine.step == 2 and (behind.stats.committed, behind.stats.failed) == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(_params(finisher), _params(behind), strict=True))
+
+
+def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchft's lighthouse forms a quorum of the Managers it has heard from: a device that
+    asked before the others' were up took step 0 alone, and the others the same step 0 in
+    a quorum of their own (seen on a loaded machine: the rear stepped 41 times in 40 steps).
+    A device's first quorum waits until --min-devices Managers are up."""
+    from edgeddl.transport import torchdist
+
+    polls: list[int] = []
+
+    class Coordinator(_Store):
+        def add(self, key: str, n: int) -> int:
+            if key == KEY_ENGINES and n == 0:  # the device waits; the other's comes up
+                polls.append(super().add(key, 0))
+                return super().add(key, 1 if len(polls) == 2 else 0)
+            return super().add(key, n)
+
+    class Engine(_Alone):
+        def __init__(self, run: DeviceRun, store: _Store, opts: Any, backend: str) -> None:
+            super().__init__()
+            self.store = store
+
+        def start_step(self) -> tuple[int, int | None]:
+            assert self.store.kv.get(KEY_ENGINES) == b"2"  # never before both are up
+            return super().start_step()
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(torchdist, "TorchftEngine", Engine)
+    store = Coordinator()
+    store.set(KEY_MIN_DEVICES, "2")
+    run = _run(tmp_path, steps=2)
+    report = torchdist.run_torchft(run.opts, store, run, "gloo")
+    assert report["final_step"] == 2 and polls[0] == 1  # it waited for the other
 
 
 def test_recoveries_are_the_gaps_around_a_lost_step_or_member() -> None:

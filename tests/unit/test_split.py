@@ -169,11 +169,16 @@ def _strategy(model: nn.Module, num_devices: int, **split: Any) -> SplitLearning
     return SplitLearning(model, train, cfg, num_devices, (1, 40), 10, seed=0, loss_fn=CE)
 
 
-def _step(s: SplitLearning, batches: list[tuple[torch.Tensor, torch.Tensor]], arrived: list[bool]):
+def _step(
+    s: SplitLearning,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    arrived: list[bool],
+    step: int = 0,
+):
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     counts = [len(b[0]) for b in batches]
-    ex = s.prepare(x, y, counts, np.arange(len(batches)), 0)
+    ex = s.prepare(x, y, counts, np.arange(len(batches)), step)
     return ex, s.commit(ex, np.array(arrived))
 
 
@@ -193,7 +198,7 @@ def test_splitfed_steps_equal_data_parallel_steps_of_the_whole_model() -> None:
     split = _strategy(model, 3, cut=3, splitfed=True)
     for step in range(2):
         batches = [_float_batch(n, 10 * step + i) for i, n in enumerate((12, 4, 8))]
-        _, loss = _step(split, batches, [True] * 3)
+        _, loss = _step(split, batches, [True] * 3, step)
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
         expected = reference.step(x, y, [12, 4, 8])

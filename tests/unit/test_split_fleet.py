@@ -102,14 +102,9 @@ def _simulate(steps: int, lost: dict[int, int], **split: object) -> SplitLearnin
     return s
 
 
-def _real(
-    steps: int, lost: dict[int, int], fail_at: set[int], **split: object
-) -> tuple[RearDesk, list[SplitDevice]]:
-    """Three device threads against one service. `lost[step]`: a device that sends its
-    activations and then vanishes (it never joins the sum); `fail_at`: steps whose first
-    sum fails everywhere (the engine's verdict: not committed), so they are tried again."""
-    service = RearDesk(_strategy(_model(), **split), NAMES, sum(COUNTS))
-    devices = [
+def _devices(service: RearDesk, **split: object) -> list[SplitDevice]:
+    """The three devices, each reaching `service` over an in-process link."""
+    return [
         SplitDevice(
             _strategy(_model(), **split),
             r,
@@ -120,6 +115,16 @@ def _real(
         )
         for r in range(3)
     ]
+
+
+def _real(
+    steps: int, lost: dict[int, int], fail_at: set[int], **split: object
+) -> tuple[RearDesk, list[SplitDevice]]:
+    """Three device threads against one service. `lost[step]`: a device that sends its
+    activations and then vanishes (it never joins the sum); `fail_at`: steps whose first
+    sum fails everywhere (the engine's verdict: not committed), so they are tried again."""
+    service = RearDesk(_strategy(_model(), **split), NAMES, sum(COUNTS))
+    devices = _devices(service, **split)
     starts = np.concatenate([[0], np.cumsum(COUNTS)])
     errors: list[BaseException] = []
     for step, (x, y) in enumerate(_batches(steps)):
@@ -211,6 +216,30 @@ def test_a_step_tried_again_and_a_device_lost_mid_step_count_once_and_not_at_all
         ):
             _close(a, b)
     assert service.strategy.rear.steps_applied == 4
+
+
+def test_a_step_the_rear_took_is_not_taken_again_by_another_quorum() -> None:
+    """torchft's lighthouse forms a quorum of the replicas it has heard from. At a fleet's
+    start on a loaded machine the first device in took step 0 alone, then two others, in a
+    quorum of their own, took the same step 0 (the rear stepped 41 times in 40 steps). The
+    rear takes a step once: the second quorum's request for it is refused, so that quorum
+    commits nothing (its members heal from the first at their next quorum)."""
+    split = {"cut": 1, "splitfed": True}
+    service = RearDesk(_strategy(_model(), **split), NAMES, sum(COUNTS))
+    devices = _devices(service, **split)
+    x, y = _batches(1)[0]
+    errors: list[BaseException] = []
+    _device_step(devices[0], x[:5], y[:5], 0, _Sum(1, commits=True), [0], errors)
+    assert not errors and service.strategy.rear.steps_applied == 1
+    before = copy.deepcopy(service.strategy.parts.rear.state_dict())
+    _device_step(devices[1], x[5:8], y[5:8], 0, _Sum(1, commits=True), [1], errors)
+    assert service.strategy.rear.steps_applied == 1
+    assert [type(e) for e in errors] == [LinkError] and "took step 0" in str(errors[0])
+    for name, v in service.strategy.parts.rear.state_dict().items():
+        assert torch.equal(v, before[name])
+    # The fleet goes on at step 1, every member in one quorum.
+    _device_step(devices[1], x[5:8], y[5:8], 1, _Sum(1, commits=True), [1], errors)
+    assert len(errors) == 1 and service.strategy.rear.steps_applied == 2
 
 
 def test_the_rear_refuses_what_it_cannot_use_and_keeps_nothing_of_it() -> None:

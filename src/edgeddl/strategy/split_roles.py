@@ -14,7 +14,9 @@ its samples in the rear. When the step is committed (`commit`: which devices, ho
 samples each) the rear takes one optimizer step with the sample-weighted mean. A device that
 was lost, or that sent twice (a step tried again), does not fit that sum: then the rear's
 gradient is computed again from what the committed devices sent, its BatchNorm statistics
-as they were before the step.
+as they were before the step. A step the rear took is never gathered again: a request for
+it, or for an older one, is refused (devices that took that step in a quorum of their own,
+or a request that came after its step was committed), so no step is taken twice.
 """
 
 from __future__ import annotations
@@ -179,7 +181,14 @@ class RearServer:
         self.parts, self.wire, self.optimizer, self.cost = parts, wire, optimizer, cost
         self.dtype = dtype
         self.steps_applied = 0
+        self.last_step: int | None = None
+        """The last step the rear took (committed); none before it is gathered again."""
         self._pending: _Pending | None = None
+
+    def check_step(self, step: int) -> None:
+        """CodecError if step `step` is one the rear took already, or older."""
+        if self.last_step is not None and step <= self.last_step:
+            raise CodecError(f"step {step}: the rear took step {self.last_step} already")
 
     def _gathering(self, step: int) -> _Pending:
         """The pending step `step`: a new one (the rear's gradient cleared, its statistics
@@ -201,6 +210,7 @@ class RearServer:
         wanted = 1 if kind == "head_gradients" or self.parts.u_shaped else 2
         if len(payloads) != wanted:
             raise CodecError(f"{kind}: expected {wanted} tensors, got {len(payloads)}")
+        self.check_step(step)
         c, wire = self.cost, self.wire
         p = self._gathering(step)
         if kind == "head_gradients":
@@ -256,6 +266,7 @@ class RearServer:
                     if q.grad is not None:
                         q.grad /= total
         p.applied = True
+        self.last_step = step
         if devices:
             self.optimizer.step()
             self.steps_applied += 1

@@ -18,6 +18,9 @@ KEY_CHECKPOINT = "edgeddl/checkpoint"
 KEY_CHECKPOINT_STEP = "edgeddl/checkpoint_step"
 KEY_CHECKPOINT_EVERY = "edgeddl/checkpoint_every"
 KEY_RESUME = "edgeddl/resume"
+KEY_FINAL_STATE = "edgeddl/final_state"
+"""The fleet's state at the last step, left by the first device to finish (before it says
+the run is done), for a device that was left behind (`DeviceRun.train`)."""
 CHECKPOINT_FILE = "checkpoint.pt"
 
 

@@ -46,7 +46,13 @@ from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import per_device_gradients
 from edgeddl.strategy.split_learning import SplitLearning
 from edgeddl.threads import scenario_threads
-from edgeddl.transport.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP, pack
+from edgeddl.transport.checkpoint import (
+    KEY_CHECKPOINT,
+    KEY_CHECKPOINT_STEP,
+    KEY_FINAL_STATE,
+    pack,
+    unpack,
+)
 from edgeddl.transport.coordinator_link import LinkError
 from edgeddl.transport.device_setup import DeviceOptions, pacing_fleet
 from edgeddl.transport.engine import DeviceStats, Engine, RestartRequired, recoveries
@@ -116,17 +122,45 @@ class DeviceRun:
         self.stop_requested = False
 
     def train(self, engine: Engine, store: Any) -> None:
-        """Steps until the scenario's last one (or another device finished the run)."""
+        """Steps until the scenario's last one. A device the others finished without (left
+        out of the last step's quorum on a busy machine, or too late to get in) takes the
+        state they left and stops: it never takes a step they took."""
         t = self.scenario.train
         while engine.current_step() < t.num_steps:
-            if store.check([KEY_DONE]):  # the others finished before this device got in
+            if store.check([KEY_DONE]):
+                self._take_final_state(engine, store)
                 return
             self.step(engine, store)
+        self._leave_final_state(engine, store)
+
+    def _leave_final_state(self, engine: Engine, store: Any) -> None:
+        """The fleet's state at the last step, for a device left behind (the first device to
+        finish leaves it before it says the run is done, so it is there once that is said)."""
+        try:
+            if not store.check([KEY_FINAL_STATE]):
+                state = self.strategy.replica_state()
+                step, batches = engine.current_step(), engine.batches_committed()
+                store.set(KEY_FINAL_STATE, pack(step, batches, state, self.toml))
+        except (RuntimeError, OSError):
+            pass  # the coordinator has gone: nobody is left to take it
+
+    def _take_final_state(self, engine: Engine, store: Any) -> None:
+        """Left behind: the others' last step, as they left it. (Their quorum was the only
+        one with that step; alone, this device would take it again: a second history.)"""
+        if not store.check([KEY_FINAL_STATE]):  # the run ended short (another's error)
+            return
+        ck = unpack(store.get(KEY_FINAL_STATE), self.toml, "the fleet's final state")
+        self.strategy.load_replica_state(ck["replica"])
+        engine.catch_up(int(ck["step"]), int(ck["batches_committed"]))
 
     def step(self, engine: Engine, store: Any) -> None:
         st, s = self.stats, self.strategy
         t0 = time.perf_counter()
         members, slot = engine.start_step()
+        if store.check([KEY_DONE]):
+            # Left out of the last step's quorum, this device got a quorum only once the
+            # others had finished and gone: that step is theirs (`train` takes their state).
+            return
         share = self._my_share(members)
         step = engine.current_step()
         t1 = time.perf_counter()

@@ -184,6 +184,9 @@ class ElasticEngine:
     def batches_committed(self) -> int:
         return self.step
 
+    def catch_up(self, step: int, batches_committed: int) -> None:
+        self.step = step
+
 
 def _load_local(run: DeviceRun, folder: Path) -> int:
     """This device's own state from before its restart (its step), or 0."""

@@ -52,6 +52,10 @@ class Engine(Protocol):
         """The engine's own count of committed batches (kept in checkpoints)."""
         ...
 
+    def catch_up(self, step: int, batches_committed: int) -> None:
+        """Take the fleet's counters: this device took the fleet's state at `step`."""
+        ...
+
 
 @dataclass(slots=True)
 class DeviceStats:

@@ -145,6 +145,8 @@ class RearDesk:
         with self.lock:
             if op == "hello" and seal is not None:
                 return seal.hello(name), 0.0
+            if op in ("activations", "head_gradients"):
+                rear.check_step(step)  # before opening: a stale request leaves no entry
             if op in ("activations", "head_gradients", "evaluate") and seal is not None:
                 opened = [seal.open(name, step, p) for p in parts]
                 self.entries.setdefault(step, {}).setdefault(device, []).extend(

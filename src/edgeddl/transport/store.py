@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +31,9 @@ KEY_ROWS = "edgeddl/rows"
 KEY_DONE = "edgeddl/done"
 KEY_JOINED = "edgeddl/joined"
 """How many device processes have connected (each connection counts)."""
+KEY_ENGINES = "edgeddl/engines"
+"""How many device processes have their engine up (torchft: a Manager that heartbeats the
+lighthouse); each connection counts."""
 KEY_FAILED = "edgeddl/failed"
 """How many device processes have stopped on an error; the last one's message is under
 KEY_FAILED + "/last"."""
@@ -93,14 +97,32 @@ def answers(store: Any) -> bool:
 def wait_for_devices(store: Any, timeout_s: float) -> None:
     """Before the first step: wait until the coordinator's minimum of devices has connected
     (a ConnectionError after `timeout_s`)."""
+
+    def joined() -> int:  # devices that connected and stopped on an error do not count
+        return int(store.add(KEY_JOINED, 0) - store.add(KEY_FAILED, 0))
+
+    _wait(store, timeout_s, joined, "connected")
+
+
+def wait_for_engines(store: Any, timeout_s: float) -> None:
+    """Before the first quorum: wait until the coordinator's minimum of devices has its
+    engine up (a ConnectionError after `timeout_s`). torchft's lighthouse forms a quorum of
+    the replicas it has heard from: a device that asked before the others' Managers were up
+    would take the first step alone, and the others the same step again in a quorum of their
+    own (a split brain: two histories of one step). Once every Manager heartbeats, a quorum
+    needs more than half of them. A device that stopped on an error still counts here (it may
+    have stopped before its engine was up)."""
+    _wait(store, timeout_s, lambda: store.add(KEY_ENGINES, 0), "had their engine up")
+
+
+def _wait(store: Any, timeout_s: float, count: Callable[[], int], what: str) -> None:
     wanted = int(store.get(KEY_MIN_DEVICES)) if store.check([KEY_MIN_DEVICES]) else 1
     deadline = time.monotonic() + timeout_s
-    # Devices that connected and stopped on an error do not count.
-    while (joined := store.add(KEY_JOINED, 0) - store.add(KEY_FAILED, 0)) < wanted:
+    while (have := count()) < wanted:
         if time.monotonic() > deadline:
             raise ConnectionError(
-                f"--connect-timeout: {joined} of the {wanted} devices the coordinator waits "
-                f"for (--min-devices) connected within {timeout_s:g} s"
+                f"--connect-timeout: {have} of the {wanted} devices the coordinator waits "
+                f"for (--min-devices) {what} within {timeout_s:g} s"
             )
         time.sleep(0.1)
 

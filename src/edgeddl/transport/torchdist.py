@@ -27,6 +27,7 @@ from edgeddl.transport.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpac
 from edgeddl.transport.device import DeviceRun
 from edgeddl.transport.device_setup import DeviceOptions
 from edgeddl.transport.store import (
+    KEY_ENGINES,
     KEY_JOINED,
     KEY_LIGHTHOUSE,
     advertised_host,
@@ -34,6 +35,7 @@ from edgeddl.transport.store import (
     connect,
     parse_address,
     wait_for_devices,
+    wait_for_engines,
 )
 
 
@@ -93,6 +95,9 @@ class TorchftEngine:
     def batches_committed(self) -> int:
         return int(self.manager.batches_committed())
 
+    def catch_up(self, step: int, batches_committed: int) -> None:
+        self.manager.load_state_dict({"step": step, "batches_committed": batches_committed})
+
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
 
@@ -111,12 +116,11 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
         run.strategy.load_replica_state(resume["replica"])
     engine = TorchftEngine(run, store, opts, backend)
     if resume is not None:
-        engine.manager.load_state_dict(
-            {"step": resume["step"], "batches_committed": resume["batches_committed"]}
-        )
+        engine.catch_up(resume["step"], resume["batches_committed"])
     if store.check([KEY_CHECKPOINT_EVERY]):
         run.checkpoint_every = int(store.get(KEY_CHECKPOINT_EVERY))
     try:
+        _await_the_others(store, opts)
         while True:
             try:
                 run.train(engine, store)
@@ -140,7 +144,18 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 wait_for_devices(store, opts.connect_timeout_s)
                 engine = TorchftEngine(run, store, opts, backend)
                 engine.manager.load_state_dict(state)
+                _await_the_others(store, opts)
                 run.stats.reconnects += 1
+        # Done before the Manager goes: a device left out of the last step gets a quorum of
+        # its own only once this one stops heartbeating, and must then see the run is over.
+        return run.finish(store, engine.current_step(), resume["step"] if resume else None)
     finally:
         engine.shutdown()
-    return run.finish(store, engine.current_step(), resume["step"] if resume else None)
+
+
+def _await_the_others(store: Any, opts: DeviceOptions) -> None:
+    """This device's Manager is up: the first quorum waits for --min-devices of them (see
+    `wait_for_engines`: else the first device in could take step 0 alone and the others
+    the same step again)."""
+    store.add(KEY_ENGINES, 1)
+    wait_for_engines(store, opts.connect_timeout_s)
