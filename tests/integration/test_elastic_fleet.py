@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+# Real processes on localhost: 10-40 s each on an idle 2-core machine (`-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 ELASTIC = ("--engine", "elastic")
 PACED = """
 # Steps of about 30 ms that leave the CPU free: a join (a rendezvous and a worker start on

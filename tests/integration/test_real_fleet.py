@@ -15,6 +15,9 @@ import pytest
 
 torchft = pytest.importorskip("torchft")
 
+# Real processes on localhost: 10-40 s each on an idle 2-core machine (`-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 
 def test_kill_9_of_a_device_the_others_finish_consistent_and_learned(fleet_factory) -> None:
     fleet = fleet_factory(steps=300)

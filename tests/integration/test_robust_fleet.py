@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from small_fleet import check_summary
 
 import edgeddl
@@ -55,6 +56,7 @@ def _accuracy(tmp_path: Path, name: str, scenario: Any) -> dict[str, Any]:
     return result.summary
 
 
+@pytest.mark.slow  # five 200-step runs of nine devices: 15 s on an idle 2-core machine
 def test_robust_rules_hold_under_attack_while_the_mean_collapses(tmp_path: Path) -> None:
     clean = _accuracy(tmp_path, "clean", _scenario("mean"))["final_test_accuracy"]
     attacked_mean = _accuracy(tmp_path, "mean", _scenario("mean", "scaled", 2))

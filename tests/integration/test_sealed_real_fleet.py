@@ -15,6 +15,9 @@ from edgeddl.security.keys import Identity, save_identity
 
 torchft = pytest.importorskip("torchft")
 
+# Real processes on localhost: 10-40 s each on an idle 2-core machine (`-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 DEVICES = ("dev-0", "dev-1", "dev-2")
 
 

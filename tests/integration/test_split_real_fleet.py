@@ -12,6 +12,9 @@ import pytest
 
 torchft = pytest.importorskip("torchft")
 
+# Real processes on localhost: 10-40 s each on an idle 2-core machine (`-m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 SPLIT = 'strategy = "split"\n'
 
 

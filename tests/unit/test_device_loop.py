@@ -222,6 +222,7 @@ def test_recoveries_are_the_gaps_around_a_lost_step_or_member() -> None:
     assert recoveries(commits, failures=[]) == [3.5, 3.0]
 
 
+@pytest.mark.slow  # it waits out the slow profile's seconds: about 18 s
 def test_pacing_waits_out_a_slow_profile_and_counts_a_fast_one_it_cannot_hold(
     tmp_path: Path,
 ) -> None:
