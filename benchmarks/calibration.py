@@ -41,8 +41,8 @@ from typing import Any
 import edgeddl
 from common import free_port, machine_info, print_table, write_json
 from edgeddl.config.loader import load_scenario
-from edgeddl.fleet.calibrate import profile_toml
-from edgeddl.fleet.profiles import DEVICE_PROFILES
+from edgeddl.config.profiles import DEVICE_PROFILES
+from edgeddl.models.calibrate import profile_toml
 
 SCENARIO = """
 [run]

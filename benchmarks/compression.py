@@ -5,7 +5,7 @@ Workload: MNIST-1D, the 1-D CNN at width 128 (105,738 parameters), the paper fle
 the same seed, data and batches; every step's request to the transport (who sends how many
 bytes) is recorded. The maths does not depend on the network, so each network's virtual time
 is obtained by laying the same recorded requests out again on that network's links with a
-fresh `SimTransport`: the same code and draws a run on that network would use.
+fresh `SimNetwork`: the same code and draws a run on that network would use.
 
 Sections (each prints a table; `--json` keeps everything):
 
@@ -43,12 +43,12 @@ from edgeddl.compress.codec import Codec
 from edgeddl.compress.registry import COMPRESSORS, build_compressor, build_phased
 from edgeddl.config.compression import CompressorConfig
 from edgeddl.config.loader import scenario_from_dict
+from edgeddl.config.profiles import DEVICE_PROFILES, RESNET32_TRAIN_FLOPS_PER_SAMPLE
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.fleet.profiles import DEVICE_PROFILES, RESNET32_TRAIN_FLOPS_PER_SAMPLE
 from edgeddl.fleet.timeline import StepRequest
 from edgeddl.models import build_model
-from edgeddl.transport import sim
+from edgeddl.runtime.sim import network as sim
 
 NETWORKS = ("lan", "wifi", "lte", "wan_lossy")
 ADAPT_FIXED = (0.0005, 0.002, 0.005, 0.01, 0.05)
@@ -91,19 +91,19 @@ def train(args: tuple[str, int, tuple[str, str, str], tuple[str, ...]]) -> dict[
     """One run; records every step's transport request. Runs in a worker process."""
     name, steps, links, extra = args
     requests: list[StepRequest] = []
-    step = sim.SimTransport.step
+    step = sim.SimNetwork.step
 
-    def recording(self: sim.SimTransport, req: StepRequest) -> Any:
+    def recording(self: sim.SimNetwork, req: StepRequest) -> Any:
         requests.append(req)
         return step(self, req)
 
-    sim.SimTransport.step = recording  # type: ignore[method-assign]
+    sim.SimNetwork.step = recording  # type: ignore[method-assign]
     wall = time.perf_counter()
     try:
         out = tempfile.mkdtemp(prefix=f"edgeddl-bench-{name}-")  # one folder per run
         result = edgeddl.run(scenario(name, steps, links, extra), out_dir=out, progress=False)
     finally:
-        sim.SimTransport.step = step  # type: ignore[method-assign]
+        sim.SimNetwork.step = step  # type: ignore[method-assign]
     evals = [(r["step"], r["virtual_time_s"], r["test_accuracy"]) for r in _metrics(result.run_dir)]
     shutil.rmtree(out, ignore_errors=True)
     return {
@@ -123,7 +123,7 @@ def _metrics(run_dir: Any) -> list[dict[str, Any]]:
 
 def replay(requests: list[StepRequest], fleet: Fleet, seed: int) -> np.ndarray:
     """Virtual time at the end of every step, the recorded requests laid out on `fleet`."""
-    transport = sim.SimTransport(fleet, "star", seed)
+    transport = sim.SimNetwork(fleet, "star", seed)
     t, ends = 0.0, np.zeros(len(requests) + 1)
     for i, req in enumerate(requests):
         t = transport.step(dataclasses.replace(req, start_s=t)).end_s

@@ -37,7 +37,7 @@ from common import console, machine_info, warn_if_busy
 from edgeddl import Scenario, load_scenario
 from edgeddl.config.loader import scenario_from_dict
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.report.files import write_json_atomic
+from edgeddl.io import write_json_atomic
 from edgeddl.workload import build_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 import edgeddl
 from common import machine_info, make_scenario, print_table, warn_if_busy, write_json
+from edgeddl.config.profiles import DEVICE_PROFILES
 from edgeddl.data import load_dataset
-from edgeddl.fleet.calibrate import calibrate_profile
-from edgeddl.fleet.profiles import DEVICE_PROFILES
 from edgeddl.inference.int8_deploy import (
     Variant,
     compare,
@@ -37,6 +36,7 @@ from edgeddl.inference.int8_deploy import (
 )
 from edgeddl.inference.synthesize import SynthesisConfig
 from edgeddl.models import build_model
+from edgeddl.models.calibrate import calibrate_profile
 
 TARGETS = {name: DEVICE_PROFILES[name] for name in ("pc", "jetson_nano", "rpi4")}
 

@@ -34,7 +34,7 @@ from typing import Any
 from torch.distributed import TCPStore
 
 from common import free_port
-from edgeddl.transport.store import progress_key
+from edgeddl.runtime.fleet.store import progress_key
 
 SCENARIO = """
 [run]

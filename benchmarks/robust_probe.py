@@ -22,8 +22,8 @@ import torch
 
 import robust_aggregation as bench  # type: ignore[import-not-found]
 from common import load_data  # type: ignore[import-not-found]
+from edgeddl.aggregation.robust import RobustAggregator
 from edgeddl.config.loader import scenario_from_dict
-from edgeddl.strategy.robust import RobustAggregator
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import edgeddl
-import edgeddl.loop as loop
+import edgeddl.runtime.sim.loop as loop
 import edgeddl.strategy.build as strategy_build
 from common import (
     console,
@@ -147,7 +147,7 @@ def run_sim(
 
 @contextlib.contextmanager
 def instrumented() -> Iterator[dict[str, Any]]:
-    """Patch `edgeddl.loop` to record each step's sample indices and time its parts.
+    """Patch `edgeddl.runtime.sim.loop` to record each step's sample indices and time its parts.
 
     Yields a dict filled during the run: `rows` (one index array per step), `seconds` per
     setup category, `step_s` (strategy.step, the fused maths) and `eval_s`.
@@ -266,7 +266,7 @@ def build_case(
     if not same:
         console.print(
             f"[yellow]N={num_devices}: could not capture the simulator's sample order "
-            "(did edgeddl.loop change?); the plain loop uses seeded random batches of the "
+            "(did runtime/sim/loop.py change?); the plain loop uses seeded random batches of the "
             "same size instead[/yellow]"
         )
         g = torch.Generator().manual_seed(sc.run.seed)

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # The training loop pulls in torch; loading or validating a scenario should not.
     if name in ("run", "RunResult"):
-        from edgeddl import loop
+        from edgeddl.runtime.sim import loop
 
         return getattr(loop, name)
     raise AttributeError(f"module 'edgeddl' has no attribute {name!r}")

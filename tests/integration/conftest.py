@@ -23,7 +23,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from edgeddl.config.loader import load_scenario
-from edgeddl.transport.store import progress_key
+from edgeddl.runtime.fleet.store import progress_key
 
 STALL_S = 120.0
 """A fleet in which no device committed a step for this long has hung: the test fails."""

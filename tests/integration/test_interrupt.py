@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import edgeddl
-from edgeddl.resume import CHECKPOINT_FILE
+from edgeddl.runtime.sim.resume import CHECKPOINT_FILE
 
 SETTINGS = ["train.num_steps=1500", "train.eval_every=50", "run.checkpoint_every=0"]
 

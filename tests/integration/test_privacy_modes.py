@@ -13,8 +13,8 @@ from small_fleet import check_summary, small_scenario
 import edgeddl
 from edgeddl.config.loader import ConfigError
 from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.strategy.split_roles import CutWire
+from edgeddl.strategy.split.learning import SplitLearning
+from edgeddl.strategy.split.roles import CutWire
 
 SPLIT = {"strategy": "split", "num_steps": 150, "eval_every": 50, "lr": 0.05}
 

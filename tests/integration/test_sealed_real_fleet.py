@@ -1,5 +1,5 @@
 """A secured real fleet: every payload sealed to the coordinator, the aggregate sealed back,
-the run's ledger on the coordinator (`transport/sealed_desk.py`, `sealed_device.py`)."""
+the run's ledger on the coordinator (`runtime/fleet/secure_coordinator.py`, `secure_device.py`)."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from small_fleet import SMALL_FLEET, check_summary
 import edgeddl
 from edgeddl.cli.main import main
 from edgeddl.config.loader import ConfigError, scenario_from_dict
+from edgeddl.runtime.fleet.device_setup import check_real_fleet
 from edgeddl.security.keys import Identity, save_identity
 from edgeddl.security.ledger import LEDGER_FILE, model_digest, read_entries
-from edgeddl.transport.device_setup import check_real_fleet
 
 DEVICES = ("pc", "jetson", "pi-0", "pi-1")
 STEPS = 20

@@ -1,5 +1,5 @@
 """Split learning on a real fleet: device processes hold the fronts, the coordinator the
-rear (`transport/rear_desk.py`), on torchft and on torchrun elastic, with a kill -9."""
+rear (`runtime/fleet/split_rear.py`), on torchft and on torchrun elastic, with a kill -9."""
 
 from __future__ import annotations
 

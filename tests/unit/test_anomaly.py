@@ -154,7 +154,7 @@ def test_summary_keys_follow_the_metric() -> None:
 
 
 def test_real_fleet_summary_has_the_task_metric() -> None:
-    from edgeddl.transport.coordinator import _summary
+    from edgeddl.runtime.fleet.coordinator import _summary
 
     rows = [{"step": 0, "test_loss": 0.5, "test_auroc": 0.7}]
     s = _summary(load_scenario("anomaly_fleet"), rows, [], wall_s=1.0)

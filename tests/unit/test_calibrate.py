@@ -9,8 +9,8 @@ import torch
 
 from edgeddl.config.loader import load_scenario
 from edgeddl.config.schema import DeviceProfile
-from edgeddl.fleet.calibrate import profile_toml
 from edgeddl.fleet.fleet import Fleet
+from edgeddl.models.calibrate import profile_toml
 
 
 def test_profile_file_is_included_and_used(tmp_path: Path) -> None:

@@ -260,7 +260,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def train(*args: object, **kwargs: object) -> None:
         raise AssertionError("training started")
 
-    monkeypatch.setattr("edgeddl.loop.run", train)
+    monkeypatch.setattr("edgeddl.runtime.sim.loop.run", train)
 
 
 @pytest.mark.parametrize(

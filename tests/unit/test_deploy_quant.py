@@ -28,8 +28,8 @@ from edgeddl.inference.synthesize import (
     bn_statistics_loss,
     synthesize_calibration,
 )
+from edgeddl.io import write_model_atomic
 from edgeddl.models import build_model
-from edgeddl.report.files import write_model_atomic
 
 SHAPE = (1, 40)
 FAST = SynthesisConfig(num_samples=256, num_steps=100)
@@ -230,7 +230,7 @@ def test_cli_quantize_refuses_a_model_without_batchnorm_before_loading_data(
         raise AssertionError("loaded the data or measured this machine before refusing")
 
     monkeypatch.setattr("edgeddl.inference.int8_deploy.load_deployment", no_loading)
-    monkeypatch.setattr("edgeddl.fleet.calibrate.calibrate_profile", no_loading)
+    monkeypatch.setattr("edgeddl.models.calibrate.calibrate_profile", no_loading)
     torch.manual_seed(0)
     plain = build_model("mlp", input_shape=SHAPE, num_classes=10).state_dict()
     run = _run_folder(tmp_path / "mlp", "mlp", plain)

@@ -1,4 +1,4 @@
-"""One real-fleet device's loop (`transport/device.py`) over a stand-in engine and store:
+"""One real-fleet device's loop (`runtime/fleet/device.py`) over a stand-in engine and store:
 what it commits, what it gives up, how its wall time is split, and how a stop request waits
 for the update being applied."""
 
@@ -13,10 +13,10 @@ import torch
 
 from edgeddl.config.loader import load_scenario
 from edgeddl.fleet.timeline import STATES
-from edgeddl.transport.device import DeviceRun
-from edgeddl.transport.device_setup import DeviceOptions
-from edgeddl.transport.engine import RestartRequired, recoveries
-from edgeddl.transport.store import KEY_ENGINES, KEY_MIN_DEVICES, KEY_ROWS, row_key
+from edgeddl.runtime.fleet.device import DeviceRun
+from edgeddl.runtime.fleet.device_setup import DeviceOptions
+from edgeddl.runtime.fleet.quorum import RestartRequired, recoveries
+from edgeddl.runtime.fleet.store import KEY_ENGINES, KEY_MIN_DEVICES, KEY_ROWS, row_key
 
 SCENARIO = """
 [run]
@@ -184,7 +184,7 @@ def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
     asked before the others' were up took step 0 alone, and the others the same step 0 in
     a quorum of their own (seen on a loaded machine: the rear stepped 41 times in 40 steps).
     A device's first quorum waits until --min-devices Managers are up."""
-    from edgeddl.transport import torchdist
+    from edgeddl.runtime.fleet import torchft_quorum as torchdist
 
     polls: list[int] = []
 
@@ -195,7 +195,7 @@ def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
                 return super().add(key, 1 if len(polls) == 2 else 0)
             return super().add(key, n)
 
-    class Engine(_Alone):
+    class Quorum(_Alone):
         def __init__(self, run: DeviceRun, store: _Store, opts: Any, backend: str) -> None:
             super().__init__()
             self.store = store
@@ -207,7 +207,7 @@ def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
         def shutdown(self) -> None:
             pass
 
-    monkeypatch.setattr(torchdist, "TorchftEngine", Engine)
+    monkeypatch.setattr(torchdist, "TorchftQuorum", Quorum)
     store = Coordinator()
     store.set(KEY_MIN_DEVICES, "2")
     run = _run(tmp_path, steps=2)
@@ -251,7 +251,7 @@ def test_an_elastic_worker_keeps_model_memory_and_counters_across_a_restart(
 ) -> None:
     """What a worker writes as it goes down is what its restarted self reads back: the
     replica state, its own error-feedback memory, its counters; another run's is ignored."""
-    from edgeddl.transport.elastic import _load_local, _save_local
+    from edgeddl.runtime.fleet.elastic import _load_local, _save_local
 
     path = tmp_path / "loop.toml"
     path.write_text(

@@ -17,12 +17,12 @@ from edgeddl.config.compression import CompressionConfig, CompressorConfig
 from edgeddl.config.federated import FederatedConfig
 from edgeddl.config.loader import ConfigError, scenario_from_dict, to_toml
 from edgeddl.config.schema import TrainConfig
+from edgeddl.runtime.fleet.device_setup import DeviceOptions, read_scenario
+from edgeddl.runtime.fleet.store import KEY_SCENARIO
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import Exchange
 from edgeddl.strategy.federated import Federated, _Work, add_proximal_grad
 from edgeddl.strategy.server_opt import ServerOptimizer
-from edgeddl.transport.device_setup import DeviceOptions, read_scenario
-from edgeddl.transport.store import KEY_SCENARIO
 
 
 def _linear(weights: list[float]) -> nn.Module:

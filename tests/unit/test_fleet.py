@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeddl.config.loader import scenario_from_dict
+from edgeddl.config.profiles import DEVICE_PROFILES, LINK_PROFILES
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.link import MATHIS_C, MSS_BYTES, fifo_finish_s, transfer_time_s
-from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
 
 
 def _scenario(events: list[tuple[float, str, str]] = (), **extra: Any) -> Scenario:

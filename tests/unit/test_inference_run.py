@@ -14,13 +14,13 @@ from edgeddl.cli.main import main
 from edgeddl.config.loader import load_scenario, to_toml
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.inference.activations import ActivationCodec, nbytes
+from edgeddl.inference.pipeline import run_processes
 from edgeddl.inference.plan import LayerCosts, evaluate_cuts
 from edgeddl.inference.profile import chain_devices, layer_costs
 from edgeddl.inference.simulate import Leave, PipelineConfig, SimResult, simulate
 from edgeddl.inference.stages import StageRunner, single_device_outputs
 from edgeddl.models import build_model
 from edgeddl.models.layers import model_layers
-from edgeddl.transport.pipeline import run_processes
 
 CHAIN = ["pi-0", "pi-1", "jetson-0", "pc-0"]
 

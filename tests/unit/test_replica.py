@@ -1,4 +1,4 @@
-"""A real fleet's device step (`transport/replica.py`) is the simulator's step.
+"""A real fleet's device step (`runtime/fleet/allreduce.py`) is the simulator's step.
 
 Three replicas run in threads and exchange through an in-process sum (what torchft's
 all-reduce gives them); each must end where the simulator's strategy ends with the same
@@ -16,10 +16,10 @@ import torch
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
 from edgeddl.config.schema import TrainConfig
 from edgeddl.models import build_model
+from edgeddl.runtime.fleet.allreduce import SLOT, AllReduceStep, ExchangeError, StepOutcome
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.per_device import per_device_gradients
-from edgeddl.transport.replica import SLOT, ExchangeError, ReplicaStep, StepOutcome
 
 COUNTS = [5, 3, 8]
 STEPS = 3
@@ -95,7 +95,7 @@ def _real(
     starts = np.concatenate([[0], np.cumsum(COUNTS)])
 
     def device(r: int) -> None:
-        s, rs = replicas[r], ReplicaStep(replicas[r], r)
+        s, rs = replicas[r], AllReduceStep(replicas[r], r)
         coll = _ThreadCollective(group, r, tamper)
         try:
             for step, (x, y) in enumerate(_batches()):

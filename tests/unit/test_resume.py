@@ -22,7 +22,7 @@ import edgeddl
 from edgeddl.cli.main import main
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.report.recorder import RunRecorder
-from edgeddl.resume import CHECKPOINT_FILE
+from edgeddl.runtime.sim.resume import CHECKPOINT_FILE
 from edgeddl.security.keys import Identity, save_identity
 from edgeddl.security.ledger import LEDGER_FILE, read_entries
 

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeddl.aggregation.robust import RobustAggregator
 from edgeddl.config.loader import scenario_from_dict
 from edgeddl.config.robust import RobustConfig
 from edgeddl.config.schema import TrainConfig
+from edgeddl.fleet.behaviors import Behaviors
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.data_parallel import DataParallel
-from edgeddl.strategy.robust import Behaviors, RobustAggregator
 from edgeddl.strategy.robust_dp import DeviceMomentum, RobustDataParallel
 
 NAMES = [f"d{i}" for i in range(9)]

@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch import nn
 
+from edgeddl.aggregation.robust import RobustAggregator
 from edgeddl.config.federated import FederatedConfig
 from edgeddl.config.loader import ConfigError, scenario_from_dict, to_toml
 from edgeddl.config.robust import RobustConfig
 from edgeddl.config.schema import TrainConfig
+from edgeddl.fleet.behaviors import Behaviors
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.robust import Behaviors, RobustAggregator
 from edgeddl.strategy.robust_dp import RobustDataParallel
 
 NAMES = [f"d{i}" for i in range(5)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeddl.security.robust import (
+from edgeddl.aggregation.rules import (
     aggregate,
     bucket_means,
     krum_scores,

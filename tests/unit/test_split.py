@@ -1,4 +1,4 @@
-"""Split learning's maths (`models/layers.py`, `strategy/split.py`): the cut, the gradients
+"""Split learning's maths (`models/layers.py`, `strategy/split/maths.py`): the cut, the gradients
 each side gets, SplitFed's equivalence with a data-parallel step, and what crosses the cut."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from edgeddl.config.split import SplitConfig
 from edgeddl.models import build_model
 from edgeddl.models.layers import model_layers, resolve_cut, split_model
 from edgeddl.strategy.data_parallel import DataParallel
-from edgeddl.strategy.split import SplitModels
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.strategy.split_roles import CutWire, RearServer, device_step
+from edgeddl.strategy.split.learning import SplitLearning
+from edgeddl.strategy.split.maths import SplitModels
+from edgeddl.strategy.split.roles import CutWire, RearServer, device_step
 
 CE = nn.functional.cross_entropy
 

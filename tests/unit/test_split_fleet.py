@@ -1,8 +1,8 @@
-"""Split learning on a real fleet (`transport/split_device.py`, `transport/rear_desk.py`) is
+"""Split learning on a real fleet (`runtime/fleet/split_device.py`, `split_rear.py`) is
 the simulator's split learning.
 
 Three devices run in threads, each with its own copy of the strategy, as separate processes
-would; they reach the coordinator's `RearDesk` through an in-process link (what the gloo
+would; they reach the coordinator's `SplitRear` through an in-process link (what the gloo
 link carries: the encoded bytes) and sum through an in-process collective (what the engine
 gives them). The rear and every front must end where the simulator's `SplitLearning` ends.
 """
@@ -22,10 +22,10 @@ from edgeddl.config.compression import CompressorConfig
 from edgeddl.config.schema import TrainConfig
 from edgeddl.config.split import SplitConfig
 from edgeddl.models import build_model
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.transport.coordinator_link import LinkError
-from edgeddl.transport.rear_desk import RearDesk
-from edgeddl.transport.split_device import SplitDevice
+from edgeddl.runtime.fleet.coordinator_link import LinkError
+from edgeddl.runtime.fleet.split_device import SplitDevice
+from edgeddl.runtime.fleet.split_rear import SplitRear
+from edgeddl.strategy.split.learning import SplitLearning
 
 COUNTS = [5, 3, 8]
 NAMES = ["pi-0", "pi-1", "pi-2"]
@@ -55,7 +55,7 @@ def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 class _Link:
     """What a `CoordinatorLink` does, in process: the request's bytes to the service."""
 
-    def __init__(self, service: RearDesk, name: str) -> None:
+    def __init__(self, service: SplitRear, name: str) -> None:
         self.service, self.name, self.seconds = service, name, 0.0
 
     def call(self, op, step, device, count, parts, loss=0.0, members=0):  # type: ignore[no-untyped-def]
@@ -102,7 +102,7 @@ def _simulate(steps: int, lost: dict[int, int], **split: object) -> SplitLearnin
     return s
 
 
-def _devices(service: RearDesk, **split: object) -> list[SplitDevice]:
+def _devices(service: SplitRear, **split: object) -> list[SplitDevice]:
     """The three devices, each reaching `service` over an in-process link."""
     return [
         SplitDevice(
@@ -119,11 +119,11 @@ def _devices(service: RearDesk, **split: object) -> list[SplitDevice]:
 
 def _real(
     steps: int, lost: dict[int, int], fail_at: set[int], **split: object
-) -> tuple[RearDesk, list[SplitDevice]]:
+) -> tuple[SplitRear, list[SplitDevice]]:
     """Three device threads against one service. `lost[step]`: a device that sends its
     activations and then vanishes (it never joins the sum); `fail_at`: steps whose first
     sum fails everywhere (the engine's verdict: not committed), so they are tried again."""
-    service = RearDesk(_strategy(_model(), **split), NAMES, sum(COUNTS))
+    service = SplitRear(_strategy(_model(), **split), NAMES, sum(COUNTS))
     devices = _devices(service, **split)
     starts = np.concatenate([[0], np.cumsum(COUNTS)])
     errors: list[BaseException] = []
@@ -225,7 +225,7 @@ def test_a_step_the_rear_took_is_not_taken_again_by_another_quorum() -> None:
     rear takes a step once: the second quorum's request for it is refused, so that quorum
     commits nothing (its members heal from the first at their next quorum)."""
     split = {"cut": 1, "splitfed": True}
-    service = RearDesk(_strategy(_model(), **split), NAMES, sum(COUNTS))
+    service = SplitRear(_strategy(_model(), **split), NAMES, sum(COUNTS))
     devices = _devices(service, **split)
     x, y = _batches(1)[0]
     errors: list[BaseException] = []
@@ -243,7 +243,7 @@ def test_a_step_the_rear_took_is_not_taken_again_by_another_quorum() -> None:
 
 
 def test_the_rear_refuses_what_it_cannot_use_and_keeps_nothing_of_it() -> None:
-    service = RearDesk(_strategy(_model(), cut=1), NAMES, sum(COUNTS))
+    service = SplitRear(_strategy(_model(), cut=1), NAMES, sum(COUNTS))
     before = copy.deepcopy(service.strategy.parts.rear.state_dict())
     link = _Link(service, "pi-0")
     with pytest.raises(LinkError, match="spoke for device 1"):

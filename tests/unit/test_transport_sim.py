@@ -14,7 +14,7 @@ import pytest
 from edgeddl.config.loader import scenario_from_dict
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.timeline import PipelineRequest, StepRequest, StepTimeline
-from edgeddl.transport.sim import SimTransport
+from edgeddl.runtime.sim.network import SimNetwork
 
 LINKS = {
     "a": {"up_bps": 8e6, "down_bps": 16e6, "latency_s": 0.01},
@@ -46,7 +46,7 @@ def _fleet(links: list[str], coordinator_link: str = "fat", detect_s: float = 1.
 
 
 def _step(
-    transport: SimTransport,
+    transport: SimNetwork,
     data_s: list[float],
     compute_s: list[float],
     *,
@@ -87,14 +87,14 @@ def _approx(x: Any) -> Any:
 
 def test_unknown_topology_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown topology"):
-        SimTransport(_fleet(["a"]), "mesh", seed=0)
+        SimNetwork(_fleet(["a"]), "mesh", seed=0)
 
 
 # --- star -------------------------------------------------------------------------------------
 
 
 def test_star_one_device_is_the_sum_of_its_parts() -> None:
-    tl = _step(SimTransport(_fleet(["a"]), "star", 0), [0.3], [0.7], start_s=10.0)
+    tl = _step(SimNetwork(_fleet(["a"]), "star", 0), [0.3], [0.7], start_s=10.0)
     # Both access links' latencies add (0.01 + 0.005); the slower side sets the bandwidth.
     download = 0.015 + 8 * D_BYTES / min(16e6, 80e6)  # 0.515
     upload = 0.015 + 8 * U_BYTES / min(8e6, 80e6)  # 0.515
@@ -116,16 +116,16 @@ def test_star_one_device_is_the_sum_of_its_parts() -> None:
 
 
 def test_star_expected_link_time_matches_an_uncontended_step() -> None:
-    transport = SimTransport(_fleet(["a"]), "star", 0)
+    transport = SimNetwork(_fleet(["a"]), "star", 0)
     tl = _step(transport, [0.0], [0.0])
     expected = transport.expected_link_s(np.array([0]), U_BYTES, D_BYTES)
     assert expected[0] == _approx(tl.seconds("communication")[0])
-    ring = SimTransport(_fleet(["a", "b"]), "ring", 0)
+    ring = SimNetwork(_fleet(["a", "b"]), "ring", 0)
     assert ring.expected_link_s(np.array([0, 1]), U_BYTES, D_BYTES).tolist() == [0.0, 0.0]
 
 
 def test_star_deadline_drops_a_straggler_and_ends_the_step_there() -> None:
-    transport = SimTransport(_fleet(["a", "a", "a"]), "star", 0)
+    transport = SimNetwork(_fleet(["a", "a", "a"]), "star", 0)
     late = _step(transport, [0.0, 0.0, 0.0], [0.2, 5.0, 0.3], crash_at_s={2: 1.0})
     assert late.end_s > 6.0  # without a deadline the server waits for the slow device
     tl = _step(
@@ -149,7 +149,7 @@ def test_star_deadline_drops_a_straggler_and_ends_the_step_there() -> None:
 
 def test_star_coordinator_serves_fastest_link_first_and_queues() -> None:
     # A thin coordinator link (8 Mbit/s each way) is a shared server: 1 s per model copy out.
-    transport = SimTransport(_fleet(["b", "a"], coordinator_link="thin"), "star", 0)
+    transport = SimNetwork(_fleet(["b", "a"], coordinator_link="thin"), "star", 0)
     tl = _step(transport, [0.1, 0.1], [0.2, 0.4], idx=[0, 1])
     # Own paths: b 0.025 + 1.0, a 0.015 + 1.0; a is first, b waits for a's copy: 1.015 + 1.0.
     recv = np.array([2.015, 1.015])
@@ -164,7 +164,7 @@ def test_star_coordinator_serves_fastest_link_first_and_queues() -> None:
 
 
 def test_star_uploads_queue_on_the_coordinator_downlink() -> None:
-    transport = SimTransport(_fleet(["a", "a"], coordinator_link="thin"), "star", 0)
+    transport = SimNetwork(_fleet(["a", "a"], coordinator_link="thin"), "star", 0)
     tl = _step(transport, [0.0, 0.0], [1.0, 0.0])
     # Down: 1.015 for d0, then d1 behind it at 2.015 (ties keep the device order).
     # Both are done at 2.015; their own upload paths end at 2.53, but the coordinator's
@@ -179,7 +179,7 @@ def test_star_crash_mid_step_loses_the_device_and_waits_for_detection() -> None:
     fleet = _fleet(["a", "a"], detect_s=1.5)
     start, crash = 100.0, 101.0
     tl = _step(
-        SimTransport(fleet, "star", 0), [0.0, 0.0], [1.0, 1.0], start_s=start, crash_at_s={1: crash}
+        SimNetwork(fleet, "star", 0), [0.0, 0.0], [1.0, 1.0], start_s=start, crash_at_s={1: crash}
     )
     # d1 receives the model at 0.615 (behind d0's 0.1 s copy on the coordinator uplink) and
     # crashes 0.385 s into its compute. d0's gradient is in at 0.515 + 1.0 + 0.515 = 2.03, but
@@ -197,7 +197,7 @@ def test_star_crash_mid_step_loses_the_device_and_waits_for_detection() -> None:
 
 def test_star_crash_before_the_model_arrives_downloads_nothing() -> None:
     tl = _step(
-        SimTransport(_fleet(["a", "a"]), "star", 0), [0.0, 0.0], [1.0, 1.0], crash_at_s={1: 0.3}
+        SimNetwork(_fleet(["a", "a"]), "star", 0), [0.0, 0.0], [1.0, 1.0], crash_at_s={1: 0.3}
     )
     assert tl.contributed.tolist() == [True, False]
     assert tl.bytes_down.tolist() == [D_BYTES, 0]
@@ -207,7 +207,7 @@ def test_star_crash_before_the_model_arrives_downloads_nothing() -> None:
 
 def test_star_crash_after_the_gradient_is_in_still_contributes() -> None:
     tl = _step(
-        SimTransport(_fleet(["a", "a"]), "star", 0), [0.0, 0.0], [1.0, 1.0], crash_at_s={1: 2.2}
+        SimNetwork(_fleet(["a", "a"]), "star", 0), [0.0, 0.0], [1.0, 1.0], crash_at_s={1: 2.2}
     )
     # d1's gradient arrived at 0.615 + 1.0 + 0.515 = 2.13 < 2.2.
     assert tl.contributed.tolist() == [True, True]
@@ -233,7 +233,7 @@ def _ring_phase_s(links: list[str], num_bytes: float) -> float:
 def test_ring_time_is_two_m_minus_one_phases_by_hand(links) -> None:
     m = len(links)
     compute = [0.5 + 0.1 * i for i in range(m)]
-    tl = _step(SimTransport(_fleet(links), "ring", 0), [0.05] * m, compute, start_s=3.0)
+    tl = _step(SimNetwork(_fleet(links), "ring", 0), [0.05] * m, compute, start_s=3.0)
     ring_s = 2 * (m - 1) * _ring_phase_s(links, U_BYTES)
     assert tl.end_s - 3.0 == _approx(0.05 + max(compute) + ring_s)
     np.testing.assert_allclose(_phase_sums(tl), tl.end_s - 3.0, rtol=1e-12)
@@ -249,7 +249,7 @@ def test_ring_time_is_two_m_minus_one_phases_by_hand(links) -> None:
 def test_ring_by_hand_three_devices() -> None:
     # Chunks of 200 kB: a->a 0.2 + 0.02 s, a->b 0.2 + 0.03 s, b->a 0.4 + 0.03 s: 4 x 0.43 s.
     tl = _step(
-        SimTransport(_fleet(["a", "a", "b"]), "ring", 0),
+        SimNetwork(_fleet(["a", "a", "b"]), "ring", 0),
         [0.0] * 3,
         [1.0, 1.0, 1.0],
         up_bytes=600_000,
@@ -259,13 +259,13 @@ def test_ring_by_hand_three_devices() -> None:
 
 
 def test_ring_of_one_device_has_no_exchange() -> None:
-    tl = _step(SimTransport(_fleet(["a"]), "ring", 0), [0.1], [0.4])
+    tl = _step(SimNetwork(_fleet(["a"]), "ring", 0), [0.1], [0.4])
     assert tl.end_s == _approx(0.5)
     assert tl.bytes_up.tolist() == [0] and tl.bytes_down.tolist() == [0]
 
 
 def test_ring_joiner_downloads_the_model_first() -> None:
-    transport = SimTransport(_fleet(["a", "a", "b"]), "ring", 0)
+    transport = SimNetwork(_fleet(["a", "a", "b"]), "ring", 0)
     plain = _step(transport, [0.0] * 3, [1.0] * 3)
     joined = _step(transport, [0.0] * 3, [1.0] * 3, needs_model=[False, False, True])
     fetch = 2 * 0.02 + 8 * D_BYTES / 8e6  # 1.04 s over b's downlink
@@ -278,7 +278,7 @@ def test_ring_joiner_downloads_the_model_first() -> None:
 
 def test_ring_crash_before_done_runs_the_all_reduce_among_survivors() -> None:
     fleet = _fleet(["a", "a", "b"], detect_s=1.5)
-    tl = _step(SimTransport(fleet, "ring", 0), [0.0] * 3, [1.0, 1.0, 1.2], crash_at_s={2: 0.5})
+    tl = _step(SimNetwork(fleet, "ring", 0), [0.0] * 3, [1.0, 1.0, 1.2], crash_at_s={2: 0.5})
     assert tl.contributed.tolist() == [True, True, False]
     # Survivors are done at 1.0, the crash is noticed at 2.0; then a 2-device ring of a, a.
     assert tl.end_s == _approx(2.0 + 2 * _ring_phase_s(["a", "a"], U_BYTES))
@@ -293,7 +293,7 @@ def test_crashed_device_time_stops_at_the_crash_even_if_its_work_was_long(topolo
     # (2.0 s) and d0's work is in, long before d1 would have been done. d1's phases must still
     # be non-negative and add up to the 0.5 s it lived.
     fleet = _fleet(["a", "a"], detect_s=1.5)
-    tl = _step(SimTransport(fleet, topology, 0), [0.0, 0.0], [1.0, 10.0], crash_at_s={1: 0.5})
+    tl = _step(SimNetwork(fleet, topology, 0), [0.0, 0.0], [1.0, 10.0], crash_at_s={1: 0.5})
     assert tl.contributed.tolist() == [True, False]
     assert tl.end_s < 10.0
     for state, d in tl.phases:
@@ -303,7 +303,7 @@ def test_crashed_device_time_stops_at_the_crash_even_if_its_work_was_long(topolo
 
 def test_ring_crash_during_the_all_reduce_runs_it_again() -> None:
     fleet = _fleet(["a", "a", "b"], detect_s=1.5)
-    tl = _step(SimTransport(fleet, "ring", 0), [0.0] * 3, [1.0] * 3, crash_at_s={2: 1.5})
+    tl = _step(SimNetwork(fleet, "ring", 0), [0.0] * 3, [1.0] * 3, crash_at_s={2: 1.5})
     # The 3-device ring would end at 1.0 + 4 x 0.43; d2 crashes during it; it is noticed at
     # 3.0 and the two survivors run theirs.
     assert tl.contributed.tolist() == [True, True, False]
@@ -316,7 +316,7 @@ def test_ring_crash_while_waiting_for_slower_peers_does_not_cut_their_compute() 
     # d0 is done at 1.0 and crashes idle at 1.5 (noticed at 3.0); d1 and d2 compute until 10 s.
     # The all-reduce cannot start before the survivors are done.
     fleet = _fleet(["a", "a", "b"], detect_s=1.5)
-    tl = _step(SimTransport(fleet, "ring", 0), [0.0] * 3, [1.0, 10.0, 10.0], crash_at_s={0: 1.5})
+    tl = _step(SimNetwork(fleet, "ring", 0), [0.0] * 3, [1.0, 10.0, 10.0], crash_at_s={0: 1.5})
     assert tl.contributed.tolist() == [False, True, True]
     assert tl.seconds("compute")[1:].tolist() == [10.0, 10.0]
     assert tl.end_s == _approx(10.0 + 2 * _ring_phase_s(["a", "b"], U_BYTES))
@@ -349,7 +349,7 @@ def test_phases_add_up_to_each_device_s_time_on_real_links(topology, seed) -> No
     victim = int(rng.integers(n))
     # A crash somewhere before the victim's own work is done (or none at all).
     crash = {victim: 5.0 + rng.uniform(0, data_s[victim] + compute_s[victim])} if seed % 2 else {}
-    transport = SimTransport(fleet, topology, seed)
+    transport = SimNetwork(fleet, topology, seed)
     tl = transport.step(
         StepRequest(
             start_s=5.0,
@@ -378,7 +378,7 @@ def test_phases_add_up_to_each_device_s_time_on_real_links(topology, seed) -> No
 @pytest.mark.parametrize("topology", ["star", "ring"])
 def test_everyone_lost_with_instant_detection_never_counts_time_past_the_crash(topology) -> None:
     fleet = _fleet(["a"], detect_s=0.0)
-    tl = _step(SimTransport(fleet, topology, 0), [0.001], [0.01], crash_at_s={0: 0.002})
+    tl = _step(SimNetwork(fleet, topology, 0), [0.001], [0.01], crash_at_s={0: 0.002})
     assert tl.contributed.tolist() == [False]
     assert _phase_sums(tl)[0] == _approx(0.002)
     assert all(d[0] >= 0.0 for _, d in tl.phases)
@@ -391,9 +391,7 @@ def test_ring_second_crash_during_the_rerun_is_lost_too() -> None:
     # All done at 1.0; d0 crashes inside the first all-reduce, d1 inside the re-run.
     first = 1.0 + ring3 / 2
     second = first + 0.5 + ring2 / 2  # the re-run starts once d0's crash is noticed
-    tl = _step(
-        SimTransport(fleet, "ring", 0), [0.0] * 3, [1.0] * 3, crash_at_s={0: first, 1: second}
-    )
+    tl = _step(SimNetwork(fleet, "ring", 0), [0.0] * 3, [1.0] * 3, crash_at_s={0: first, 1: second})
     assert tl.contributed.tolist() == [False, False, True]
     assert tl.end_s == _approx(second + 0.5)  # alone after that: a ring of one moves nothing
     assert tl.bytes_up.tolist() == [0, 0, 0]
@@ -404,7 +402,7 @@ def test_lossless_ring_draws_per_kind_of_hop_match_drawing_every_hop() -> None:
     # Two kinds of hop among 50 devices; the phase maximum drawn per kind must have the
     # same distribution as the maximum over every hop drawn one by one.
     fleet = _fleet(["a"] * 30 + ["b"] * 20)
-    transport = SimTransport(fleet, "ring", seed=1)
+    transport = SimNetwork(fleet, "ring", seed=1)
     rng = np.random.default_rng(2)
     base = np.r_[np.full(30, 0.010), np.full(20, 0.030)]
     jit = np.r_[np.full(30, 0.002), np.full(20, 0.001)]
@@ -421,7 +419,7 @@ def test_lossless_ring_draws_per_kind_of_hop_match_drawing_every_hop() -> None:
 
 
 def _rounds_step(
-    transport: SimTransport,
+    transport: SimNetwork,
     up: np.ndarray,
     down: np.ndarray | int,
     mid: tuple[int, ...] = (),
@@ -446,7 +444,7 @@ def _rounds_step(
 
 
 def test_star_per_device_payload_sizes_set_each_upload() -> None:
-    tl = _rounds_step(SimTransport(_fleet(["a", "a"]), "star", 0), np.array([1000, 100_000]), 0)
+    tl = _rounds_step(SimNetwork(_fleet(["a", "a"]), "star", 0), np.array([1000, 100_000]), 0)
     up = tl.phases[3][1]
     # 8 Mbit/s uplink, 15 ms path latency: each device's own size (no queueing on 80 Mbit/s).
     assert up[0] == _approx(0.015 + 8 * 1000 / 8e6)
@@ -456,7 +454,7 @@ def test_star_per_device_payload_sizes_set_each_upload() -> None:
 
 def test_star_two_rounds_wait_for_the_reduction_in_between() -> None:
     up = np.array([[10_000], [20_000]])
-    tl = _rounds_step(SimTransport(_fleet(["a"]), "star", 0), up, 0, mid=(40_000,))
+    tl = _rounds_step(SimNetwork(_fleet(["a"]), "star", 0), up, 0, mid=(40_000,))
     first = 0.015 + 8 * 10_000 / 8e6
     back = 0.015 + 8 * 40_000 / 16e6
     second = 0.015 + 8 * 20_000 / 8e6
@@ -466,7 +464,7 @@ def test_star_two_rounds_wait_for_the_reduction_in_between() -> None:
 
 def test_star_crash_in_the_second_round_loses_the_device() -> None:
     up = np.array([[10_000, 10_000], [20_000, 20_000]])
-    transport = SimTransport(_fleet(["a", "a"]), "star", 0)
+    transport = SimNetwork(_fleet(["a", "a"]), "star", 0)
     tl = _rounds_step(transport, up, 0, mid=(40_000,), crash_at_s={1: 1.05})
     assert tl.contributed.tolist() == [True, False]
     assert tl.bytes_up.tolist() == [30_000, 0]
@@ -479,9 +477,9 @@ def test_star_crash_in_the_second_round_loses_the_device() -> None:
 
 
 def test_ring_runs_one_all_reduce_per_round() -> None:
-    one = _rounds_step(SimTransport(_fleet(["a", "a"]), "ring", 0), np.array([[30_000] * 2]), 0)
+    one = _rounds_step(SimNetwork(_fleet(["a", "a"]), "ring", 0), np.array([[30_000] * 2]), 0)
     two = _rounds_step(
-        SimTransport(_fleet(["a", "a"]), "ring", 0), np.array([[10_000] * 2, [20_000] * 2]), 0
+        SimNetwork(_fleet(["a", "a"]), "ring", 0), np.array([[10_000] * 2, [20_000] * 2]), 0
     )
     # Each round pays the hop latencies again; the bytes moved are the same.
     hop_latency = 2 * 0.01
@@ -504,7 +502,7 @@ def test_link_estimate_sees_the_path_and_the_loss() -> None:
         },
         "links": raw_links,
     }
-    est = SimTransport(Fleet.from_scenario(scenario_from_dict(raw)), "star", 0).link_estimate(
+    est = SimNetwork(Fleet.from_scenario(scenario_from_dict(raw)), "star", 0).link_estimate(
         np.array([0, 1])
     )
     assert est.up_goodput_bps[0] == 8e6  # the device's own uplink is the narrow side
@@ -517,9 +515,9 @@ def test_link_estimate_sees_the_path_and_the_loss() -> None:
 def test_step_sync_cost_ends_every_step_and_counts_as_communication(topology: str) -> None:
     import dataclasses
 
-    plain = _step(SimTransport(_fleet(["a", "b"]), topology, 0), [0.1, 0.2], [0.3, 0.1])
+    plain = _step(SimNetwork(_fleet(["a", "b"]), topology, 0), [0.1, 0.2], [0.3, 0.1])
     fleet = dataclasses.replace(_fleet(["a", "b"]), step_sync_s=0.011)
-    synced = _step(SimTransport(fleet, topology, 0), [0.1, 0.2], [0.3, 0.1])
+    synced = _step(SimNetwork(fleet, topology, 0), [0.1, 0.2], [0.3, 0.1])
     assert synced.end_s - plain.end_s == _approx(0.011)
     comm = synced.seconds("communication") - plain.seconds("communication")
     assert comm.tolist() == _approx([0.011, 0.011])
@@ -558,7 +556,7 @@ def _chain(
         end_work_s=0.04,
         end_work_each_s=each_s,
     )
-    return SimTransport(fleet, "star", seed=0).pipeline(req)
+    return SimNetwork(fleet, "star", seed=0).pipeline(req)
 
 
 def test_chained_step_on_one_device_adds_up_by_hand() -> None:

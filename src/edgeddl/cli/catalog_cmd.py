@@ -21,7 +21,7 @@ def cmd_profiles(_: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
+    from edgeddl.config.profiles import DEVICE_PROFILES, LINK_PROFILES
 
     dev = Table("device profile", "GFLOP/s", "memory GiB", "us/op", "source", title="devices")
     for name, d in DEVICE_PROFILES.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeddl.config.loader import ConfigError
-from edgeddl.report.files import write_problem
+from edgeddl.io import write_problem
 
 
 def require_writable(option: str, path: Path, *, folder: bool) -> None:

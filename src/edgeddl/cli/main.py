@@ -18,10 +18,10 @@ from edgeddl.cli.infer import add_infer_parser, cmd_infer
 from edgeddl.cli.runs_cmd import RUNS_COMMANDS, add_runs_parsers
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.report.runs import ReportError
+from edgeddl.runtime.fleet.checkpoint import CheckpointError, DeviceFailed, FleetFailed
+from edgeddl.runtime.fleet.store import BACKENDS, ENGINES
 from edgeddl.strategy.balance import BalanceError
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.transport.checkpoint import CheckpointError, DeviceFailed, FleetFailed
-from edgeddl.transport.store import BACKENDS, ENGINES
 
 # Files the user named (scenario, data folder, --out) that cannot be read or written are
 # their mistake too: OSError covers FileNotFoundError, NotADirectoryError, PermissionError.
@@ -278,7 +278,10 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgeddl.loop import default_run_dir, run  # torch is imported only when it is needed
+    from edgeddl.runtime.sim.loop import (  # torch is imported only when it is needed
+        default_run_dir,
+        run,
+    )
 
     if args.resume is not None:
         if args.scenario is not None:
@@ -316,8 +319,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgeddl.fleet.calibrate import calibrate_profile, profile_toml
-    from edgeddl.report.files import write_text_atomic
+    from edgeddl.io import write_text_atomic
+    from edgeddl.models.calibrate import calibrate_profile, profile_toml
 
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (got {args.threads})")
@@ -333,11 +336,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
-    from edgeddl.loop import default_run_dir
     from edgeddl.report.files import metric_label
+    from edgeddl.runtime.fleet.coordinator import serve
+    from edgeddl.runtime.fleet.device_setup import check_real_fleet
+    from edgeddl.runtime.sim.loop import default_run_dir
     from edgeddl.task import TASKS
-    from edgeddl.transport.coordinator import serve
-    from edgeddl.transport.device_setup import check_real_fleet
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535 (got {args.port})")
@@ -373,9 +376,9 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
-    from edgeddl.transport.device_setup import DeviceOptions
-    from edgeddl.transport.launch import run_device
-    from edgeddl.transport.store import silence_engine_logs
+    from edgeddl.runtime.fleet.device_setup import DeviceOptions
+    from edgeddl.runtime.fleet.launch import run_device
+    from edgeddl.runtime.fleet.store import silence_engine_logs
 
     if args.timeout <= 0 or args.connect_timeout <= 0:
         raise ConfigError("--timeout and --connect-timeout must be > 0")

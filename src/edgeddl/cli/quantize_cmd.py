@@ -137,7 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _this_machine(name: str, scenario: Scenario) -> DeviceProfile:
     """The profile standing for this CPU: named, or measured by calibrate's probe."""
-    from edgeddl.fleet.profiles import DEVICE_PROFILES
+    from edgeddl.config.profiles import DEVICE_PROFILES
 
     if name:
         known = {**DEVICE_PROFILES, **scenario.profiles}
@@ -147,7 +147,7 @@ def _this_machine(name: str, scenario: Scenario) -> DeviceProfile:
         return known[name]
     import torch
 
-    from edgeddl.fleet.calibrate import calibrate_profile
+    from edgeddl.models.calibrate import calibrate_profile
 
     threads = torch.get_num_threads()
     try:

@@ -307,7 +307,7 @@ class Scenario:
     def __post_init__(self) -> None:
         self._check_task()
         # Lazy: the catalog lives in the fleet layer, which builds on these classes.
-        from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
+        from edgeddl.config.profiles import DEVICE_PROFILES, LINK_PROFILES
 
         devices = {**DEVICE_PROFILES, **self.profiles}
         links = {**LINK_PROFILES, **self.links}

@@ -115,7 +115,7 @@ def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     from importlib.metadata import version
 
     from edgeddl.cache import cache_path
-    from edgeddl.report.files import write_bytes_atomic
+    from edgeddl.io import write_bytes_atomic
 
     path = cache_path("mnist1d", version("mnist1d"), num_samples, seed, suffix=".npz")
     try:

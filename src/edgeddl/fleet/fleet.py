@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeddl.config.profiles import DEVICE_PROFILES, LINK_PROFILES
 from edgeddl.config.schema import DeviceProfile, LinkProfile, Scenario
-from edgeddl.fleet.profiles import DEVICE_PROFILES, LINK_PROFILES
 
 CRYPTO_SEAL_S = 5.0e-5
 """Sealing an empty envelope on the development machine (the `pc` profile): the header,

@@ -184,7 +184,7 @@ def profile_scales(
 
 def fleet_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
     """The device profiles a scenario's fleet uses, in order of first use."""
-    from edgeddl.fleet.profiles import DEVICE_PROFILES
+    from edgeddl.config.profiles import DEVICE_PROFILES
 
     known = {**DEVICE_PROFILES, **scenario.profiles}
     return {g.profile: known[g.profile] for g in scenario.fleet.devices}

@@ -17,11 +17,11 @@ from torch import nn
 
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.inference.activations import ActivationCodec, wire_costs
+from edgeddl.inference.pipeline import ProcessRun, run_processes
 from edgeddl.inference.plan import LayerCosts, Plan
 from edgeddl.inference.profile import chain_devices
 from edgeddl.inference.simulate import PipelineConfig, choose_plan
 from edgeddl.inference.stages import StageRunner
-from edgeddl.transport.pipeline import ProcessRun, run_processes
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,7 @@ def quantized_bytes(spec: QuantizedSpec, quantized: nn.Module) -> bytes:
 
 def save_quantized(path: Path, spec: QuantizedSpec, quantized: nn.Module) -> None:
     """Write the quantized model atomically: a reader never sees half a file."""
-    from edgeddl.report.files import write_bytes_atomic
+    from edgeddl.io import write_bytes_atomic
 
     write_bytes_atomic(path, quantized_bytes(spec, quantized))
 

@@ -45,8 +45,8 @@ def cached_model_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCo
     every device process and every restart. Only for the zoo's models, whose structure
     (`repr`), input shape, torch and this code identify the cost."""
     from edgeddl.cache import cache_path
+    from edgeddl.io import write_text_atomic
     from edgeddl.models import zoo
-    from edgeddl.report.files import write_text_atomic
 
     sources = "".join(inspect.getsource(m) for m in (zoo, sys.modules[__name__]))
     where = next((p.device for p in model.parameters()), "cpu")

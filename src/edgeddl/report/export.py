@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from edgeddl.report.files import write_text_atomic
+from edgeddl.io import write_text_atomic
 from edgeddl.report.runs import ReportError
 
 CSV_FILE = "metrics.csv"

@@ -12,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
-from edgeddl.report.files import metric_label, write_bytes_atomic
+from edgeddl.io import write_bytes_atomic
+from edgeddl.report.files import metric_label
 from edgeddl.report.recorder import TIMELINE_STEPS, RunRecorder
 
 COLORS = {

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from edgeddl.config.security import SECURITY_COORDINATOR, PublicKeyConfig, SecurityConfig
-from edgeddl.report.files import write_bytes_atomic
+from edgeddl.io import write_bytes_atomic
 
 MAX_NAME_BYTES = 255
 """Identity names travel in every envelope header with a one-byte length."""

@@ -1,15 +1,15 @@
 """The two parties of a secured real fleet, each with only its own private key.
 
-`CoordinatorSeal` opens what devices send (`Receiver`: signature, ciphertext, sequence,
+`CoordinatorParty` opens what devices send (`Receiver`: signature, ciphertext, sequence,
 size, enrolled sender; then: sealed for this step, by the device whose link it came over),
 records each `update` with the device's receipt or each `reject` with its reason, seals its
 answers for each device, and closes the ledger with the final model's digest.
-`DeviceSeal` seals a device's payloads with the ledger head it last saw (or, with an
+`DeviceParty` seals a device's payloads with the ledger head it last saw (or, with an
 `envelope_fault`, what a misbehaving device would send instead) and opens the coordinator's
 answers. A device's new link starts with `hello`: the run id, the sequence number the
 coordinator expects from it next (so a restarted device goes on from there) and the ledger
-head. Which payloads they carry is the transport's business (`transport/sealed_desk.py`,
-`transport/rear_desk.py`).
+head. Which payloads they carry is the transport's business (`runtime/fleet/secure_coordinator.py`,
+`runtime/fleet/split_rear.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Refused(ValueError):
     """A payload the coordinator refused (recorded with its reason)."""
 
 
-class CoordinatorSeal:
+class CoordinatorParty:
     """The coordinator's envelopes and ledger; see the module docstring."""
 
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
@@ -126,7 +126,7 @@ class CoordinatorSeal:
         return out
 
 
-class DeviceSeal:
+class DeviceParty:
     """A device's envelopes; see the module docstring."""
 
     def __init__(self, scenario: Scenario, idx: int, name: str) -> None:

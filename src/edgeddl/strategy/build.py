@@ -9,18 +9,19 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from edgeddl.aggregation.robust import RobustAggregator
 from edgeddl.compress.adapt import DensityPolicy
 from edgeddl.compress.registry import COMPRESSORS, check_compression
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo
+from edgeddl.fleet.behaviors import Behaviors
 from edgeddl.models.layers import model_layers, resolve_cut
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
 from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.robust import Behaviors, RobustAggregator
 from edgeddl.strategy.robust_dp import RobustDataParallel
-from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.workload import as_config_error
 
 

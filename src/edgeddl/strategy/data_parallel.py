@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeddl.aggregation.robust import RobustAggregator
 from edgeddl.compress.base import Layout, Payload
 from edgeddl.compress.codec import Codec, dense_payload_bytes
 from edgeddl.config.schema import TrainConfig
+from edgeddl.fleet.behaviors import Behaviors
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
 from edgeddl.strategy.per_device import DeviceGradients, per_device_gradients
-from edgeddl.strategy.robust import Behaviors, RobustAggregator
 from edgeddl.task import LossFn
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeddl.aggregation.rules import aggregate
 from edgeddl.config.schema import TrainConfig
-from edgeddl.security.robust import aggregate
 from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, dense_body
 from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from edgeddl.config.loader import ConfigError
-from edgeddl.transport.device import DeviceRun
-from edgeddl.transport.device_setup import DeviceOptions, read_scenario
-from edgeddl.transport.store import (
+from edgeddl.runtime.fleet.device import DeviceRun
+from edgeddl.runtime.fleet.device_setup import DeviceOptions, read_scenario
+from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
     KEY_DONE,
     KEY_ENGINE,
@@ -30,7 +30,7 @@ def run_device(opts: DeviceOptions) -> dict[str, Any] | None:
 
     An error that stops the device is also left with the coordinator, which reports it.
     """
-    from edgeddl.transport.elastic import in_elastic_worker
+    from edgeddl.runtime.fleet.elastic import in_elastic_worker
 
     worker = in_elastic_worker()
     try:
@@ -71,15 +71,15 @@ def _run(opts: DeviceOptions, store: Any, engine: str, worker: bool) -> dict[str
             "no CUDA GPU; start the coordinator with --backend gloo"
         )
     if engine == "elastic" and not worker:
-        from edgeddl.transport.elastic import launch
+        from edgeddl.runtime.fleet.elastic import launch
 
         run_id = store.get(KEY_RUN_ID).decode()
         return launch(opts, store, len(scenario.fleet.device_names()), run_id)
     run = DeviceRun(opts, scenario, idx, backend)
     if engine == "elastic":
-        from edgeddl.transport.elastic import run_worker
+        from edgeddl.runtime.fleet.elastic import run_worker
 
         return run_worker(opts, store, run, backend)
-    from edgeddl.transport.torchdist import run_torchft
+    from edgeddl.runtime.fleet.torchft_quorum import run_torchft
 
     return run_torchft(opts, store, run, backend)

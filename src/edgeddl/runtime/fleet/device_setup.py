@@ -13,8 +13,8 @@ from typing import Any
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.fleet import Fleet
+from edgeddl.runtime.fleet.store import KEY_DONE, KEY_SCENARIO
 from edgeddl.security.session import check_sealable
-from edgeddl.transport.store import KEY_DONE, KEY_SCENARIO
 
 
 @dataclass(kw_only=True, slots=True)

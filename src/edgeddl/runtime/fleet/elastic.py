@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
-from edgeddl.report.files import write_bytes_atomic, write_text_atomic
-from edgeddl.transport.checkpoint import (
+from edgeddl.io import write_bytes_atomic, write_text_atomic
+from edgeddl.runtime.fleet.checkpoint import (
     KEY_CHECKPOINT_EVERY,
     KEY_RESUME,
     CheckpointError,
@@ -47,10 +47,10 @@ from edgeddl.transport.checkpoint import (
     pack,
     unpack,
 )
-from edgeddl.transport.device import DeviceRun
-from edgeddl.transport.device_setup import DeviceOptions
-from edgeddl.transport.engine import DeviceStats, RestartRequired
-from edgeddl.transport.store import (
+from edgeddl.runtime.fleet.device import DeviceRun
+from edgeddl.runtime.fleet.device_setup import DeviceOptions
+from edgeddl.runtime.fleet.quorum import DeviceStats, RestartRequired
+from edgeddl.runtime.fleet.store import (
     parse_address,
 )
 
@@ -135,7 +135,7 @@ def state_dir(opts: DeviceOptions) -> Path:
     return Path(tempfile.gettempdir()) / f"edgeddl-state-{host}-{port}"
 
 
-class ElasticEngine:
+class ElasticQuorum:
     """torch.distributed's default group, as torchrun elastic formed it, as the engine."""
 
     def __init__(self, step: int, comm: torch.device) -> None:
@@ -262,7 +262,7 @@ def run_worker(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) ->
         timeout=timedelta(seconds=opts.timeout_s),
         device_id=comm if comm.type == "cuda" else None,
     )
-    engine = ElasticEngine(step, comm)
+    engine = ElasticQuorum(step, comm)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if run.critical:  # applying an update: stop right after it

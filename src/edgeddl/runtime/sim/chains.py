@@ -19,7 +19,7 @@ import numpy as np
 from edgeddl.fleet.timeline import PipelineRequest, StepTimeline, truncate_phases
 
 if TYPE_CHECKING:
-    from edgeddl.transport.sim import SimTransport
+    from edgeddl.runtime.sim.network import SimNetwork
 
 _STATE = {
     "data": "data_loading",
@@ -30,7 +30,7 @@ _STATE = {
 }
 
 
-def pipeline_step(sim: SimTransport, req: PipelineRequest) -> StepTimeline:
+def pipeline_step(sim: SimNetwork, req: PipelineRequest) -> StepTimeline:
     """Lay out one chained step on the virtual clock; see the module docstring."""
     idx, legs = req.devices, req.legs
     num, c = len(idx), sim.fleet.coordinator_link

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from edgeddl.compress.bitpack import CodecError
-from edgeddl.security.parties import DeviceSeal
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.strategy.split_roles import device_step
-from edgeddl.transport.coordinator_link import CoordinatorLink, LinkError
-from edgeddl.transport.rear_desk import state_bytes
-from edgeddl.transport.replica import Collective, Contribution, Pending, sum_weighted
+from edgeddl.runtime.fleet.allreduce import Collective, Contribution, Pending, sum_weighted
+from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
+from edgeddl.runtime.fleet.split_rear import state_bytes
+from edgeddl.security.parties import DeviceParty
+from edgeddl.strategy.split.learning import SplitLearning
+from edgeddl.strategy.split.roles import device_step
 
 
 class Link(Protocol):
@@ -58,7 +58,7 @@ class SplitDevice:
         comm: torch.device,
         timeout_s: float,
         connect: Callable[[Any, str, float], Link] = CoordinatorLink,
-        seal: DeviceSeal | None = None,
+        seal: DeviceParty | None = None,
     ) -> None:
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s = timeout_s

@@ -15,9 +15,9 @@ gradient of its own mean loss. Averaging the fronts weighted by samples after th
 (SplitFed) therefore gives exactly a data-parallel step of the whole model. Raw inputs never
 cross the cut. The methods are each side's part: the device's (`front_forward`,
 `head_backward`, `front_backward`) and the coordinator's (`rear_loss`, `rear_output`,
-`rear_backward_from`); `strategy/split_roles.py` joins them across a wire.
+`rear_backward_from`); `strategy/split/roles.py` joins them across a wire.
 
-The strategy that runs this on a fleet is `strategy/split_learning.py`.
+The strategy that runs this on a fleet is `strategy/split/learning.py`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ socket protocol of our own. Per step:
 
 * `start_quorum`: torchft settles who takes part; a (re)joining device heals from a peer
   (model, optimizer, PowerSGD's warm start) before its first contribution, which is zeros;
-* `allreduce(SUM)`: the sums of `ReplicaStep` (torchft's AVG would divide by members, not
+* `allreduce(SUM)`: the sums of `AllReduceStep` (torchft's AVG would divide by members, not
   samples); a peer that dies mid-sum makes it fail on every survivor;
 * `should_commit`: the step is applied only if every member's sum succeeded.
 
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch.distributed import ReduceOp
 
-from edgeddl.transport.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpack
-from edgeddl.transport.device import DeviceRun
-from edgeddl.transport.device_setup import DeviceOptions
-from edgeddl.transport.store import (
+from edgeddl.runtime.fleet.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpack
+from edgeddl.runtime.fleet.device import DeviceRun
+from edgeddl.runtime.fleet.device_setup import DeviceOptions
+from edgeddl.runtime.fleet.store import (
     KEY_ENGINES,
     KEY_JOINED,
     KEY_LIGHTHOUSE,
@@ -39,7 +39,7 @@ from edgeddl.transport.store import (
 )
 
 
-class TorchftEngine:
+class TorchftQuorum:
     """torchft's Manager as the device loop's engine."""
 
     def __init__(self, run: DeviceRun, store: Any, opts: DeviceOptions, backend: str) -> None:
@@ -114,7 +114,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
     if store.check([KEY_RESUME]):  # a restarted coordinator: start from its checkpoint
         resume = unpack(store.get(KEY_RESUME), run.toml, "the coordinator's checkpoint")
         run.strategy.load_replica_state(resume["replica"])
-    engine = TorchftEngine(run, store, opts, backend)
+    engine = TorchftQuorum(run, store, opts, backend)
     if resume is not None:
         engine.catch_up(resume["step"], resume["batches_committed"])
     if store.check([KEY_CHECKPOINT_EVERY]):
@@ -142,7 +142,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 # A restarted coordinator's --min-devices holds the first back until the
                 # others are in again (else it could finish the run before they notice).
                 wait_for_devices(store, opts.connect_timeout_s)
-                engine = TorchftEngine(run, store, opts, backend)
+                engine = TorchftQuorum(run, store, opts, backend)
                 engine.manager.load_state_dict(state)
                 _await_the_others(store, opts)
                 run.stats.reconnects += 1

@@ -35,8 +35,8 @@ from edgeddl.config.split import SplitConfig
 from edgeddl.models.layers import split_model
 from edgeddl.strategy.data_parallel import Exchange, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.strategy.split import SplitModels
-from edgeddl.strategy.split_roles import CutWire, RearServer, device_step
+from edgeddl.strategy.split.maths import SplitModels
+from edgeddl.strategy.split.roles import CutWire, RearServer, device_step
 from edgeddl.task import LossFn
 
 LegKind = Literal["device", "coordinator", "up", "down"]

@@ -25,17 +25,11 @@ from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.timeline import StepRequest
-from edgeddl.report.files import (
-    metric_label,
-    metric_plot,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_model_atomic,
-    write_text_atomic,
-)
+from edgeddl.io import write_json_atomic, write_jsonl_atomic, write_model_atomic, write_text_atomic
+from edgeddl.report.files import metric_label, metric_plot
 from edgeddl.report.plots import plot_metric, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
-from edgeddl.resume import (
+from edgeddl.runtime.sim.resume import (
     CHECKPOINT_FILE,
     CheckpointHeader,
     StopRequest,
@@ -44,15 +38,22 @@ from edgeddl.resume import (
     resume_scenario,
     stop_requests,
 )
+from edgeddl.runtime.sim.split_legs import split_balance_inputs, split_request
+from edgeddl.runtime.sim.state import (
+    SimRun,
+    SimState,
+    fresh_state,
+    min_share,
+    run_summary,
+    scenario_of,
+)
 from edgeddl.security.session import secure_run
-from edgeddl.sim_state import SimRun, SimState, fresh_state, min_share, run_summary, scenario_of
-from edgeddl.split_step import split_balance_inputs, split_request
 from edgeddl.strategy.balance import balance_shares
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.task import LossFn
 from edgeddl.threads import scenario_threads
 from edgeddl.workload import build_workload

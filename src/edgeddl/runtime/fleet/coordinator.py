@@ -5,7 +5,7 @@ the scenario, the engine and the backend, and leave their evaluation rows and fi
 reports. With the torchft engine it also runs torchft's lighthouse (quorums and
 heartbeats); with the elastic engine the same store holds torchrun's rendezvous. It trains
 nothing itself (devices exchange payloads among themselves), except in split learning,
-where it holds the rear and answers each device (`rear_desk.py`). It writes the same run
+where it holds the rear and answers each device (`split_rear.py`). It writes the same run
 folder as the simulator, with wall-clock times.
 """
 
@@ -23,18 +23,11 @@ from torch.distributed import TCPStore
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.timeline import STATES
-from edgeddl.report.files import (
-    metric_label,
-    metric_plot,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from edgeddl.io import write_bytes_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from edgeddl.report.files import metric_label, metric_plot
 from edgeddl.report.plots import plot_metric
 from edgeddl.report.recorder import metric_summary
-from edgeddl.task import TASKS
-from edgeddl.transport.checkpoint import (
+from edgeddl.runtime.fleet.checkpoint import (
     CHECKPOINT_FILE,
     KEY_CHECKPOINT,
     KEY_CHECKPOINT_EVERY,
@@ -43,10 +36,10 @@ from edgeddl.transport.checkpoint import (
     FleetFailed,
     read_checkpoint,
 )
-from edgeddl.transport.coordinator_link import LinkServer
-from edgeddl.transport.rear_desk import RearDesk
-from edgeddl.transport.sealed_desk import SealedDesk
-from edgeddl.transport.store import (
+from edgeddl.runtime.fleet.coordinator_link import LinkServer
+from edgeddl.runtime.fleet.secure_coordinator import SecureCoordinator
+from edgeddl.runtime.fleet.split_rear import SplitRear
+from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
     KEY_DONE,
     KEY_ENGINE,
@@ -61,6 +54,7 @@ from edgeddl.transport.store import (
     row_key,
     silence_engine_logs,
 )
+from edgeddl.task import TASKS
 
 
 def serve(
@@ -110,12 +104,12 @@ def serve(
     store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
-    desk: RearDesk | SealedDesk | None = None
+    handler: SplitRear | SecureCoordinator | None = None
     if scenario.train.strategy == "split":  # the coordinator holds the rear
-        desk = RearDesk.for_scenario(scenario, store, out_dir, checkpoint_every)
+        handler = SplitRear.for_scenario(scenario, store, out_dir, checkpoint_every)
     elif scenario.security.enabled:  # it opens, records and aggregates every payload
-        desk = SealedDesk(scenario, out_dir)
-    links = LinkServer(desk, store) if desk is not None else None
+        handler = SecureCoordinator(scenario, out_dir)
+    links = LinkServer(handler, store) if handler is not None else None
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1
@@ -172,11 +166,11 @@ def serve(
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
     if links is not None:
         served = {"links_opened": links.opened, "requests_refused": list(links.refused)}
-        if isinstance(desk, RearDesk):
-            summary["split"] = {**desk.summary(), **served}
-            summary.update(desk.close())  # with [security]: the digest and the ledger's end
-        elif isinstance(desk, SealedDesk):
-            sealed = desk.summary()
+        if isinstance(handler, SplitRear):
+            summary["split"] = {**handler.summary(), **served}
+            summary.update(handler.close())  # with [security]: the digest and the ledger's end
+        elif isinstance(handler, SecureCoordinator):
+            sealed = handler.summary()
             summary["model_digest"] = sealed["model_digest"]
             summary["security"] = {**sealed["security"], **served}
             if "robust" in sealed:  # the screen's rejections and the rule

@@ -8,8 +8,8 @@ fixed-size header and up to two byte strings, its answer a header and one. torch
 moves the bytes; no socket is ours.
 
 The coordinator serves every link on its own thread (`LinkServer`) and hands each request to
-its `Desk` (`rear_desk.py`, `sealed_desk.py`), which answers or refuses it with a reason. A
-link whose device dies ends at once (gloo notices the closed connection); a device that
+its `Handler` (`split_rear.py`, `secure_coordinator.py`), which answers or refuses it with a
+reason. A link whose device dies ends at once (gloo notices the closed connection); a device that
 lost its link (the coordinator restarted, or a request was refused mid-way) opens a new one.
 """
 
@@ -111,7 +111,7 @@ class CoordinatorLink:
         return body, reply_loss
 
 
-class Desk(Protocol):
+class Handler(Protocol):
     """What the coordinator does with the requests of its links."""
 
     def answer(
@@ -131,10 +131,10 @@ class Desk(Protocol):
 
 
 class LinkServer:
-    """The coordinator's end of every link: a thread each, requests into one `Desk`."""
+    """The coordinator's end of every link: a thread each, requests into one `Handler`."""
 
-    def __init__(self, desk: Desk, store: Any, timeout_s: float = 3600.0) -> None:
-        self.desk, self.store, self.timeout_s = desk, store, timeout_s
+    def __init__(self, handler: Handler, store: Any, timeout_s: float = 3600.0) -> None:
+        self.handler, self.store, self.timeout_s = handler, store, timeout_s
         self.opened = 0
         self.refused: list[str] = []
 
@@ -157,7 +157,7 @@ class LinkServer:
                 op, step, device, count = (int(v) for v in header[:4])
                 sizes = [int(v) for v in header[6:]]
                 known = 0 <= op < len(OPS)
-                limit = self.desk.max_request_bytes(OPS[op]) if known else 0
+                limit = self.handler.max_request_bytes(OPS[op]) if known else 0
                 if not known or any(n < 0 for n in sizes) or sum(sizes) > limit:
                     self._refuse(name, f"a request of {sum(sizes)} bytes (op {op})")
                     return  # the rest of its bytes cannot be skipped: the link ends
@@ -168,7 +168,7 @@ class LinkServer:
                     if n
                 ]
                 try:
-                    reply, loss = self.desk.answer(
+                    reply, loss = self.handler.answer(
                         name, OPS[op], step, device, count, parts, header
                     )
                 except (CodecError, ValueError, RuntimeError) as e:

@@ -4,7 +4,7 @@ Each device is one process (`edgeddl device --coordinator HOST:PORT --name NAME`
 the scenario from the coordinator's store, builds the same workload as the simulator
 (`edgeddl.workload`: data, seeded model, its own shard) and the same strategy
 (`build_strategy`), and trains. Who takes part in a step, the fault-tolerant sum and the
-commit-or-nothing decision belong to an `Engine`: torchft's Manager (`torchdist.py`, the
+commit-or-nothing decision belong to an `Quorum`: torchft's Manager (`torchft_quorum.py`, the
 default) or torchrun elastic (`elastic.py`, for boards without a torchft build). The loop
 below cannot tell which one it runs on.
 
@@ -14,7 +14,7 @@ One step, on every member:
 2. Its share of the global batch: the simulator's balancing, fed with the seconds per sample
    every member measured (smoothed over steps); an equal share right after a change.
 3. Its own gradient on its shard (the simulator's per-device pass), paced to a profile if
-   asked, then `ReplicaStep.exchange`: a sum over the members through the engine.
+   asked, then `AllReduceStep.exchange`: a sum over the members through the engine.
 4. `should_commit`: only if every member's exchange succeeded is the update applied, so a
    step is applied everywhere or nowhere.
 
@@ -38,34 +38,34 @@ from torch import nn
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
-from edgeddl.security.parties import DeviceSeal
-from edgeddl.strategy.balance import balance_shares
-from edgeddl.strategy.build import build_split, build_strategy
-from edgeddl.strategy.data_parallel import DataParallel
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.per_device import per_device_gradients
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.threads import scenario_threads
-from edgeddl.transport.checkpoint import (
+from edgeddl.runtime.fleet.allreduce import AllReduceStep, ClientUpdate, ExchangeError, checksum
+from edgeddl.runtime.fleet.checkpoint import (
     KEY_CHECKPOINT,
     KEY_CHECKPOINT_STEP,
     KEY_FINAL_STATE,
     pack,
     unpack,
 )
-from edgeddl.transport.coordinator_link import LinkError
-from edgeddl.transport.device_setup import DeviceOptions, pacing_fleet
-from edgeddl.transport.engine import DeviceStats, Engine, RestartRequired, recoveries
-from edgeddl.transport.replica import ClientUpdate, ExchangeError, ReplicaStep, checksum
-from edgeddl.transport.sealed_device import SealedDevice
-from edgeddl.transport.split_device import SplitDevice
-from edgeddl.transport.store import (
+from edgeddl.runtime.fleet.coordinator_link import LinkError
+from edgeddl.runtime.fleet.device_setup import DeviceOptions, pacing_fleet
+from edgeddl.runtime.fleet.quorum import DeviceStats, Quorum, RestartRequired, recoveries
+from edgeddl.runtime.fleet.secure_device import SecureDevice
+from edgeddl.runtime.fleet.split_device import SplitDevice
+from edgeddl.runtime.fleet.store import (
     KEY_DONE,
     KEY_ROWS,
     final_key,
     progress_key,
     row_key,
 )
+from edgeddl.security.parties import DeviceParty
+from edgeddl.strategy.balance import balance_shares
+from edgeddl.strategy.build import build_split, build_strategy
+from edgeddl.strategy.data_parallel import DataParallel
+from edgeddl.strategy.federated import Federated
+from edgeddl.strategy.per_device import per_device_gradients
+from edgeddl.strategy.split.learning import SplitLearning
+from edgeddl.threads import scenario_threads
 from edgeddl.workload import Workload, build_workload
 
 SPEED_SMOOTHING = 0.5
@@ -96,16 +96,16 @@ class DeviceRun:
         self.split: SplitDevice | None = None
         if scenario.train.strategy == "split":
             self.strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
-            seal = DeviceSeal(scenario, idx, opts.name) if scenario.security.enabled else None
+            seal = DeviceParty(scenario, idx, opts.name) if scenario.security.enabled else None
             self.split = SplitDevice(self.strategy, idx, opts.name, comm, opts.timeout_s, seal=seal)
         else:
             shard_sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
             self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
-            self.replica = ReplicaStep(self.strategy, idx, comm)
-        self.sealed: SealedDevice | None = None
+            self.replica = AllReduceStep(self.strategy, idx, comm)
+        self.sealed: SecureDevice | None = None
         if scenario.security.enabled and not isinstance(self.strategy, SplitLearning):
             # payloads go sealed to the coordinator (split learning seals its cut tensors)
-            self.sealed = SealedDevice(
+            self.sealed = SecureDevice(
                 scenario, self.strategy, idx, opts.name, comm, opts.timeout_s
             )
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
@@ -121,7 +121,7 @@ class DeviceRun:
         self.critical = False  # committing a step: a stop request waits until it is done
         self.stop_requested = False
 
-    def train(self, engine: Engine, store: Any) -> None:
+    def train(self, engine: Quorum, store: Any) -> None:
         """Steps until the scenario's last one. A device the others finished without (left
         out of the last step's quorum on a busy machine, or too late to get in) takes the
         state they left and stops: it never takes a step they took."""
@@ -133,7 +133,7 @@ class DeviceRun:
             self.step(engine, store)
         self._leave_final_state(engine, store)
 
-    def _leave_final_state(self, engine: Engine, store: Any) -> None:
+    def _leave_final_state(self, engine: Quorum, store: Any) -> None:
         """The fleet's state at the last step, for a device left behind (the first device to
         finish leaves it before it says the run is done, so it is there once that is said)."""
         try:
@@ -144,7 +144,7 @@ class DeviceRun:
         except (RuntimeError, OSError):
             pass  # the coordinator has gone: nobody is left to take it
 
-    def _take_final_state(self, engine: Engine, store: Any) -> None:
+    def _take_final_state(self, engine: Quorum, store: Any) -> None:
         """Left behind: the others' last step, as they left it. (Their quorum was the only
         one with that step; alone, this device would take it again: a second history.)"""
         if not store.check([KEY_FINAL_STATE]):  # the run ended short (another's error)
@@ -153,7 +153,7 @@ class DeviceRun:
         self.strategy.load_replica_state(ck["replica"])
         engine.catch_up(int(ck["step"]), int(ck["batches_committed"]))
 
-    def step(self, engine: Engine, store: Any) -> None:
+    def step(self, engine: Quorum, store: Any) -> None:
         st, s = self.stats, self.strategy
         t0 = time.perf_counter()
         members, slot = engine.start_step()
@@ -269,7 +269,7 @@ class DeviceRun:
         return 1.0 / self.own_s_per_sample
 
     def _split_work(
-        self, engine: Engine, store: Any, slot: int | None, share: int, step: int, t1: float
+        self, engine: Quorum, store: Any, slot: int | None, share: int, step: int, t1: float
     ) -> tuple[tuple[float, int, float, float, int] | None, float, float, float]:
         """Split learning: this device's front against the rear, if it takes part: ((loss,
         samples, speed, work s, cut bytes sent) or None, data-loading s, work s, seconds in
@@ -350,7 +350,7 @@ class DeviceRun:
         return max(data_s, float(prof_data[0]))
 
     def _after_commit(
-        self, engine: Engine, store: Any, step: int, loss: float, members: int
+        self, engine: Quorum, store: Any, step: int, loss: float, members: int
     ) -> None:
         t = self.scenario.train
         try:  # a lost coordinator is noticed at the next step's start

@@ -20,12 +20,12 @@ from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
 from edgeddl.report.recorder import RunRecorder
+from edgeddl.runtime.sim.network import SimNetwork
 from edgeddl.security.session import SecureRun
 from edgeddl.strategy.build import build_split, build_strategy
 from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.fused import batchnorm_layers
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.transport.sim import SimTransport
+from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.workload import Workload
 
 
@@ -55,7 +55,7 @@ class SimState:
     strategy: DataParallel | SplitLearning
     policy: DensityPolicy | None
     sampler: ShardSampler
-    transport: SimTransport
+    transport: SimNetwork
     schedule: FleetSchedule
     clock: VirtualClock
     rec: RunRecorder
@@ -117,7 +117,7 @@ def fresh_state(scenario: Scenario, w: Workload) -> SimState:
         strategy=strategy,
         policy=policy,
         sampler=ShardSampler(w.shards, scenario.run.seed),
-        transport=SimTransport(fleet, t.topology, scenario.run.seed),
+        transport=SimNetwork(fleet, t.topology, scenario.run.seed),
         schedule=FleetSchedule(scenario),
         clock=VirtualClock(),
         rec=RunRecorder(fleet.names, fleet.profile_names, fleet.link_names),

@@ -3,7 +3,7 @@
 A device of a real fleet runs the same strategy object as the simulator (`build_strategy`):
 the same per-device gradient, error feedback, compressor, wire codec, aggregation and
 optimizer. Only the exchange differs: here it is a sum over the members of the current
-quorum (`Collective.allreduce_sum`, torchft's fault-tolerant all-reduce in `torchdist.py`).
+quorum (`Collective.allreduce_sum`, torchft's fault-tolerant all-reduce in `torchft_quorum.py`).
 
 Per step, every member first sums a small table: one slot per member (its device index,
 samples, measured speed, loss, payload bytes, work seconds) plus its BatchNorm batch
@@ -125,7 +125,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class ReplicaStep:
+class AllReduceStep:
     """Runs the strategy's step for device `device` among the members of a quorum.
 
     `comm`: where the collective's buffers live (the CPU for gloo, the GPU for NCCL).

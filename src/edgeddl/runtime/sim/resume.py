@@ -1,7 +1,7 @@
 """A simulated run's checkpoints, and stopping one cleanly on Ctrl-C.
 
 `RUN/checkpoint.pkl` is one JSON header line (format, the code's fingerprint, the scenario,
-the step) followed by the run's state (`edgeddl.snapshot`). The header is readable without
+the step) followed by the run's state (`snapshot.py`). The header is readable without
 unpickling anything, so `edgeddl run --resume RUN` learns the scenario first and rebuilds
 the run's data and model from it before the state is restored into them. A checkpoint fits
 only the code that wrote it: another edgeddl or torch is refused with one line.
@@ -33,10 +33,10 @@ import torch
 
 from edgeddl.config.loader import ConfigError, apply_override, scenario_from_dict, to_toml
 from edgeddl.config.schema import Scenario
-from edgeddl.report.files import write_bytes_atomic
+from edgeddl.io import write_bytes_atomic
+from edgeddl.runtime.sim.snapshot import SnapshotError, code_fingerprint, dumps, loads
+from edgeddl.runtime.sim.state import SimRun, SimState, scenario_of
 from edgeddl.security.session import secure_run
-from edgeddl.sim_state import SimRun, SimState, scenario_of
-from edgeddl.snapshot import SnapshotError, code_fingerprint, dumps, loads
 from edgeddl.workload import as_config_error
 
 CHECKPOINT_FILE = "checkpoint.pkl"

@@ -56,7 +56,7 @@ def _timeline(
     )
 
 
-class SimTransport:
+class SimNetwork:
     """Times one step's exchange on the fleet's links; draws jitter and loss from `seed`."""
 
     def __init__(self, fleet: Fleet, topology: str, seed: int) -> None:
@@ -79,7 +79,7 @@ class SimTransport:
 
     def pipeline(self, req: PipelineRequest) -> StepTimeline:
         """Carry a step that is a chain of legs per device (`sim_pipeline`)."""
-        from edgeddl.transport.sim_pipeline import pipeline_step
+        from edgeddl.runtime.sim.chains import pipeline_step
 
         return pipeline_step(self, req)
 

@@ -3,7 +3,7 @@ sealed back.
 
 The device computes what it computes on any fleet (its gradient, compressed payload or
 federated update: the simulator's bodies), seals it for the coordinator with the ledger
-head it last saw, and sends it over its link (`sealed_desk.py` has the coordinator's side).
+head it last saw, and sends it over its link (`secure_coordinator.py` has the coordinator's side).
 A refused payload is not retried: the device sends nothing this step. The engine's sum then
 carries only the step's table, so every member names the same senders when it asks for the
 aggregate; the answer is sealed by the coordinator, and a device uses it only once it
@@ -25,13 +25,7 @@ import torch
 
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.config.schema import Scenario
-from edgeddl.security.parties import DeviceSeal
-from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel, dense_body
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.per_device import DeviceGradients
-from edgeddl.transport.coordinator_link import CoordinatorLink, LinkError
-from edgeddl.transport.replica import (
+from edgeddl.runtime.fleet.allreduce import (
     ClientUpdate,
     Collective,
     Contribution,
@@ -39,16 +33,22 @@ from edgeddl.transport.replica import (
     Pending,
     sum_weighted,
 )
-from edgeddl.transport.sealed_desk import (
+from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
+from edgeddl.runtime.fleet.secure_coordinator import (
     NOTHING_USABLE,
     apply_batchnorm,
     batchnorm_size,
     dense_values,
 )
-from edgeddl.transport.split_device import Link
+from edgeddl.runtime.fleet.split_device import Link
+from edgeddl.security.parties import DeviceParty
+from edgeddl.strategy.compressed import CompressedDataParallel
+from edgeddl.strategy.data_parallel import DataParallel, dense_body
+from edgeddl.strategy.federated import Federated
+from edgeddl.strategy.per_device import DeviceGradients
 
 
-class SealedDevice:
+class SecureDevice:
     """Device `idx`'s side of a secured real fleet."""
 
     def __init__(
@@ -61,7 +61,7 @@ class SealedDevice:
         timeout_s: float,
         connect: Callable[[Any, str, float], Link] = CoordinatorLink,
     ) -> None:
-        self.seal = DeviceSeal(scenario, idx, name)
+        self.seal = DeviceParty(scenario, idx, name)
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s, self.connect = timeout_s, connect
         self.bn_size = batchnorm_size(strategy)

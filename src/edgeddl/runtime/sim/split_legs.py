@@ -8,14 +8,14 @@ import numpy as np
 
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.fleet.timeline import PipelineRequest
+from edgeddl.runtime.sim.network import SimNetwork
 from edgeddl.strategy.data_parallel import Exchange
-from edgeddl.strategy.split_learning import SplitLearning
-from edgeddl.transport.sim import SimTransport
+from edgeddl.strategy.split.learning import SplitLearning
 
 
 def split_balance_inputs(
     fleet: Fleet,
-    transport: SimTransport,
+    transport: SimNetwork,
     strategy: SplitLearning,
     idx: np.ndarray,
     sample_bytes: float,

@@ -1,7 +1,7 @@
 """What a device's step loop needs from an engine, and what it reports.
 
-`Engine` is the membership and commit-or-nothing contract that torchft's Manager
-(`torchdist.py`) and torchrun elastic (`elastic.py`) both fulfil; `DeviceStats` is what a
+`Quorum` is the membership and commit-or-nothing contract that torchft's Manager
+(`torchft_quorum.py`) and torchrun elastic (`elastic.py`) both fulfil; `DeviceStats` is what a
 device counts (plain values, so an elastic worker can keep them on disk across restarts);
 `recoveries` reads its commits and failures as recovery times.
 """
@@ -23,7 +23,7 @@ class RestartRequired(Exception):
     (torchrun elastic brings it back)."""
 
 
-class Engine(Protocol):
+class Quorum(Protocol):
     """Membership and commit-or-nothing steps of a real fleet."""
 
     def start_step(self) -> tuple[int, int | None]:

@@ -7,7 +7,7 @@ the cut). Every tensor is encoded by `CutWire` (the scenario's compressor, one s
 per sample, and the wire codec) and decoded by the other side, so each side computes with
 what it received. The device reaches the coordinator through a `Call`: in the simulator a
 direct call into the `RearServer`, on a real fleet a round trip over the device's link to
-the coordinator (`transport/coordinator_link.py`). Both run this same code.
+the coordinator (`runtime/fleet/coordinator_link.py`). Both run this same code.
 
 The `RearServer` answers requests as they come and accumulates each device's gradient times
 its samples in the rear. When the step is committed (`commit`: which devices, how many
@@ -31,7 +31,7 @@ from edgeddl.compress.base import Compressor, Layout, Payload
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.compress.registry import build_codec, build_compressor
 from edgeddl.config.split import SplitConfig
-from edgeddl.strategy.split import RearInput, SplitCost, SplitModels
+from edgeddl.strategy.split.maths import RearInput, SplitCost, SplitModels
 
 UP_KINDS = ("activations", "labels", "head_gradients")
 REQUESTS = ("activations", "head_gradients")

@@ -20,7 +20,7 @@ far to be an honest update's neighbour, while the honest inputs the rule compare
 n - f times less noisy.
 
 `screen` rejects what no rule should see: non-finite values and norms out of range, each
-with its reason (for the ledger). This module is the maths only; `strategy/robust.py` wires
+with its reason (for the ledger). This module is the maths only; `aggregation/robust.py` wires
 it into the strategies' aggregation (`[robust]` in a scenario).
 """
 

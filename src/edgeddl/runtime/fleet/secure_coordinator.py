@@ -40,15 +40,15 @@ from edgeddl.compress.bitpack import CodecError
 from edgeddl.compress.codec import Codec
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
+from edgeddl.runtime.fleet.allreduce import checksum
 from edgeddl.security.ledger import model_digest
-from edgeddl.security.parties import CoordinatorSeal
+from edgeddl.security.parties import CoordinatorParty
 from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, dense_body
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.per_device import apply_batchnorm_stats, tracking_batchnorms
 from edgeddl.threads import scenario_threads
-from edgeddl.transport.replica import checksum
 from edgeddl.workload import build_workload
 
 
@@ -115,7 +115,7 @@ KEEP_STEPS = 4
 """Steps of updates and aggregates the coordinator keeps after a commit."""
 
 
-class SealedDesk:
+class SecureCoordinator:
     """The coordinator's part in a secured real fleet; see the module docstring."""
 
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
@@ -131,7 +131,7 @@ class SealedDesk:
                 "security.enabled: a compressed payload carries no BatchNorm statistics on a "
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
             )
-        self.seal = CoordinatorSeal(scenario, out_dir)
+        self.seal = CoordinatorParty(scenario, out_dir)
         self.lock = threading.Lock()
         self.updates: dict[int, dict[int, tuple[Any, int]]] = {}
         """Step -> device -> (its decoded update, its ledger entry)."""

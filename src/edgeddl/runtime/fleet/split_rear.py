@@ -2,7 +2,7 @@
 
 The rear lives on the coordinator, so a split step is a conversation between each device
 and the coordinator over the device's link (`coordinator_link.py`), not a sum among
-devices. The requests go into the one `RearServer` (`strategy/split_roles.py`) one at a
+devices. The requests go into the one `RearServer` (`strategy/split/roles.py`) one at a
 time, the order they come in; a device that dies mid-step is left out by the commit.
 
 Requests (`op`): the split step's "activations" and "head_gradients"; "commit" (the step's
@@ -31,14 +31,14 @@ from torch import nn
 
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
-from edgeddl.report.files import write_bytes_atomic
+from edgeddl.io import write_bytes_atomic
+from edgeddl.runtime.fleet.checkpoint import pack, unpack
+from edgeddl.runtime.fleet.store import KEY_ROWS, row_key
 from edgeddl.security.ledger import model_digest
-from edgeddl.security.parties import CoordinatorSeal
+from edgeddl.security.parties import CoordinatorParty
 from edgeddl.strategy.build import build_split
-from edgeddl.strategy.split_learning import SplitLearning
+from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.threads import scenario_threads
-from edgeddl.transport.checkpoint import pack, unpack
-from edgeddl.transport.store import KEY_ROWS, row_key
 from edgeddl.workload import build_workload
 
 REAR_FILE = "rear.pt"
@@ -47,7 +47,7 @@ Evaluate = Callable[[nn.Module], dict[str, float]]
 """A model's test metrics."""
 
 
-class RearDesk:
+class SplitRear:
     """The coordinator's part in split learning: the rear, its checkpoint, evaluation."""
 
     def __init__(
@@ -59,7 +59,7 @@ class RearDesk:
         evaluate: Evaluate | None = None,
         timeout_s: float = 3600.0,
         checkpoint: tuple[Path, int, str] | None = None,
-        seal: CoordinatorSeal | None = None,
+        seal: CoordinatorParty | None = None,
     ) -> None:
         self.strategy, self.names, self.global_batch = strategy, names, global_batch
         self.store, self.evaluate, self.timeout_s = store, evaluate, timeout_s
@@ -84,7 +84,7 @@ class RearDesk:
     @classmethod
     def for_scenario(
         cls, scenario: Scenario, store: Any, out_dir: Path, checkpoint_every: int
-    ) -> RearDesk:
+    ) -> SplitRear:
         """The scenario's rear (built as every device builds its front) and test set; the
         rear of `out_dir/rear.pt` if an earlier coordinator of this run left one."""
         w = build_workload(scenario)
@@ -99,7 +99,7 @@ class RearDesk:
             store,
             lambda model: w.task.evaluate(model, w.x_test, w.y_test),
             checkpoint=(out_dir / REAR_FILE, checkpoint_every, toml),
-            seal=CoordinatorSeal(scenario, out_dir) if scenario.security.enabled else None,
+            seal=CoordinatorParty(scenario, out_dir) if scenario.security.enabled else None,
         )
         path = out_dir / REAR_FILE
         if path.exists():

@@ -1,0 +1,1 @@
+"""edgeddl.aggregation."""

@@ -1,1 +1,0 @@
-"""edgeddl.transport layer (see shared/DESIGN.md)."""
