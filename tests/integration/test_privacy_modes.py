@@ -137,7 +137,7 @@ def test_no_raw_input_crosses_to_the_coordinator(tmp_path, monkeypatch, mode) ->
         assert _holds_a_sample(x, samples, length)  # the check finds a sample where one is
         assert ex.x is None and ex.y is None  # no batch is handed to the transport
         if mode["train"]["strategy"] != "split":
-            crossed = [*ex.work.deltas, *(b for bs in ex.work.buffers for b in bs)]
+            crossed = [t for u in ex.updates for t in (u.values, *u.stats) if t is not None]
             assert crossed
             for t in crossed:
                 assert not _holds_a_sample(t, samples, length)

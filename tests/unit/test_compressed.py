@@ -85,8 +85,8 @@ def test_memory_keeps_what_was_not_sent_and_a_crash_forgets_it() -> None:
     s = _compressed(model, "topk", density=0.01)
     x, y = _batches(1)[0]
     ex = s.prepare(x.float(), y, COUNTS, np.arange(3), 0)
-    grads = [g.clone() for g in ex.work.grads.grads]
-    received = ex.work.received
+    grads = [u.own.clone() for u in ex.updates if u.own is not None]
+    received = [s.decode(u.device, u.payload or b"") for u in ex.updates]
     s.commit(ex, np.array([True, False, True]))
     assert 1 not in s.memories  # the crashed device restarts from nothing
     k = round(0.01 * s.numel)
@@ -106,7 +106,8 @@ def test_memory_keeps_what_was_not_sent_and_a_crash_forgets_it() -> None:
 
 def test_balancing_sees_the_compressed_size_before_the_first_step() -> None:
     s = _compressed(_resnet().float(), "topk", density=0.01)
-    up, down = s.payload_bytes(np.arange(3))
+    cost = s.step_cost(np.arange(3))
+    up, down = cost.up_bytes, cost.down_bytes
     assert (up < s.dense_up_bytes / 20).all()
     assert (down <= up.sum()).all()  # the union of the payloads, before any aggregate
 
@@ -121,8 +122,9 @@ def test_dgc_weight_decay_joins_the_gradient_before_the_memory() -> None:
     )
     assert decayed.optimizer.param_groups[0]["weight_decay"] == 0.0
     x, y = _batches(1)[0]
-    g0 = plain.prepare(x.float(), y, COUNTS, np.arange(3), 0).work.grads.grads[0]
-    g1 = decayed.prepare(x.float(), y, COUNTS, np.arange(3), 0).work.grads.grads[0]
+    g0 = plain.prepare(x.float(), y, COUNTS, np.arange(3), 0).updates[0].own
+    g1 = decayed.prepare(x.float(), y, COUNTS, np.arange(3), 0).updates[0].own
+    assert g0 is not None and g1 is not None
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(g1, g0 + 0.01 * flat)
 
@@ -152,7 +154,8 @@ def test_fp16_wire_values_are_what_the_aggregator_uses() -> None:
     x, y = _batches(1)[0]
     ex = s.prepare(x.float(), y, COUNTS, np.arange(3), 0)
     assert (ex.up_bytes < 0.6 * s.dense_up_bytes).all()
-    for p in ex.work.received:
+    for u in ex.updates:
+        p = s.decode(u.device, u.payload or b"")
         assert p.values is not None
         assert torch.equal(p.values, p.values.half().float())  # rounded on the wire
     s.commit(ex, np.array([True, True, True]))

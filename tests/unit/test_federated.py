@@ -19,9 +19,9 @@ from edgeddl.config.loader import ConfigError, scenario_from_dict, to_toml
 from edgeddl.config.schema import TrainConfig
 from edgeddl.runtime.fleet.device_setup import DeviceOptions, read_scenario
 from edgeddl.runtime.fleet.store import KEY_SCENARIO
+from edgeddl.strategy.base import StepPayloads, Update
 from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import Exchange
-from edgeddl.strategy.federated import Federated, _Work, add_proximal_grad
+from edgeddl.strategy.federated import Federated, add_proximal_grad
 from edgeddl.strategy.server_opt import ServerOptimizer
 
 
@@ -37,17 +37,14 @@ def _fed(model: nn.Module, shard_sizes: list[int], **kw: Any) -> Federated:
     return Federated(model, train, FederatedConfig(**kw), np.array(shard_sizes), seed=0)
 
 
-def _exchange(deltas: list[list[float]]) -> Exchange:
+def _exchange(deltas: list[list[float]]) -> StepPayloads:
     n = len(deltas)
-    work = _Work(
-        deltas=[torch.tensor(d) for d in deltas],
-        inputs=[],
-        received=[],
-        buffers=[[] for _ in deltas],
-        losses=torch.ones(n),
-    )
+    updates = [
+        Update(device=i, weight=1.0, loss=torch.ones(()), values=torch.tensor(d))
+        for i, d in enumerate(deltas)
+    ]
     up = np.ones((1, n), dtype=np.int64)
-    return Exchange(devices=np.arange(n), counts=[1] * n, step=0, up_bytes=up, work=work)
+    return StepPayloads(devices=np.arange(n), counts=[1] * n, step=0, up_bytes=up, updates=updates)
 
 
 # --- aggregation ----------------------------------------------------------------------------
@@ -119,21 +116,23 @@ def test_client_sampling_is_seeded_sized_and_skips_members_without_data() -> Non
     sizes = [50] * 9 + [0]
     fed = _fed(_linear([0.0]), sizes, fraction=0.3)
     members = np.arange(10)
-    picks = [fed.plan_round(members, r)[0] for r in range(20)]
+    picks = [fed.plan(members, r).devices for r in range(20)]
     assert all(len(p) == 3 for p in picks)  # 0.3 of the 9 members with data: 2.7 -> 3
     assert all(set(p.tolist()) <= set(range(9)) for p in picks)
     again = _fed(_linear([0.0]), sizes, fraction=0.3)
-    assert all(np.array_equal(p, again.plan_round(members, r)[0]) for r, p in enumerate(picks))
+    assert all(np.array_equal(p, again.plan(members, r).devices) for r, p in enumerate(picks))
     assert len({tuple(p) for p in picks}) > 5  # rounds differ
-    assert len(_fed(_linear([0.0]), sizes, fraction=0.01).plan_round(members, 0)[0]) == 1
+    assert len(_fed(_linear([0.0]), sizes, fraction=0.01).plan(members, 0).devices) == 1
 
 
 def test_local_steps_and_local_epochs_give_the_sample_counts() -> None:
     steps = _fed(_linear([0.0]), [100, 50], local_steps=5, local_batch=32)
-    clients, samples, num = steps.plan_round(np.array([0, 1]), 0)
+    plan = steps.plan(np.array([0, 1]), 0)
+    clients, samples, num = plan.devices, plan.samples, plan.local_steps
     assert clients.tolist() == [0, 1] and samples.tolist() == [160, 160] and num.tolist() == [5, 5]
     epochs = _fed(_linear([0.0]), [100, 50], local_epochs=2, local_batch=32)
-    _, samples, num = epochs.plan_round(np.array([0, 1]), 0)
+    plan = epochs.plan(np.array([0, 1]), 0)
+    samples, num = plan.samples, plan.local_steps
     assert samples.tolist() == [200, 100] and num.tolist() == [7, 4]  # ceil(200 / 32) = 7
 
 
@@ -165,7 +164,7 @@ def test_batchnorm_statistics_are_the_clients_weighted_mean_and_stay_uncompresse
     bn = model[1]
     assert float(bn.running_mean.abs().sum()) == 0.0  # prepare leaves the global model alone
     fed.commit(ex, np.array([True, True]))
-    means = [b[0] for b in ex.work.buffers]  # running_mean is the first buffer
+    means = [u.stats[0] for u in ex.updates]  # running_mean is the first float buffer
     torch.testing.assert_close(bn.running_mean, 0.75 * means[0] + 0.25 * means[1])
     assert int(bn.num_batches_tracked) == 2
     assert fed.buffer_bytes == 2 * 6 * 4  # running mean and variance, float32

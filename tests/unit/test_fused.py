@@ -212,7 +212,8 @@ def test_data_parallel_step_with_batchnorm_equals_averaged_device_gradients() ->
 
 def test_payload_bytes_counts_fp32_gradients_up_and_float_state_down() -> None:
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
-    ups, downs = DataParallel(model, TrainConfig()).payload_bytes(np.arange(2))
+    cost = DataParallel(model, TrainConfig()).step_cost(np.arange(2))
+    ups, downs = cost.up_bytes, cost.down_bytes
     assert ups[0] == ups[1] and downs[0] == downs[1]
     up, down = ups[0], downs[0]
     params = 5 * 7 + 7 + 7 + 7 + 7 * 3 + 3  # weights, biases, BN affine

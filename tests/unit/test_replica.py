@@ -19,7 +19,6 @@ from edgeddl.models import build_model
 from edgeddl.runtime.fleet.allreduce import SLOT, AllReduceStep, ExchangeError, StepOutcome
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
-from edgeddl.strategy.per_device import per_device_gradients
 
 COUNTS = [5, 3, 8]
 STEPS = 3
@@ -100,10 +99,8 @@ def _real(
         try:
             for step, (x, y) in enumerate(_batches()):
                 rows = slice(starts[r], starts[r + 1])
-                g = per_device_gradients(
-                    s.model, s.params, s.loss_fn, x[rows], y[rows], [COUNTS[r]], s.batchnorms
-                )
-                pending = rs.exchange(g, COUNTS[r], 1.0, r, len(COUNTS), step, coll)
+                update = s.local_update(r, x[rows], y[rows], step)
+                pending = rs.exchange(update, 1.0, r, len(COUNTS), step, coll)
                 assert pending is not None
                 pending.commit()
                 outcomes[r].append(pending.outcome)

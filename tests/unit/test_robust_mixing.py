@@ -73,13 +73,14 @@ def test_an_attacker_tampers_with_its_momentum_and_a_crash_forgets_it() -> None:
     ex = s.prepare(x, y, counts, np.arange(3), 0)
     assert s.device_momentum is not None
     buffers = s.device_momentum.buffers
-    torch.testing.assert_close(ex.work.sent[1], -buffers[1])
-    torch.testing.assert_close(ex.work.sent[0], buffers[0])
+    torch.testing.assert_close(ex.updates[1].values, -buffers[1])
+    torch.testing.assert_close(ex.updates[0].values, buffers[0])
     s.commit(ex, np.ones(3, dtype=bool))
     s.forget(2)
     assert sorted(buffers) == [0, 1]
+    grads = s.device_gradients(x, y, counts, [0, 1, 2]).grads  # pure: the same as prepare's
     ex = s.prepare(x, y, counts, np.arange(3), 1)
-    torch.testing.assert_close(ex.work.sent[2], ex.work.grads.grads[2] + 0.01 * _flat(s))
+    torch.testing.assert_close(ex.updates[2].values, grads[2] + 0.01 * _flat(s))
 
 
 def _flat(s: DataParallel) -> torch.Tensor:

@@ -202,7 +202,7 @@ def test_a_nan_device_is_rejected_and_the_step_goes_on() -> None:
         torch.isfinite(p).all() and not torch.equal(p, b)
         for p, b in zip(s.params, before, strict=True)
     )
-    assert s.robust_summary()["robust"]["rejected_updates"] == [
+    assert s.report()["robust"]["rejected_updates"] == [
         {"step": 3, "device": "d4", "reason": "non-finite values"}
     ]
 

@@ -246,14 +246,14 @@ def test_the_cut_wire_counts_encoded_bytes_and_compresses(labels: str) -> None:
     plain = _strategy(_float_cnn(), 1, cut=1, labels=labels)
     ex, _ = _step(plain, batches, [True])
     a = 16 * plain.cost.cut_bytes  # fp32 activations (and their gradient back)
-    legs = {leg.kind: leg.amount for leg in plain.legs(ex)}
+    legs = {leg.kind: leg.amount for leg in ex.legs}
     if labels == "send":  # labels as 4-bit codes: 8 bytes for 16, plus codec headers
         assert a + 8 < legs["up"][0] <= a + 8 + 20
         assert [k for _, k, _ in plain.wire.sent] == ["activations", "labels", "cut_gradients"]
     else:
         assert "labels" not in [k for _, k, _ in plain.wire.sent]
     assert int(ex.up_bytes.sum()) == sum(
-        leg.amount[0] for leg in plain.legs(ex) if leg.kind == "up"
+        leg.amount[0] for leg in ex.legs if leg.kind == "up"
     )
     int8 = _strategy(
         _float_cnn(), 1, cut=1, labels=labels, compression=CompressorConfig(compressor="int8")

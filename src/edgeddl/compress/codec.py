@@ -435,3 +435,21 @@ def _read_codes(r: _Reader, numel: int) -> tuple[torch.Tensor, int]:
 def dense_payload_bytes(numel: int) -> int:
     """Wire bytes of one uncompressed float32 gradient of `numel` values (any values)."""
     return len(Codec().encode(Payload(numel=numel, values=torch.zeros(numel))))
+
+
+def dense_body(t: torch.Tensor) -> bytes:
+    """A tensor as the wire codec sends it dense (float32): a payload's bytes."""
+    flat = t.detach().reshape(-1).to(torch.float32).cpu()
+    return Codec().encode(Payload(numel=flat.numel(), values=flat))
+
+
+def dense_values(data: bytes, numel: int, finite: bool = True) -> torch.Tensor:
+    """The float32 values of a `dense_body` (CodecError if it is not one of `numel`, or,
+    with `finite`, if any is not finite)."""
+    payload = Codec().decode(data, numel)
+    if payload.values is None or payload.values.numel() != numel or payload.indices is not None:
+        raise CodecError(f"expected {numel} dense values")
+    values = payload.values.float()
+    if finite and not torch.isfinite(values).all():
+        raise CodecError("values that are not finite")
+    return values

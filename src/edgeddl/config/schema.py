@@ -263,6 +263,9 @@ class RunConfig:
     interrupted), for `edgeddl run --resume RUN`; 0: only on interruption."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the simulator does the maths (the simulated devices' speeds come from profiles)."""
+    exchange: str = "network"
+    """How the simulator carries a step: `network`, the simulated links (or a name
+    registered with `edgeddl.runtime.sim.exchange.register_exchange`)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name must not be empty")

@@ -17,12 +17,22 @@ from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo
 from edgeddl.fleet.behaviors import Behaviors
 from edgeddl.models.layers import model_layers, resolve_cut
-from edgeddl.strategy.compressed import CompressedDataParallel
+from edgeddl.strategy.base import Strategy
+from edgeddl.strategy.compressed import AdaptiveDensity, CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.robust_dp import RobustDataParallel
 from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.workload import as_config_error
+
+
+def build(
+    scenario: Scenario, model: nn.Module, loss: LossFn, info: DatasetInfo, shard_sizes: np.ndarray
+) -> tuple[Strategy, AdaptiveDensity | None]:
+    """The scenario's strategy, whichever it is, and its network-aware density (if on)."""
+    if scenario.train.strategy == "split":
+        return build_split(scenario, model, loss, info), None
+    return build_strategy(scenario, model, loss, shard_sizes, info.num_classes)
 
 
 def build_strategy(
@@ -31,7 +41,7 @@ def build_strategy(
     loss: LossFn,
     shard_sizes: np.ndarray | None = None,
     num_classes: int = 0,
-) -> tuple[DataParallel, DensityPolicy | None]:
+) -> tuple[DataParallel, AdaptiveDensity | None]:
     """Plain data-parallel, or with the scenario's compression (checked here); `loss` is
     the task's (`Workload.task.loss_fn`). Federated (`train.strategy`) needs each device's
     `shard_sizes` (its clients weigh and plan by them). `[robust]` and misbehaving devices
@@ -52,7 +62,8 @@ def build_strategy(
         _wire_robust(scenario, [strategy] + ([wire] if wire is not None else []), num_classes)
     elif comp.enabled:
         strategy = _compressed(scenario, model, loss)
-        policy = DensityPolicy(comp.adapt, strategy.numel) if comp.adapt.enabled else None
+        if comp.adapt.enabled:
+            policy = AdaptiveDensity(DensityPolicy(comp.adapt, strategy.numel), strategy)
         _wire_robust(scenario, [strategy], num_classes)
     elif scenario.robust.screens or scenario.misbehaving or scenario.security.enabled:
         # each device's own gradient: to screen, to tamper with, or to seal

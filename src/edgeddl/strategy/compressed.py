@@ -18,13 +18,14 @@ rounds are computed again without it, as a real all-reduce would be re-run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE, DensityPolicy
 from edgeddl.compress.base import (
     Compressor,
     ErrorFeedback,
@@ -32,6 +33,7 @@ from edgeddl.compress.base import (
     PhasedCompressor,
     PhasedResult,
 )
+from edgeddl.compress.codec import CodecError
 from edgeddl.compress.registry import (
     COMPRESSORS,
     build_codec,
@@ -41,19 +43,24 @@ from edgeddl.compress.registry import (
 )
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
 from edgeddl.config.schema import TrainConfig
-from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
+from edgeddl.fleet.link import LinkEstimate
+from edgeddl.strategy.base import Aggregate, Combine, StepCost, StepPayloads, Update
+from edgeddl.strategy.data_parallel import DataParallel, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats
+from edgeddl.strategy.per_device import apply_batchnorm_mean, batch_stats, weighted_mean
 
 
-@dataclass(slots=True)
-class _Work:
-    grads: DeviceGradients
-    received: list[Payload]
-    """Single-round: each device's payload as decoded at the aggregator."""
-    phased: PhasedResult | None
-    datas: list[bytes] = field(default_factory=list)
-    """Single-round: each device's encoded payload, as sent."""
+class AdaptiveDensity:
+    """Network-aware compression: before each step, each device's density from what it
+    knows of its path and its last payload's bytes per value (`compress/adapt.py`)."""
+
+    def __init__(self, policy: DensityPolicy, strategy: CompressedDataParallel) -> None:
+        self.policy, self.strategy = policy, strategy
+
+    def before_step(self, devices: np.ndarray, link: LinkEstimate, work_s: float) -> None:
+        bpv = self.strategy.bytes_per_value[devices]
+        bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
+        self.strategy.set_density(devices, self.policy.densities(link, work_s, bpv))
 
 
 def _dense(p: Payload) -> torch.Tensor:
@@ -95,6 +102,8 @@ class CompressedDataParallel(DataParallel):
         self.phased: PhasedCompressor | None = None
         if COMPRESSORS[comp.compressor].num_phases > 1:
             self.phased = build_phased(comp, self.layout, seed)
+        self.combine: Combine = "rounds" if self.phased is not None else "payloads"
+        """Payloads are decoded one by one (a multi-round scheme sums its rounds)."""
         self.compressors: dict[int, Compressor] = {}
         self.memories: dict[int, ErrorFeedback] = {}
         self.last_down_bytes = 0
@@ -136,11 +145,11 @@ class CompressedDataParallel(DataParallel):
         for d, v in zip(devices.tolist(), density.tolist(), strict=True):
             self._compressor(d).density = v  # type: ignore[attr-defined]
 
-    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step_cost(self, idx: np.ndarray) -> StepCost:
         up = self.up_estimate[idx]
         # Before the first aggregate: the union of everyone's payloads, at most the model.
         down = self.last_down_bytes or min(float(up.sum()), float(self.state_bytes))
-        return up, np.full(len(idx), float(down))
+        return StepCost(up_bytes=up, down_bytes=np.full(len(idx), float(down)))
 
     def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
         """The last aggregate, or the model and momentum for a device that missed a step."""
@@ -204,7 +213,7 @@ class CompressedDataParallel(DataParallel):
         """What device `d`'s payload `data` carries, as the aggregation reads it."""
         return self._compressor(d).decompress(self.decode(d, data), step).to(self.params[0].device)
 
-    def aggregate(
+    def aggregate_payloads(
         self, devices: list[int], weights: list[float], received: list[Payload], step: int
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(what each device sent, decompressed; the aggregate every replica applies).
@@ -239,73 +248,134 @@ class CompressedDataParallel(DataParallel):
         """The step committed: device `d`'s memory keeps what it did not send."""
         self._memory(d).commit(grad, compensated, sent)
 
-    def payload_bodies(self, ex: Exchange) -> list[bytes]:
-        """Each device's encoded payload (single-round compressors)."""
-        work: _Work = ex.work
-        if work.phased is not None:
-            raise ValueError("a multi-round compressor's payloads are summed on the way")
-        return work.datas
+    # --- the aggregator's side on a real fleet -------------------------------------------
+
+    def decode_body(self, device: int, body: bytes) -> torch.Tensor | Payload:
+        """Device `device`'s payload as the aggregator reads it (`CodecError` if malformed,
+        or if there is no such device)."""
+        if not 0 <= device < len(self.settings):
+            raise CodecError(f"there is no device {device}")
+        return self.decode(device, body)
+
+    def aggregate(
+        self, step: int, devices: list[int], weights: list[float], decoded: list[Any]
+    ) -> Aggregate | None:
+        """The weighted mean of the decoded payloads at the wire's precision (or the robust
+        rule's); None when the screen left nothing usable."""
+        sent, agg = self.aggregate_payloads(devices, weights, decoded, step)
+        if agg is None:
+            return None
+        return Aggregate(values=agg, extras=torch.zeros(0), sent=sent)
+
+    def reconstruct(self, update: Update, step: int) -> torch.Tensor:
+        """What `update`'s payload carries, as the aggregator reads it."""
+        return self.decompressed(update.device, update.payload or b"", step)
+
+    def run_rounds(
+        self,
+        update: Update | None,
+        weight: float,
+        step: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[PhasedResult, int]:
+        """A multi-round scheme's rounds for one member (`update` None: it sends zeros),
+        each summed over the members by `reduce`; and the bytes its payloads take."""
+        assert self.phased is not None
+        device = self.params[0].device
+        x = update.compensated if update is not None else None
+        x = x if x is not None else torch.zeros(self.numel, device=device)
+        result = self.phased.run([x], torch.tensor([weight]).to(device), step, reduce=reduce)
+        if update is None:
+            return result, 0
+        codec = self.codecs[update.device]
+        return result, sum(len(codec.encode(p[0])) for p in result.payloads)
+
+    def commit_rounds(self, result: PhasedResult) -> None:
+        """Keep what carries over to the next step (PowerSGD's warm start)."""
+        assert self.phased is not None
+        self.phased.commit(result)
+
+    def on_commit(self, update: Update, sent: torch.Tensor | None) -> None:
+        """The step committed: the device's memory keeps what its payload did not carry."""
+        if sent is not None and update.own is not None and update.compensated is not None:
+            self.remember(update.device, update.own, update.compensated, sent)
+
+    def _device_side(self, ids: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """DGC: weight decay joins each gradient before its memory does."""
+        self.add_weight_decay(grads)
+        return grads
+
+    def device_updates(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], ids: list[int], step: int
+    ) -> list[Update]:
+        """Each device's update: its gradient (as its behaviour makes it), plus what its
+        memory holds back, compressed and encoded (a multi-round scheme encodes in rounds)."""
+        updates = super().device_updates(x, y, counts, ids, step)
+        inputs = self.compensate(ids, [u.values for u in updates if u.values is not None], step)
+        for u, c in zip(updates, inputs, strict=True):
+            u.own, u.compensated = u.values, c
+            if self.phased is None:
+                u.payload = self.encode(u.device, c, step)
+        return updates
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
-    ) -> Exchange:
+    ) -> StepPayloads:
         ids = devices.tolist()
-        g = self.device_gradients(x, y, counts, ids)
-        self.add_weight_decay(g.grads)
-        if self.behaviors is not None:  # a device's memory and compressor see what it sends
-            g.grads = self.behaviors.tamper(g.grads, ids, step)
-        inputs = self.compensate(ids, g.grads, step)
-        mid: tuple[int, ...] = ()
+        updates = self.device_updates(x, y, counts, ids, step)
+        inputs = [u.compensated for u in updates if u.compensated is not None]
+        ex = StepPayloads(
+            devices=devices, counts=counts, step=step, up_bytes=np.zeros(0), updates=updates
+        )
         if self.phased is not None:
             w = torch.tensor(counts, dtype=torch.float32) / sum(counts)
-            result = self.phased.run(inputs, w.to(inputs[0].device), step)
-            up = np.array(
+            ex.phased = self.phased.run(inputs, w.to(inputs[0].device), step)
+            ex.up_bytes = np.array(
                 [
                     [len(self.codecs[d].encode(p)) for d, p in zip(ids, phase, strict=True)]
-                    for phase in result.payloads
+                    for phase in ex.phased.payloads
                 ]
             )
-            mid = tuple(len(self.down_codec.encode(r)) for r in result.reductions[:-1])
-            self.up_estimate[devices] = up.sum(axis=0)
-            work = _Work(grads=g, received=[], phased=result)
+            ex.mid_down_bytes = tuple(
+                len(self.down_codec.encode(r)) for r in ex.phased.reductions[:-1]
+            )
+            self.up_estimate[devices] = ex.up_bytes.sum(axis=0)
         else:
-            datas = [self.encode(d, c, step) for d, c in zip(ids, inputs, strict=True)]
-            up = np.array([[len(b) for b in datas]])
-            received = [self.decode(d, b) for d, b in zip(ids, datas, strict=True)]
-            work = _Work(grads=g, received=received, phased=None, datas=datas)
-        return Exchange(
-            devices=devices, counts=counts, step=step, up_bytes=up, mid_down_bytes=mid, work=work
-        )
+            ex.up_bytes = np.array([[len(u.payload or b"") for u in updates]])
+        return ex
 
-    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
-        work: _Work = ex.work
+    def commit(self, ex: StepPayloads, contributed: np.ndarray) -> torch.Tensor | None:
         self._count(ex, contributed)
-        ids = ex.devices.tolist()
-        for d, ok in zip(ids, contributed.tolist(), strict=True):
+        for u, ok in zip(ex.updates, contributed.tolist(), strict=True):
             if not ok:  # a crash: the device's memory and compressor state are gone
-                self.forget(d)
-        keep = np.flatnonzero(contributed).tolist()
-        if not keep:
+                self.forget(u.device)
+        kept = [ex.updates[i] for i in np.flatnonzero(contributed)]
+        if not kept:
             return None
-        grads = work.grads.grads
-        weights = [ex.counts[i] / sum(ex.counts[j] for j in keep) for i in keep]
-        w = torch.tensor(weights, dtype=torch.float32, device=grads[0].device)
-        kept = [ids[i] for i in keep]
-        inputs = [self._memory(d).compensate(grads[i]) for d, i in zip(kept, keep, strict=True)]
+        total = sum(round(u.weight) for u in kept)
+        weights = [round(u.weight) / total for u in kept]
+        losses = torch.stack([u.loss for u in kept])
+        w = torch.tensor(weights, dtype=torch.float32, device=losses.device)
+        ids = [u.device for u in kept]
+        inputs = [u.compensated for u in kept if u.compensated is not None]
         agg: torch.Tensor | None
         if self.phased is not None:
-            result = work.phased
-            if result is None or len(keep) < len(ids):  # the rounds again, among survivors
+            result = ex.phased
+            if result is None or len(kept) < len(ex.updates):  # the rounds again, among survivors
                 result = self.phased.run(inputs, w, ex.step)
             self.phased.commit(result)
             sent, agg = result.sent, result.aggregate
             self.last_down_bytes = len(self.down_codec.encode(result.reductions[-1]))
-        else:
-            sent, agg = self.aggregate(kept, weights, [work.received[i] for i in keep], ex.step)
-        for d, i, c, s in zip(kept, keep, inputs, sent, strict=True):
-            self.remember(d, grads[i], c, s)
+        else:  # the aggregator decodes what arrived
+            received = [self.decode(u.device, u.payload or b"") for u in kept]
+            sent, agg = self.aggregate_payloads(ids, weights, received, ex.step)
+        for u, s in zip(kept, sent, strict=True):
+            assert u.own is not None and u.compensated is not None
+            self.remember(u.device, u.own, u.compensated, s)
         if agg is None:  # the screen left nothing usable: the model stays as it is
-            return (work.grads.losses[keep] * w).sum()
-        apply_batchnorm_stats(self.model, work.grads.bn_stats, keep, w, self.batchnorms)
+            return (losses * w).sum()
+        apply_batchnorm_mean(
+            self.model, weighted_mean(batch_stats(kept), w.tolist()), self.batchnorms
+        )
         self.apply(agg)
-        return (work.grads.losses[keep] * w).sum()
+        return (losses * w).sum()

@@ -13,8 +13,7 @@ devices' batches in one fused pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,40 +21,24 @@ import torch
 from torch import nn
 
 from edgeddl.aggregation.robust import RobustAggregator
-from edgeddl.compress.base import Layout, Payload
-from edgeddl.compress.codec import Codec, dense_payload_bytes
+from edgeddl.compress.base import Layout, Payload, PhasedResult
+from edgeddl.compress.codec import dense_payload_bytes, dense_values
 from edgeddl.config.schema import TrainConfig
 from edgeddl.fleet.behaviors import Behaviors
+from edgeddl.strategy.base import Aggregate, Combine, Plan, StepCost, StepPayloads, Update
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
-from edgeddl.strategy.per_device import DeviceGradients, per_device_gradients
+from edgeddl.strategy.per_device import (
+    DeviceGradients,
+    apply_batchnorm_mean,
+    batchnorm_stats_size,
+    per_device_gradients,
+    weighted_mean,
+)
 from edgeddl.task import LossFn
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def dense_body(t: torch.Tensor) -> bytes:
-    """A tensor as the wire codec sends it dense (float32): a payload's bytes."""
-    flat = t.detach().reshape(-1).to(torch.float32).cpu()
-    return Codec().encode(Payload(numel=flat.numel(), values=flat))
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One step between `prepare` and `commit`: who sends what, in how many bytes."""
-
-    devices: np.ndarray
-    counts: list[int]
-    step: int
-    up_bytes: np.ndarray
-    """Encoded bytes each device sends, rounds x devices."""
-    mid_down_bytes: tuple[int, ...] = ()
-    """Bytes every device receives between rounds (multi-round schemes)."""
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    work: Any = field(default=None)
-    """What the strategy keeps between the two calls (per-device gradients, payloads)."""
 
 
 class DataParallel:
@@ -99,11 +82,18 @@ class DataParallel:
         self.behaviors: Behaviors | None = None
         """Simulated misbehaving devices; None: all honest."""
 
-    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Typical (up, down) bytes of devices `idx` per step, for balancing: the gradient
-        up, the model down."""
+    def plan(self, members: np.ndarray, step: int) -> Plan | None:
+        """Every member trains, with the runtime's balanced shares."""
+        return None
+
+    def step_cost(self, idx: np.ndarray) -> StepCost:
+        """Typical bytes of devices `idx` per step, for balancing: the gradient up, the
+        model down."""
         n = len(idx)
-        return np.full(n, float(self.dense_up_bytes)), np.full(n, float(self.state_bytes))
+        return StepCost(
+            up_bytes=np.full(n, float(self.dense_up_bytes)),
+            down_bytes=np.full(n, float(self.state_bytes)),
+        )
 
     def replica_state(self) -> dict[str, Any]:
         """What a replica joining a real fleet copies from a peer: model and optimizer."""
@@ -131,12 +121,93 @@ class DataParallel:
             self.model, self.params, self.loss_fn, x, y, counts, self.batchnorms
         )
 
-    def payload_bodies(self, ex: Exchange) -> list[bytes]:
-        """The bytes of each device's payload this step (what `[security]` seals)."""
-        raise ValueError(
-            "the fused data-parallel pass has no per-device payload to seal; security uses "
-            "the per-device strategy"
-        )
+    # --- a device's side: one device of a real fleet (`prepare` runs it for every device) ---
+
+    def local_update(self, device: int, x: torch.Tensor, y: torch.Tensor, step: int) -> Update:
+        """Device `device`'s update on its batch (x, y), ready for the wire."""
+        return self.device_updates(x, y, [len(x)], [device], step)[0]
+
+    def device_updates(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], ids: list[int], step: int
+    ) -> list[Update]:
+        """Each device's update on its consecutive `counts` rows: its gradient (what the
+        device keeps of it, `_device_side`), then what its behaviour makes it send."""
+        g = self.device_gradients(x, y, counts, ids)
+        own = self._device_side(ids, g.grads)
+        sent = self.behaviors.tamper(own, ids, step) if self.behaviors is not None else own
+        return [
+            Update(device=d, weight=float(n), loss=g.losses[i], values=v, batch_stats=g.stats[i])
+            for i, (d, n, v) in enumerate(zip(ids, counts, sent, strict=True))
+        ]
+
+    def _device_side(self, ids: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What each device makes of its gradient before it sends it (here: nothing)."""
+        return grads
+
+    # --- the aggregator's side on a real fleet -------------------------------------------
+
+    sampled = False
+    """Every member takes part in every step."""
+    combine: Combine = "sum"
+    """How the members' updates combine: `sum` (a weighted mean of `Update.packed()`),
+    `payloads` (each decoded, then aggregated) or `rounds` (a multi-round scheme)."""
+
+    def extras_size(self) -> int:
+        """Values an update's extras take (`Update.extras`): BatchNorm batch statistics."""
+        return batchnorm_stats_size(self.batchnorms)
+
+    def decode_body(self, device: int, body: bytes) -> torch.Tensor | Payload:
+        """An update's body as the aggregator reads it: its packed values (`CodecError` if
+        it is not one, or if a value is not finite: with `[robust]`, the screen's to
+        refuse, as in the simulator)."""
+        finite = self.robust is None
+        return dense_values(body, self.numel + self.extras_size(), finite)
+
+    def aggregate(
+        self, step: int, devices: list[int], weights: list[float], decoded: list[Any]
+    ) -> Aggregate | None:
+        """The step's aggregate of the arrived updates (`decode_body`'s, weights summing to
+        1): their weighted mean, or with `[robust]` its screen and rule on the values and
+        the mean of the extras of those that passed. None: nothing usable."""
+        if self.robust is None:
+            mean = weighted_mean(decoded, weights)
+            return Aggregate(values=mean[: self.numel], extras=mean[self.numel :])
+        n = self.numel
+        values, passed = self.robust.combine(step, devices, [u[:n] for u in decoded], weights)
+        if values is None:
+            return None
+        kept = torch.tensor([weights[i] for i in passed], dtype=torch.float32)
+        kept = kept / kept.sum()
+        extras = weighted_mean([decoded[i][n:] for i in passed], kept.tolist())
+        return Aggregate(values=values.float(), extras=extras.float().reshape(-1))
+
+    def on_commit(self, update: Update, sent: torch.Tensor | None) -> None:
+        """The step committed: device `update.device` keeps what it did not send (nothing
+        without error feedback)."""
+
+    def reconstruct(self, update: Update, step: int) -> torch.Tensor:
+        """Dense updates carry their values as they are."""
+        assert update.values is not None
+        return update.values
+
+    def run_rounds(
+        self,
+        update: Update | None,
+        weight: float,
+        step: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[PhasedResult, int]:
+        raise ValueError(f"{self.name} updates are summed in one round (combine = sum)")
+
+    def commit_rounds(self, result: PhasedResult) -> None:
+        raise ValueError(f"{self.name} updates are summed in one round (combine = sum)")
+
+    def apply_aggregate(self, agg: Aggregate, devices: list[int]) -> None:
+        """Every replica's step with the aggregate: the optimizer on the values, BatchNorm
+        running statistics from the mean batch statistics."""
+        self.apply(agg.values.to(self.params[0].device))
+        if agg.extras.numel():
+            apply_batchnorm_mean(self.model, agg.extras.to(self.params[0].device), self.batchnorms)
 
     def evaluation_models(self) -> list[nn.Module]:
         """The models the run is scored on (the metric is their mean): the one model."""
@@ -151,12 +222,13 @@ class DataParallel:
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
-    ) -> Exchange:
-        """What each device sends this step (dense: the same size for all)."""
+    ) -> StepPayloads:
+        """What each device sends this step (dense: the same size for all); the fused pass
+        computes their mean gradient from the batch at `commit`."""
         up = np.full((1, len(devices)), self.dense_up_bytes, dtype=np.int64)
-        return Exchange(devices=devices, counts=counts, step=step, up_bytes=up, x=x, y=y)
+        return StepPayloads(devices=devices, counts=counts, step=step, up_bytes=up, x=x, y=y)
 
-    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+    def commit(self, ex: StepPayloads, contributed: np.ndarray) -> torch.Tensor | None:
         """Apply the update from the devices whose payload arrived; None if none did."""
         self._count(ex, contributed)
         if not contributed.any():
@@ -168,7 +240,7 @@ class DataParallel:
             x, y = x[rows], y[rows]
         return self.step(x, y, counts[contributed].tolist())
 
-    def _count(self, ex: Exchange, contributed: np.ndarray) -> None:
+    def _count(self, ex: StepPayloads, contributed: np.ndarray) -> None:
         self.sent_bytes += int(ex.up_bytes[:, contributed].sum())
         self.num_payloads += int(contributed.sum())
 
@@ -182,6 +254,10 @@ class DataParallel:
             "empty_payloads": self.num_empty,
         }
 
+    def update_flops(self) -> float:
+        """Nothing once per step beyond taking in each contribution."""
+        return 0.0
+
     def aggregation_flops(self) -> float:
         """FLOPs for the aggregator to take in one device's contribution: one multiply-add
         per value, or the screen and robust rule's share."""
@@ -193,9 +269,13 @@ class DataParallel:
         """Device -> reason for the updates a robust screen refused at `step`."""
         return self.robust.screened_at(step) if self.robust is not None else {}
 
-    def robust_summary(self) -> dict[str, Any]:
-        """The screen's rejections and the rule (for summary.json); empty without one."""
-        return {"robust": self.robust.summary()} if self.robust is not None else {}
+    def report(self) -> dict[str, Any]:
+        """summary.json's entries: the bytes sent against dense, and with a robust screen
+        its rejections and rule."""
+        out: dict[str, Any] = {"compression": self.compression_summary()}
+        if self.robust is not None:
+            out["robust"] = self.robust.summary()
+        return out
 
     def apply(self, aggregate: torch.Tensor) -> None:
         """One optimizer step with a flat aggregate gradient (every replica, identically)."""

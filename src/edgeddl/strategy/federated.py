@@ -32,26 +32,12 @@ from torch import nn
 
 from edgeddl.config.federated import FederatedConfig
 from edgeddl.config.schema import TrainConfig
+from edgeddl.strategy.base import Aggregate, Plan, StepCost, StepPayloads, Update
 from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, dense_body, tensor_bytes
+from edgeddl.strategy.data_parallel import DataParallel, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
+from edgeddl.strategy.per_device import weighted_mean
 from edgeddl.strategy.server_opt import ServerOptimizer
-
-
-@dataclasses.dataclass(slots=True)
-class _Work:
-    deltas: list[torch.Tensor]
-    """Each client's update w_local - w_global, flat."""
-    inputs: list[torch.Tensor]
-    """With compression: what each client compressed (delta plus its memory)."""
-    received: list
-    """With compression: each client's payload as decoded at the server."""
-    buffers: list[list[torch.Tensor]]
-    """Each client's model buffers after its local steps."""
-    losses: torch.Tensor
-    """Each client's mean local training loss."""
-    datas: list[bytes] = dataclasses.field(default_factory=list)
-    """With compression: each client's encoded update, as sent."""
 
 
 def add_proximal_grad(params: list[nn.Parameter], anchor: list[torch.Tensor], mu: float) -> None:
@@ -66,6 +52,8 @@ class Federated(DataParallel):
     `commit` applies the mean update of those whose update arrived."""
 
     name = "federated"
+    sampled = True
+    """A round's clients are a sample: a round may have none."""
 
     def __init__(
         self,
@@ -102,10 +90,8 @@ class Federated(DataParallel):
 
     # --- who takes part, with how much work -------------------------------------------------
 
-    def plan_round(
-        self, members: np.ndarray, round_index: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sampled clients, samples each trains on, local steps each) for one round.
+    def plan(self, members: np.ndarray, round_index: int) -> Plan:
+        """The round's sampled clients, the samples each trains on and its local steps.
 
         The sample is drawn from the members that hold data, seeded by the run's seed and
         the round, so it does not depend on what happened before.
@@ -122,22 +108,7 @@ class Federated(DataParallel):
         else:
             steps = np.full(len(clients), self.cfg.local_steps, dtype=np.int64)
             samples = steps * batch
-        return clients, samples.astype(np.int64), steps.astype(np.int64)
-
-    def payload_bodies(self, ex: Exchange) -> list[bytes]:
-        """Each client's update as sent: its encoded payload, or dense with its BatchNorm
-        statistics (which also travel dense beside a compressed update)."""
-        work: _Work = ex.work
-        floats = [
-            [b.reshape(-1) for b, g in zip(bs, self.buffers, strict=True) if g.is_floating_point()]
-            for bs in work.buffers
-        ]
-        if work.datas:
-            return [
-                d + dense_body(torch.cat(f)) if f else d
-                for d, f in zip(work.datas, floats, strict=True)
-            ]
-        return [dense_body(torch.cat([u, *f])) for u, f in zip(work.deltas, floats, strict=True)]
+        return Plan(clients, samples.astype(np.int64), steps.astype(np.int64))
 
     def client_weight(self, device: int) -> float:
         """A client's unnormalised weight in the mean: its shard size, or 1."""
@@ -150,13 +121,13 @@ class Federated(DataParallel):
 
     # --- what crosses the links ---------------------------------------------------------------
 
-    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Typical (up, down) bytes per round: an update up, the model down."""
+    def step_cost(self, idx: np.ndarray) -> StepCost:
+        """Typical bytes per round: an update up, the model down."""
         if self.wire is not None:
             up = self.wire.up_estimate[idx] + self.buffer_bytes
         else:
             up = np.full(len(idx), float(self.dense_up_bytes))
-        return up, np.full(len(idx), float(self.state_bytes))
+        return StepCost(up_bytes=up, down_bytes=np.full(len(idx), float(self.state_bytes)))
 
     def down_bytes(self, needs_model: np.ndarray) -> np.ndarray:
         """Every sampled client downloads the global model at the round's start."""
@@ -172,7 +143,7 @@ class Federated(DataParallel):
     def flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
-    def local_update(
+    def train_client(
         self, x: torch.Tensor, y: torch.Tensor, num_steps: int, anchor: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """One client's local training of the client copy from the global model `anchor`
@@ -199,84 +170,112 @@ class Federated(DataParallel):
         """One client's round from the global model, which it leaves alone: (delta, its
         buffers after training, its mean loss)."""
         self.client.load_state_dict(self.model.state_dict())
-        return self.local_update(x, y, num_steps, self.flat_params())
+        return self.train_client(x, y, num_steps, self.flat_params())
+
+    def device_updates(
+        self, x: torch.Tensor, y: torch.Tensor, counts: list[int], ids: list[int], step: int
+    ) -> list[Update]:
+        """Each sampled client's round on its consecutive `counts` rows (`counts[i] /
+        local_batch` rounded up local steps): its delta as its behaviour makes it, its
+        float buffers beside it, and with `[compression]` the delta encoded."""
+        if self.behaviors is not None:
+            y = self.behaviors.poison_labels(y, counts, ids)
+        updates = []
+        for d, xs, ys in zip(ids, x.split(counts), y.split(counts), strict=True):
+            delta, buffers, loss = self.client_update(xs, ys, -(-len(xs) // self.cfg.local_batch))
+            floats = [
+                b.reshape(-1)
+                for b, g in zip(buffers, self.buffers, strict=True)
+                if g.is_floating_point()
+            ]
+            updates.append(
+                Update(
+                    device=d, weight=self.client_weight(d), loss=loss, values=delta, stats=floats
+                )
+            )
+        deltas = [u.values for u in updates if u.values is not None]
+        if self.behaviors is not None:
+            deltas = self.behaviors.tamper(deltas, ids, step)
+        for u, v in zip(updates, deltas, strict=True):
+            u.values = u.own = v
+        if self.wire is not None:
+            for u, c in zip(updates, self.wire.compensate(ids, deltas, step), strict=True):
+                u.compensated = c
+                u.payload = self.wire.encode(u.device, c, step)
+        return updates
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
-    ) -> Exchange:
-        """Every sampled client trains locally (consecutive `counts` rows each) and encodes
-        its update; `counts[i] / local_batch` rounded up is client i's local steps."""
+    ) -> StepPayloads:
+        """Every sampled client trains locally and encodes its update."""
         ids = devices.tolist()
-        if self.behaviors is not None:
-            y = self.behaviors.poison_labels(y, counts, ids)
-        deltas, buffers, losses = [], [], []
-        for xs, ys in zip(x.split(counts), y.split(counts), strict=True):
-            d, b, loss = self.client_update(xs, ys, -(-len(xs) // self.cfg.local_batch))
-            deltas.append(d)
-            buffers.append(b)
-            losses.append(loss)
-        if self.behaviors is not None:
-            deltas = self.behaviors.tamper(deltas, ids, step)
-        inputs: list[torch.Tensor] = []
-        received: list = []
-        datas: list[bytes] = []
+        updates = self.device_updates(x, y, counts, ids, step)
         if self.wire is not None:
-            inputs = self.wire.compensate(ids, deltas, step)
-            datas = [self.wire.encode(d, c, step) for d, c in zip(ids, inputs, strict=True)]
-            received = [self.wire.decode(d, b) for d, b in zip(ids, datas, strict=True)]
-            up = np.array([len(b) for b in datas], dtype=np.int64) + self.buffer_bytes
+            up = np.array([len(u.payload or b"") for u in updates], dtype=np.int64)
+            up = up + self.buffer_bytes
         else:
-            finite = torch.stack([torch.isfinite(d).all() for d in deltas])
+            finite = torch.stack(
+                [torch.isfinite(u.values).all() for u in updates if u.values is not None]
+            )
             if self.robust is None and not bool(finite.all()):  # else the screen refuses it
                 raise TrainingDiverged(step, ids[int((~finite).nonzero()[0, 0])])
             up = np.full(len(ids), self.dense_up_bytes, dtype=np.int64)
-        work = _Work(deltas, inputs, received, buffers, torch.stack(losses), datas)
-        return Exchange(
-            devices=devices,
-            counts=counts,
-            step=step,
-            up_bytes=up[None],
-            work=work,
+        return StepPayloads(
+            devices=devices, counts=counts, step=step, up_bytes=up[None], updates=updates
         )
 
+    # --- the aggregator's side on a real fleet -------------------------------------------
+
+    def extras_size(self) -> int:
+        """A client's float buffers (BatchNorm statistics) beside its delta."""
+        return sum(b.numel() for b in self.buffers if b.is_floating_point())
+
+    def apply_aggregate(self, agg: Aggregate, devices: list[int]) -> None:
+        """The server's step with the mean delta, the buffers the clients' mean."""
+        floats = [b for b in self.buffers if b.is_floating_point()]
+        target = self.params[0].device
+        means = list(agg.extras.to(target).split([b.numel() for b in floats]))
+        self.apply_round(agg.values.to(target), means, devices)
+
     @torch.no_grad()
-    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+    def commit(self, ex: StepPayloads, contributed: np.ndarray) -> torch.Tensor | None:
         """Apply the mean update of the clients whose update arrived; the others' work is
         lost (their error-feedback memory is left as it was)."""
-        work: _Work = ex.work
         self._count(ex, contributed)
-        keep = np.flatnonzero(contributed).tolist()
-        if not keep:
+        kept = [ex.updates[i] for i in np.flatnonzero(contributed)]
+        if not kept:
             return None
-        ids = ex.devices.tolist()
-        kept = [ids[i] for i in keep]
-        w = self.weights(kept).to(work.deltas[0].device)
+        losses = torch.stack([u.loss for u in kept])
+        w = self.weights([u.device for u in kept]).to(losses.device)
         mean: torch.Tensor | None
-        if self.wire is not None:
-            sent, mean = self.wire.aggregate(
-                kept, w.tolist(), [work.received[i] for i in keep], ex.step
+        if self.wire is not None:  # the server decodes what arrived
+            received = [self.wire.decode(u.device, u.payload or b"") for u in kept]
+            sent, mean = self.wire.aggregate_payloads(
+                [u.device for u in kept], w.tolist(), received, ex.step
             )
-            for d, i, s in zip(kept, keep, sent, strict=True):
-                self.wire.remember(d, work.deltas[i], work.inputs[i], s)
+            for u, s in zip(kept, sent, strict=True):
+                assert u.own is not None and u.compensated is not None
+                self.wire.remember(u.device, u.own, u.compensated, s)
         elif self.robust is not None:
+            values = [u.values for u in kept if u.values is not None]
             mean, passed = self.robust.combine(
-                ex.step, kept, [work.deltas[i] for i in keep], w.tolist()
+                ex.step, [u.device for u in kept], values, w.tolist()
             )
-            keep, kept = [keep[i] for i in passed], [kept[i] for i in passed]
-            w = self.weights(kept).to(w.device) if kept else w
+            kept = [kept[i] for i in passed]
+            losses = losses[passed] if kept else losses
+            w = self.weights([u.device for u in kept]).to(w.device) if kept else w
         else:
-            mean = torch.zeros_like(work.deltas[0])
-            for wi, i in zip(w.tolist(), keep, strict=True):
-                mean.add_(work.deltas[i], alpha=wi)
+            values = [u.values for u in kept if u.values is not None]
+            mean = torch.zeros_like(values[0])
+            for wi, v in zip(w.tolist(), values, strict=True):
+                mean.add_(v, alpha=wi)
         if mean is None:  # nothing usable arrived: the global model stays as it is
-            return (work.losses[keep] * w).sum() if keep else None
+            return (losses * w).sum() if kept else None
         float_means = [
-            sum(wi * work.buffers[i][k] for wi, i in zip(w.tolist(), keep, strict=True))
-            for k, b in enumerate(self.buffers)
-            if b.is_floating_point()
+            weighted_mean([u.stats[k] for u in kept], w.tolist()) for k in range(len(kept[0].stats))
         ]
-        self.apply_round(mean, float_means, kept)
-        return (work.losses[keep] * w).sum()
+        self.apply_round(mean, float_means, [u.device for u in kept])
+        return (losses * w).sum()
 
     def client_steps(self, devices: list[int]) -> np.ndarray:
         """Local steps each of `devices` takes in a round (`plan_round`'s, by shard size)."""
@@ -300,7 +299,7 @@ class Federated(DataParallel):
         most = int(self.client_steps(clients).max())
         for b in self.buffers:
             if b.is_floating_point():
-                b.copy_(next(floats))
+                b.copy_(next(floats).view_as(b))
             else:
                 b.add_(most)
 

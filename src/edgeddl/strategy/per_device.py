@@ -4,8 +4,9 @@ Compression is not linear, so a compressed step needs every device's gradient on
 (the fused pass in `fused.py` only gives their sum). Each device runs its own forward and
 backward pass on its share; its BatchNorm layers normalise with its own batch, as on the real
 device. Running statistics are not updated during these passes: each device's batch
-statistics are captured instead, and `apply_batchnorm_stats` later folds in those of the
-devices whose work arrived, weighted by samples, exactly as the fused path does.
+statistics are captured instead (each device's means and variances end to end, the `stats`
+of its `Update`), and `apply_batchnorm_mean` later folds in the sample-weighted mean of
+those whose work arrived, exactly as the fused path does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgeddl.strategy.base import Update
 from edgeddl.strategy.fused import batchnorm_layers
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -26,8 +28,9 @@ class DeviceGradients:
     """Each device's mean gradient, flattened (all parameters end to end, float32)."""
     losses: torch.Tensor
     """Each device's mean loss (detached)."""
-    bn_stats: list[list[tuple[torch.Tensor, torch.Tensor]]]
-    """Per tracking BatchNorm layer, each device's (batch mean, unbiased batch variance)."""
+    stats: list[torch.Tensor]
+    """Each device's BatchNorm batch statistics, flat: per tracking layer its batch mean,
+    then its unbiased batch variance (empty tensors without BatchNorm)."""
 
 
 def tracking_batchnorms(layers: list[BatchNorm]) -> list[BatchNorm]:
@@ -57,8 +60,7 @@ def per_device_gradients(
         (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
         for m in bns
     ]
-    grads, losses = [], []
-    stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in bns]
+    grads, losses, stats = [], [], []
     try:
         for m in bns:
             m.momentum = 1.0  # the running stats become this batch's: read, then restored
@@ -74,37 +76,48 @@ def per_device_gradients(
                 )
             )
             losses.append(loss.detach())
-            for k, m in enumerate(bns):
-                stats[k].append((m.running_mean.clone(), m.running_var.clone()))  # type: ignore[union-attr]
+            own = [t for m in bns for t in (m.running_mean, m.running_var)]
+            stats.append(torch.cat(own) if own else torch.zeros(0))  # type: ignore[arg-type]
     finally:
         for m, (momentum, mean, var, nbt) in zip(bns, saved, strict=True):
             m.momentum = momentum
             m.num_batches_tracked.copy_(nbt)  # type: ignore[union-attr]
             m.running_mean.copy_(mean)  # type: ignore[union-attr]
             m.running_var.copy_(var)  # type: ignore[union-attr]
-    return DeviceGradients(grads=grads, losses=torch.stack(losses), bn_stats=stats)
+    return DeviceGradients(grads=grads, losses=torch.stack(losses), stats=stats)
+
+
+def batch_stats(updates: list[Update]) -> list[torch.Tensor]:
+    """The updates' BatchNorm batch statistics (every data-parallel update has them)."""
+    return [u.batch_stats for u in updates if u.batch_stats is not None]
+
+
+def batchnorm_stats_size(layers: list[BatchNorm]) -> int:
+    """Values one device's BatchNorm statistics take (a mean and a variance per channel)."""
+    return 2 * sum(int(m.num_features) for m in tracking_batchnorms(layers))
+
+
+def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i weights[i] * parts[i], in order (the weights already sum to 1)."""
+    out = weights[0] * parts[0]
+    for w, p in zip(weights[1:], parts[1:], strict=True):
+        out = out + w * p
+    return out
 
 
 @torch.no_grad()
-def apply_batchnorm_stats(
-    model: nn.Module,
-    stats: list[list[tuple[torch.Tensor, torch.Tensor]]],
-    keep: list[int],
-    weights: torch.Tensor,
-    layers: list[BatchNorm] | None = None,
-) -> None:
-    """Update running statistics with the weighted mean of the kept devices' batch stats.
-
-    The same rule as the fused pass: one update per step, momentum applied once.
-    """
-    bns = tracking_batchnorms(batchnorm_layers(model) if layers is None else layers)
-    w = weights.tolist()
-    for m, per_device in zip(bns, stats, strict=True):
+def apply_batchnorm_mean(model: nn.Module, flat: torch.Tensor, layers: list[BatchNorm]) -> None:
+    """Update running statistics with a step's mean batch statistics (`flat`, laid out as
+    `DeviceGradients.stats`): one update per step, momentum applied once, as the fused pass
+    does."""
+    at = 0
+    for m in tracking_batchnorms(layers):
         nbt = m.num_batches_tracked
         assert nbt is not None and m.running_mean is not None and m.running_var is not None
+        n = int(m.num_features)
+        mean, var = flat[at : at + n], flat[at + n : at + 2 * n]
+        at += 2 * n
         nbt.add_(1)
         momentum = m.momentum if m.momentum is not None else 1.0 / float(nbt)
-        mean = sum(wi * per_device[i][0] for i, wi in zip(keep, w, strict=True))
-        var = sum(wi * per_device[i][1] for i, wi in zip(keep, w, strict=True))
         m.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         m.running_var.mul_(1 - momentum).add_(var, alpha=momentum)

@@ -24,23 +24,15 @@ momentum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from edgeddl.aggregation.rules import aggregate
 from edgeddl.config.schema import TrainConfig
-from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, dense_body
-from edgeddl.strategy.per_device import DeviceGradients, apply_batchnorm_stats
-
-
-@dataclass(slots=True)
-class _Work:
-    grads: DeviceGradients
-    sent: list[torch.Tensor]
-    """What each device sent: its gradient (or momentum), after its behaviour."""
+from edgeddl.strategy.base import StepPayloads
+from edgeddl.strategy.data_parallel import DataParallel, LossFn
+from edgeddl.strategy.per_device import apply_batchnorm_mean, batch_stats, weighted_mean
 
 
 class DeviceMomentum:
@@ -90,46 +82,41 @@ class RobustDataParallel(DataParallel):
         if self.device_momentum is not None:
             self.device_momentum.forget(device)
 
+    def _device_side(self, ids: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """With device momentum, each device sends its momentum buffer, not its gradient."""
+        if self.device_momentum is None:
+            return grads
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        return self.device_momentum.update(ids, grads, flat)
+
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
-    ) -> Exchange:
-        ids = devices.tolist()
-        g = self.device_gradients(x, y, counts, ids)
-        updates = g.grads
-        if self.device_momentum is not None:
-            flat = torch.cat([p.detach().reshape(-1) for p in self.params])
-            updates = self.device_momentum.update(ids, g.grads, flat)
-        sent = self.behaviors.tamper(updates, ids, step) if self.behaviors else updates
+    ) -> StepPayloads:
         up = np.full((1, len(devices)), self.dense_up_bytes, dtype=np.int64)
-        return Exchange(devices=devices, counts=counts, step=step, up_bytes=up, work=_Work(g, sent))
+        updates = self.device_updates(x, y, counts, devices.tolist(), step)
+        return StepPayloads(devices=devices, counts=counts, step=step, up_bytes=up, updates=updates)
 
-    def payload_bodies(self, ex: Exchange) -> list[bytes]:
-        """Each device's dense gradient as sent (after its behaviour)."""
-        work: _Work = ex.work
-        return [dense_body(t) for t in work.sent]
-
-    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+    def commit(self, ex: StepPayloads, contributed: np.ndarray) -> torch.Tensor | None:
         """Screen and combine the arrived gradients, then one optimizer step (none when
         nothing usable arrived)."""
         self._count(ex, contributed)
-        arrived = np.flatnonzero(contributed).tolist()
+        arrived = [ex.updates[i] for i in np.flatnonzero(contributed)]
         if not arrived:
             return None
-        work: _Work = ex.work
-        ids = ex.devices.tolist()
-        counts = [ex.counts[i] for i in arrived]
-        sent = [work.sent[i] for i in arrived]
+        counts = [round(u.weight) for u in arrived]
+        sent = [u.values for u in arrived if u.values is not None]
         if self.robust is not None:
-            agg, passed = self.robust.combine(ex.step, [ids[i] for i in arrived], sent, counts)
+            agg, passed = self.robust.combine(ex.step, [u.device for u in arrived], sent, counts)
         else:  # a ring's all-reduce: the mean of whatever was sent, unscreened
             agg, passed = aggregate(torch.stack(sent), torch.tensor(counts)), list(range(len(sent)))
         if not passed:
             return None
         keep = [arrived[i] for i in passed]
-        device = work.grads.losses.device
-        w = torch.tensor([ex.counts[i] for i in keep], dtype=torch.float32, device=device)
+        losses = torch.stack([u.loss for u in keep])
+        w = torch.tensor([u.weight for u in keep], dtype=torch.float32, device=losses.device)
         w = w / w.sum()
         if agg is not None:
-            apply_batchnorm_stats(self.model, work.grads.bn_stats, keep, w, self.batchnorms)
+            mean = weighted_mean(batch_stats(keep), w.tolist())
+            apply_batchnorm_mean(self.model, mean, self.batchnorms)
             self.apply(agg)
-        return (work.grads.losses[keep] * w).sum()
+        return (losses * w).sum()

@@ -6,18 +6,17 @@ optimizer. Only the exchange differs: here it is a sum over the members of the c
 quorum (`Collective.allreduce_sum`, torchft's fault-tolerant all-reduce in `torchft_quorum.py`).
 
 Per step, every member first sums a small table: one slot per member (its device index,
-samples, measured speed, loss, payload bytes, work seconds) plus its BatchNorm batch
-statistics times its samples. Then, by scheme:
+weight, measured speed, loss, payload bytes, work seconds) plus its update's extras
+(BatchNorm statistics) times its weight. Then, by how the strategy's updates combine
+(`FleetStrategy.combine`):
 
-* dense (no compression): the gradient times its samples rides in the same sum;
-* single-round compressors: each member writes its encoded payload at its own offset of a
-  byte buffer, zeros elsewhere, and the sum of those buffers is every payload end to end (an
-  all-gather carried by the one fault-tolerant collective). Every member decodes every
-  payload with the codec and aggregates exactly as the simulator's parameter server does;
-* PowerSGD: its two rounds, each a sum of the members' weighted factors;
-* federated (`exchange_update`): each sampled client's round update and BatchNorm
-  statistics, times its weight, in the same sum; every member applies the mean with the
-  server optimizer (`Federated.apply_round`, as the simulator does).
+* `sum` (dense data-parallel, federated): the packed update times its weight rides in the
+  same sum; every member applies the mean (`apply_aggregate`, as the simulator does);
+* `payloads` (single-round compressors): each member writes its encoded payload at its own
+  offset of a byte buffer, zeros elsewhere, and the sum of those buffers is every payload
+  end to end (an all-gather carried by the one fault-tolerant collective). Every member
+  decodes every payload and aggregates exactly as the simulator's parameter server does;
+* `rounds` (PowerSGD): each round a sum of the members' weighted factors.
 
 A member that is healing (torchft zeroes its contribution) or whose share is empty sends
 nothing and still applies the step. `commit` runs only if torchft says every member's
@@ -34,14 +33,7 @@ import numpy as np
 import torch
 
 from edgeddl.compress.codec import CodecError
-from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.per_device import (
-    DeviceGradients,
-    apply_batchnorm_stats,
-    tracking_batchnorms,
-)
+from edgeddl.strategy.base import Aggregate, FleetStrategy, Update
 
 SLOT = 6
 """Values per member in the step's table: device index + 1, samples, speed (smoothed),
@@ -52,17 +44,6 @@ class Collective(Protocol):
     def allreduce_sum(self, t: torch.Tensor) -> bool:
         """Sum `t` in place over the members; False if the exchange failed (do not use `t`)."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class ClientUpdate:
-    """A federated client's round: its update, its BatchNorm statistics (float buffers,
-    flat), its weight in the mean and its mean local loss."""
-
-    delta: torch.Tensor
-    buffers: list[torch.Tensor]
-    weight: float
-    loss: float
 
 
 class ExchangeError(ValueError):
@@ -132,19 +113,15 @@ class AllReduceStep:
     """
 
     def __init__(
-        self, strategy: DataParallel, device: int, comm: torch.device | str = "cpu"
+        self, strategy: FleetStrategy, device: int, comm: torch.device | str = "cpu"
     ) -> None:
         self.strategy = strategy
         self.device = device
         self.comm = torch.device(comm)
-        bns = tracking_batchnorms(strategy.batchnorms)
-        self._bn_sizes = [int(m.num_features) for m in bns]
-        self._bn_len = 2 * sum(self._bn_sizes)
 
     def exchange(
         self,
-        g: DeviceGradients | None,
-        share: int,
+        update: Update | None,
         speed: float,
         slot: int | None,
         members: int,
@@ -152,84 +129,45 @@ class AllReduceStep:
         collective: Collective,
         work_s: float = 0.0,
     ) -> Pending | None:
-        """Sum this device's contribution (`g` on `share` samples; None: it sends nothing)
-        with the members'. None if the exchange failed or nobody had samples; raises
+        """Sum this device's `update` (None: it sends nothing: not sampled, healing, or no
+        share) with the members'. None if the exchange failed or nobody had samples (a
+        federated round nobody was sampled for commits without an update); raises
         `ExchangeError` if a member's contribution cannot be read."""
         s = self.strategy
-        grad = g.grads[0] if g is not None and slot is not None else None
-        inputs: torch.Tensor | None = None
-        data = b""
-        if grad is not None and isinstance(s, CompressedDataParallel):
-            s.add_weight_decay([grad])
-            inputs = s.compensate([self.device], [grad], step)[0]
-            if s.phased is None:
-                data = s.encode(self.device, inputs, step)
-        table = torch.zeros(members * SLOT + self._bn_len, device=self.comm)
-        if g is not None and slot is not None:
-            loss = float(g.losses[0]) * share
-            table[slot * SLOT : (slot + 1) * SLOT] = torch.tensor(
-                [self.device + 1, share, speed, loss, len(data), work_s], device=self.comm
-            )
-            if self._bn_len:
-                flat = [v.reshape(-1) for layer in g.bn_stats for v in layer[0]]
-                table[members * SLOT :] = torch.cat(flat).to(self.comm) * share
-        if not isinstance(s, CompressedDataParallel):
-            return self._dense(table, grad, share, members, collective)
-        if not collective.allreduce_sum(table):
+        mine = update if slot is not None else None
+        dense = s.combine == "sum"
+        contribution = None
+        if mine is not None:
+            flat = mine.packed() if dense else mine.extras()
+            size = s.dense_up_bytes if dense else len(mine.payload or b"")
+            weight = mine.weight
+            contribution = Contribution(flat, weight, float(mine.loss), size, work_s, speed)
+        size = s.numel * dense + s.extras_size()
+        summed = sum_weighted(contribution, size, self.device, slot, members, collective, self.comm)
+        if summed is None:
             return None
-        outcome = read_table(table, members)
+        outcome, mean, rows = summed
         if outcome.total <= 0:
-            return None
-        outcome.wire_bytes = ring_bytes(_nbytes(table), members)
-        apply = self._bn_update(table, members, outcome.total)
-        if s.phased is not None:
-            return self._phased(s, outcome, apply, grad, inputs, share, members, step, collective)
-        return self._gathered(
-            s, outcome, apply, table, grad, inputs, data, slot, members, step, collective
-        )
+            return Pending(outcome, []) if s.sampled else None
+        if dense:
+            agg = Aggregate(values=mean[: s.numel], extras=mean[s.numel :])
+            return Pending(outcome, [lambda: s.apply_aggregate(agg, outcome.devices)])
+        if s.combine == "rounds":
+            return self._rounds(outcome, mean, mine, members, step, collective)
+        return self._gathered(outcome, mean, rows, mine, slot, members, step, collective)
 
-    def _dense(
+    def _rounds(
         self,
-        table: torch.Tensor,
-        grad: torch.Tensor | None,
-        share: int,
-        members: int,
-        collective: Collective,
-    ) -> Pending | None:
-        """The gradient times its samples rides in the table's sum."""
-        s = self.strategy
-        own = grad * share if grad is not None else torch.zeros(s.numel)
-        buf = torch.cat([table, own.to(self.comm, table.dtype)])
-        if not collective.allreduce_sum(buf):
-            return None
-        head = buf[: table.numel()]
-        outcome = read_table(head, members)
-        if outcome.total <= 0:
-            return None
-        outcome.wire_bytes = ring_bytes(_nbytes(buf), members)
-        outcome.payload_bytes = s.dense_up_bytes if grad is not None else 0
-        agg = buf[table.numel() :] / outcome.total
-        apply = self._bn_update(head, members, outcome.total)
-        apply.append(lambda: s.apply(agg.to(s.params[0].device)))
-        return Pending(outcome, apply)
-
-    def _phased(
-        self,
-        s: CompressedDataParallel,
         outcome: StepOutcome,
-        apply: list[Apply],
-        grad: torch.Tensor | None,
-        inputs: torch.Tensor | None,
-        share: int,
+        extras: torch.Tensor,
+        mine: Update | None,
         members: int,
         step: int,
         collective: Collective,
     ) -> Pending | None:
-        """PowerSGD: each round's factors, weighted by samples, summed over the members."""
-        assert s.phased is not None
-        phased = s.phased
-        x = inputs if inputs is not None else torch.zeros(s.numel, device=s.params[0].device)
-        weight = torch.tensor([share / outcome.total if inputs is not None else 0.0])
+        """A multi-round scheme (PowerSGD): each round's weighted factors summed over the
+        members."""
+        s = self.strategy
         failed: list[bool] = []
 
         def reduce(v: torch.Tensor) -> torch.Tensor:
@@ -238,37 +176,35 @@ class AllReduceStep:
             outcome.wire_bytes += ring_bytes(_nbytes(buf), members)
             return buf.to(v.device)
 
-        result = phased.run([x], weight.to(x.device), step, reduce=reduce)
+        weight = mine.weight / outcome.total if mine is not None else 0.0
+        result, nbytes = s.run_rounds(mine, weight, step, reduce)
         if any(failed):
             return None
-        if inputs is not None:
-            codec = s.codecs[self.device]
-            outcome.payload_bytes = sum(len(codec.encode(p[0])) for p in result.payloads)
+        outcome.payload_bytes = nbytes
 
         def finish() -> None:
-            phased.commit(result)
-            if grad is not None and inputs is not None:
-                s.remember(self.device, grad, inputs, result.sent[0])
-            s.apply(result.aggregate)
+            s.commit_rounds(result)
+            if mine is not None:
+                s.on_commit(mine, result.sent[0])
+            agg = Aggregate(values=result.aggregate, extras=extras)
+            s.apply_aggregate(agg, outcome.devices)
 
-        return Pending(outcome, [*apply, finish])
+        return Pending(outcome, [finish])
 
     def _gathered(
         self,
-        s: CompressedDataParallel,
         outcome: StepOutcome,
-        apply: list[Apply],
-        table: torch.Tensor,
-        grad: torch.Tensor | None,
-        inputs: torch.Tensor | None,
-        data: bytes,
+        extras: torch.Tensor,
+        rows: list[list[float]],
+        mine: Update | None,
         slot: int | None,
         members: int,
         step: int,
         collective: Collective,
     ) -> Pending | None:
-        """Single-round compressors: every member's encoded payload, end to end."""
-        rows = table[: members * SLOT].view(members, SLOT).tolist()
+        """Single-round payloads: every member's encoded payload, end to end."""
+        s = self.strategy
+        data = mine.payload or b"" if mine is not None else b""
         sizes = [int(r[4]) for r in rows]
         limit = 2 * s.dense_up_bytes + 64
         if any(n < 0 or n > limit for n in sizes):
@@ -291,10 +227,8 @@ class AllReduceStep:
             d, n = int(r[0]) - 1, round(r[1])
             if d < 0 or n <= 0:
                 continue
-            if d >= len(s.settings):
-                raise ExchangeError(f"step {step}: a member claims to be device {d}")
             try:
-                received.append(s.decode(d, raw[offsets[k] : offsets[k + 1]]))
+                received.append(s.decode_body(d, raw[offsets[k] : offsets[k + 1]]))
             except CodecError as e:
                 raise ExchangeError(f"step {step}: device {d}'s payload: {e}") from None
             senders.append(d)
@@ -309,59 +243,13 @@ class AllReduceStep:
             }
 
         def finish() -> None:
-            sent, agg = s.aggregate(senders, weights, received, step)
+            agg = s.aggregate(step, senders, weights, received)
             assert agg is not None  # None only from a robust screen, which a real fleet refuses
-            if grad is not None and inputs is not None:
-                s.remember(self.device, grad, inputs, sent[senders.index(self.device)])
-            s.apply(agg)
+            if mine is not None and data:
+                s.on_commit(mine, agg.sent[senders.index(self.device)])
+            s.apply_aggregate(Aggregate(agg.values, extras, agg.sent), outcome.devices)
 
-        return Pending(outcome, [*apply, finish])
-
-    def exchange_update(
-        self,
-        update: ClientUpdate | None,
-        slot: int | None,
-        members: int,
-        collective: Collective,
-        work_s: float = 0.0,
-    ) -> Pending | None:
-        """Federated: sum this client's weighted update (None: it was not sampled, or is
-        healing) with the members'. The table's samples slot carries the client's weight
-        (its shard size, or 1); the mean update and BatchNorm statistics follow from the sum.
-        A round nobody was sampled for commits as a round without an update."""
-        s = self.strategy
-        assert isinstance(s, Federated)
-        floats = [b for b in s.buffers if b.is_floating_point()]
-        size = s.numel + sum(b.numel() for b in floats)
-        mine = None
-        if update is not None:
-            flat = torch.cat([update.delta, *update.buffers])
-            mine = Contribution(flat, update.weight, update.loss, s.dense_up_bytes, work_s)
-        summed = sum_weighted(mine, size, self.device, slot, members, collective, self.comm)
-        if summed is None:
-            return None
-        outcome, mean_flat = summed
-        if outcome.total <= 0:
-            return Pending(outcome, [])
-        flat = mean_flat.to(s.params[0].device)
-        mean, rest = flat[: s.numel], flat[s.numel :]
-        means = list(rest.split([b.numel() for b in floats]))
-        means = [m.view_as(b) for m, b in zip(means, floats, strict=True)]
-        return Pending(outcome, [lambda: s.apply_round(mean, means, outcome.devices)])
-
-    def _bn_update(self, table: torch.Tensor, members: int, total: int) -> list[Apply]:
-        """Running statistics from the members' sample-weighted batch statistics."""
-        if not self._bn_len:
-            return []
-        flat = table[members * SLOT :] / total
-        stats, at = [], 0
-        for n in self._bn_sizes:
-            stats.append([(flat[at : at + n], flat[at + n : at + 2 * n])])
-            at += 2 * n
-        model, layers = self.strategy.model, self.strategy.batchnorms
-        target = self.strategy.params[0].device
-        stats = [[(m.to(target), v.to(target)) for m, v in layer] for layer in stats]
-        return [lambda: apply_batchnorm_stats(model, stats, [0], torch.ones(1), layers)]
+        return Pending(outcome, [finish])
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,10 +273,11 @@ def sum_weighted(
     members: int,
     collective: Collective,
     comm: torch.device,
-) -> tuple[StepOutcome, torch.Tensor] | None:
+) -> tuple[StepOutcome, torch.Tensor, list[list[float]]] | None:
     """Sum `mine` (None, or no slot: this member sends nothing) times its weight with the
-    members' in one collective: the step's table and the weighted mean of the `size` values
-    (zeros if nobody contributed). None if the exchange failed."""
+    members' in one collective: the step's table read out, the weighted mean of the `size`
+    values (zeros if nobody contributed) and the table's rows. None if the exchange
+    failed."""
     own = torch.zeros(members * SLOT + size)
     if mine is not None and slot is not None:
         w = mine.weight
@@ -403,7 +292,8 @@ def sum_weighted(
     outcome = read_table(buf, members)
     outcome.wire_bytes = ring_bytes(_nbytes(buf), members)
     outcome.payload_bytes = mine.payload_bytes if mine is not None and slot is not None else 0
-    return outcome, buf[members * SLOT :] / max(outcome.total, 1)
+    rows = buf[: members * SLOT].view(members, SLOT).tolist()
+    return outcome, buf[members * SLOT :] / max(outcome.total, 1), rows
 
 
 def read_table(table: torch.Tensor, members: int) -> StepOutcome:

@@ -38,7 +38,7 @@ from torch import nn
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
-from edgeddl.runtime.fleet.allreduce import AllReduceStep, ClientUpdate, ExchangeError, checksum
+from edgeddl.runtime.fleet.allreduce import AllReduceStep, ExchangeError, checksum
 from edgeddl.runtime.fleet.checkpoint import (
     KEY_CHECKPOINT,
     KEY_CHECKPOINT_STEP,
@@ -60,11 +60,8 @@ from edgeddl.runtime.fleet.store import (
 )
 from edgeddl.security.parties import DeviceParty
 from edgeddl.strategy.balance import balance_shares
+from edgeddl.strategy.base import Strategy, Update
 from edgeddl.strategy.build import build_split, build_strategy
-from edgeddl.strategy.data_parallel import DataParallel
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.per_device import per_device_gradients
-from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.threads import scenario_threads
 from edgeddl.workload import Workload, build_workload
 
@@ -92,22 +89,22 @@ class DeviceRun:
         self.w: Workload = build_workload(scenario)
         w = self.w
         torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
-        self.strategy: DataParallel | SplitLearning
+        self.strategy: Strategy
         self.split: SplitDevice | None = None
+        self.sealed: SecureDevice | None = None
         if scenario.train.strategy == "split":
-            self.strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
+            split = build_split(scenario, w.model, w.task.loss_fn, w.info)
             seal = DeviceParty(scenario, idx, opts.name) if scenario.security.enabled else None
-            self.split = SplitDevice(self.strategy, idx, opts.name, comm, opts.timeout_s, seal=seal)
+            self.split = SplitDevice(split, idx, opts.name, comm, opts.timeout_s, seal=seal)
+            self.strategy = split
         else:
             shard_sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
-            self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
-            self.replica = AllReduceStep(self.strategy, idx, comm)
-        self.sealed: SecureDevice | None = None
-        if scenario.security.enabled and not isinstance(self.strategy, SplitLearning):
-            # payloads go sealed to the coordinator (split learning seals its cut tensors)
-            self.sealed = SecureDevice(
-                scenario, self.strategy, idx, opts.name, comm, opts.timeout_s
-            )
+            local, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
+            self.strategy, self.local = local, local
+            self.replica = AllReduceStep(local, idx, comm)
+            if scenario.security.enabled:
+                # payloads go sealed to the coordinator (split learning seals its cut tensors)
+                self.sealed = SecureDevice(scenario, local, idx, opts.name, comm, opts.timeout_s)
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
         batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in w.model.modules())
         self.min_share = 2 if batchnorm else 1  # a batch statistic needs two samples
@@ -154,7 +151,7 @@ class DeviceRun:
         engine.catch_up(int(ck["step"]), int(ck["batches_committed"]))
 
     def step(self, engine: Quorum, store: Any) -> None:
-        st, s = self.stats, self.strategy
+        st = self.stats
         t0 = time.perf_counter()
         members, slot = engine.start_step()
         if store.check([KEY_DONE]):
@@ -164,36 +161,25 @@ class DeviceRun:
         share = self._my_share(members)
         step = engine.current_step()
         t1 = time.perf_counter()
-        g, speed, data_s, work_s, link_s = None, 0.0, 0.0, 0.0, 0.0
-        update: ClientUpdate | None = None
+        speed, data_s, work_s, link_s = 0.0, 0.0, 0.0, 0.0
+        update: Update | None = None
         done: tuple[float, int, float, float, int] | None = None
         if self.split is not None:
             done, data_s, work_s, link_s = self._split_work(engine, store, slot, share, step, t1)
             speed = done[2] if done is not None else 0.0
-        elif isinstance(s, Federated):
-            update, share, data_s, work_s = self._client_round(s, slot, step, t1)
-        elif slot is not None and share > 0:
-            assert not isinstance(s, SplitLearning)
-            x, y = self._batch(share)
-            data_s = time.perf_counter() - t1
-            g = per_device_gradients(s.model, s.params, s.loss_fn, x, y, [share], s.batchnorms)
-            data_s = self._pace(share, t1, data_s)
-            work_s = time.perf_counter() - t1
-            speed = self._measured_speed(work_s / share)
+        else:
+            update, share, data_s, work_s, speed = self._local_work(slot, share, step, t1)
         t2 = time.perf_counter()
         try:
             if self.split is not None:
                 pending = self.split.exchange(store, done, slot, members, step, engine)
             elif self.sealed is not None:
-                work = update if isinstance(s, Federated) else g
                 pending = self.sealed.exchange(
-                    store, work, share, speed, slot, members, step, engine, work_s
+                    store, update, speed, slot, members, step, engine, work_s
                 )
-            elif isinstance(s, Federated):
-                pending = self.replica.exchange_update(update, slot, members, engine, work_s)
             else:
                 pending = self.replica.exchange(
-                    g, share, speed, slot, members, step, engine, work_s=work_s
+                    update, speed, slot, members, step, engine, work_s=work_s
                 )
         except ExchangeError as e:  # every member read the same bytes: all give up
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
@@ -217,7 +203,7 @@ class DeviceRun:
             raise RestartRequired("stopped by the engine")
         t4 = time.perf_counter()
         idle = 0.0
-        worked = g is not None or update is not None or done is not None
+        worked = update is not None or done is not None
         if pending is not None and worked:  # waiting inside the sum for a slower member
             out = pending.outcome
             slowest = max(
@@ -250,14 +236,9 @@ class DeviceRun:
         self._after_commit(engine, store, engine.current_step(), out.loss, members)
 
     def _batch(self, share: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This device's next `share` samples of its own shard (labels flipped if the
-        scenario makes it a label-flipping device)."""
+        """This device's next `share` samples of its own shard."""
         rows = torch.from_numpy(self.sampler.take(self.idx, share)).to(self.w.x_train.device)
-        y = self.w.y_train[rows]
-        s = self.strategy
-        if isinstance(s, DataParallel) and s.behaviors is not None:
-            y = s.behaviors.poison_labels(y, [share], [self.idx])
-        return self.w.x_train[rows], y
+        return self.w.x_train[rows], self.w.y_train[rows]
 
     def _measured_speed(self, own_s_per_sample: float) -> float:
         """Samples per second, smoothed over steps (one step is noisy)."""
@@ -284,8 +265,7 @@ class DeviceRun:
         except LinkError as e:  # refused, or the link failed: it sits this step out
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
             return None, data_s, time.perf_counter() - t1, 0.0
-        assert isinstance(self.strategy, SplitLearning)
-        c = self.strategy.cost
+        c = self.split.s.cost
         data_s = self._pace(
             share,
             t1,
@@ -298,24 +278,29 @@ class DeviceRun:
         speed = self._measured_speed(work_s / share)
         return (loss, share, speed, work_s, sent), data_s, work_s, link_s
 
-    def _client_round(
-        self, s: Federated, slot: int | None, round_index: int, t1: float
-    ) -> tuple[ClientUpdate | None, int, float, float]:
-        """Federated: this device's round if the round's sample (seeded, over the scenario's
-        devices) picked it: (update, samples, data-loading s, work s). A sampled device that
-        is absent simply sends nothing, like a client that dropped out."""
-        clients, samples, steps = s.plan_round(np.arange(len(self.names)), round_index)
-        if slot is None or self.idx not in clients:
-            return None, 0, 0.0, 0.0
-        i = int(np.flatnonzero(clients == self.idx)[0])
-        share, num_steps = int(samples[i]), int(steps[i])
+    def _local_work(
+        self, slot: int | None, share: int, step: int, t1: float
+    ) -> tuple[Update | None, int, float, float, float]:
+        """This device's update if it takes part: (update, samples, data-loading s, work s,
+        measured speed). A federated round's seeded sample (over the scenario's devices)
+        decides who trains; a sampled device that is absent simply sends nothing, like a
+        client that dropped out."""
+        s, num_steps = self.local, 1
+        plan = s.plan(np.arange(len(self.names)), step)
+        if plan is not None:
+            if slot is None or self.idx not in plan.devices:
+                return None, 0, 0.0, 0.0, 0.0
+            i = int(np.flatnonzero(plan.devices == self.idx)[0])
+            share, num_steps = int(plan.samples[i]), int(plan.local_steps[i])
+        elif slot is None or share <= 0:
+            return None, share, 0.0, 0.0, 0.0
         x, y = self._batch(share)
         data_s = time.perf_counter() - t1
-        delta, buffers, loss = s.client_update(x, y, num_steps)
+        update = s.local_update(self.idx, x, y, step)
         data_s = self._pace(share, t1, data_s, num_steps)
-        floats = [b.reshape(-1) for b in buffers if b.is_floating_point()]
-        update = ClientUpdate(delta, floats, s.client_weight(self.idx), float(loss))
-        return update, share, data_s, time.perf_counter() - t1
+        work_s = time.perf_counter() - t1
+        speed = self._measured_speed(work_s / share) if plan is None else 0.0
+        return update, share, data_s, work_s, speed
 
     def _pace(
         self,

@@ -36,78 +36,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeddl.compress.bitpack import CodecError
-from edgeddl.compress.codec import Codec
+from edgeddl.compress.codec import dense_body
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.runtime.fleet.allreduce import checksum
 from edgeddl.security.ledger import model_digest
 from edgeddl.security.parties import CoordinatorParty
+from edgeddl.strategy.base import Aggregate, FleetStrategy
 from edgeddl.strategy.build import build_strategy
-from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel, dense_body
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.per_device import apply_batchnorm_stats, tracking_batchnorms
 from edgeddl.threads import scenario_threads
 from edgeddl.workload import build_workload
-
-
-def dense_values(data: bytes, numel: int, finite: bool = True) -> torch.Tensor:
-    """The float32 values of a `dense_body` (CodecError if it is not one of `numel`, or,
-    with `finite`, if any is not finite)."""
-    payload = Codec().decode(data, numel)
-    if payload.values is None or payload.values.numel() != numel or payload.indices is not None:
-        raise CodecError(f"expected {numel} dense values")
-    values = payload.values.float()
-    if finite and not torch.isfinite(values).all():
-        raise CodecError("values that are not finite")
-    return values
-
-
-def batchnorm_size(strategy: DataParallel) -> int:
-    """How many values a device's BatchNorm batch statistics take (means and variances)."""
-    return 2 * sum(int(m.num_features) for m in tracking_batchnorms(strategy.batchnorms))
-
-
-def apply_batchnorm(strategy: DataParallel, flat: torch.Tensor) -> None:
-    """Running statistics from the step's sample-weighted mean batch statistics (`flat`)."""
-    stats, at = [], 0
-    for m in tracking_batchnorms(strategy.batchnorms):
-        n = int(m.num_features)
-        stats.append([(flat[at : at + n], flat[at + n : at + 2 * n])])
-        at += 2 * n
-    if stats:
-        apply_batchnorm_stats(strategy.model, stats, [0], torch.ones(1), strategy.batchnorms)
-
-
-def robust_aggregate(
-    s: DataParallel, step: int, devices: list[int], w: list[float], updates: list[torch.Tensor]
-) -> torch.Tensor | None:
-    """The robust rule on the updates' model part (gradients, or federated deltas); the rest
-    (BatchNorm statistics, or buffers) is the weighted mean of the updates that passed the
-    screen, as in the simulator. None: nothing usable (the step changes nothing)."""
-    assert s.robust is not None
-    n = s.numel
-    mean, passed = s.robust.combine(step, devices, [u[:n] for u in updates], w)
-    if mean is None:
-        return None
-    kept = torch.tensor([w[i] for i in passed], dtype=torch.float32)
-    kept = kept / kept.sum()
-    rest = sum(wi * updates[i][n:] for wi, i in zip(kept.tolist(), passed, strict=True))
-    return torch.cat([mean.float(), torch.as_tensor(rest, dtype=torch.float32).reshape(-1)])
-
 
 NOTHING_USABLE = b""
 """The aggregate's body when a robust screen left nothing usable: the step changes nothing."""
 
 
 @dataclass(frozen=True, slots=True)
-class Aggregate:
-    """A step's aggregate: its body as sealed for the devices, its values (None: nothing
+class StepAggregate:
+    """A step's aggregate: its body as sealed for the devices, the aggregate (None: nothing
     usable) and the updates the robust screen refused (device -> reason)."""
 
     body: bytes
-    values: torch.Tensor | None
+    aggregate: Aggregate | None
     screened: dict[int, str]
 
 
@@ -124,9 +74,9 @@ class SecureCoordinator:
         # the same threads as the devices: the replicas' sums must agree to the bit
         torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
         sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
+        self.strategy: FleetStrategy
         self.strategy, _ = build_strategy(scenario, w.model, w.task.loss_fn, sizes)
-        self.bn_size = batchnorm_size(self.strategy)
-        if self.bn_size and isinstance(self.strategy, CompressedDataParallel):
+        if self.strategy.combine != "sum" and self.strategy.extras_size():
             raise ConfigError(
                 "security.enabled: a compressed payload carries no BatchNorm statistics on a "
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
@@ -135,7 +85,7 @@ class SecureCoordinator:
         self.lock = threading.Lock()
         self.updates: dict[int, dict[int, tuple[Any, int]]] = {}
         """Step -> device -> (its decoded update, its ledger entry)."""
-        self.aggregates: dict[tuple[int, tuple[int, ...]], Aggregate] = {}
+        self.aggregates: dict[tuple[int, tuple[int, ...]], StepAggregate] = {}
         self.committed: set[int] = set()
 
     def max_request_bytes(self, op: str) -> int:
@@ -158,7 +108,9 @@ class SecureCoordinator:
                 return self.seal.hello(name), 0.0
             if op == "update":
                 wire = parts[0] if parts else b""
-                update, entry = self.seal.open(name, step, wire, lambda b: self._decode(device, b))
+                update, entry = self.seal.open(
+                    name, step, wire, lambda b: self.strategy.decode_body(device, b)
+                )
                 self.updates.setdefault(step, {})[device] = (update, entry)
                 return self.seal.head_json(), 0.0
             if op in ("aggregate", "commit"):
@@ -170,18 +122,7 @@ class SecureCoordinator:
                 return self.seal.seal(name, result.body, step), 0.0
         raise ValueError(f"{op} is not a request of a secured fleet")
 
-    def _decode(self, device: int, body: bytes) -> Any:
-        s = self.strategy
-        # With a robust screen, non-finite values are its to refuse (as in the simulator)
-        finite = s.robust is None
-        if isinstance(s, Federated):
-            floats = sum(b.numel() for b in s.buffers if b.is_floating_point())
-            return dense_values(body, s.numel + floats, finite)
-        if isinstance(s, CompressedDataParallel):
-            return s.decode(device, body)
-        return dense_values(body, s.numel + self.bn_size, finite)
-
-    def _aggregate(self, step: int, devices: tuple[int, ...], weights: list[int]) -> Aggregate:
+    def _aggregate(self, step: int, devices: tuple[int, ...], weights: list[int]) -> StepAggregate:
         """The step's aggregate of `devices`' updates (each once per step and devices)."""
         key = (step, devices)
         if key in self.aggregates:
@@ -193,37 +134,22 @@ class SecureCoordinator:
         total = float(sum(weights))
         w = [x / total for x in weights]
         s = self.strategy
-        updates = [got[d][0] for d in devices]
-        agg: torch.Tensor | None
-        if isinstance(s, CompressedDataParallel):  # its screen and rule, when it has them
-            _, agg = s.aggregate(list(devices), w, updates, step)
-        elif s.robust is not None:
-            agg = robust_aggregate(s, step, list(devices), w, updates)
-        else:
-            agg = sum(wi * u for u, wi in zip(updates, w, strict=True))
-        body = dense_body(agg) if agg is not None else NOTHING_USABLE
-        result = Aggregate(body, agg, s.screened_at(step))
+        agg = s.aggregate(step, list(devices), w, [got[d][0] for d in devices])
+        body = dense_body(torch.cat([agg.values, agg.extras])) if agg else NOTHING_USABLE
+        result = StepAggregate(body, agg, s.screened_at(step))
         self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] > step - KEEP_STEPS}
         self.aggregates[key] = result
         return result
 
-    def _commit(self, step: int, devices: tuple[int, ...], result: Aggregate) -> None:
+    def _commit(self, step: int, devices: tuple[int, ...], result: StepAggregate) -> None:
         """Apply the step's aggregate to the coordinator's replica, once; record it."""
         if step in self.committed:
             return
-        s, agg = self.strategy, result.values
         used = [d for d in devices if d not in result.screened]
-        if agg is not None and isinstance(s, Federated):  # None: the model stays as it is
-            floats = [b for b in s.buffers if b.is_floating_point()]
-            rest = list(agg[s.numel :].split([b.numel() for b in floats]))
-            means = [m.view_as(b) for m, b in zip(rest, floats, strict=True)]
-            # every member, screened or not, counts for num_batches_tracked: the devices
-            # apply the same without knowing who was screened
-            s.apply_round(agg[: s.numel], means, list(devices))
-        elif agg is not None:
-            s.apply(agg[: s.numel])
-            if not isinstance(s, CompressedDataParallel):
-                apply_batchnorm(s, agg[s.numel :])
+        if result.aggregate is not None:  # None: the model stays as it is
+            # every member, screened or not, counts (a federated round's
+            # num_batches_tracked): the devices apply the same without knowing who was
+            self.strategy.apply_aggregate(result.aggregate, list(devices))
         self.committed.add(step)
         entry = {d: self.updates[step][d][1] for d in devices}
         screened = {entry[d]: why for d, why in result.screened.items() if d in entry}
@@ -241,7 +167,8 @@ class SecureCoordinator:
         with self.lock:
             out = self.seal.close(self.digest())
             out["security"]["coordinator_checksum"] = checksum(self.strategy.model)
-            return out | self.strategy.robust_summary()
+            robust = self.strategy.report().get("robust")
+            return out | ({"robust": robust} if robust is not None else {})
 
 
 def read_table(parts: list[bytes]) -> tuple[tuple[int, ...], list[int]]:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from edgeddl.compress.bitpack import CodecError
+from edgeddl.compress.codec import dense_values
 from edgeddl.config.schema import Scenario
 from edgeddl.runtime.fleet.allreduce import (
-    ClientUpdate,
     Collective,
     Contribution,
     ExchangeError,
@@ -34,18 +34,10 @@ from edgeddl.runtime.fleet.allreduce import (
     sum_weighted,
 )
 from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
-from edgeddl.runtime.fleet.secure_coordinator import (
-    NOTHING_USABLE,
-    apply_batchnorm,
-    batchnorm_size,
-    dense_values,
-)
+from edgeddl.runtime.fleet.secure_coordinator import NOTHING_USABLE
 from edgeddl.runtime.fleet.split_device import Link
 from edgeddl.security.parties import DeviceParty
-from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel, dense_body
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.per_device import DeviceGradients
+from edgeddl.strategy.base import Aggregate, FleetStrategy, Update
 
 
 class SecureDevice:
@@ -54,7 +46,7 @@ class SecureDevice:
     def __init__(
         self,
         scenario: Scenario,
-        strategy: DataParallel,
+        strategy: FleetStrategy,
         idx: int,
         name: str,
         comm: torch.device,
@@ -64,7 +56,6 @@ class SecureDevice:
         self.seal = DeviceParty(scenario, idx, name)
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s, self.connect = timeout_s, connect
-        self.bn_size = batchnorm_size(strategy)
         self._link: Link | None = None
         self._store: Any = None
         self.refused = 0
@@ -80,8 +71,7 @@ class SecureDevice:
     def exchange(
         self,
         store: Any,
-        work: DeviceGradients | ClientUpdate | None,
-        share: int,
+        update: Update | None,
         speed: float,
         slot: int | None,
         members: int,
@@ -89,16 +79,17 @@ class SecureDevice:
         collective: Collective,
         work_s: float = 0.0,
     ) -> Pending | None:
-        """This step over the coordinator: `work` (None: nothing to send) sealed up, the
+        """This step over the coordinator: `update` (None: nothing to send) sealed up, the
         table summed, the aggregate fetched and checked. None if the sum failed or nobody's
         payload was accepted; ExchangeError if the aggregate cannot be had."""
         s, k = self.s, self.idx
-        body, weight, loss, remember = self._body(work, share, step)
         mine = None
-        if body is not None and slot is not None:
-            sent = self._send(store, body, share, step)
+        if update is not None and slot is not None:
+            sent = self._send(store, update.body(), round(update.weight), step)
             if sent:
-                mine = Contribution(torch.zeros(0), weight, loss, sent, work_s, speed)
+                mine = Contribution(
+                    torch.zeros(0), update.weight, float(update.loss), sent, work_s, speed
+                )
         summed = sum_weighted(mine, 0, k, slot, members, collective, self.comm)
         if summed is None or summed[0].total <= 0:
             return None
@@ -107,49 +98,13 @@ class SecureDevice:
         table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
         agg = self._aggregate(store, step, table)
         apply = []
-        if agg is None:  # a robust screen left nothing usable: the step changes nothing
-            if remember is not None and mine is not None:
-                apply.append(remember)
-        elif isinstance(s, Federated):
-            floats = [b for b in s.buffers if b.is_floating_point()]
-            rest = list(agg[s.numel :].split([b.numel() for b in floats]))
-            means = [m.view_as(b) for m, b in zip(rest, floats, strict=True)]
-            apply.append(lambda: s.apply_round(agg[: s.numel], means, outcome.devices))
-        else:
-            if remember is not None and mine is not None:
-                apply.append(remember)
-            apply.append(lambda: s.apply(agg[: s.numel].to(s.params[0].device)))
-            if not isinstance(s, CompressedDataParallel):
-                apply.append(lambda: apply_batchnorm(s, agg[s.numel :]))
+        if mine is not None and update is not None:  # its memory keeps what it did not send
+            carried = s.reconstruct(update, step) if s.combine == "payloads" else None
+            apply.append(lambda: s.on_commit(update, carried))
+        if agg is not None:  # None: a robust screen left nothing usable, the model stays
+            apply.append(lambda: s.apply_aggregate(agg, outcome.devices))
         apply.append(lambda: self._tell(store, step, table))
         return Pending(outcome, apply)
-
-    def _body(
-        self, work: DeviceGradients | ClientUpdate | None, share: int, step: int
-    ) -> tuple[bytes | None, float, float, Callable[[], None] | None]:
-        """(the payload's body, its weight, the loss, what to remember once committed)."""
-        s, k = self.s, self.idx
-        if work is None:
-            return None, 0.0, 0.0, None
-        if isinstance(work, ClientUpdate):
-            delta = self._behave(work.delta, step)
-            return dense_body(torch.cat([delta, *work.buffers])), work.weight, work.loss, None
-        grad, loss = self._behave(work.grads[0], step), float(work.losses[0])
-        if isinstance(s, CompressedDataParallel):
-            s.add_weight_decay([grad])
-            inputs = s.compensate([k], [grad], step)[0]
-            data = s.encode(k, inputs, step)
-            sent = s.decompressed(k, data, step)
-            return data, float(share), loss, lambda: s.remember(k, grad, inputs, sent)
-        stats = [v.reshape(-1) for layer in work.bn_stats for v in layer[0]]
-        return dense_body(torch.cat([grad, *stats])), float(share), loss, None
-
-    def _behave(self, update: torch.Tensor, step: int) -> torch.Tensor:
-        """What this device sends instead of its honest `update`: the scenario's
-        `behavior` (a misbehaving device, to try robust rules on; label flips happen
-        before training)."""
-        behaviors = self.s.behaviors
-        return update if behaviors is None else behaviors.tamper([update], [self.idx], step)[0]
 
     def _send(self, store: Any, body: bytes, share: int, step: int) -> int:
         """Seal and send; the bytes sent if the coordinator accepted it, else 0."""
@@ -165,7 +120,7 @@ class SecureDevice:
         self.seal.saw(json.loads(reply))
         return len(wire)
 
-    def _aggregate(self, store: Any, step: int, table: bytes) -> torch.Tensor | None:
+    def _aggregate(self, store: Any, step: int, table: bytes) -> Aggregate | None:
         """The coordinator's aggregate of the step's senders, checked (None: a robust
         screen left nothing usable)."""
         try:
@@ -174,16 +129,15 @@ class SecureDevice:
             self._link = None
             raise ExchangeError(f"step {step}: no aggregate ({e})") from None
         s = self.s
-        size = s.numel + (
-            sum(b.numel() for b in s.buffers if b.is_floating_point())
-            if isinstance(s, Federated)
-            else self.bn_size * (not isinstance(s, CompressedDataParallel))
-        )
+        extras = s.extras_size() if s.combine == "sum" else 0
         try:
             body = self.seal.open(wire, step)
-            return dense_values(body, size) if body != NOTHING_USABLE else None
+            if body == NOTHING_USABLE:
+                return None
+            values = dense_values(body, s.numel + extras)
         except CodecError as e:
             raise ExchangeError(f"step {step}: the coordinator's aggregate: {e}") from None
+        return Aggregate(values=values[: s.numel], extras=values[s.numel :])
 
     def _tell(self, store: Any, step: int, table: bytes) -> None:
         """The step is committed: the coordinator applies and records it (a failure is

@@ -148,7 +148,7 @@ class SplitDevice:
         if summed is None or summed[0].total <= 0:
             undo()
             return None
-        outcome, mean = summed
+        outcome, mean, _ = summed
         outcome.wire_bytes += outcome.payload_bytes  # the cut tensors went up too
 
         def apply() -> None:

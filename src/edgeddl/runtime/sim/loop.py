@@ -21,14 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
-from edgeddl.fleet.timeline import StepRequest
 from edgeddl.io import write_json_atomic, write_jsonl_atomic, write_model_atomic, write_text_atomic
 from edgeddl.report.files import metric_label, metric_plot
 from edgeddl.report.plots import plot_metric, plot_timeline
 from edgeddl.report.progress import ProgressDisplay
+from edgeddl.runtime.sim.exchange import EXCHANGES, Exchange, SealedExchange, StepCarry, WorkModel
 from edgeddl.runtime.sim.resume import (
     CHECKPOINT_FILE,
     CheckpointHeader,
@@ -38,7 +37,6 @@ from edgeddl.runtime.sim.resume import (
     resume_scenario,
     stop_requests,
 )
-from edgeddl.runtime.sim.split_legs import split_balance_inputs, split_request
 from edgeddl.runtime.sim.state import (
     SimRun,
     SimState,
@@ -49,11 +47,7 @@ from edgeddl.runtime.sim.state import (
 )
 from edgeddl.security.session import secure_run
 from edgeddl.strategy.balance import balance_shares
-from edgeddl.strategy.compressed import CompressedDataParallel
-from edgeddl.strategy.data_parallel import DataParallel
 from edgeddl.strategy.errors import TrainingDiverged
-from edgeddl.strategy.federated import Federated
-from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.task import LossFn
 from edgeddl.threads import scenario_threads
 from edgeddl.workload import build_workload
@@ -156,6 +150,8 @@ def _train(
         (run_dir / "summary.json").unlink(missing_ok=True)
     else:
         ctx.secure = secure_run(scenario, run_dir) if scenario.security.enabled else None
+    ctx.exchange = _exchange(ctx, st)
+    if resume is None:
         _evaluate(ctx, st, len(st.schedule.members()))  # where the metric's curve starts
     display = ProgressDisplay(
         scenario.train.num_steps, scenario.run.name, enabled=progress, metric=w.task.metric
@@ -164,6 +160,26 @@ def _train(
         display.update(st.step, st.clock.now_s)
         interrupted = _loop(ctx, st, display, stop)
     return _finish(ctx, st, interrupted, display)
+
+
+def _exchange(ctx: SimRun, st: SimState) -> Exchange:
+    """How this run carries its steps (`run.exchange`), sealed with `[security]`."""
+    name, w = ctx.scenario.run.exchange, ctx.w
+    if name not in EXCHANGES:
+        raise ConfigError(
+            f"run.exchange: {name!r} is not a registered exchange; registered: "
+            f"{', '.join(sorted(EXCHANGES))}"
+        )
+    work = WorkModel(
+        fleet=w.fleet,
+        train_flops_per_sample=w.cost.train_flops_per_sample,
+        ops_per_step=w.cost.ops_per_step,
+        sample_bytes=w.info.sample_bytes,
+    )
+    exchange = EXCHANGES[name](st.network, work)
+    if ctx.secure is not None:
+        exchange = SealedExchange(exchange, ctx.secure, w.fleet, ctx.model)
+    return exchange
 
 
 def _loop(ctx: SimRun, st: SimState, display: ProgressDisplay, stop: StopRequest) -> bool:
@@ -196,7 +212,7 @@ def _loop(ctx: SimRun, st: SimState, display: ProgressDisplay, stop: StopRequest
 def _plan_step(ctx: SimRun, st: SimState) -> bool | None:
     """Apply membership changes due by now and choose who trains how many samples. False:
     nobody is in the fleet (the clock moved to the next join); None: nobody will be."""
-    scenario, w, strategy = ctx.scenario, ctx.w, st.strategy
+    strategy = st.strategy
     applied = st.schedule.advance_to(st.clock.now_s)
     for ev in applied:
         st.rec.add_event(ev.at_s, ev.device, ev.action)
@@ -209,44 +225,30 @@ def _plan_step(ctx: SimRun, st: SimState) -> bool | None:
         st.members = tuple(st.schedule.members())
     if not st.members:
         nxt = st.schedule.next_event_s()
-        limit = scenario.train.max_virtual_time_s
+        limit = ctx.scenario.train.max_virtual_time_s
         if nxt is None or (limit and nxt >= limit):
             return None
         st.clock.advance_to(nxt)
         return False
-    if isinstance(strategy, Federated):  # sampled clients, each its own local steps
-        st.active, st.shares, st.num_local = strategy.plan_round(np.asarray(st.members), st.step)
+    plan = strategy.plan(np.asarray(st.members), st.step)
+    if plan is not None:  # the strategy chose (a federated round's sampled clients)
+        st.active, st.shares, st.num_local = plan.devices, plan.samples, plan.local_steps
     elif st.members != st.members_key:  # rebalance only when membership changes
         st.members_key = st.members
         idx = np.asarray(st.members, dtype=np.int64)
-        if isinstance(strategy, SplitLearning):  # its own part of the model, the cut's bytes
-            per_sample, fixed = split_balance_inputs(
-                w.fleet, st.transport, strategy, idx, w.info.sample_bytes
-            )
-        else:
-            up_bytes, down_bytes = strategy.payload_bytes(idx)
-            per_sample = w.per_sample_s[idx]
-            fixed = w.fleet.fixed_step_s(w.cost.ops_per_step)[idx] + st.transport.expected_link_s(
-                idx, up_bytes, down_bytes
-            )
+        per_sample, fixed = ctx.exchange.balance_inputs(strategy.step_cost(idx), idx)
+        t = ctx.scenario.train
         all_shares = balance_shares(
-            scenario.train.global_batch,
-            per_sample,
-            fixed,
-            ctx.caps[idx],
-            scenario.train.balance,
-            ctx.min_share,
+            t.global_batch, per_sample, fixed, ctx.caps[idx], t.balance, ctx.min_share
         )
         st.active, st.shares = idx[all_shares > 0], all_shares[all_shares > 0]
     return True
 
 
 def _step(ctx: SimRun, st: SimState) -> None:
-    """One step of the planned devices: compute, seal, carry, commit, record."""
-    scenario, w, strategy, secure = ctx.scenario, ctx.w, st.strategy, ctx.secure
-    fleet, active, shares, clock = w.fleet, st.active, st.shares, st.clock
-    split = strategy if isinstance(strategy, SplitLearning) else None
-    data_s, compute_s = fleet.work_time_s(
+    """One step of the planned devices: compute, carry, commit, record."""
+    w, strategy, active, shares = ctx.w, st.strategy, st.active, st.shares
+    data_s, compute_s = w.fleet.work_time_s(
         active,
         shares,
         w.cost.train_flops_per_sample,
@@ -257,71 +259,36 @@ def _step(ctx: SimRun, st: SimState) -> None:
     # Every replica starts from the same seeded model; later, a device that sat out the
     # previous step must fetch the current one.
     needs_model = ~st.participated[active] if st.step else np.zeros(len(active), dtype=bool)
-    down = strategy.down_bytes(needs_model)
-    if st.policy is not None and isinstance(strategy, CompressedDataParallel):
-        work_s = float((data_s + compute_s).max())
-        bpv = strategy.bytes_per_value[active]
-        bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
-        link = st.transport.link_estimate(active)
-        strategy.set_density(active, st.policy.densities(link, work_s, bpv))
+    if st.adapt is not None:  # network-aware density, from each device's path
+        st.adapt.before_step(
+            active, ctx.exchange.link_estimate(active), float((data_s + compute_s).max())
+        )
     rows = torch.from_numpy(st.sampler.take_many(active, shares)).to(w.x_train.device)
     # Every device computes and sends; a crash decides later whose payload counts.
     try:
-        ex = strategy.prepare(w.x_train[rows], w.y_train[rows], shares.tolist(), active, st.step)
+        sent = strategy.prepare(w.x_train[rows], w.y_train[rows], shares.tolist(), active, st.step)
     except TrainingDiverged as e:
-        raise TrainingDiverged(e.step, e.device, fleet.names[e.device]) from None
-    sealed, crypto_s, open_s, seal_s = None, None, 0.0, 0.0
-    if secure is not None:  # every payload sealed, opened, recorded
-        bodies = strategy.payload_bodies(ex)
-        sealed = secure.seal_step(st.step, clock.now_s, active, bodies, ex.up_bytes, down)
-        if split is None:  # a split chain charges its legs' crypto to the devices
-            open_s, seal_s = fleet.coordinator_crypto_s(
-                float(np.mean([len(b) for b in bodies])), float(np.mean(down))
-            )
-        crypto_bytes = sealed.crypto_bytes
-        if split is not None:  # each message of its chain in an envelope of its own
-            legs = [g.amount for g in split.legs(ex) if g.kind in ("up", "down")]
-            crypto_bytes = sum(legs) + down
-            split.add_envelopes(ex, sealed.up_bytes[0] - ex.up_bytes[0])
-        ex.up_bytes, down = sealed.up_bytes, sealed.down_bytes
-        crypto_s = fleet.crypto_seconds(active, crypto_bytes)
-        compute_s = compute_s + crypto_s
-    crash_at_s = st.schedule.next_crash_s[active]
-    if split is not None:
-        tl = st.transport.pipeline(
-            split_request(fleet, split, ex, clock.now_s, data_s, down, crash_at_s, crypto_s)
-        )
-    else:
-        request = StepRequest(
-            start_s=clock.now_s,
-            devices=active,
-            data_s=data_s,
-            compute_s=compute_s,
-            up_bytes=ex.up_bytes,
-            down_bytes=down,
-            crash_at_s=crash_at_s,
-            needs_model=needs_model,
-            # sealed: the coordinator also seals each device's answer
-            agg_flops=ctx.agg_flops + seal_s * fleet.coordinator.flops_per_s,
-            open_s=open_s,
-            mid_down_bytes=ex.mid_down_bytes,
-            deadline_s=scenario.federated.deadline_s
-            if scenario.train.strategy == "federated"
-            else 0.0,
-        )
-        tl = st.transport.step(request)
+        raise TrainingDiverged(e.step, e.device, w.fleet.names[e.device]) from None
+    carry = StepCarry(
+        start_s=st.clock.now_s,
+        sent=sent,
+        data_s=data_s,
+        compute_s=compute_s,
+        down_bytes=strategy.down_bytes(needs_model),
+        needs_model=needs_model,
+        crash_at_s=st.schedule.next_crash_s[active],
+        agg_flops=ctx.agg_flops,
+        update_flops=strategy.update_flops(),
+        deadline_s=ctx.scenario.federated.deadline_s
+        if ctx.scenario.train.strategy == "federated"
+        else 0.0,
+    )
+    tl = ctx.exchange.carry(carry)
     if tl.dropped is not None and tl.dropped.any():
         st.rec.add_dropped(st.step, tl.end_s, active[tl.dropped])
-    if sealed is not None:  # a refused payload is left out, like a lost one
-        tl.contributed = tl.contributed & sealed.accepted
-    loss = strategy.commit(ex, tl.contributed)
-    if secure is not None and sealed is not None:
-        entry = {int(active[i]): sealed.entries[i] for i in np.flatnonzero(tl.contributed)}
-        out = strategy.screened_at(st.step) if isinstance(strategy, DataParallel) else {}
-        screened = {entry[d]: why for d, why in out.items() if d in entry}
-        kept = [e for d, e in entry.items() if d not in out]
-        secure.aggregate(st.step, tl.end_s, ctx.model, kept, screened)
-    clock.advance_to(tl.end_s)
+    loss = strategy.commit(sent, tl.contributed)
+    ctx.exchange.committed(carry, tl, strategy)
+    st.clock.advance_to(tl.end_s)
     st.rec.add_step(tl, shares, loss)
     st.participated[:] = False
     st.participated[active[tl.contributed]] = True

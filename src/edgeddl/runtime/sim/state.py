@@ -14,18 +14,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgeddl.compress.adapt import DensityPolicy
 from edgeddl.config.loader import apply_override, load_scenario, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
 from edgeddl.fleet.clock import FleetSchedule, VirtualClock
 from edgeddl.report.recorder import RunRecorder
+from edgeddl.runtime.sim.exchange import Exchange
 from edgeddl.runtime.sim.network import SimNetwork
 from edgeddl.security.session import SecureRun
-from edgeddl.strategy.build import build_split, build_strategy
-from edgeddl.strategy.data_parallel import DataParallel
+from edgeddl.strategy.base import Strategy
+from edgeddl.strategy.build import build
+from edgeddl.strategy.compressed import AdaptiveDensity
 from edgeddl.strategy.fused import batchnorm_layers
-from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.workload import Workload
 
 
@@ -52,10 +52,10 @@ def scenario_of(
 class SimState:
     """Everything a simulated run changes as it goes: what a checkpoint saves."""
 
-    strategy: DataParallel | SplitLearning
-    policy: DensityPolicy | None
+    strategy: Strategy
+    adapt: AdaptiveDensity | None
     sampler: ShardSampler
-    transport: SimNetwork
+    network: SimNetwork
     schedule: FleetSchedule
     clock: VirtualClock
     rec: RunRecorder
@@ -86,6 +86,8 @@ class SimRun:
     agg_flops: float
     threads: int
     wall_start: float = field(default_factory=time.perf_counter)
+    exchange: Exchange = field(init=False)
+    """How steps are carried (built once the run's state and ledger are known)."""
 
     @property
     def model(self) -> nn.Module:
@@ -103,21 +105,14 @@ def min_share(w: Workload) -> int:
 
 def fresh_state(scenario: Scenario, w: Workload) -> SimState:
     t = scenario.train
-    policy: DensityPolicy | None = None
-    strategy: DataParallel | SplitLearning
-    if t.strategy == "split":
-        strategy = build_split(scenario, w.model, w.task.loss_fn, w.info)
-    else:
-        sizes = np.array([len(s) for s in w.shards], dtype=np.int64)
-        strategy, policy = build_strategy(
-            scenario, w.model, w.task.loss_fn, sizes, w.info.num_classes
-        )
+    sizes = np.array([len(s) for s in w.shards], dtype=np.int64)
+    strategy, adapt = build(scenario, w.model, w.task.loss_fn, w.info, sizes)
     fleet = w.fleet
     return SimState(
         strategy=strategy,
-        policy=policy,
+        adapt=adapt,
         sampler=ShardSampler(w.shards, scenario.run.seed),
-        transport=SimNetwork(fleet, t.topology, scenario.run.seed),
+        network=SimNetwork(fleet, t.topology, scenario.run.seed),
         schedule=FleetSchedule(scenario),
         clock=VirtualClock(),
         rec=RunRecorder(fleet.names, fleet.profile_names, fleet.link_names),
@@ -127,7 +122,8 @@ def fresh_state(scenario: Scenario, w: Workload) -> SimState:
 
 def run_summary(ctx: SimRun, st: SimState, status: str, security: dict[str, Any]) -> dict[str, Any]:
     """summary.json: the recorder's totals and what ran (`status`: completed or interrupted)."""
-    scenario, w, strategy, t = ctx.scenario, ctx.w, st.strategy, ctx.scenario.train
+    scenario, w, t = ctx.scenario, ctx.w, ctx.scenario.train
+    report = st.strategy.report()
     return st.rec.summary(
         metric=w.task.metric,
         virtual_time_s=st.clock.now_s,
@@ -146,15 +142,14 @@ def run_summary(ctx: SimRun, st: SimState, status: str, security: dict[str, Any]
                 "compressor": scenario.compression.compressor,
                 "per_device": bool(scenario.compression.groups),
                 "adaptive": scenario.compression.adapt.enabled,
-                **strategy.compression_summary(),
+                **report.pop("compression", {}),
             },
             **(
                 {"federated": {**dataclasses.asdict(scenario.federated), "num_rounds": st.step}}
                 if t.strategy == "federated"
                 else {}
             ),
-            **({"split": strategy.summary()} if isinstance(strategy, SplitLearning) else {}),
+            **report,
             **security,
-            **(strategy.robust_summary() if isinstance(strategy, DataParallel) else {}),
         },
     )

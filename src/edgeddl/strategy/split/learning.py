@@ -23,8 +23,7 @@ down); the loop turns it into time with the fleet's profiles and the simulated l
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,32 +32,12 @@ from torch import nn
 from edgeddl.config.schema import TrainConfig
 from edgeddl.config.split import SplitConfig
 from edgeddl.models.layers import split_model
-from edgeddl.strategy.data_parallel import Exchange, tensor_bytes
+from edgeddl.strategy.base import Leg, Plan, StepCost, StepPayloads, Update
+from edgeddl.strategy.data_parallel import tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.split.maths import SplitModels
 from edgeddl.strategy.split.roles import CutWire, RearServer, device_step
 from edgeddl.task import LossFn
-
-LegKind = Literal["device", "coordinator", "up", "down"]
-
-
-@dataclass(frozen=True, slots=True)
-class Leg:
-    """One piece of a device's step: FLOPs on the device or the coordinator (with the
-    operators dispatched once per batch), or bytes up or down its path."""
-
-    kind: LegKind
-    amount: np.ndarray
-    ops: int = 0
-
-
-@dataclass(slots=True)
-class _Work:
-    losses: list[torch.Tensor]
-    """Each device's mean loss."""
-    legs: list[Leg]
-    bodies: list[bytes]
-    """Everything each device sent up, end to end (what `[security]` seals)."""
 
 
 class SplitLearning:
@@ -113,11 +92,24 @@ class SplitLearning:
 
     # --- what the loop asks of every strategy ----------------------------------------------
 
-    def payload_bytes(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Typical (up, down) fp32 bytes per sample crossing the cut(s), for balancing."""
+    def plan(self, members: np.ndarray, step: int) -> Plan | None:
+        """Every member trains, with the runtime's balanced shares."""
+        return None
+
+    def step_cost(self, idx: np.ndarray) -> StepCost:
+        """For balancing: the device's own part of the model, the fp32 bytes per sample
+        crossing the cut(s), its round trips, and with SplitFed its front up and down."""
         c = self.cost
-        per_sample = float(c.cut_bytes + c.head_cut_bytes)
-        return np.full(len(idx), per_sample), np.full(len(idx), per_sample)
+        per_sample = np.full(len(idx), float(c.cut_bytes + c.head_cut_bytes))
+        return StepCost(
+            up_bytes=per_sample,
+            down_bytes=per_sample.copy(),
+            flops_per_sample=c.front_flops + c.head_flops,
+            ops=c.device_ops,
+            per_sample_bytes=True,
+            round_trips=1 if self.parts.heads is None else 2,
+            fixed_bytes=float(self.device_state_bytes) if self.cfg.splitfed else 0.0,
+        )
 
     def forget(self, device: int) -> None:
         """A crashed device lost its front (and head) and their optimizer state: it starts
@@ -194,19 +186,9 @@ class SplitLearning:
         size = self.device_state_bytes if self.cfg.splitfed and self.averaged else 0
         return np.full(len(needs_model), size, dtype=np.int64)
 
-    def payload_bodies(self, ex: Exchange) -> list[bytes]:
-        """Each device's encoded tensors up the cut this step, end to end."""
-        work: _Work = ex.work
-        return work.bodies
-
-    def add_envelopes(self, ex: Exchange, envelope: np.ndarray) -> None:
-        """`[security]`: every message each way is sealed on its own, so each up and down
-        leg of device i grows by `envelope[i]` bytes."""
-        work: _Work = ex.work
-        work.legs = [
-            Leg(leg.kind, leg.amount + envelope, leg.ops) if leg.kind in ("up", "down") else leg
-            for leg in work.legs
-        ]
+    def screened_at(self, step: int) -> dict[int, str]:
+        """No screen: every arrived device's step counts."""
+        return {}
 
     def evaluation_models(self, max_models: int = 8) -> list[nn.Module]:
         """SplitFed: the global model; otherwise up to `max_models` devices' own models,
@@ -221,7 +203,7 @@ class SplitLearning:
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int
-    ) -> Exchange:
+    ) -> StepPayloads:
         """Every device's step through the cut, each answered by the rear in turn; what
         crossed, in bytes."""
         ids = devices.tolist()
@@ -243,12 +225,16 @@ class SplitLearning:
             losses.append(loss)
         legs = self._legs(ids, np.asarray(counts, dtype=np.float64))
         up = sum(leg.amount for leg in legs if leg.kind == "up")
-        return Exchange(
+        return StepPayloads(
             devices=devices,
             counts=counts,
             step=step,
             up_bytes=np.asarray(up, dtype=np.int64)[None],
-            work=_Work(losses, legs, [b"".join(b) for b in bodies]),
+            updates=[
+                Update(device=k, weight=float(n), loss=loss, bodies=b)
+                for k, n, loss, b in zip(ids, counts, losses, bodies, strict=True)
+            ],
+            legs=legs,
         )
 
     def _legs(self, ids: list[int], n: np.ndarray) -> list[Leg]:
@@ -276,13 +262,8 @@ class SplitLearning:
             legs.append(Leg("up", np.full(len(n), float(self.device_state_bytes))))
         return legs
 
-    def legs(self, ex: Exchange) -> list[Leg]:
-        work: _Work = ex.work
-        return work.legs
-
-    def commit(self, ex: Exchange, contributed: np.ndarray) -> torch.Tensor | None:
+    def commit(self, ex: StepPayloads, contributed: np.ndarray) -> torch.Tensor | None:
         """The rear's step with the arrived devices' share; each arrived front its own."""
-        work: _Work = ex.work
         self.num_payloads += int(contributed.sum())
         keep = np.flatnonzero(contributed).tolist()
         ids = ex.devices.tolist()
@@ -295,7 +276,7 @@ class SplitLearning:
             self.device_optimizer(ids[i]).step()
         if self.cfg.splitfed:
             self._average([ids[i] for i in keep], w)
-        losses = torch.stack([work.losses[i] for i in keep])
+        losses = torch.stack([ex.updates[i].loss for i in keep])
         return (losses * torch.tensor(w, dtype=losses.dtype)).sum()
 
     @torch.no_grad()
@@ -312,9 +293,9 @@ class SplitLearning:
             m.load_state_dict(state)
         self.averaged = True
 
-    def compression_summary(self) -> dict[str, float]:
-        """Gradient compression does not apply (`summary()` has the cut's bytes)."""
-        return {}
+    def report(self) -> dict[str, Any]:
+        """summary.json's entries: gradient compression does not apply; the cut's bytes."""
+        return {"compression": {}, "split": self.summary()}
 
     def summary(self) -> dict[str, object]:
         """The run's `split` entry: the cut, the work on each side, the bytes at the cut."""
