@@ -33,13 +33,13 @@ from edgeddl.compress.base import (
     PhasedResult,
 )
 from edgeddl.compress.registry import (
-    COMPRESSORS,
     build_codec,
     build_compressor,
     build_feedback,
     build_phased,
 )
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
+from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.schema import TrainConfig
 from edgeddl.strategy.data_parallel import DataParallel, Exchange, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
@@ -81,7 +81,7 @@ class CompressedDataParallel(DataParallel):
     ) -> None:
         # DGC's memory carries the momentum (momentum correction), and weight decay joins the
         # gradient before it, as in the DGC reference: the optimizer does neither.
-        dgc = comp.compressor == "dgc"
+        dgc = COMPRESSORS[comp.compressor].owns_momentum
         super().__init__(
             model, cfg, loss_fn, momentum=0.0 if dgc else None, weight_decay=0.0 if dgc else None
         )
