@@ -40,8 +40,9 @@ import edgeddl
 from common import machine_info, make_scenario, print_table, warn_if_busy, write_json
 from edgeddl.compress.base import Layout
 from edgeddl.compress.codec import Codec
-from edgeddl.compress.registry import COMPRESSORS, build_compressor, build_phased
+from edgeddl.compress.registry import build_compressor, build_phased
 from edgeddl.config.compression import CompressorConfig
+from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.loader import scenario_from_dict
 from edgeddl.config.profiles import DEVICE_PROFILES, RESNET32_TRAIN_FLOPS_PER_SAMPLE
 from edgeddl.config.schema import Scenario
@@ -283,7 +284,7 @@ def section_adaptive(steps: int, target: float, workers: int) -> list[dict[str, 
 
 def _round_trip(name: str, layout: Layout, g: torch.Tensor) -> Callable[[], int]:
     """One device's compress + encode + decode + decompress (PowerSGD: its two rounds)."""
-    cfg = CompressorConfig(compressor=name, density=0.002, threshold=3e-3)  # type: ignore[arg-type]
+    cfg = CompressorConfig(compressor=name, density=0.002, threshold=3e-3)
     codec = Codec()
     if COMPRESSORS[name].num_phases > 1:
         phased, w = build_phased(cfg, layout, 0), torch.ones(1)

@@ -9,8 +9,14 @@ import pytest
 
 from edgeddl.compress.adapt import DensityPolicy
 from edgeddl.compress.base import Layout
-from edgeddl.compress.registry import COMPRESSORS, build_compressor, check_compression
-from edgeddl.config.compression import AdaptConfig, CompressionConfig, CompressorConfig
+from edgeddl.compress.registry import build_compressor
+from edgeddl.config.compression import (
+    AdaptConfig,
+    CompressionConfig,
+    CompressorConfig,
+    check_compression,
+)
+from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.fleet.link import LinkEstimate
 
@@ -118,7 +124,7 @@ def test_every_single_phase_compressor_builds_from_its_config() -> None:
     layout = Layout(((4, 3), (4,)))
     for name, cls in COMPRESSORS.items():
         if cls.num_phases == 1:
-            cfg = CompressorConfig(compressor=name, threshold=0.1)  # type: ignore[arg-type]
+            cfg = CompressorConfig(compressor=name, threshold=0.1)
             assert build_compressor(cfg, layout, seed=0, device_index=0).name == name
 
 

@@ -1,4 +1,5 @@
-"""`edgeddl profiles` and `edgeddl scenarios`: what ships with edgeddl, listed."""
+"""`edgeddl profiles`, `edgeddl scenarios` and `edgeddl compressors`: what ships with edgeddl,
+listed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from edgeddl.config.loader import (
 def add_catalog_parsers(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("profiles", help="list the built-in device and link profiles")
     sub.add_parser("scenarios", help="list the bundled scenarios (edgeddl run NAME)")
+    sub.add_parser("compressors", help="list the gradient compressors and what each can do")
 
 
 def cmd_profiles(_: argparse.Namespace) -> int:
@@ -71,4 +73,48 @@ def cmd_scenarios(_: argparse.Namespace) -> int:
     return 0
 
 
-CATALOG_COMMANDS = {"profiles": cmd_profiles, "scenarios": cmd_scenarios}
+def cmd_compressors(_: argparse.Namespace) -> int:
+    """The registry (config/compressors.py), as the scenario checks read it."""
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from edgeddl.config.compressors import COMPRESSORS
+
+    table = Table(
+        Column("compressor", no_wrap=True),
+        Column("rounds", no_wrap=True),
+        Column("ring", no_wrap=True),
+        Column("adapt", no_wrap=True),
+        Column("split", no_wrap=True),
+        Column("memory", no_wrap=True),
+        "parameters",
+        "sends",
+        title="compressors: [compression] compressor = NAME",
+    )
+    for name, spec in COMPRESSORS.items():
+        memory = "momentum" if spec.owns_momentum else "on" if spec.feedback_by_default else "off"
+        table.add_row(
+            name,
+            str(spec.num_phases),
+            "yes" if spec.allreduce else "",
+            "yes" if spec.adapt_density else "",
+            "yes" if spec.cut_tensors else "",
+            memory,
+            ", ".join(spec.params),
+            spec.about,
+        )
+    console = Console(markup=False, highlight=False)
+    console.print(table)
+    console.print(
+        'ring: payloads sum on the way (train.topology = "ring"); adapt: [compression.adapt] '
+        "sets each device's density; split: usable on cut tensors; memory: what "
+        'error_feedback = "auto" keeps'
+    )
+    return 0
+
+
+CATALOG_COMMANDS = {
+    "profiles": cmd_profiles,
+    "scenarios": cmd_scenarios,
+    "compressors": cmd_compressors,
+}

@@ -16,6 +16,7 @@ from edgeddl.cli.catalog_cmd import CATALOG_COMMANDS, add_catalog_parsers
 from edgeddl.cli.checks import require_writable
 from edgeddl.cli.infer import add_infer_parser, cmd_infer
 from edgeddl.cli.runs_cmd import RUNS_COMMANDS, add_runs_parsers
+from edgeddl.config.compression import check_compression
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
 from edgeddl.report.runs import ReportError
 from edgeddl.runtime.fleet.checkpoint import CheckpointError, DeviceFailed, FleetFailed
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a scenario and print it fully resolved")
     scenario_args(v)
 
-    add_catalog_parsers(sub)  # profiles, scenarios
+    add_catalog_parsers(sub)  # profiles, scenarios, compressors
 
     c = sub.add_parser("calibrate", help="measure this machine and write a device profile")
     c.add_argument("--name", default="this_machine", help="profile name (default: %(default)s)")
@@ -307,9 +308,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from edgeddl.data.datasets import check_local_files
 
         check_local_files(scenario.data.dataset, scenario.data.root)
-    if scenario.compression.enabled:  # capability checks need the compressors (and torch)
-        from edgeddl.compress.registry import check_compression
-
+    if scenario.compression.enabled:  # capability checks (the registry's; no torch)
         try:
             check_compression(scenario.compression, scenario.train.topology)
         except ValueError as e:

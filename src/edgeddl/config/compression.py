@@ -1,33 +1,27 @@
 """The `[compression]` section: one compressor and its parameters, per fleet or per group,
-and the network-aware density policy. (No torch here: configs load without it.)"""
+the network-aware density policy, and the combinations no transport can carry. The names and
+capabilities come from the registry (config/compressors.py). (No torch here: configs load
+without it.)"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from edgeddl.config.checks import require as _require
+from edgeddl.config.compressors import COMPRESSORS, BuildContext, CompressorSpec, compressor_names
+from edgeddl.config.suggest import suggest_key
 
-CompressorName = Literal[
-    "none",
-    "fp16",
-    "int8",
-    "qsgd",
-    "topk",
-    "randomk",
-    "threshold",
-    "two_step",
-    "dgc",
-    "signsgd",
-    "powersgd",
-]
+if TYPE_CHECKING:
+    from edgeddl.compress.base import Compressor, Layout, PhasedCompressor
 
 
 @dataclass(kw_only=True, slots=True)
 class CompressorConfig:
     """One compressor and its parameters (each compressor reads only the ones it needs)."""
 
-    compressor: CompressorName = "none"
+    compressor: str = "none"
+    """A registered compressor (config/compressors.py; `edgeddl compressors` lists them)."""
     density: float = 0.01
     """Fraction of gradient values sent per step: topk, randomk, two_step (its target), dgc
     (after warm-up)."""
@@ -60,13 +54,10 @@ class CompressorConfig:
     """Wire codec: zstd-compress each encoded payload."""
 
     def __post_init__(self) -> None:
+        _require_registered(self.compressor)
         _require(0 < self.density <= 1, f"density must be in (0, 1] (got {self.density})")
         _require(1 <= self.levels <= 127, f"levels must be in 1..127 (got {self.levels})")
         _require(self.threshold >= 0, f"threshold must be >= 0 (got {self.threshold})")
-        _require(
-            self.compressor != "threshold" or self.threshold > 0,
-            'threshold must be > 0 for compressor = "threshold" (the value to send above)',
-        )
         _require(1 <= self.rank <= 64, f"rank must be in 1..64 (got {self.rank})")
         _require(self.clip_norm >= 0, f"clip_norm must be >= 0 (got {self.clip_norm})")
         _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
@@ -74,6 +65,30 @@ class CompressorConfig:
             0 < self.sample_fraction <= 1,
             f"sample_fraction must be in (0, 1] (got {self.sample_fraction})",
         )
+        if self.spec.check is not None:
+            self.spec.check(self)
+
+    @property
+    def spec(self) -> CompressorSpec:
+        """The registered compressor this setting names: its capabilities and builder."""
+        return COMPRESSORS[self.compressor]
+
+    def build(
+        self, layout: Layout, seed: int, device_index: int = 0
+    ) -> Compressor | PhasedCompressor:
+        """The compressor this setting describes, for one device of a run with `seed`."""
+        at = BuildContext(layout=layout, seed=seed, device_index=device_index)
+        return self.spec.build(self, at)
+
+
+def _require_registered(name: str) -> None:
+    """One line for an unknown compressor, with the registered name it most likely means."""
+    if isinstance(name, str) and name in COMPRESSORS:
+        return
+    close = suggest_key(name, COMPRESSORS) if isinstance(name, str) else None
+    hint = f"did you mean {close!r}? " if close else ""
+    known = ", ".join(repr(n) for n in COMPRESSORS)
+    raise ValueError(f"compressor: unknown compressor {name!r}; {hint}expected one of {known}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,3 +136,66 @@ class CompressionConfig(CompressorConfig):
         settings = [self, *self.groups.values()]
         plain = all(s.compressor == "none" and s.values == "fp32" and not s.zstd for s in settings)
         return not plain or self.adapt.enabled
+
+
+def check_compression(comp: CompressionConfig, topology: str) -> None:
+    """Refuse combinations no transport can carry; the message names the key to change.
+
+    Everything here reads the compressors' registered capabilities, so the scenario is refused
+    when it is built, not at step 300."""
+    settings = [("compression", comp)] + [
+        (f"compression.groups.{k}", g) for k, g in comp.groups.items()
+    ]
+    for key, cfg in settings:
+        _check_setting(key, cfg, comp, topology)
+    if topology == "ring" and comp.groups:
+        raise ValueError(
+            "compression.groups: a ring all-reduce needs one payload format on every device; "
+            'remove [compression.groups] or use train.topology = "star"'
+        )
+    if comp.adapt.enabled:
+        if topology == "ring":
+            raise ValueError(
+                "compression.adapt.enabled: per-device densities give payloads of different "
+                'sizes, which a ring all-reduce cannot sum; use train.topology = "star"'
+            )
+        for key, cfg in settings:
+            if not cfg.spec.adapt_density:
+                raise ValueError(
+                    f"{key}.compressor: adaptation sets each device's density, which "
+                    f"{cfg.compressor} does not have; use one of: "
+                    f"{', '.join(compressor_names(lambda s: s.adapt_density))}"
+                )
+
+
+def _check_setting(key: str, cfg: CompressorConfig, comp: CompressionConfig, topology: str) -> None:
+    """One fleet or group setting against the others and the topology."""
+    spec = cfg.spec
+    if spec.num_phases > 1 and comp.groups:
+        raise ValueError(
+            f"{key}.compressor: {cfg.compressor} exchanges in rounds among all devices, so "
+            "every device must use it: remove [compression.groups]"
+        )
+    if spec.num_phases > 1 and cfg.values != "fp32":
+        raise ValueError(
+            f'{key}.values: {cfg.compressor} computes its rounds in float32; set values = "fp32"'
+        )
+    if spec.owns_momentum and comp.groups:
+        names = {c.compressor for c in [comp, *comp.groups.values()]}
+        if names != {cfg.compressor}:
+            raise ValueError(
+                f"{key}.compressor: {cfg.compressor} moves the optimizer's momentum into each "
+                f"device's memory, so every device must use {cfg.compressor} (or none must)"
+            )
+    if topology == "ring":
+        if not spec.allreduce:
+            raise ValueError(
+                f"{key}.compressor: {cfg.compressor} payloads cannot ride a ring all-reduce "
+                f'(they cannot be summed on the way); use train.topology = "star", or one '
+                f"of: {', '.join(compressor_names(lambda s: s.allreduce))}"
+            )
+        if cfg.zstd:
+            raise ValueError(
+                f"{key}.zstd: zstd-compressed bytes cannot be summed in a ring all-reduce; "
+                'set it to false or use train.topology = "star"'
+            )

@@ -8,10 +8,7 @@ from typing import Literal
 
 from edgeddl.config.checks import require as _require
 from edgeddl.config.compression import CompressorConfig
-
-ACTIVATION_COMPRESSORS = ("none", "fp16", "int8", "qsgd", "topk", "randomk")
-"""Compressors for cut tensors: single-round and memoryless (an activation is new every step,
-so an error-feedback memory would add last step's residual to another batch's tensor)."""
+from edgeddl.config.compressors import compressor_names
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,8 +34,8 @@ class SplitConfig:
     (parallel split learning), and the metric is the mean over devices' models."""
     compression: CompressorConfig = field(default_factory=CompressorConfig)
     """How every tensor crossing a cut is compressed, both ways (activations, gradients at
-    the cut, U-shaped outputs): one of none, fp16, int8, qsgd, topk, randomk (no error
-    feedback: each tensor is sent once)."""
+    the cut, U-shaped outputs): a compressor registered for cut tensors (`cut_tensors`: none,
+    fp16, int8, qsgd, topk, randomk); no error feedback, each tensor is sent once."""
 
     def __post_init__(self) -> None:
         for key in ("cut", "head_cut"):
@@ -49,9 +46,10 @@ class SplitConfig:
             )
         name = self.compression.compressor
         _require(
-            name in ACTIVATION_COMPRESSORS,
+            self.compression.spec.cut_tensors,
             f"compression.compressor: {name!r} keeps a memory across steps or needs several "
-            f"rounds, which a cut tensor has not; allowed: {', '.join(ACTIVATION_COMPRESSORS)}",
+            "rounds, which a cut tensor has not; allowed: "
+            f"{', '.join(compressor_names(lambda s: s.cut_tensors))}",
         )
         _require(
             self.compression.error_feedback != "on",

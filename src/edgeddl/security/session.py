@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.compress.registry import COMPRESSORS
+from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR

@@ -11,7 +11,8 @@ from torch import nn
 
 from edgeddl.aggregation.robust import RobustAggregator
 from edgeddl.compress.adapt import DensityPolicy
-from edgeddl.compress.registry import COMPRESSORS, check_compression
+from edgeddl.config.compression import check_compression
+from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.data import DatasetInfo
@@ -166,7 +167,7 @@ def _check_federated_compression(scenario: Scenario) -> None:
         (f"compression.groups.{k}", g) for k, g in comp.groups.items()
     ]
     for key, cfg in settings:
-        if COMPRESSORS[cfg.compressor].num_phases > 1 or cfg.compressor == "dgc":
+        if COMPRESSORS[cfg.compressor].every_device:
             raise ConfigError(
                 f"{key}.compressor: {cfg.compressor} needs every device in every step, which "
                 'federated rounds do not have; with train.strategy = "federated" use a '

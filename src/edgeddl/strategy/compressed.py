@@ -35,13 +35,13 @@ from edgeddl.compress.base import (
 )
 from edgeddl.compress.codec import CodecError
 from edgeddl.compress.registry import (
-    COMPRESSORS,
     build_codec,
     build_compressor,
     build_feedback,
     build_phased,
 )
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
+from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.schema import TrainConfig
 from edgeddl.fleet.link import LinkEstimate
 from edgeddl.strategy.base import Aggregate, Combine, StepCost, StepPayloads, Update
@@ -88,7 +88,7 @@ class CompressedDataParallel(DataParallel):
     ) -> None:
         # DGC's memory carries the momentum (momentum correction), and weight decay joins the
         # gradient before it, as in the DGC reference: the optimizer does neither.
-        dgc = comp.compressor == "dgc"
+        dgc = COMPRESSORS[comp.compressor].owns_momentum
         super().__init__(
             model, cfg, loss_fn, momentum=0.0 if dgc else None, weight_decay=0.0 if dgc else None
         )

@@ -1,0 +1,312 @@
+"""The compressor registry: each compressor's name, capabilities and builder, registered once.
+
+Adding a compressor is one `register(CompressorSpec(...))` here (after writing its class in
+`edgeddl.compress`): config validation, `check_compression` (ring, adaptation, groups), split
+learning's cut tensors, the federated and sealed-run checks, error feedback and
+`edgeddl compressors` all read the spec. As in torchtitan's configurable components, the config
+builds its component (`CompressorConfig.build`); the builders import their class only when
+called, so this module, like the rest of `edgeddl.config`, loads without torch. A unit test
+builds every registered name and checks the declared capabilities against the built class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from edgeddl.config.checks import require
+
+if TYPE_CHECKING:
+    from edgeddl.compress.base import Compressor, Layout, PhasedCompressor
+    from edgeddl.config.compression import CompressorConfig
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildContext:
+    """What a compressor is built for besides its config: the flat tensor's layout, the run's
+    seed (shared: random-k and PowerSGD draw alike on every device) and the device."""
+
+    layout: Layout
+    seed: int
+    device_index: int = 0
+
+    @property
+    def device_seed(self) -> int:
+        """An independent, reproducible seed for this device's own draws (QSGD's rounding)."""
+        return (self.seed * 1_000_003 + self.device_index + 1) % 2**63
+
+
+Builder = Callable[["CompressorConfig", BuildContext], "Compressor | PhasedCompressor"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompressorSpec:
+    """One compressor: what the checks need to know about it, and how its config builds it."""
+
+    name: str
+    build: Builder
+    about: str
+    """What it sends, in a few words (`edgeddl compressors`)."""
+    params: tuple[str, ...] = ()
+    """The `[compression]` keys it reads."""
+    num_phases: int = 1
+    """Exchange rounds per step (PowerSGD: 2); more than one needs every device each round."""
+    fixed_size: bool = True
+    """Every payload of a given layout encodes to the same number of bytes."""
+    allreduce: bool = False
+    """Payloads of all devices share one format and sum on the way: it can ride a ring."""
+    adapt_density: bool = False
+    """Has a `density` the network-aware policy (`[compression.adapt]`) sets per device."""
+    cut_tensors: bool = False
+    """Usable on split learning's cut tensors: single-round and memoryless (an activation is
+    new every step, so a memory would add last step's residual to another batch's tensor)."""
+    feedback_by_default: bool = True
+    """`error_feedback = "auto"` turns the residual memory on (QSGD: off, it is unbiased and
+    its variance would feed the memory)."""
+    owns_momentum: bool = False
+    """Its memory carries the optimizer's momentum (DGC's momentum correction): the optimizer
+    runs without it, and every device must use this compressor in every step."""
+    check: Callable[[CompressorConfig], None] | None = None
+    """Its own config rule, beyond the ranges every setting has (one-line ValueError)."""
+
+    def __post_init__(self) -> None:
+        require(self.num_phases >= 1, f"{self.name}: num_phases must be >= 1")
+        require(
+            not self.cut_tensors or (self.num_phases == 1 and not self.owns_momentum),
+            f"{self.name}: a compressor for cut tensors must be single-phase and memoryless",
+        )
+        require(
+            not self.adapt_density or "density" in self.params,
+            f"{self.name}: adapt_density needs the density parameter",
+        )
+
+    @property
+    def every_device(self) -> bool:
+        """Needs every device, with this compressor, in every step (rounds or momentum)."""
+        return self.num_phases > 1 or self.owns_momentum
+
+
+_SPECS: dict[str, CompressorSpec] = {}
+COMPRESSORS: Mapping[str, CompressorSpec] = MappingProxyType(_SPECS)
+"""Every registered compressor by name, in registration order (the order listings use)."""
+
+
+def register(spec: CompressorSpec) -> CompressorSpec:
+    """Make `spec` a compressor a scenario may name (once per name)."""
+    if spec.name in _SPECS:
+        raise ValueError(f"compressor {spec.name!r} is registered twice")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def compressor_names(where: Callable[[CompressorSpec], bool] = lambda _: True) -> list[str]:
+    """The registered names whose spec passes `where`, in registration order."""
+    return [name for name, spec in COMPRESSORS.items() if where(spec)]
+
+
+# The registrations. Each builder imports its class when called (torch stays out of configs).
+
+
+def _none(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.quantize import NoneCompressor
+
+    return NoneCompressor()
+
+
+register(
+    CompressorSpec(
+        name="none",
+        build=_none,
+        about="dense fp32",
+        allreduce=True,
+        cut_tensors=True,
+    )
+)
+
+
+def _fp16(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.quantize import FP16Compressor
+
+    return FP16Compressor()
+
+
+register(
+    CompressorSpec(
+        name="fp16",
+        build=_fp16,
+        about="dense fp16",
+        allreduce=True,
+        cut_tensors=True,
+    )
+)
+
+
+def _int8(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.quantize import Int8Compressor
+
+    return Int8Compressor(at.layout)
+
+
+register(
+    CompressorSpec(
+        name="int8", build=_int8, about="8-bit codes, one scale per layer", cut_tensors=True
+    )
+)
+
+
+def _qsgd(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.quantize import QSGDCompressor
+
+    return QSGDCompressor(at.layout, c.levels, at.device_seed)
+
+
+register(
+    CompressorSpec(
+        name="qsgd",
+        build=_qsgd,
+        about="stochastic levels, sign, one norm per layer (QSGD)",
+        params=("levels",),
+        cut_tensors=True,
+        feedback_by_default=False,
+    )
+)
+
+
+def _topk(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.sparse import TopKCompressor
+
+    return TopKCompressor(c.density)
+
+
+register(
+    CompressorSpec(
+        name="topk",
+        build=_topk,
+        about="the density largest values",
+        params=("density",),
+        adapt_density=True,
+        cut_tensors=True,
+    )
+)
+
+
+def _randomk(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.sparse import RandomKCompressor
+
+    return RandomKCompressor(c.density, at.seed)  # the run's seed: every device picks alike
+
+
+register(
+    CompressorSpec(
+        name="randomk",
+        build=_randomk,
+        about="density values at positions every device draws alike",
+        params=("density",),
+        allreduce=True,
+        adapt_density=True,
+        cut_tensors=True,
+    )
+)
+
+
+def _threshold(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.sparse import ThresholdCompressor
+
+    return ThresholdCompressor(c.threshold)
+
+
+def _threshold_is_set(c: CompressorConfig) -> None:
+    require(
+        c.threshold > 0,
+        'threshold must be > 0 for compressor = "threshold" (the value to send above)',
+    )
+
+
+register(
+    CompressorSpec(
+        name="threshold",
+        build=_threshold,
+        about="values with |x| >= threshold",
+        params=("threshold",),
+        fixed_size=False,
+        check=_threshold_is_set,
+    )
+)
+
+
+def _two_step(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.significance import TwoStepCompressor
+
+    return TwoStepCompressor(
+        at.layout,
+        c.density,
+        c.criterion,
+        c.threshold,
+        c.adapt_threshold,
+        c.sample_fraction,
+        at.device_seed,
+    )
+
+
+register(
+    CompressorSpec(
+        name="two_step",
+        build=_two_step,
+        about="S-global: values whose significance passes a threshold that holds density",
+        params=("density", "criterion", "threshold", "adapt_threshold", "sample_fraction"),
+        fixed_size=False,
+        adapt_density=True,
+    )
+)
+
+
+def _dgc(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.significance import DGCCompressor
+
+    return DGCCompressor(c.density, c.warmup_steps, c.sample_fraction, at.device_seed)
+
+
+register(
+    CompressorSpec(
+        name="dgc",
+        build=_dgc,
+        about="DGC: sampled threshold, momentum correction, clipping, density warm-up",
+        params=("density", "warmup_steps", "clip_norm", "sample_fraction"),
+        fixed_size=False,
+        adapt_density=True,
+        owns_momentum=True,
+    )
+)
+
+
+def _signsgd(c: CompressorConfig, at: BuildContext) -> Compressor:
+    from edgeddl.compress.quantize import SignSGDCompressor
+
+    return SignSGDCompressor(at.layout)
+
+
+register(
+    CompressorSpec(
+        name="signsgd", build=_signsgd, about="one sign bit per value, one scale per layer"
+    )
+)
+
+
+def _powersgd(c: CompressorConfig, at: BuildContext) -> PhasedCompressor:
+    from edgeddl.compress.lowrank import PowerSGD
+
+    return PowerSGD(at.layout, c.rank, at.seed)
+
+
+register(
+    CompressorSpec(
+        name="powersgd",
+        build=_powersgd,
+        about="rank-r factors P and Q of each weight matrix, two rounds, warm start",
+        params=("rank",),
+        num_phases=2,
+        allreduce=True,
+    )
+)
