@@ -1,1 +1,2 @@
-"""edgeddl.aggregation."""
+"""Aggregation rules (mean, median, trimmed mean, Krum, mixing, bucketing) and the robust
+screen that applies them to devices' updates."""

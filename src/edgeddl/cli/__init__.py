@@ -1,1 +1,1 @@
-"""edgeddl.cli layer (see shared/DESIGN.md)."""
+"""The `edgeddl` command: builds configs from its arguments and calls the API."""

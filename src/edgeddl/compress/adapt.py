@@ -23,6 +23,8 @@ plus encoded index), then are clamped to ``[min_density, max_density]``.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from edgeddl.config.compression import AdaptConfig
@@ -60,3 +62,24 @@ class DensityPolicy:
         up = self.upload_bytes(link, work_s)
         density = (up - HEADER_BYTES) / (bytes_per_value * self.numel)
         return np.clip(density, self.cfg.min_density, self.cfg.max_density)
+
+
+class DensityControl(Protocol):
+    """What the policy steers: each device's last bytes per value, and its density."""
+
+    bytes_per_value: np.ndarray
+
+    def set_density(self, devices: np.ndarray, density: np.ndarray) -> None: ...
+
+
+class AdaptiveDensity:
+    """Before each step, each device's density from what it knows of its path and its last
+    payload's bytes per value."""
+
+    def __init__(self, policy: DensityPolicy, target: DensityControl) -> None:
+        self.policy, self.target = policy, target
+
+    def before_step(self, devices: np.ndarray, link: LinkEstimate, work_s: float) -> None:
+        bpv = self.target.bytes_per_value[devices]
+        bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
+        self.target.set_density(devices, self.policy.densities(link, work_s, bpv))

@@ -1,1 +1,1 @@
-"""edgeddl.config layer (see shared/DESIGN.md)."""
+"""Typed scenario configs: strict TOML loading, `--set`, one-line errors (no torch here)."""

@@ -1,1 +1,2 @@
-"""edgeddl.fleet layer (see shared/DESIGN.md)."""
+"""The fleet: device and link profiles, membership schedules, the virtual clock,
+misbehaving devices."""

@@ -1,1 +1,1 @@
-"""edgeddl.inference layer (see shared/DESIGN.md): communication-aware distributed inference."""
+"""Distributed inference: where to split a trained model across devices, and running it."""

@@ -1,6 +1,6 @@
 """A plan executed across real processes, re-planned when a device leaves or crashes.
 
-The inference side of `transport.pipeline.run_processes`: it picks the first plan as the
+The inference side of `pipeline.run_processes`: it picks the first plan as the
 simulator does (`choose_plan`: fixed cuts or the planner's best), turns each `Leave` at a
 sample into the micro-batch its device's process leaves before, and re-plans the survivors
 with the same planner over the chain without the departed (`plan_split`). Time-based

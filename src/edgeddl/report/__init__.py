@@ -1,1 +1,1 @@
-"""edgeddl.report layer (see shared/DESIGN.md)."""
+"""The run folder: the recorder, progress, plots, summaries and comparisons."""

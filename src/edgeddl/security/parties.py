@@ -8,8 +8,8 @@ answers for each device, and closes the ledger with the final model's digest.
 `envelope_fault`, what a misbehaving device would send instead) and opens the coordinator's
 answers. A device's new link starts with `hello`: the run id, the sequence number the
 coordinator expects from it next (so a restarted device goes on from there) and the ledger
-head. Which payloads they carry is the transport's business (`runtime/fleet/secure_coordinator.py`,
-`runtime/fleet/split_rear.py`).
+head. Which payloads they carry is the runtime's business
+(`runtime/fleet/secure_coordinator.py`, `runtime/fleet/split_rear.py`).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""edgeddl.strategy layer (see shared/DESIGN.md)."""
+"""How a step learns: data-parallel, federated and split strategies behind one interface
+(`base.py`)."""

@@ -312,3 +312,80 @@ class FleetStrategy(Strategy, Protocol):
     def commit_rounds(self, result: PhasedResult) -> None:
         """What carries over to the next step of a multi-round scheme (rounds)."""
         ...
+
+
+Call = Callable[[str, list[bytes]], tuple[bytes, float]]
+"""One request of a conversation and its answer: (kind, tensors) -> (reply, loss)."""
+
+
+class ConversationDevice(Strategy, Protocol):
+    """A device's side of a step that is a conversation with the coordinator (split
+    learning: its front against the coordinator's rear), across a wire."""
+
+    @property
+    def averages_fronts(self) -> bool:
+        """The devices' own parts are averaged after every step (SplitFed)."""
+        ...
+
+    def converse(
+        self, device: int, x: torch.Tensor, y: torch.Tensor, step: int, call: Call
+    ) -> tuple[float, int]:
+        """The device's step, each request answered by `call`: (mean loss, bytes sent)."""
+        ...
+
+    def step_device(self, device: int) -> None:
+        """The device's own optimizer step (once its step is committed)."""
+        ...
+
+    def device_tensors(self, device: int) -> list[torch.Tensor]:
+        """The device's own part, tensor by tensor (what SplitFed averages)."""
+        ...
+
+    def load_average(self, device: int, mean: torch.Tensor) -> None:
+        """SplitFed: the fleet's weighted mean of `device_tensors`, flat."""
+        ...
+
+    def front_bytes(self, device: int) -> bytes:
+        """The device's own part as an evaluation request carries it."""
+        ...
+
+
+class ConversationRear(Strategy, Protocol):
+    """The coordinator's side of a conversation: it answers each request, takes its own
+    step once per committed step, and is checkpointed and tested on its own."""
+
+    def answer(
+        self, kind: str, device: int, step: int, count: int, payloads: list[bytes]
+    ) -> tuple[bytes, float]:
+        """The answer to one request (`CodecError` if refused)."""
+        ...
+
+    def check_step(self, step: int) -> None:
+        """`CodecError` if step `step` was taken already (a stale request)."""
+        ...
+
+    def commit_rear(self, step: int, devices: list[int], counts: list[int]) -> bool:
+        """The coordinator's step, once (False: taken already, or incomplete)."""
+        ...
+
+    def rear_state(self) -> dict[str, Any]:
+        """The coordinator's part (`rear`) and its optimizer (`optimizer`)."""
+        ...
+
+    def load_rear_state(self, state: dict[str, Any]) -> None: ...
+
+    def whole_model(self, front: bytes) -> nn.Module:
+        """The whole model from a device's `front_bytes` and the coordinator's part."""
+        ...
+
+    def request_limits(self, global_batch: int) -> tuple[int, int]:
+        """(most bytes a request of a step can take, most a `front_bytes` can take)."""
+        ...
+
+    def dense_request_bytes(self, kind: str, count: int, num_parts: int) -> int:
+        """What a request's tensors take uncompressed (for the compression ratio)."""
+        ...
+
+    def rear_summary(self, received: int, received_dense: int) -> dict[str, object]:
+        """summary.json's entry for the conversation, with the coordinator's byte counts."""
+        ...

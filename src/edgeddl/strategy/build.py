@@ -10,7 +10,7 @@ import numpy as np
 from torch import nn
 
 from edgeddl.aggregation.robust import RobustAggregator
-from edgeddl.compress.adapt import DensityPolicy
+from edgeddl.compress.adapt import AdaptiveDensity, DensityPolicy
 from edgeddl.config.compression import check_compression
 from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.loader import ConfigError
@@ -19,7 +19,7 @@ from edgeddl.data import DatasetInfo
 from edgeddl.fleet.behaviors import Behaviors
 from edgeddl.models.layers import model_layers, resolve_cut
 from edgeddl.strategy.base import Strategy
-from edgeddl.strategy.compressed import AdaptiveDensity, CompressedDataParallel
+from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel, LossFn
 from edgeddl.strategy.federated import Federated
 from edgeddl.strategy.robust_dp import RobustDataParallel

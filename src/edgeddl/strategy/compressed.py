@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeddl.compress.adapt import DEFAULT_BYTES_PER_VALUE, DensityPolicy
 from edgeddl.compress.base import (
     Compressor,
     ErrorFeedback,
@@ -43,24 +42,10 @@ from edgeddl.compress.registry import (
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
 from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.schema import TrainConfig
-from edgeddl.fleet.link import LinkEstimate
 from edgeddl.strategy.base import Aggregate, Combine, StepCost, StepPayloads, Update
 from edgeddl.strategy.data_parallel import DataParallel, LossFn, tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.per_device import apply_batchnorm_mean, batch_stats, weighted_mean
-
-
-class AdaptiveDensity:
-    """Network-aware compression: before each step, each device's density from what it
-    knows of its path and its last payload's bytes per value (`compress/adapt.py`)."""
-
-    def __init__(self, policy: DensityPolicy, strategy: CompressedDataParallel) -> None:
-        self.policy, self.strategy = policy, strategy
-
-    def before_step(self, devices: np.ndarray, link: LinkEstimate, work_s: float) -> None:
-        bpv = self.strategy.bytes_per_value[devices]
-        bpv = np.where(np.isnan(bpv), DEFAULT_BYTES_PER_VALUE, bpv)
-        self.strategy.set_density(devices, self.policy.densities(link, work_s, bpv))
 
 
 def _dense(p: Payload) -> torch.Tensor:

@@ -5,10 +5,11 @@ aggregate is their average weighted by samples; one optimizer step follows (on t
 server, or identically on every replica after an all-reduce). Devices whose work was lost
 (a crash) are simply left out of the weighted average.
 
-A step is two calls around the transport: `prepare` computes what each device sends (and so
-its real byte count), the transport says whose payload arrived, `commit` applies the update
-from those. Uncompressed, the gradients are dense float32 and `commit` trains the arrived
-devices' batches in one fused pass.
+A step is two calls around an exchange (`strategy/base.py`): `prepare` computes what each
+device sends (and so its real byte count), the exchange says whose payload arrived, `commit`
+applies the update from those. Uncompressed, the gradients are dense float32 and `commit`
+trains the arrived devices' batches in one fused pass; a real fleet's device computes its
+own (`local_update`) and the replicas apply the mean (`apply_aggregate`).
 """
 
 from __future__ import annotations

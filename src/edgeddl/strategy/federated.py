@@ -1,7 +1,7 @@
 """Federated learning: FedAvg, FedProx and adaptive server optimizers, whatever carries it.
 
 A round (one step of the loop): a seeded `fraction` of the members is sampled
-(`plan_round`); each sampled client starts from the global model and runs its local steps of
+(`plan`); each sampled client starts from the global model and runs its local steps of
 SGD on batches of its own shard (`train.momentum` and `train.weight_decay`, the optimizer
 state reset every round), with FedProx's term ``mu/2 ||w - w_global||^2`` when
 `proximal_mu` > 0; its update is ``delta = w_local - w_global``. The server averages the
@@ -278,7 +278,7 @@ class Federated(DataParallel):
         return (losses * w).sum()
 
     def client_steps(self, devices: list[int]) -> np.ndarray:
-        """Local steps each of `devices` takes in a round (`plan_round`'s, by shard size)."""
+        """Local steps each of `devices` takes in a round (`plan`'s, by shard size)."""
         if not self.cfg.local_epochs:
             return np.full(len(devices), self.cfg.local_steps, dtype=np.int64)
         samples = self.cfg.local_epochs * self.shard_sizes[np.asarray(devices, dtype=np.int64)]

@@ -1,9 +1,9 @@
 """One device's step on a real fleet: the simulator's strategy, over a collective.
 
-A device of a real fleet runs the same strategy object as the simulator (`build_strategy`):
-the same per-device gradient, error feedback, compressor, wire codec, aggregation and
-optimizer. Only the exchange differs: here it is a sum over the members of the current
-quorum (`Collective.allreduce_sum`, torchft's fault-tolerant all-reduce in `torchft_quorum.py`).
+A device of a real fleet runs the same strategy as the simulator (its `local_update`, then
+the aggregator's side on every replica: the same error feedback, compressor, wire codec,
+aggregation and optimizer). Only the exchange differs: here a sum over the members of the
+current quorum (`Collective.allreduce_sum`: torchft's fault-tolerant all-reduce).
 
 Per step, every member first sums a small table: one slot per member (its device index,
 weight, measured speed, loss, payload bytes, work seconds) plus its update's extras
@@ -78,7 +78,7 @@ Apply = Callable[[], None]
 
 
 class Pending:
-    """Between the exchange and the engine's verdict: what `commit` applies, and what
+    """Between the exchange and the quorum's verdict: what `commit` applies, and what
     `abandon` undoes of a tentative update (the step was not committed)."""
 
     def __init__(

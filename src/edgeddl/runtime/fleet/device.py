@@ -1,20 +1,22 @@
-"""One device of a real fleet: the simulator's strategy, step by step, over an engine.
+"""One device of a real fleet: the simulator's strategy, step by step, over an quorum.
 
 Each device is one process (`edgeddl device --coordinator HOST:PORT --name NAME`). It reads
 the scenario from the coordinator's store, builds the same workload as the simulator
-(`edgeddl.workload`: data, seeded model, its own shard) and the same strategy
-(`build_strategy`), and trains. Who takes part in a step, the fault-tolerant sum and the
-commit-or-nothing decision belong to an `Quorum`: torchft's Manager (`torchft_quorum.py`, the
+(`edgeddl.workload`: data, seeded model, its own shard) and the same strategy, and trains
+through the strategy's interface (`FleetStrategy`, or `ConversationDevice` for split). Who
+takes part in a step, the fault-tolerant sum and the commit-or-nothing decision belong to a
+`Quorum`: torchft's Manager (`torchft_quorum.py`, the
 default) or torchrun elastic (`elastic.py`, for boards without a torchft build). The loop
 below cannot tell which one it runs on.
 
 One step, on every member:
 
-1. `start_step`: the engine settles who takes part (a (re)joining device heals first).
+1. `start_step`: the quorum settles who takes part (a (re)joining device heals first).
 2. Its share of the global batch: the simulator's balancing, fed with the seconds per sample
    every member measured (smoothed over steps); an equal share right after a change.
-3. Its own gradient on its shard (the simulator's per-device pass), paced to a profile if
-   asked, then `AllReduceStep.exchange`: a sum over the members through the engine.
+3. Its own update on its shard (`local_update`: the simulator's per-device pass), paced to
+   a profile if asked, then the exchange: `AllReduceStep` (a sum over the members through
+   the quorum), `SecureDevice` (sealed to the coordinator) or `SplitDevice`.
 4. `should_commit`: only if every member's exchange succeeded is the update applied, so a
    step is applied everywhere or nowhere.
 
@@ -70,7 +72,7 @@ SPEED_SMOOTHING = 0.5
 
 
 class DeviceRun:
-    """Everything one device trains with, and the step loop over an engine."""
+    """Everything one device trains with, and the step loop over an quorum."""
 
     def __init__(
         self, opts: DeviceOptions, scenario: Scenario, idx: int, backend: str = "gloo"
@@ -85,7 +87,7 @@ class DeviceRun:
             comm = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(comm)
         self.comm = comm
-        """Where the engine's sums happen."""
+        """Where the quorum's sums happen."""
         self.w: Workload = build_workload(scenario)
         w = self.w
         torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
@@ -118,80 +120,80 @@ class DeviceRun:
         self.critical = False  # committing a step: a stop request waits until it is done
         self.stop_requested = False
 
-    def train(self, engine: Quorum, store: Any) -> None:
+    def train(self, quorum: Quorum, store: Any) -> None:
         """Steps until the scenario's last one. A device the others finished without (left
         out of the last step's quorum on a busy machine, or too late to get in) takes the
         state they left and stops: it never takes a step they took."""
         t = self.scenario.train
-        while engine.current_step() < t.num_steps:
+        while quorum.current_step() < t.num_steps:
             if store.check([KEY_DONE]):
-                self._take_final_state(engine, store)
+                self._take_final_state(quorum, store)
                 return
-            self.step(engine, store)
-        self._leave_final_state(engine, store)
+            self.step(quorum, store)
+        self._leave_final_state(quorum, store)
 
-    def _leave_final_state(self, engine: Quorum, store: Any) -> None:
+    def _leave_final_state(self, quorum: Quorum, store: Any) -> None:
         """The fleet's state at the last step, for a device left behind (the first device to
         finish leaves it before it says the run is done, so it is there once that is said)."""
         try:
             if not store.check([KEY_FINAL_STATE]):
                 state = self.strategy.replica_state()
-                step, batches = engine.current_step(), engine.batches_committed()
+                step, batches = quorum.current_step(), quorum.batches_committed()
                 store.set(KEY_FINAL_STATE, pack(step, batches, state, self.toml))
         except (RuntimeError, OSError):
             pass  # the coordinator has gone: nobody is left to take it
 
-    def _take_final_state(self, engine: Quorum, store: Any) -> None:
+    def _take_final_state(self, quorum: Quorum, store: Any) -> None:
         """Left behind: the others' last step, as they left it. (Their quorum was the only
         one with that step; alone, this device would take it again: a second history.)"""
         if not store.check([KEY_FINAL_STATE]):  # the run ended short (another's error)
             return
         ck = unpack(store.get(KEY_FINAL_STATE), self.toml, "the fleet's final state")
         self.strategy.load_replica_state(ck["replica"])
-        engine.catch_up(int(ck["step"]), int(ck["batches_committed"]))
+        quorum.catch_up(int(ck["step"]), int(ck["batches_committed"]))
 
-    def step(self, engine: Quorum, store: Any) -> None:
+    def step(self, quorum: Quorum, store: Any) -> None:
         st = self.stats
         t0 = time.perf_counter()
-        members, slot = engine.start_step()
+        members, slot = quorum.start_step()
         if store.check([KEY_DONE]):
             # Left out of the last step's quorum, this device got a quorum only once the
             # others had finished and gone: that step is theirs (`train` takes their state).
             return
         share = self._my_share(members)
-        step = engine.current_step()
+        step = quorum.current_step()
         t1 = time.perf_counter()
         speed, data_s, work_s, link_s = 0.0, 0.0, 0.0, 0.0
         update: Update | None = None
         done: tuple[float, int, float, float, int] | None = None
         if self.split is not None:
-            done, data_s, work_s, link_s = self._split_work(engine, store, slot, share, step, t1)
+            done, data_s, work_s, link_s = self._split_work(quorum, store, slot, share, step, t1)
             speed = done[2] if done is not None else 0.0
         else:
             update, share, data_s, work_s, speed = self._local_work(slot, share, step, t1)
         t2 = time.perf_counter()
         try:
             if self.split is not None:
-                pending = self.split.exchange(store, done, slot, members, step, engine)
+                pending = self.split.exchange(store, done, slot, members, step, quorum)
             elif self.sealed is not None:
                 pending = self.sealed.exchange(
-                    store, update, speed, slot, members, step, engine, work_s
+                    store, update, speed, slot, members, step, quorum, work_s
                 )
             else:
                 pending = self.replica.exchange(
-                    update, speed, slot, members, step, engine, work_s=work_s
+                    update, speed, slot, members, step, quorum, work_s=work_s
                 )
         except ExchangeError as e:  # every member read the same bytes: all give up
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
-            engine.report_error(e)
+            quorum.report_error(e)
             pending = None
         if pending is None:  # nothing to apply: nobody commits
-            engine.report_error(RuntimeError("the step's exchange carried no samples"))
+            quorum.report_error(RuntimeError("the step's exchange carried no samples"))
         # From the verdict to the applied update, a stop request waits (the step counter
         # and the model must stay in agreement).
         self.critical = True
         try:
-            ok = engine.should_commit() and pending is not None
+            ok = quorum.should_commit() and pending is not None
             t3 = time.perf_counter()
             if ok and pending is not None:
                 pending.commit()
@@ -200,7 +202,7 @@ class DeviceRun:
         finally:
             self.critical = False
         if self.stop_requested:
-            raise RestartRequired("stopped by the engine")
+            raise RestartRequired("stopped by the quorum")
         t4 = time.perf_counter()
         idle = 0.0
         worked = update is not None or done is not None
@@ -233,7 +235,7 @@ class DeviceRun:
         for d in out.sent_to:
             st.sent_to[self.names[d]] = st.sent_to.get(self.names[d], 0) + out.payload_bytes
         st.commits.append((time.time(), members))
-        self._after_commit(engine, store, engine.current_step(), out.loss, members)
+        self._after_commit(quorum, store, quorum.current_step(), out.loss, members)
 
     def _batch(self, share: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This device's next `share` samples of its own shard."""
@@ -250,7 +252,7 @@ class DeviceRun:
         return 1.0 / self.own_s_per_sample
 
     def _split_work(
-        self, engine: Quorum, store: Any, slot: int | None, share: int, step: int, t1: float
+        self, quorum: Quorum, store: Any, slot: int | None, share: int, step: int, t1: float
     ) -> tuple[tuple[float, int, float, float, int] | None, float, float, float]:
         """Split learning: this device's front against the rear, if it takes part: ((loss,
         samples, speed, work s, cut bytes sent) or None, data-loading s, work s, seconds in
@@ -265,14 +267,9 @@ class DeviceRun:
         except LinkError as e:  # refused, or the link failed: it sits this step out
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
             return None, data_s, time.perf_counter() - t1, 0.0
-        c = self.split.s.cost
+        own = self.strategy.step_cost(np.array([self.idx]))  # its own part of the model
         data_s = self._pace(
-            share,
-            t1,
-            data_s,
-            flops=c.front_flops + c.head_flops,
-            ops=c.device_ops,
-            excluded_s=link_s,
+            share, t1, data_s, flops=own.flops_per_sample, ops=own.ops, excluded_s=link_s
         )
         work_s = time.perf_counter() - t1
         speed = self._measured_speed(work_s / share)
@@ -335,12 +332,12 @@ class DeviceRun:
         return max(data_s, float(prof_data[0]))
 
     def _after_commit(
-        self, engine: Quorum, store: Any, step: int, loss: float, members: int
+        self, quorum: Quorum, store: Any, step: int, loss: float, members: int
     ) -> None:
         t = self.scenario.train
         try:  # a lost coordinator is noticed at the next step's start
             store.set(progress_key(self.opts.name), str(step))
-            if not engine.is_lead():
+            if not quorum.is_lead():
                 return
             if step % t.eval_every == 0 or step == t.num_steps:
                 if self.split is not None:  # the rear is on the coordinator: it tests there
@@ -348,7 +345,7 @@ class DeviceRun:
                 else:
                     self._report_eval(store, step, loss, members)
             if self.checkpoint_every and step % self.checkpoint_every == 0:
-                batches = engine.batches_committed()
+                batches = quorum.batches_committed()
                 data = pack(step, batches, self.strategy.replica_state(), self.toml)
                 store.set(KEY_CHECKPOINT, data)
                 store.set(KEY_CHECKPOINT_STEP, str(step))

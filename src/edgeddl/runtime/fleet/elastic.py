@@ -262,7 +262,7 @@ def run_worker(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) ->
         timeout=timedelta(seconds=opts.timeout_s),
         device_id=comm if comm.type == "cuda" else None,
     )
-    engine = ElasticQuorum(step, comm)
+    quorum = ElasticQuorum(step, comm)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if run.critical:  # applying an update: stop right after it
@@ -272,19 +272,19 @@ def run_worker(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) ->
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        engine.step = _adopt_most_advanced(run, step, comm)
-        run.train(engine, store)
+        quorum.step = _adopt_most_advanced(run, step, comm)
+        run.train(quorum, store)
     except RestartRequired as e:
-        _save_local(run, folder, engine.step)
+        _save_local(run, folder, quorum.step)
         print(f"edgeddl device {opts.name}: restarting ({e})", file=sys.stderr, flush=True)
         os._exit(EXIT_RESTART)  # gloo's threads may still wait on the dead peer
     except Exception:
-        if engine.step > step:
-            _save_local(run, folder, engine.step)
+        if quorum.step > step:
+            _save_local(run, folder, quorum.step)
         raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    report = run.finish(store, engine.step, resume["step"] if resume else None)
+    report = run.finish(store, quorum.step, resume["step"] if resume else None)
     write_text_atomic(folder / f"{opts.name}.final.json", json.dumps(report))  # for the agent
     dist.destroy_process_group()
     return report

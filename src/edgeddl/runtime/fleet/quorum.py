@@ -1,4 +1,4 @@
-"""What a device's step loop needs from an engine, and what it reports.
+"""What a device's step loop needs from its quorum (torchft or elastic), and what it reports.
 
 `Quorum` is the membership and commit-or-nothing contract that torchft's Manager
 (`torchft_quorum.py`) and torchrun elastic (`elastic.py`) both fulfil; `DeviceStats` is what a

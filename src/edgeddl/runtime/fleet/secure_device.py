@@ -4,11 +4,11 @@ sealed back.
 The device computes what it computes on any fleet (its gradient, compressed payload or
 federated update: the simulator's bodies), seals it for the coordinator with the ledger
 head it last saw, and sends it over its link (`secure_coordinator.py` has the coordinator's side).
-A refused payload is not retried: the device sends nothing this step. The engine's sum then
+A refused payload is not retried: the device sends nothing this step. The quorum's sum then
 carries only the step's table, so every member names the same senders when it asks for the
 aggregate; the answer is sealed by the coordinator, and a device uses it only once it
 opens (the pair's AEAD key authenticates the coordinator) for this step with a body of the
-right size. The engine's verdict then applies it everywhere or nowhere, and every member
+right size. The quorum's verdict then applies it everywhere or nowhere, and every member
 tells the coordinator, which applies it to its own replica and records it. Misbehaving
 devices (`behavior`) tamper with their update before sealing it.
 """

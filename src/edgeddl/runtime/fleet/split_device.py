@@ -1,8 +1,8 @@
 """A real device's split-learning step: its front against the coordinator's rear, then the
 fleet's commit-or-nothing sum.
 
-The device runs the simulator's own `split_roles.device_step` with requests going over its
-`CoordinatorLink` instead of into a local `RearServer`. The engine's sum (`sum_weighted`) then
+The device runs the simulator's own conversation (`converse`) with requests going over its
+`CoordinatorLink` instead of into a local rear. The engine's sum (`sum_weighted`) then
 carries the step's table (who contributed, samples, loss, speed), and with SplitFed each
 member's front (and head) after its own optimizer step, times its samples: the weighted
 mean every member loads is the simulator's SplitFed average. That optimizer step is
@@ -24,10 +24,8 @@ import torch
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.runtime.fleet.allreduce import Collective, Contribution, Pending, sum_weighted
 from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
-from edgeddl.runtime.fleet.split_rear import state_bytes
 from edgeddl.security.parties import DeviceParty
-from edgeddl.strategy.split.learning import SplitLearning
-from edgeddl.strategy.split.roles import device_step
+from edgeddl.strategy.base import ConversationDevice
 
 
 class Link(Protocol):
@@ -52,7 +50,7 @@ class SplitDevice:
 
     def __init__(
         self,
-        strategy: SplitLearning,
+        strategy: ConversationDevice,
         idx: int,
         name: str,
         comm: torch.device,
@@ -69,7 +67,7 @@ class SplitDevice:
         self._link: Link | None = None
         self._store: Any = None
         self.size = (
-            sum(t.numel() for t in strategy.device_tensors(idx)) if strategy.cfg.splitfed else 0
+            sum(t.numel() for t in strategy.device_tensors(idx)) if strategy.averages_fronts else 0
         )
 
     def link(self, store: Any) -> Link:
@@ -90,9 +88,8 @@ class SplitDevice:
         """The device's step through the cut: (mean loss, seconds in requests, cut bytes
         sent). LinkError if the rear cannot be reached or refused a request."""
         s, k, n = self.s, self.idx, len(x)
-        s.device_optimizer(k).zero_grad(set_to_none=True)
         link = self.link(store)
-        seconds, sent = link.seconds, s.wire.up_bytes
+        seconds = link.seconds
 
         def call(kind: str, payloads: list[bytes]) -> tuple[bytes, float]:
             if self.seal is None:
@@ -105,13 +102,11 @@ class SplitDevice:
                 raise LinkError(str(e)) from None
 
         try:
-            loss = device_step(s.parts, s.wire, s.cost, k, x, y, step, call)
+            loss, sent = s.converse(k, x, y, step, call)
         except LinkError:
             self.drop_link()
             raise
-        finally:
-            s.wire.sent.clear()  # the simulator's per-step log: nothing reads it here
-        return float(loss), link.seconds - seconds, s.wire.up_bytes - sent
+        return loss, link.seconds - seconds, sent
 
     def exchange(
         self,
@@ -125,24 +120,20 @@ class SplitDevice:
         """The fleet's sum for this step; `done`: (loss, samples, speed, work seconds, cut
         bytes sent) if this device worked. None if the sum failed or carried no samples."""
         s, k = self.s, self.idx
-        opt = s.device_optimizer(k)
-        before: tuple[list[torch.Tensor], dict[str, Any]] | None = None
+        before: dict[str, Any] | None = None
         mine = None
         if done is not None:
             loss, share, speed, work_s, sent = done
             flat = torch.zeros(0)
-            if s.cfg.splitfed:  # tentative: the mean is of the fronts after their own step
-                before = ([t.clone() for t in s.device_tensors(k)], copy.deepcopy(opt.state_dict()))
-                opt.step()
+            if s.averages_fronts:  # tentative: the mean is of the fronts after their own step
+                before = copy.deepcopy(s.device_state(k))
+                s.step_device(k)
                 flat = torch.cat([t.reshape(-1).float() for t in s.device_tensors(k)])
             mine = Contribution(flat, float(share), loss, sent, work_s, speed)
 
         def undo() -> None:
             if before is not None:
-                with torch.no_grad():
-                    for t, v in zip(s.device_tensors(k), before[0], strict=True):
-                        t.copy_(v)
-                opt.load_state_dict(before[1])
+                s.load_device_state(k, before)
 
         summed = sum_weighted(mine, self.size, k, slot, members, collective, self.comm)
         if summed is None or summed[0].total <= 0:
@@ -152,10 +143,10 @@ class SplitDevice:
         outcome.wire_bytes += outcome.payload_bytes  # the cut tensors went up too
 
         def apply() -> None:
-            if s.cfg.splitfed:
+            if s.averages_fronts:
                 s.load_average(k, mean)
             elif done is not None:
-                opt.step()
+                s.step_device(k)
             table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
             self._tell(store, "commit", step, [table])
 
@@ -163,7 +154,7 @@ class SplitDevice:
 
     def evaluate(self, store: Any, step: int, loss: float, members: int) -> None:
         """The lead's front (and head) to the coordinator, which tests the whole model."""
-        state = state_bytes(self.s, self.idx)
+        state = self.s.front_bytes(self.idx)
         if self.seal is not None:
             try:
                 self.link(store)  # a new link first: its hello starts the envelopes
@@ -194,7 +185,7 @@ class SplitDevice:
     def checksum(self) -> float | None:
         """SplitFed: one number for the shared front (equal on every member); else None
         (each front is its device's own)."""
-        if not self.s.cfg.splitfed:
+        if not self.s.averages_fronts:
             return None
         return float(
             sum(

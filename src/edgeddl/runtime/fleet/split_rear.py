@@ -17,7 +17,6 @@ rolls the rear back by less than that many steps while the devices keep their fr
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -36,8 +35,8 @@ from edgeddl.runtime.fleet.checkpoint import pack, unpack
 from edgeddl.runtime.fleet.store import KEY_ROWS, row_key
 from edgeddl.security.ledger import model_digest
 from edgeddl.security.parties import CoordinatorParty
+from edgeddl.strategy.base import ConversationRear
 from edgeddl.strategy.build import build_split
-from edgeddl.strategy.split.learning import SplitLearning
 from edgeddl.threads import scenario_threads
 from edgeddl.workload import build_workload
 
@@ -52,7 +51,7 @@ class SplitRear:
 
     def __init__(
         self,
-        strategy: SplitLearning,
+        strategy: ConversationRear,
         names: list[str],
         global_batch: int,
         store: Any = None,
@@ -71,10 +70,7 @@ class SplitRear:
         self.entries: dict[int, dict[int, list[int]]] = {}
         """Step -> device -> the ledger entries of what it sent."""
         self.lock = threading.Lock()
-        c = strategy.cost
-        per_sample = max(c.cut_bytes, c.head_cut_bytes) + 16  # fp32 values, labels, scales
-        self.max_body = global_batch * per_sample + 4096
-        self.max_state = 4 * strategy.device_state_bytes + (1 << 20)
+        self.max_body, self.max_state = strategy.request_limits(global_batch)
         self.evaluated: set[int] = set()
         self.received = 0
         """Encoded bytes of the cut tensors the devices sent."""
@@ -104,8 +100,7 @@ class SplitRear:
         path = out_dir / REAR_FILE
         if path.exists():
             ck = unpack(path.read_bytes(), toml, str(path))
-            strategy.parts.rear.load_state_dict(ck["replica"]["rear"])
-            strategy.rear.optimizer.load_state_dict(ck["replica"]["optimizer"])
+            strategy.load_rear_state(ck["replica"])
             service.resumed_from = int(ck["step"])
             print(f"edgeddl coordinator: the rear resumes from step {ck['step']}", flush=True)
         return service
@@ -117,9 +112,7 @@ class SplitRear:
             return
         path, every, toml = self.checkpoint
         if every and step % every == 0:
-            rear = self.strategy.rear
-            state = {"rear": rear.parts.rear.state_dict(), "optimizer": rear.optimizer.state_dict()}
-            write_bytes_atomic(path, pack(step, step, state, toml))
+            write_bytes_atomic(path, pack(step, step, self.strategy.rear_state(), toml))
 
     def max_request_bytes(self, op: str) -> int:
         envelopes = 1024 if self.seal is not None else 0  # two envelopes' headers and names
@@ -139,14 +132,14 @@ class SplitRear:
         if the request is refused (the rear keeps nothing of it)."""
         if device < 0 or device >= len(self.names) or self.names[device] != name:
             raise ValueError(f"the link of {name} spoke for device {device}")
-        rear, seal = self.strategy.rear, self.seal
+        s, seal = self.strategy, self.seal
         if op not in ("activations", "head_gradients", "commit", "evaluate", "hello"):
             raise ValueError(f"{op} is not a split learning request")
         with self.lock:
             if op == "hello" and seal is not None:
                 return seal.hello(name), 0.0
             if op in ("activations", "head_gradients"):
-                rear.check_step(step)  # before opening: a stale request leaves no entry
+                s.check_step(step)  # before opening: a stale request leaves no entry
             if op in ("activations", "head_gradients", "evaluate") and seal is not None:
                 opened = [seal.open(name, step, p) for p in parts]
                 self.entries.setdefault(step, {}).setdefault(device, []).extend(
@@ -156,23 +149,18 @@ class SplitRear:
             if op in ("activations", "head_gradients"):
                 if not 0 < count <= self.global_batch:
                     raise ValueError(f"{count} samples (global_batch {self.global_batch})")
-                reply = rear.handle(op, device, step, count, parts)
+                reply = s.answer(op, device, step, count, parts)
                 if seal is not None:
                     reply = (seal.seal(name, reply[0], step), reply[1])
-                c = self.strategy.cost
                 self.received += sum(len(p) for p in parts)
-                per_sample = c.cut_bytes + 8 * (len(parts) - 1)  # activations (and labels)
-                self.received_dense += count * (
-                    c.head_cut_bytes if op == "head_gradients" else per_sample
-                )
+                self.received_dense += s.dense_request_bytes(op, count, len(parts))
                 return reply
             if op == "commit":
                 table = np.frombuffer(parts[0], dtype=np.int64) if parts else np.zeros(0, np.int64)
                 if len(table) % 2:
                     raise ValueError("a commit's table of devices and samples is malformed")
                 devices, counts = table[: len(table) // 2], table[len(table) // 2 :]
-                if rear.commit(step, devices.tolist(), counts.tolist()):
-                    self.strategy.num_payloads += len(devices)
+                if s.commit_rear(step, devices.tolist(), counts.tolist()):
                     self._keep(step + 1)  # the step counter once the step is committed
                     if seal is not None:
                         sent = self.entries.pop(step, {})
@@ -187,15 +175,11 @@ class SplitRear:
         """The whole model from the lead's front (and head) and the rear: a metrics row."""
         if step in self.evaluated or self.evaluate is None or self.store is None:
             return
-        s = self.strategy
-        modules = torch.load(io.BytesIO(state), weights_only=True, map_location="cpu")
-        for m, v in zip(s.parts.device_modules(0), modules, strict=True):
-            m.load_state_dict(v)
         row = {
             "step": step,
             "at": time.time(),
             "train_loss": header[4],
-            **self.evaluate(s.parts.whole(0)),
+            **self.evaluate(self.strategy.whole_model(state)),
             "num_members": int(header[5]),
         }
         i = self.store.add(KEY_ROWS, 1)
@@ -205,7 +189,7 @@ class SplitRear:
     def digest(self) -> str:
         """The rear's digest: what the coordinator's ledger vouches for."""
         with torch.no_grad():
-            return model_digest(self.strategy.parts.rear.state_dict())
+            return model_digest(self.strategy.rear_state()["rear"])
 
     def close(self) -> dict[str, Any]:
         """`[security]`: the ledger closed; the run's `model_digest` and `security` keys."""
@@ -215,20 +199,6 @@ class SplitRear:
     def summary(self) -> dict[str, Any]:
         """The run's `split` entry, with the bytes as the coordinator saw them."""
         with self.lock:
-            out = self.strategy.summary()
-            wire = self.strategy.wire
-            out["cut_bytes_up"] = self.received
-            sent = self.received + wire.down_bytes
-            out["cut_bytes_per_device_step"] = sent / max(self.strategy.num_payloads, 1)
-            dense = self.received_dense + wire.dense_bytes
-            out["cut_compression_ratio"] = dense / sent if sent else None
-            out["rear_steps"] = self.strategy.rear.steps_applied
+            out = self.strategy.rear_summary(self.received, self.received_dense)
             out["rear_resumed_from_step"] = self.resumed_from
             return out
-
-
-def state_bytes(strategy: SplitLearning, device: int) -> bytes:
-    """Device `device`'s front (and head) as the evaluate request carries it."""
-    buf = io.BytesIO()
-    torch.save([m.state_dict() for m in strategy.parts.device_modules(device)], buf)
-    return buf.getvalue()

@@ -114,43 +114,43 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
     if store.check([KEY_RESUME]):  # a restarted coordinator: start from its checkpoint
         resume = unpack(store.get(KEY_RESUME), run.toml, "the coordinator's checkpoint")
         run.strategy.load_replica_state(resume["replica"])
-    engine = TorchftQuorum(run, store, opts, backend)
+    quorum = TorchftQuorum(run, store, opts, backend)
     if resume is not None:
-        engine.catch_up(resume["step"], resume["batches_committed"])
+        quorum.catch_up(resume["step"], resume["batches_committed"])
     if store.check([KEY_CHECKPOINT_EVERY]):
         run.checkpoint_every = int(store.get(KEY_CHECKPOINT_EVERY))
     try:
         _await_the_others(store, opts)
         while True:
             try:
-                run.train(engine, store)
+                run.train(quorum, store)
                 break
             except (RuntimeError, OSError) as e:
                 if answers(store):
                     raise
-                if engine.current_step() >= run.scenario.train.num_steps:
+                if quorum.current_step() >= run.scenario.train.num_steps:
                     break  # the run is over; the coordinator left first: nothing to wait for
                 # The coordinator is gone: wait for its restart, keep this (newer) state.
                 print(
                     f"edgeddl device {opts.name}: coordinator lost ({e}); reconnecting",
                     file=sys.stderr,
                 )
-                state = engine.manager.state_dict()
-                engine.shutdown()
+                state = quorum.manager.state_dict()
+                quorum.shutdown()
                 store = connect(opts.coordinator, opts.connect_timeout_s)
                 store.add(KEY_JOINED, 1)
                 # A restarted coordinator's --min-devices holds the first back until the
                 # others are in again (else it could finish the run before they notice).
                 wait_for_devices(store, opts.connect_timeout_s)
-                engine = TorchftQuorum(run, store, opts, backend)
-                engine.manager.load_state_dict(state)
+                quorum = TorchftQuorum(run, store, opts, backend)
+                quorum.manager.load_state_dict(state)
                 _await_the_others(store, opts)
                 run.stats.reconnects += 1
         # Done before the Manager goes: a device left out of the last step gets a quorum of
         # its own only once this one stops heartbeating, and must then see the run is over.
-        return run.finish(store, engine.current_step(), resume["step"] if resume else None)
+        return run.finish(store, quorum.current_step(), resume["step"] if resume else None)
     finally:
-        engine.shutdown()
+        quorum.shutdown()
 
 
 def _await_the_others(store: Any, opts: DeviceOptions) -> None:

@@ -1,1 +1,1 @@
-"""edgeddl.runtime.sim."""
+"""The simulated fleet: the reference loop, its exchanges on the virtual clock, checkpoints."""

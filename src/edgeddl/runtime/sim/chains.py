@@ -1,4 +1,4 @@
-"""The simulated transport for steps that are chains of legs (split learning).
+"""The simulated network for steps that are chains of legs (split learning).
 
 Each device walks through its legs in order: its own data loading and compute, transfers to
 and from the coordinator, and work on the coordinator. Three resources are shared, each

@@ -1,11 +1,9 @@
 """The reference loop: a scenario trained on the simulated fleet, step by step.
 
-Per step: membership changes due by now take effect; the global batch is balanced over the
-members; the fleet model gives each device's data-loading and compute time for its share;
-the simulated transport lays out the exchange on the links and says whose work arrived
-(crashes lose work); the strategy applies the update from the devices that contributed; the
-clock moves to the step's end; the recorder adds it all up. The maths is real, the clock is
-virtual.
+Per step: membership changes take effect; the strategy plans who trains (or the loop
+balances the global batch); every device prepares its update; the run's `Exchange` carries
+the step and says what it cost and whose work arrived; the strategy commits the update from
+those; the clock moves to the step's end. The maths is real, the clock is virtual.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class SimNetwork:
         return self._to_coordinator(idx, num_bytes, up)
 
     def pipeline(self, req: PipelineRequest) -> StepTimeline:
-        """Carry a step that is a chain of legs per device (`sim_pipeline`)."""
+        """Carry a step that is a chain of legs per device (`chains.py`)."""
         from edgeddl.runtime.sim.chains import pipeline_step
 
         return pipeline_step(self, req)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from edgeddl.compress.adapt import AdaptiveDensity
 from edgeddl.config.loader import apply_override, load_scenario, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
@@ -24,7 +25,6 @@ from edgeddl.runtime.sim.network import SimNetwork
 from edgeddl.security.session import SecureRun
 from edgeddl.strategy.base import Strategy
 from edgeddl.strategy.build import build
-from edgeddl.strategy.compressed import AdaptiveDensity
 from edgeddl.strategy.fused import batchnorm_layers
 from edgeddl.workload import Workload
 

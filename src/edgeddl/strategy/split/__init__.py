@@ -1,1 +1,1 @@
-"""edgeddl.strategy.split.maths."""
+"""Split learning: the fronts on the devices, the rear on the coordinator, the cut's wire."""

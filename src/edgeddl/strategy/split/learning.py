@@ -9,20 +9,21 @@ devices' gradients, each device's front its own (`SplitModels` has the maths). W
 `splitfed`, the fronts (and heads) are then averaged, weighted by samples, and every device
 starts the next step from the average (it downloads it).
 
-Each device's step is `split_roles.device_step` talking to the `RearServer` (called
-directly here; a real fleet runs the same two across processes). Every tensor that crosses
-a cut goes through `CutWire`: the scenario's compressor (per sample: one scale or norm per
-sample), the wire codec, and back: each side computes with what it received, and the bytes
-that count are the encoded ones. Labels travel as codes of
+Each device's step is `roles.device_step` talking to the `RearServer` (called directly
+here; a real fleet runs the same two across processes through `converse` and `answer`).
+Every tensor that crosses a cut goes through `CutWire`: the scenario's compressor (per
+sample: one scale or norm per sample), the wire codec, and back: each side computes with
+what it received, and the bytes that count are the encoded ones. Labels travel as codes of
 the fewest bits that hold the class count. Raw inputs never cross (the tests check it).
 
-The exchange is a chain of legs per device (`Leg`: device or coordinator FLOPs, bytes up or
-down); the loop turns it into time with the fleet's profiles and the simulated links.
+The step is a chain of legs per device (`Leg`: device or coordinator FLOPs, bytes up or
+down); the simulator's exchange turns it into time with the fleet's profiles and links.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from torch import nn
 from edgeddl.config.schema import TrainConfig
 from edgeddl.config.split import SplitConfig
 from edgeddl.models.layers import split_model
-from edgeddl.strategy.base import Leg, Plan, StepCost, StepPayloads, Update
+from edgeddl.strategy.base import Call, Leg, Plan, StepCost, StepPayloads, Update
 from edgeddl.strategy.data_parallel import tensor_bytes
 from edgeddl.strategy.errors import TrainingDiverged
 from edgeddl.strategy.split.maths import SplitModels
@@ -198,6 +199,94 @@ class SplitLearning:
         n = len(self.parts.fronts)
         picks = np.unique(np.linspace(0, n - 1, min(n, max_models)).round().astype(int))
         return [self.parts.whole(int(k)) for k in picks]
+
+    # --- the conversation across a wire (a real fleet's device and coordinator) ----------
+
+    @property
+    def averages_fronts(self) -> bool:
+        """SplitFed: the fronts (and heads) are averaged after every step."""
+        return self.cfg.splitfed
+
+    def converse(
+        self, device: int, x: torch.Tensor, y: torch.Tensor, step: int, call: Call
+    ) -> tuple[float, int]:
+        """Device `device`'s step through the cut, each request answered by `call` (the
+        rear, wherever it is): (mean loss, encoded bytes it sent)."""
+        self.device_optimizer(device).zero_grad(set_to_none=True)
+        sent = self.wire.up_bytes
+        try:
+            loss = device_step(self.parts, self.wire, self.cost, device, x, y, step, call)
+        finally:
+            self.wire.sent.clear()  # the simulator's per-step log: nothing reads it here
+        return float(loss), self.wire.up_bytes - sent
+
+    def step_device(self, device: int) -> None:
+        """The device's own optimizer step on its front (and head)."""
+        self.device_optimizer(device).step()
+
+    def front_bytes(self, device: int) -> bytes:
+        """Device `device`'s front (and head) as an evaluation request carries it."""
+        buf = io.BytesIO()
+        torch.save([m.state_dict() for m in self.parts.device_modules(device)], buf)
+        return buf.getvalue()
+
+    def answer(
+        self, kind: str, device: int, step: int, count: int, payloads: list[bytes]
+    ) -> tuple[bytes, float]:
+        """The rear's answer to one request of a device's conversation (`CodecError` if it
+        is refused: a stale step, or a malformed tensor)."""
+        return self.rear.handle(kind, device, step, count, payloads)
+
+    def check_step(self, step: int) -> None:
+        """`CodecError` if the rear took step `step` already (a stale request)."""
+        self.rear.check_step(step)
+
+    def commit_rear(self, step: int, devices: list[int], counts: list[int]) -> bool:
+        """The rear's step with the step's devices (once; False if it was taken already or
+        is incomplete)."""
+        if not self.rear.commit(step, devices, counts):
+            return False
+        self.num_payloads += len(devices)
+        return True
+
+    def rear_state(self) -> dict[str, Any]:
+        """The rear and its optimizer (what a restarted coordinator resumes)."""
+        return {"rear": self.parts.rear.state_dict(), "optimizer": self.rear.optimizer.state_dict()}
+
+    def load_rear_state(self, state: dict[str, Any]) -> None:
+        self.parts.rear.load_state_dict(state["rear"])
+        self.rear.optimizer.load_state_dict(state["optimizer"])
+
+    def whole_model(self, front: bytes) -> nn.Module:
+        """The whole model from a device's front (and head) bytes and the rear."""
+        modules = torch.load(io.BytesIO(front), weights_only=True, map_location="cpu")
+        for m, v in zip(self.parts.device_modules(0), modules, strict=True):
+            m.load_state_dict(v)
+        return self.parts.whole(0)
+
+    def request_limits(self, global_batch: int) -> tuple[int, int]:
+        """(most bytes a cut request of a step can take, most a front's state can take)."""
+        c = self.cost
+        per_sample = max(c.cut_bytes, c.head_cut_bytes) + 16  # fp32 values, labels, scales
+        return global_batch * per_sample + 4096, 4 * self.device_state_bytes + (1 << 20)
+
+    def dense_request_bytes(self, kind: str, count: int, num_parts: int) -> int:
+        """What a request's tensors take as fp32 values and int64 labels."""
+        c = self.cost
+        if kind == "head_gradients":
+            return count * c.head_cut_bytes
+        return count * (c.cut_bytes + 8 * (num_parts - 1))  # activations (and labels)
+
+    def rear_summary(self, received: int, received_dense: int) -> dict[str, object]:
+        """The run's `split` entry with the bytes as the coordinator saw them."""
+        out = self.summary()
+        out["cut_bytes_up"] = received
+        sent = received + self.wire.down_bytes
+        out["cut_bytes_per_device_step"] = sent / max(self.num_payloads, 1)
+        dense = received_dense + self.wire.dense_bytes
+        out["cut_compression_ratio"] = dense / sent if sent else None
+        out["rear_steps"] = self.rear.steps_applied
+        return out
 
     # --- a step ----------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ or a request that came after its step was committed), so no step is taken twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,7 @@ from edgeddl.compress.base import Compressor, Layout, Payload
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.compress.registry import build_codec, build_compressor
 from edgeddl.config.split import SplitConfig
+from edgeddl.strategy.base import Call
 from edgeddl.strategy.split.maths import RearInput, SplitCost, SplitModels
 
 UP_KINDS = ("activations", "labels", "head_gradients")
@@ -38,7 +38,6 @@ REQUESTS = ("activations", "head_gradients")
 """What a device asks of the coordinator: its activations (with its labels, unless
 U-shaped), and U-shaped the head's gradient."""
 
-Call = Callable[[str, list[bytes]], tuple[bytes, float]]
 """A device's request: (kind, encoded tensors) -> (the coordinator's encoded answer, the
 device's loss as the rear computed it (labels sent), else 0)."""
 
