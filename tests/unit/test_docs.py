@@ -107,7 +107,8 @@ class Command:
     append: bool = False
 
     def __str__(self) -> str:
-        return f"{self.page}:{self.line}: {shlex.join(self.argv)}"
+        into = f" {'>>' if self.append else '>'} {self.stdout}" if self.stdout else ""
+        return f"{self.page}:{self.line}: {shlex.join(self.argv)}{into}"
 
 
 @dataclass
@@ -204,7 +205,17 @@ def all_commands(pages: list[str]) -> list[Command]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    return cli._parser()
+    """The CLI's own parser, taking options only as spelled (`--min-device` would pass as an
+    abbreviation of `--min-devices`: not in the docs)."""
+    parser = cli._parser()
+    todo = [parser]
+    while todo:
+        p = todo.pop()
+        p.allow_abbrev = False
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo.extend(a.choices.values())
+    return parser
 
 
 def _subcommand(args: argparse.Namespace) -> tuple[str, ...]:
@@ -289,7 +300,9 @@ def check_pip(cmd: Command) -> None:
 
 
 def check_pytest(cmd: Command) -> None:
-    declared = {m.split(":")[0].strip() for m in _pyproject()["tool"]["pytest"]["ini_options"]["markers"]}
+    declared = {
+        m.split(":")[0].strip() for m in _pyproject()["tool"]["pytest"]["ini_options"]["markers"]
+    }
     argv = cmd.argv[3:]
     for k, w in enumerate(argv):
         if w == "-m":
@@ -363,12 +376,13 @@ def test_commands_parse(page: str) -> None:
         check_statically(cmd)
 
 
-def test_every_command_is_accounted_for(capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_is_accounted_for() -> None:
+    """Each command is run, parse-checked or checked as another program, for a reason (the
+    table shows with `pytest -s`)."""
     rows = [(str(c), *classify(c)) for c in all_commands([*PAGES, *STATIC_ONLY])]
-    with capsys.disabled():
-        print(f"\n{len(rows)} commands in the docs:")
-        for where, mode, why in rows:
-            print(f"  [{mode:5}] {where}  ({why})")
+    print(f"\n{len(rows)} commands in the docs:")
+    for where, mode, why in rows:
+        print(f"  [{mode:5}] {where}  ({why})")
     modes = [m for _, m, _ in rows]
     assert modes.count("run") >= 40, "most of the docs' commands should run"
     assert all(why for *_, why in rows)
@@ -592,7 +606,7 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scenario.write_text(
         '[run]\nname = "stopped"\n\n[[fleet.devices]]\nname = "pi"\nprofile = "rpi4"\n'
         "count = 2\n\n[data]\nnum_samples = 600\n\n[train]\nglobal_batch = 32\n"
-        f'num_steps = 3\n\n[security]\nenabled = true\nkeys_dir = "{base / "keys"}"\n',
+        f'num_steps = 3\n\n[security]\nenabled = true\nkeys_dir = "{(base / "keys").as_posix()}"\n',
         encoding="utf-8",
     )
     for name in ("coordinator", "pi-0", "pi-1"):
