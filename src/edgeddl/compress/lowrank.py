@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from edgeddl.compress.base import Layout, Payload, PhasedResult, Reduce
+from edgeddl.config.compression import CompressorConfig
+from edgeddl.config.compressors import BuildContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,3 +267,10 @@ class PowerSGD:
         if q.shape != self._q.shape:
             raise ValueError(f"warm start has shape {tuple(q.shape)}, want {tuple(self._q.shape)}")
         self._q = q.detach().to(device="cpu", dtype=torch.float32).clone()
+
+
+# How `config/compressors.py` builds these from a scenario's settings.
+
+
+def build_powersgd(c: CompressorConfig, at: BuildContext) -> PowerSGD:
+    return PowerSGD(at.layout, c.rank, at.seed)

@@ -23,6 +23,8 @@ import torch
 
 from edgeddl.compress.base import Layout, Payload
 from edgeddl.compress.segments import Segments, check_flat
+from edgeddl.config.compression import CompressorConfig
+from edgeddl.config.compressors import BuildContext
 
 _INT8_MAX = 127
 _MAX_BITS = 16
@@ -233,3 +235,26 @@ class SignSGDCompressor:
         codes = _field(payload, "codes")
         scales = _field(payload, "scales").to(torch.float32)
         return self._table.decode(codes).mul_(self._segments.expand(scales))
+
+
+# How `config/compressors.py` builds these from a scenario's settings.
+
+
+def build_none(c: CompressorConfig, at: BuildContext) -> NoneCompressor:
+    return NoneCompressor()
+
+
+def build_fp16(c: CompressorConfig, at: BuildContext) -> FP16Compressor:
+    return FP16Compressor()
+
+
+def build_int8(c: CompressorConfig, at: BuildContext) -> Int8Compressor:
+    return Int8Compressor(at.layout)
+
+
+def build_qsgd(c: CompressorConfig, at: BuildContext) -> QSGDCompressor:
+    return QSGDCompressor(at.layout, c.levels, at.device_seed)
+
+
+def build_signsgd(c: CompressorConfig, at: BuildContext) -> SignSGDCompressor:
+    return SignSGDCompressor(at.layout)

@@ -31,6 +31,8 @@ from edgeddl.compress.sparse import (
     target_k,
     top_indices,
 )
+from edgeddl.config.compression import CompressorConfig
+from edgeddl.config.compressors import BuildContext
 
 Criterion = Literal["magnitude", "layer_normalized"]
 
@@ -219,3 +221,22 @@ class DGCCompressor:
 
     def decompress(self, payload: Payload, step: int) -> torch.Tensor:
         return scatter(payload, self._device)
+
+
+# How `config/compressors.py` builds these from a scenario's settings.
+
+
+def build_two_step(c: CompressorConfig, at: BuildContext) -> TwoStepCompressor:
+    return TwoStepCompressor(
+        at.layout,
+        c.density,
+        c.criterion,
+        c.threshold,
+        c.adapt_threshold,
+        c.sample_fraction,
+        at.device_seed,
+    )
+
+
+def build_dgc(c: CompressorConfig, at: BuildContext) -> DGCCompressor:
+    return DGCCompressor(c.density, c.warmup_steps, c.sample_fraction, at.device_seed)

@@ -27,6 +27,8 @@ import torch
 
 from edgeddl.compress.base import Payload
 from edgeddl.compress.segments import check_flat
+from edgeddl.config.compression import CompressorConfig
+from edgeddl.config.compressors import BuildContext
 
 _MIN_SAMPLE = 1000
 _MIN_SAMPLE_HITS = 100
@@ -236,3 +238,18 @@ class ThresholdCompressor:
 
     def decompress(self, payload: Payload, step: int) -> torch.Tensor:
         return scatter(payload, self._device)
+
+
+# How `config/compressors.py` builds these from a scenario's settings.
+
+
+def build_topk(c: CompressorConfig, at: BuildContext) -> TopKCompressor:
+    return TopKCompressor(c.density)
+
+
+def build_randomk(c: CompressorConfig, at: BuildContext) -> RandomKCompressor:
+    return RandomKCompressor(c.density, at.seed)  # the run's seed: every device picks alike
+
+
+def build_threshold(c: CompressorConfig, at: BuildContext) -> ThresholdCompressor:
+    return ThresholdCompressor(c.threshold)

@@ -6,14 +6,11 @@ without it.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from edgeddl.config.checks import require as _require
 from edgeddl.config.compressors import COMPRESSORS, BuildContext, CompressorSpec, compressor_names
 from edgeddl.config.suggest import suggest_key
-
-if TYPE_CHECKING:
-    from edgeddl.compress.base import Compressor, Layout, PhasedCompressor
 
 
 @dataclass(kw_only=True, slots=True)
@@ -73,12 +70,11 @@ class CompressorConfig:
         """The registered compressor this setting names: its capabilities and builder."""
         return COMPRESSORS[self.compressor]
 
-    def build(
-        self, layout: Layout, seed: int, device_index: int = 0
-    ) -> Compressor | PhasedCompressor:
-        """The compressor this setting describes, for one device of a run with `seed`."""
+    def build(self, layout: Any, seed: int, device_index: int = 0) -> object:
+        """The compressor this setting describes (`edgeddl.compress`), for one device of a
+        run with `seed`; `layout`: the flat tensor's `Layout`."""
         at = BuildContext(layout=layout, seed=seed, device_index=device_index)
-        return self.spec.build(self, at)
+        return self.spec.make(self, at)
 
 
 def _require_registered(name: str) -> None:

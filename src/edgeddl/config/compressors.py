@@ -1,25 +1,24 @@
 """The compressor registry: each compressor's name, capabilities and builder, registered once.
 
-Adding a compressor is one `register(CompressorSpec(...))` here (after writing its class in
-`edgeddl.compress`): config validation, `check_compression` (ring, adaptation, groups), split
-learning's cut tensors, the federated and sealed-run checks, error feedback and
-`edgeddl compressors` all read the spec. As in torchtitan's configurable components, the config
-builds its component (`CompressorConfig.build`); the builders import their class only when
-called, so this module, like the rest of `edgeddl.config`, loads without torch. A unit test
-builds every registered name and checks the declared capabilities against the built class.
+Adding a compressor is one `register(CompressorSpec(...))` here (after writing its class and
+its builder in `edgeddl.compress`): config validation, `check_compression`, split learning,
+the federated and sealed-run checks, error feedback and `edgeddl compressors` all read the
+spec. As in torchtitan, the config builds its component (`CompressorConfig.build`); the
+builder is named by its dotted path and imported only then, so `edgeddl.config` loads
+without torch and never imports the layers above it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeddl.config.checks import require
 
 if TYPE_CHECKING:
-    from edgeddl.compress.base import Compressor, Layout, PhasedCompressor
     from edgeddl.config.compression import CompressorConfig
 
 
@@ -28,7 +27,8 @@ class BuildContext:
     """What a compressor is built for besides its config: the flat tensor's layout, the run's
     seed (shared: random-k and PowerSGD draw alike on every device) and the device."""
 
-    layout: Layout
+    layout: Any
+    """The flat tensor's `edgeddl.compress.base.Layout` (configs know no tensors)."""
     seed: int
     device_index: int = 0
 
@@ -38,7 +38,8 @@ class BuildContext:
         return (self.seed * 1_000_003 + self.device_index + 1) % 2**63
 
 
-Builder = Callable[["CompressorConfig", BuildContext], "Compressor | PhasedCompressor"]
+Builder = Callable[["CompressorConfig", BuildContext], object]
+"""Builds a compressor (`edgeddl.compress`: a `Compressor` or a `PhasedCompressor`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,7 +47,9 @@ class CompressorSpec:
     """One compressor: what the checks need to know about it, and how its config builds it."""
 
     name: str
-    build: Builder
+    build: Builder | str
+    """How a setting builds it: a function, or its dotted path ("package.module:function",
+    imported only when called, so configs load without torch and without the compressors)."""
     about: str
     """What it sends, in a few words (`edgeddl compressors`)."""
     params: tuple[str, ...] = ()
@@ -82,6 +85,14 @@ class CompressorSpec:
             f"{self.name}: adapt_density needs the density parameter",
         )
 
+    def make(self, cfg: CompressorConfig, at: BuildContext) -> object:
+        """The compressor `cfg` describes, built for `at`."""
+        build = self.build
+        if isinstance(build, str):
+            module, _, name = build.partition(":")
+            build = getattr(importlib.import_module(module), name)
+        return build(cfg, at)
+
     @property
     def every_device(self) -> bool:
         """Needs every device, with this compressor, in every step (rounds or momentum)."""
@@ -106,19 +117,14 @@ def compressor_names(where: Callable[[CompressorSpec], bool] = lambda _: True) -
     return [name for name, spec in COMPRESSORS.items() if where(spec)]
 
 
-# The registrations. Each builder imports its class when called (torch stays out of configs).
-
-
-def _none(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.quantize import NoneCompressor
-
-    return NoneCompressor()
+# The registrations. Each builder lives beside its class in `edgeddl.compress` and is named by
+# its dotted path: imported when a setting is built (torch stays out of configs).
 
 
 register(
     CompressorSpec(
         name="none",
-        build=_none,
+        build="edgeddl.compress.quantize:build_none",
         about="dense fp32",
         allreduce=True,
         cut_tensors=True,
@@ -126,16 +132,10 @@ register(
 )
 
 
-def _fp16(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.quantize import FP16Compressor
-
-    return FP16Compressor()
-
-
 register(
     CompressorSpec(
         name="fp16",
-        build=_fp16,
+        build="edgeddl.compress.quantize:build_fp16",
         about="dense fp16",
         allreduce=True,
         cut_tensors=True,
@@ -143,29 +143,20 @@ register(
 )
 
 
-def _int8(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.quantize import Int8Compressor
-
-    return Int8Compressor(at.layout)
-
-
 register(
     CompressorSpec(
-        name="int8", build=_int8, about="8-bit codes, one scale per layer", cut_tensors=True
+        name="int8",
+        build="edgeddl.compress.quantize:build_int8",
+        about="8-bit codes, one scale per layer",
+        cut_tensors=True,
     )
 )
-
-
-def _qsgd(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.quantize import QSGDCompressor
-
-    return QSGDCompressor(at.layout, c.levels, at.device_seed)
 
 
 register(
     CompressorSpec(
         name="qsgd",
-        build=_qsgd,
+        build="edgeddl.compress.quantize:build_qsgd",
         about="stochastic levels, sign, one norm per layer (QSGD)",
         params=("levels",),
         cut_tensors=True,
@@ -174,16 +165,10 @@ register(
 )
 
 
-def _topk(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.sparse import TopKCompressor
-
-    return TopKCompressor(c.density)
-
-
 register(
     CompressorSpec(
         name="topk",
-        build=_topk,
+        build="edgeddl.compress.sparse:build_topk",
         about="the density largest values",
         params=("density",),
         adapt_density=True,
@@ -192,16 +177,10 @@ register(
 )
 
 
-def _randomk(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.sparse import RandomKCompressor
-
-    return RandomKCompressor(c.density, at.seed)  # the run's seed: every device picks alike
-
-
 register(
     CompressorSpec(
         name="randomk",
-        build=_randomk,
+        build="edgeddl.compress.sparse:build_randomk",
         about="density values at positions every device draws alike",
         params=("density",),
         allreduce=True,
@@ -209,12 +188,6 @@ register(
         cut_tensors=True,
     )
 )
-
-
-def _threshold(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.sparse import ThresholdCompressor
-
-    return ThresholdCompressor(c.threshold)
 
 
 def _threshold_is_set(c: CompressorConfig) -> None:
@@ -227,7 +200,7 @@ def _threshold_is_set(c: CompressorConfig) -> None:
 register(
     CompressorSpec(
         name="threshold",
-        build=_threshold,
+        build="edgeddl.compress.sparse:build_threshold",
         about="values with |x| >= threshold",
         params=("threshold",),
         fixed_size=False,
@@ -236,24 +209,10 @@ register(
 )
 
 
-def _two_step(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.significance import TwoStepCompressor
-
-    return TwoStepCompressor(
-        at.layout,
-        c.density,
-        c.criterion,
-        c.threshold,
-        c.adapt_threshold,
-        c.sample_fraction,
-        at.device_seed,
-    )
-
-
 register(
     CompressorSpec(
         name="two_step",
-        build=_two_step,
+        build="edgeddl.compress.significance:build_two_step",
         about="S-global: values whose significance passes a threshold that holds density",
         params=("density", "criterion", "threshold", "adapt_threshold", "sample_fraction"),
         fixed_size=False,
@@ -262,16 +221,10 @@ register(
 )
 
 
-def _dgc(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.significance import DGCCompressor
-
-    return DGCCompressor(c.density, c.warmup_steps, c.sample_fraction, at.device_seed)
-
-
 register(
     CompressorSpec(
         name="dgc",
-        build=_dgc,
+        build="edgeddl.compress.significance:build_dgc",
         about="DGC: sampled threshold, momentum correction, clipping, density warm-up",
         params=("density", "warmup_steps", "clip_norm", "sample_fraction"),
         fixed_size=False,
@@ -281,29 +234,19 @@ register(
 )
 
 
-def _signsgd(c: CompressorConfig, at: BuildContext) -> Compressor:
-    from edgeddl.compress.quantize import SignSGDCompressor
-
-    return SignSGDCompressor(at.layout)
-
-
 register(
     CompressorSpec(
-        name="signsgd", build=_signsgd, about="one sign bit per value, one scale per layer"
+        name="signsgd",
+        build="edgeddl.compress.quantize:build_signsgd",
+        about="one sign bit per value, one scale per layer",
     )
 )
-
-
-def _powersgd(c: CompressorConfig, at: BuildContext) -> PhasedCompressor:
-    from edgeddl.compress.lowrank import PowerSGD
-
-    return PowerSGD(at.layout, c.rank, at.seed)
 
 
 register(
     CompressorSpec(
         name="powersgd",
-        build=_powersgd,
+        build="edgeddl.compress.lowrank:build_powersgd",
         about="rank-r factors P and Q of each weight matrix, two rounds, warm start",
         params=("rank",),
         num_phases=2,
