@@ -296,12 +296,18 @@ class CompressedDataParallel(DataParallel):
         """Each device's update: its gradient (as its behaviour makes it), plus what its
         memory holds back, compressed and encoded (a multi-round scheme encodes in rounds)."""
         updates = super().device_updates(x, y, counts, ids, step)
+        self.encode_updates(updates, step)
+        return updates
+
+    def encode_updates(self, updates: list[Update], step: int) -> None:
+        """Each update's values plus what its device's memory holds back (`compensated`),
+        compressed and encoded (`payload`; a multi-round scheme encodes in rounds)."""
+        ids = [u.device for u in updates]
         inputs = self.compensate(ids, [u.values for u in updates if u.values is not None], step)
         for u, c in zip(updates, inputs, strict=True):
             u.own, u.compensated = u.values, c
             if self.phased is None:
                 u.payload = self.encode(u.device, c, step)
-        return updates
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], devices: np.ndarray, step: int

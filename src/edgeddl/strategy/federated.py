@@ -199,9 +199,7 @@ class Federated(DataParallel):
         for u, v in zip(updates, deltas, strict=True):
             u.values = u.own = v
         if self.wire is not None:
-            for u, c in zip(updates, self.wire.compensate(ids, deltas, step), strict=True):
-                u.compensated = c
-                u.payload = self.wire.encode(u.device, c, step)
+            self.wire.encode_updates(updates, step)
         return updates
 
     def prepare(
