@@ -16,7 +16,8 @@ import torch
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
 from edgeddl.config.schema import TrainConfig
 from edgeddl.models import build_model
-from edgeddl.runtime.fleet.allreduce import SLOT, AllReduceStep, ExchangeError, StepOutcome
+from edgeddl.runtime.fleet.allreduce import AllReduceStep
+from edgeddl.runtime.fleet.exchange import SLOT, ExchangeError, StepOutcome
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
 
@@ -100,7 +101,7 @@ def _real(
             for step, (x, y) in enumerate(_batches()):
                 rows = slice(starts[r], starts[r + 1])
                 update = s.local_update(r, x[rows], y[rows], step)
-                pending = rs.exchange(update, 1.0, r, len(COUNTS), step, coll)
+                pending = rs.exchange(None, update, 1.0, r, len(COUNTS), step, coll)
                 assert pending is not None
                 pending.commit()
                 outcomes[r].append(pending.outcome)

@@ -160,12 +160,11 @@ def _device_step(
     errors: list[BaseException],
 ) -> None:
     try:
-        loss, _, sent = device.work(None, x, y, step)
+        update, _ = device.local_step(None, x, y, step)
         if device.idx not in alive:
             return  # it vanished after its activations
         slot = alive.index(device.idx)
-        done = (loss, len(x), 1.0, 0.0, sent)
-        pending = device.exchange(None, done, slot, len(alive), step, group.member(slot))
+        pending = device.exchange(None, update, 1.0, slot, len(alive), step, group.member(slot))
         assert pending is not None
         if group.commits:
             pending.commit()

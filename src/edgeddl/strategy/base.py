@@ -71,6 +71,8 @@ class Update:
     """Error feedback: what the device compressed (its update plus its memory)."""
     bodies: list[bytes] = field(default_factory=list)
     """A conversation's messages up, in order (split learning)."""
+    sent_bytes: int = 0
+    """A conversation on a real fleet: the encoded bytes the device sent in it."""
 
     def extras(self) -> torch.Tensor:
         """What travels dense beside the values: `stats`, then `batch_stats`."""

@@ -40,7 +40,7 @@ from torch import nn
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.data import ShardSampler
-from edgeddl.runtime.fleet.allreduce import AllReduceStep, ExchangeError, checksum
+from edgeddl.runtime.fleet.allreduce import AllReduceStep, checksum
 from edgeddl.runtime.fleet.checkpoint import (
     KEY_CHECKPOINT,
     KEY_CHECKPOINT_STEP,
@@ -50,6 +50,7 @@ from edgeddl.runtime.fleet.checkpoint import (
 )
 from edgeddl.runtime.fleet.coordinator_link import LinkError
 from edgeddl.runtime.fleet.device_setup import DeviceOptions, pacing_fleet
+from edgeddl.runtime.fleet.exchange import DeviceExchange, ExchangeError
 from edgeddl.runtime.fleet.quorum import DeviceStats, Quorum, RestartRequired, recoveries
 from edgeddl.runtime.fleet.secure_device import SecureDevice
 from edgeddl.runtime.fleet.split_device import SplitDevice
@@ -92,21 +93,24 @@ class DeviceRun:
         w = self.w
         torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
         self.strategy: Strategy
+        self.exchange: DeviceExchange
+        """How this device carries its steps (chosen once, from the scenario)."""
         self.split: SplitDevice | None = None
-        self.sealed: SecureDevice | None = None
-        if scenario.train.strategy == "split":
+        if scenario.train.strategy == "split":  # a conversation with the rear, each step
             split = build_split(scenario, w.model, w.task.loss_fn, w.info)
             seal = DeviceParty(scenario, idx, opts.name) if scenario.security.enabled else None
             self.split = SplitDevice(split, idx, opts.name, comm, opts.timeout_s, seal=seal)
-            self.strategy = split
+            self.strategy, self.exchange = split, self.split
         else:
             shard_sizes = np.array([len(x) for x in w.shards], dtype=np.int64)
             local, _ = build_strategy(scenario, w.model, w.task.loss_fn, shard_sizes)
-            self.strategy, self.local = local, local
-            self.replica = AllReduceStep(local, idx, comm)
-            if scenario.security.enabled:
-                # payloads go sealed to the coordinator (split learning seals its cut tensors)
-                self.sealed = SecureDevice(scenario, local, idx, opts.name, comm, opts.timeout_s)
+            self.strategy = local
+            # sealed, payloads go to the coordinator: a sum cannot carry ciphertexts
+            self.exchange = (
+                SecureDevice(scenario, local, idx, opts.name, comm, opts.timeout_s)
+                if scenario.security.enabled
+                else AllReduceStep(local, idx, comm)
+            )
         self.sampler = ShardSampler(self.w.shards, scenario.run.seed)
         batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in w.model.modules())
         self.min_share = 2 if batchnorm else 1  # a batch statistic needs two samples
@@ -163,26 +167,14 @@ class DeviceRun:
         share = self._my_share(members)
         step = quorum.current_step()
         t1 = time.perf_counter()
-        speed, data_s, work_s, link_s = 0.0, 0.0, 0.0, 0.0
-        update: Update | None = None
-        done: tuple[float, int, float, float, int] | None = None
-        if self.split is not None:
-            done, data_s, work_s, link_s = self._split_work(quorum, store, slot, share, step, t1)
-            speed = done[2] if done is not None else 0.0
-        else:
-            update, share, data_s, work_s, speed = self._local_work(slot, share, step, t1)
+        update, share, data_s, work_s, speed, link_s = self._local_work(
+            store, slot, share, step, t1
+        )
         t2 = time.perf_counter()
         try:
-            if self.split is not None:
-                pending = self.split.exchange(store, done, slot, members, step, quorum)
-            elif self.sealed is not None:
-                pending = self.sealed.exchange(
-                    store, update, speed, slot, members, step, quorum, work_s
-                )
-            else:
-                pending = self.replica.exchange(
-                    update, speed, slot, members, step, quorum, work_s=work_s
-                )
+            pending = self.exchange.exchange(
+                store, update, speed, slot, members, step, quorum, work_s
+            )
         except ExchangeError as e:  # every member read the same bytes: all give up
             print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
             quorum.report_error(e)
@@ -205,7 +197,7 @@ class DeviceRun:
             raise RestartRequired("stopped by the quorum")
         t4 = time.perf_counter()
         idle = 0.0
-        worked = update is not None or done is not None
+        worked = update is not None
         if pending is not None and worked:  # waiting inside the sum for a slower member
             out = pending.outcome
             slowest = max(
@@ -251,53 +243,37 @@ class DeviceRun:
         )
         return 1.0 / self.own_s_per_sample
 
-    def _split_work(
-        self, quorum: Quorum, store: Any, slot: int | None, share: int, step: int, t1: float
-    ) -> tuple[tuple[float, int, float, float, int] | None, float, float, float]:
-        """Split learning: this device's front against the rear, if it takes part: ((loss,
-        samples, speed, work s, cut bytes sent) or None, data-loading s, work s, seconds in
-        requests). A failed request gives the step up for everyone."""
-        assert self.split is not None
-        if slot is None or share <= 0:
-            return None, 0.0, 0.0, 0.0
-        x, y = self._batch(share)
-        data_s = time.perf_counter() - t1
-        try:
-            loss, link_s, sent = self.split.work(store, x, y, step)
-        except LinkError as e:  # refused, or the link failed: it sits this step out
-            print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
-            return None, data_s, time.perf_counter() - t1, 0.0
-        own = self.strategy.step_cost(np.array([self.idx]))  # its own part of the model
-        data_s = self._pace(
-            share, t1, data_s, flops=own.flops_per_sample, ops=own.ops, excluded_s=link_s
-        )
-        work_s = time.perf_counter() - t1
-        speed = self._measured_speed(work_s / share)
-        return (loss, share, speed, work_s, sent), data_s, work_s, link_s
-
     def _local_work(
-        self, slot: int | None, share: int, step: int, t1: float
-    ) -> tuple[Update | None, int, float, float, float]:
+        self, store: Any, slot: int | None, share: int, step: int, t1: float
+    ) -> tuple[Update | None, int, float, float, float, float]:
         """This device's update if it takes part: (update, samples, data-loading s, work s,
-        measured speed). A federated round's seeded sample (over the scenario's devices)
-        decides who trains; a sampled device that is absent simply sends nothing, like a
-        client that dropped out."""
-        s, num_steps = self.local, 1
+        measured speed, seconds in requests). A federated round's seeded sample (over the
+        scenario's devices) decides who trains; a sampled device that is absent simply sends
+        nothing, like a client that dropped out. A failed request (split learning's rear)
+        makes the device sit the step out."""
+        s, num_steps = self.strategy, 1
         plan = s.plan(np.arange(len(self.names)), step)
         if plan is not None:
             if slot is None or self.idx not in plan.devices:
-                return None, 0, 0.0, 0.0, 0.0
+                return None, 0, 0.0, 0.0, 0.0, 0.0
             i = int(np.flatnonzero(plan.devices == self.idx)[0])
             share, num_steps = int(plan.samples[i]), int(plan.local_steps[i])
         elif slot is None or share <= 0:
-            return None, share, 0.0, 0.0, 0.0
+            return None, share, 0.0, 0.0, 0.0, 0.0
         x, y = self._batch(share)
         data_s = time.perf_counter() - t1
-        update = s.local_update(self.idx, x, y, step)
-        data_s = self._pace(share, t1, data_s, num_steps)
+        try:
+            update, link_s = self.exchange.local_step(store, x, y, step)
+        except LinkError as e:  # refused, or the link failed: it sits this step out
+            print(f"edgeddl device {self.opts.name}: {e}", file=sys.stderr)
+            return None, share, data_s, time.perf_counter() - t1, 0.0, 0.0
+        own = s.step_cost(np.array([self.idx]))  # its own part of the model (split learning)
+        data_s = self._pace(
+            share, t1, data_s, num_steps, own.flops_per_sample, own.ops, excluded_s=link_s
+        )
         work_s = time.perf_counter() - t1
         speed = self._measured_speed(work_s / share) if plan is None else 0.0
-        return update, share, data_s, work_s, speed
+        return update, share, data_s, work_s, speed, link_s
 
     def _pace(
         self,

@@ -26,14 +26,14 @@ import torch
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.compress.codec import dense_values
 from edgeddl.config.schema import Scenario
-from edgeddl.runtime.fleet.allreduce import (
+from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
+from edgeddl.runtime.fleet.exchange import (
     Collective,
     Contribution,
     ExchangeError,
     Pending,
     sum_weighted,
 )
-from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
 from edgeddl.runtime.fleet.secure_coordinator import NOTHING_USABLE
 from edgeddl.runtime.fleet.split_device import Link
 from edgeddl.security.parties import DeviceParty
@@ -67,6 +67,12 @@ class SecureDevice:
             self.seal.start(link.call("hello", 0, self.idx, 0, [])[0])
             self._link, self._store = link, store
         return self._link
+
+    def local_step(
+        self, store: Any, x: torch.Tensor, y: torch.Tensor, step: int
+    ) -> tuple[Update, float]:
+        """The device's own update (it goes sealed to the coordinator in `exchange`)."""
+        return self.s.local_update(self.idx, x, y, step), 0.0
 
     def exchange(
         self,

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from edgeddl.compress.bitpack import CodecError
-from edgeddl.runtime.fleet.allreduce import Collective, Contribution, Pending, sum_weighted
 from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
+from edgeddl.runtime.fleet.exchange import Collective, Contribution, Pending, sum_weighted
 from edgeddl.security.parties import DeviceParty
-from edgeddl.strategy.base import ConversationDevice
+from edgeddl.strategy.base import ConversationDevice, Update
 
 
 class Link(Protocol):
@@ -82,11 +82,12 @@ class SplitDevice:
     def drop_link(self) -> None:
         self._link = None
 
-    def work(
+    def local_step(
         self, store: Any, x: torch.Tensor, y: torch.Tensor, step: int
-    ) -> tuple[float, float, int]:
-        """The device's step through the cut: (mean loss, seconds in requests, cut bytes
-        sent). LinkError if the rear cannot be reached or refused a request."""
+    ) -> tuple[Update, float]:
+        """The device's step through the cut, against the rear on the coordinator: its
+        update (weight: samples; `payload_bytes`: the cut bytes it sent) and the seconds in
+        requests. LinkError if the rear cannot be reached or refused a request."""
         s, k, n = self.s, self.idx, len(x)
         link = self.link(store)
         seconds = link.seconds
@@ -106,30 +107,34 @@ class SplitDevice:
         except LinkError:
             self.drop_link()
             raise
-        return loss, link.seconds - seconds, sent
+        update = Update(device=k, weight=float(n), loss=torch.tensor(loss), sent_bytes=sent)
+        return update, link.seconds - seconds
 
     def exchange(
         self,
         store: Any,
-        done: tuple[float, int, float, float, int] | None,
+        update: Update | None,
+        speed: float,
         slot: int | None,
         members: int,
         step: int,
         collective: Collective,
+        work_s: float = 0.0,
     ) -> Pending | None:
-        """The fleet's sum for this step; `done`: (loss, samples, speed, work seconds, cut
-        bytes sent) if this device worked. None if the sum failed or carried no samples."""
+        """The fleet's sum for this step with this device's `update` (None: it did not
+        take part). None if the sum failed or carried no samples."""
         s, k = self.s, self.idx
         before: dict[str, Any] | None = None
         mine = None
-        if done is not None:
-            loss, share, speed, work_s, sent = done
+        if update is not None and slot is not None:
             flat = torch.zeros(0)
             if s.averages_fronts:  # tentative: the mean is of the fronts after their own step
                 before = copy.deepcopy(s.device_state(k))
                 s.step_device(k)
                 flat = torch.cat([t.reshape(-1).float() for t in s.device_tensors(k)])
-            mine = Contribution(flat, float(share), loss, sent, work_s, speed)
+            mine = Contribution(
+                flat, update.weight, float(update.loss), update.sent_bytes, work_s, speed
+            )
 
         def undo() -> None:
             if before is not None:
@@ -145,7 +150,7 @@ class SplitDevice:
         def apply() -> None:
             if s.averages_fronts:
                 s.load_average(k, mean)
-            elif done is not None:
+            elif update is not None:
                 s.step_device(k)
             table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
             self._tell(store, "commit", step, [table])
