@@ -1,27 +1,11 @@
-"""Robust aggregation: combining devices' updates when some may be broken or hostile.
+"""Robust aggregation's maths: combining updates when some devices may be broken or hostile.
 
-Each rule takes the updates as rows of a matrix (devices x values) and their sample weights,
-and returns one aggregate:
-
-* `mean`: the sample-weighted mean (what a trusting server does; one bad row moves it
-  anywhere);
-* `median`: the coordinate-wise median (weights ignored);
-* `trimmed_mean`: per coordinate, drop the `trim` largest and `trim` smallest values, then
-  average the rest (Yin et al., ICML 2018);
-* `krum` / `multi_krum`: score each update by the summed squared distances to its n - f - 2
-  nearest others, keep the best one (Krum) or the best m and average them (Blanchard et al.,
-  NeurIPS 2017). Needs n > 2f + 2.
-
-Before a rule, honest updates' noise can be shrunk by mixing them (`[robust]
-pre_aggregation`): `bucket_means` (shuffle, average buckets of s; Karimireddy, He & Jaggi,
-ICLR 2022) and `nearest_neighbor_mixing` (each update becomes the mean of its n - f nearest;
-Allouah et al., AISTATS 2023). A hostile update then sits in at most one bucket, or is too
-far to be an honest update's neighbour, while the honest inputs the rule compares are s or
-n - f times less noisy.
-
-`screen` rejects what no rule should see: non-finite values and norms out of range, each
-with its reason (for the ledger). This module is the maths only; `aggregation/robust.py` wires
-it into the strategies' aggregation (`[robust]` in a scenario).
+A trusting mean lets one bad update move the model anywhere. Each rule here (mean, median,
+trimmed mean, Krum, multi-Krum) takes the updates as rows (devices x values) with their sample
+weights and returns one aggregate that a few bad rows cannot wreck. Mixing (bucketing,
+nearest-neighbour mixing) shrinks honest noise first; `screen` rejects non-finite or
+out-of-range updates with a reason. `aggregation/robust.py` wires this into the strategies.
+Details: docs/trust.md#the-robust-rules
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Network-aware density: how much each device sends this round, from the link it measures.
 
-Communication should take at most a share ``s`` of a step. On a mixed fleet a step cannot be
-shorter than the slowest device's local work ``W`` plus the slowest path's floor (one message
-each way: latency and mean jitter, twice), so the policy aims at
-
-    T = (W + max_i floor_i) / (1 - s)
-
-and gives every device the slack ``T - W - floor_i`` for moving bytes. A device on a fast
-LAN has slack to spare while an LTE device still waits for its first packet, so it can send
-much more without making the step longer. Two things spend the slack:
-
-* the aggregate that comes back down to *every* device (in the star: the union of all
-  payloads, sent to each device in turn on the coordinator's uplink), which gets at most
-  half of the tightest receiver's slack;
-* the device's own upload, which gets the rest of its slack at its measured goodput
-  (bandwidth, or less under loss: Mathis).
-
-If the uploads together would exceed the aggregate's cap, they are scaled down together.
-Bytes become a density through the bytes per value the device's last payload measured (value
-plus encoded index), then are clamped to ``[min_density, max_density]``.
+On a mixed fleet a device on a fast LAN has time to spare while an LTE device still waits
+for its first packet, so one density for all wastes the fast links. The policy aims at a
+step time in which communication takes a set share, gives each device its own slack for its
+upload (once the aggregate every device downloads has its part), and turns bytes into a
+density.
+Details: docs/compression.md#the-density-policy
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """The compression interfaces: payloads, compressors, error-feedback memories.
 
-A compressor is pure: it turns one flat tensor (a device's whole gradient, all layers end to
-end) into a `Payload` and back, and never communicates. What the receiver needs besides the
-payload is shared by construction: the tensor's `Layout`, the run's seed and the step number
-(random-k draws the same indices on every device from them). The wire codec
-(`edgeddl.compress.codec`) turns a payload into the bytes that cross the link.
-
-Error feedback (the residual a compressor did not send, added back next step) is its own
-component, so any compressor can be run with or without it, and DGC's momentum-corrected
-memory is just another memory.
-
-Capabilities are class attributes, checked when a scenario is built:
-
-* ``fixed_size``: every payload of a given layout encodes to the same number of bytes;
-* ``allreduce``: the payloads of all devices have one format and can be summed as they
-  travel, so they can ride a ring all-reduce (a sparse top-k payload cannot: every device
-  picks other indices);
-* ``num_phases``: exchange rounds per step (PowerSGD: 2, its P and Q factors).
+A compressor is pure (a flat tensor to a `Payload` and back, never communicating), so the
+same one serves every transport. Error feedback is a component of its own, so any
+compressor runs with or without it. Capabilities (fixed size, summable on a ring, number of
+phases) are class attributes, checked when a scenario is built.
+Details: docs/compression.md#the-compression-interfaces
 """
 
 from __future__ import annotations

@@ -1,55 +1,11 @@
 """The wire codec: a `Payload` to the bytes that cross the link, and back.
 
 The bytes a transfer costs are ``len(Codec(...).encode(payload))``, never an estimate.
-
-Format (version 1). All multi-byte numbers are little-endian; a *varint* is an unsigned
-LEB128 integer (7 bits a byte, low group first, high bit set on every byte but the last),
-minimal (no trailing zero groups), at most 6 bytes and below ``2**40``.
-
-Header::
-
-    byte 0      version, 0x01
-    byte 1      flags, bit by bit:
-                  0 (0x01) values present
-                  1 (0x02) values are float16 (else float32); only with values. Set
-                           when the codec is fp16 or the payload's values are float16
-                  2 (0x04) indices present
-                  3 (0x08) indices are a bitmap (else delta varints); only with indices
-                  4 (0x10) codes present
-                  5 (0x20) scales present
-                  6 (0x40) the body is one zstd frame
-                  7        reserved, 0
-    varint      numel (at most MAX_NUMEL)
-
-Body: the sections of the fields present, in this order (after zstd decompression when
-flag 6 is set). Each is self-delimiting, so no field needs a length prefix:
-
-* indices, delta form: varint count, then count varints ``d[i] = idx[i] - idx[i - 1]`` with
-  ``idx[-1] = -1`` (so every delta is >= 1 and the first is ``idx[0] + 1``);
-* indices, bitmap form: ``ceil(numel / 8)`` bytes, bit ``j`` of the map (``numpy.packbits``
-  little bit order) set when ``j`` is an index; padding bits 0. The count is the popcount.
-  The encoder writes whichever form is shorter (delta form on a tie);
-* values: varint count (the index count when indices are present), then count float32 or
-  float16 values;
-* codes: varint count, one byte ``bits`` (1..16), then the codes packed ``bits`` to a code,
-  low bit first, ``ceil(count * bits / 8)`` bytes, padding bits 0;
-* scales: varint count, then count float32 values.
-
-With `Codec.zstd`, the body is compressed (zstd level 3, content size in the frame) and
-flag 6 set only when that makes it shorter. The header stays uncompressed: the decoder
-needs numel and the flags to bound what a frame may decompress to (decompression bombs).
-
-A payload with only numel takes 3 to 7 bytes. Any `Codec` decodes what any other wrote:
-the flags, not the codec's settings, say how the bytes are laid out.
-
-Limits, enforced on both sides (`ValueError` from encode, `CodecError` from decode):
-numel <= MAX_NUMEL; at most numel values (exactly one per index when indices are present)
-and at most numel codes; at most MAX_SCALES scales. With them a decoder checks every count
-against the bytes left before it allocates, and knows from the header alone how long a
-valid body can be, which caps what a zstd frame may decompress to. Everything else a
-valid encoder cannot write is rejected too (flag bits without their field, non-minimal
-varints, padding bits set, a delta of 0, trailing bytes), except that either index form
-is accepted, and an uncompressed body even when zstd was asked for.
+Format version 1: a small header (version, flags, numel), then self-delimiting sections,
+the body optionally one zstd frame. Any `Codec` decodes what any other wrote, and both
+sides enforce limits, so a hostile payload cannot make a decoder allocate or decompress
+without bound.
+Details (the byte layout and every limit): docs/compression.md#the-wire-codec
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Error-feedback memories: what a device has not sent yet, added back on the next step.
 
-Three memories satisfy `edgeddl.compress.base.ErrorFeedback`:
-
-* `ResidualFeedback`: classic error feedback (Seide et al. 2014, Karimireddy et al. 2019);
-  the residual ``e`` is what was computed but not sent, and the compressor next sees ``g + e``.
-* `MomentumFeedback`: DGC's memory (Lin et al. 2018), with momentum correction (the velocity
-  ``u`` is accumulated locally, so momentum also applies to the values held back), local
-  gradient clipping and momentum factor masking.
-* `NoFeedback`: nothing is remembered; what a compressor drops is lost.
-
-The two memories with a residual keep the protocol's contract: after ``c = compensate(g)``
-and ``commit(g, c, sent)``, ``sent + residual == c``. State is created lazily on the first call,
-on the gradient's device and with its dtype, so a memory needs to know nothing in advance.
+A compressor drops values; a memory keeps them so they are sent later rather than lost.
+`ResidualFeedback` (classic error feedback), `MomentumFeedback` (DGC's momentum-corrected
+memory) and `NoFeedback` satisfy `edgeddl.compress.base.ErrorFeedback`. State is created
+lazily, so a memory needs to know nothing in advance.
+Details: docs/compression.md#error-feedback-memories
 """
 
 from __future__ import annotations

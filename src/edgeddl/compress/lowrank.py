@@ -1,25 +1,10 @@
 """PowerSGD: rank-r gradient compression in two all-reduce phases (Vogels et al., NeurIPS 2019).
 
-Each parameter with two or more dimensions is viewed as a matrix M (its first dimension by the
-product of the rest) and approximated by P_hat Q^T with one step of power iteration, warm
-started from the previous step's Q:
-
-* phase 0: every device sends P_i = M_i Q; the all-reduce delivers the weighted mean P, whose
-  columns are orthonormalised into P_hat (the same on every device);
-* phase 1: every device sends Q_i = M_i^T P_hat; the all-reduce delivers the mean Q, which is
-  both this step's right factor and the next step's warm start.
-
-Because P and Q are linear in M, the mean of the devices' factors is the factor of the mean
-gradient, so the scheme rides a plain all-reduce. The first warm start is shared by
-construction: standard normal draws from a generator seeded with the run's seed, matrix by
-matrix in layout order. Vectors (biases, norms) and matrices too
-small for rank r to save anything go dense in phase 0.
-
-Payload formats, both layout order: phase 0 carries every compressed matrix's P (rows x r,
-row-major) and then every dense tensor; phase 1 carries every compressed matrix's Q
-(cols x r, row-major). Internally the gradient is permuted once so that matrices of one shape
-sit side by side: each group then costs one batched matmul for all devices at once, and the
-permutations to and from the payloads' layout order are single gathers.
+Each weight matrix is approximated by two thin factors, P and Q, with one warm-started step
+of power iteration. The factors are linear in the gradient, so the mean of the devices'
+factors is the factor of the mean gradient: the scheme rides a plain all-reduce (phase 0
+sums P, phase 1 sums Q). Vectors and matrices too small to gain go dense in phase 0.
+Details (the phases, payload formats, batching): docs/compression.md#powersgd
 """
 
 from __future__ import annotations

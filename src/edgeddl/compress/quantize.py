@@ -1,20 +1,10 @@
 """Dense compressors: every element is sent, as a float or as a few-bit code.
 
-* `NoneCompressor` ("none"): the float32 values themselves, the uncompressed baseline.
-* `FP16Compressor` ("fp16"): the values rounded to half precision.
-* `Int8Compressor` ("int8"): uniform 8-bit codes, one scale per layer.
-* `QSGDCompressor` ("qsgd", Alistarh et al. 2017): stochastic rounding to ``s`` levels of each
-  layer's L2 norm, unbiased.
-* `SignSGDCompressor` ("signsgd", EF-SignSGD, Karimireddy et al. 2019): one sign bit per element
-  and each layer's mean magnitude; biased, meant to run with error feedback.
-
-The quantizers work per layer (a tensor of the `Layout`): one scale per layer keeps a small
-bias vector from being rounded away by a large weight next to it. Their per-layer reductions
-are done in one vectorized pass over the flat tensor, never a Python loop over the layers,
-since a model has about a hundred of them and this runs every step on every device.
-
-Payloads put quantized data in `codes` with its `bits` and the per-layer scalars in `scales`,
-so the wire codec packs the codes to `bits` each; only the float compressors use `values`.
+`NoneCompressor`, `FP16Compressor`, `Int8Compressor`, `QSGDCompressor`, `SignSGDCompressor`.
+The quantizers scale per layer, so a small bias vector is not rounded away by a large weight
+next to it, and reduce per layer in one vectorized pass (a model has about a hundred layers,
+and this runs every step on every device).
+Details: docs/compression.md#dense-compressors
 """
 
 from __future__ import annotations

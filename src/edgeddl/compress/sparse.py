@@ -1,22 +1,10 @@
 """Sparse compressors: a device sends some of its gradient's values and where they lie.
 
-The threshold-estimating ones, S-global's two-step and DGC, are in `significance.py`; this
-module has the plain ones and the pieces they share.
-
-* `TopKCompressor` ("topk"): the ``k = density * n`` values of largest magnitude, exactly.
-* `RandomKCompressor` ("randomk"): ``k`` positions drawn from the run's seed and the step, so
-  every device draws the same ones; only the values travel, and payloads can be summed.
-* `ThresholdCompressor` ("threshold", Strom 2015): every value whose magnitude reaches a fixed
-  threshold.
-All of them work on one flat float32 tensor (a device's whole gradient) and never
-communicate. One instance serves one device, so per-device state (a threshold that adapts, a
-generator) lives in the instance. `density` is a plain attribute that a network-aware policy
-may change between steps; it is read at every `compress`.
-
-Sparse payloads carry sorted, distinct int64 `indices` (the wire codec delta-encodes them)
-and the float32 `values` there, taken from the input unchanged. A payload with nothing to
-send has `numel` only. Selecting never sorts the whole tensor: top-k is a partial selection,
-and the threshold schemes estimate their threshold from a random sample.
+`TopKCompressor`, `RandomKCompressor` and `ThresholdCompressor`, and the pieces they share
+(the threshold-estimating ones are in `significance.py`). One instance serves one device, so
+per-device state lives in it; `density` is read at every `compress`, so a network-aware
+policy may change it between steps. Selecting never sorts the whole tensor.
+Details: docs/compression.md#sparse-compressors
 """
 
 from __future__ import annotations

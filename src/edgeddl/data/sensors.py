@@ -1,21 +1,10 @@
 """IoT sensor series for anomaly detection: normal series to train on, held-out anomalies.
 
-Each series is what a 3-axis vibration sensor on one machine reads in one window of 64
-samples: per channel, a sum of two sinusoids at the machine type's own frequencies (each
-series with its own phases and a small speed jitter), a slow drift and white noise. There
-are four machine types, so a fleet of devices can own different kinds of machines.
-
-The two splits carry different labels, on purpose:
-
-* train: normal series only, labelled with their **machine type** (0..3). The label never
-  reaches a loss (an autoencoder learns to reconstruct its input); it is what the Dirichlet
-  partitioner skews across devices, so non-IID means "each device sees mostly some kinds
-  of machine".
-* test: normal series and anomalies, labelled **0 = normal, 1 = anomaly**: what the
-  detector's AUROC is computed against. The anomaly kinds (`ANOMALY_KINDS`) never appear in
-  training.
-
-Generated with numpy in milliseconds, seeded, offline.
+Each series is a window of a 3-axis vibration sensor on one of four machine types, generated
+with numpy in milliseconds, seeded and offline. Training labels are the machine type: no
+loss sees them, the Dirichlet partitioner skews them, so non-IID means each device sees
+mostly some kinds of machine. Test labels are 0 = normal, 1 = anomaly, for the AUROC.
+Details: docs/scenarios.md#how-the-sensor-series-are-made
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Time for a payload of real bytes to cross a link: latency, bandwidth, jitter, loss.
 
-One transfer of ``B`` bytes over a link of bandwidth ``bw`` and one-way latency ``L`` takes
-
-    L + jitter + max(8 B / bw + lost * RTT,  8 B / mathis_bw)
-
-where ``jitter`` is drawn from an exponential distribution with mean ``jitter_s``, ``lost`` is
-the number of lost packets (Binomial over ``ceil(B / MSS)`` packets), each costing one round
-trip for its fast retransmit, and ``mathis_bw = 1.22 MSS / (RTT sqrt(loss))`` is the steady
-TCP throughput under random loss (Mathis et al. 1997), which bounds long transfers. With no
-jitter and no loss it is exactly ``L + 8 B / bw``: 1 MB over 8 Mbit/s with 50 ms is 1.05 s.
-
-Left out: slow start, queueing inside the network, and correlated (bursty) loss.
+One transfer costs the latency, exponential jitter and the bytes over the bandwidth; each
+lost packet costs a round trip, and long transfers are bounded by the Mathis TCP throughput.
+With no jitter and no loss it is exactly ``L + 8 B / bw``. Left out: slow start, queueing
+inside the network, and correlated (bursty) loss.
+Details (the formula): docs/architecture.md#the-link-model
 """
 
 from __future__ import annotations

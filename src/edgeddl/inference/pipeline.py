@@ -1,25 +1,11 @@
 """Pipelined inference across real processes, re-planned when a device leaves or crashes.
 
-One process per device of the chain (process i is device i; process 0 holds the input).
-The caller (the driver) opens a `TCPStore` on 127.0.0.1 (port 0: the OS picks a free one)
-and publishes *generations*: which processes run which layers, from which micro-batch. The
-members of a generation form a gloo process group through a fresh `PrefixStore` of that
-store; rank r receives each micro-batch from rank r - 1 (a fixed 8-int64 header with the
-tensor's shape, then the payload's tensors as the codec encoded them), runs its layers and
-sends the result on (`isend`: it computes the next micro-batch while the previous one is on
-the wire). Processes that hold no layers in a generation wait for the next one.
-
-Each process reports to the driver on its own pipe: rank 0 each micro-batch's start, the last
-rank each output (so outputs survive any later crash), every member its end ("done", "fail"
-or "left"). A process that leaves on request exits cleanly right before the micro-batch it
-leaves at; a crash is a death without a word (the driver sees its pipe close). Either way its
-gloo sockets close, so its neighbours' pending send or receive fails at once ("connection
-closed by peer"); a member that fails destroys its group, which closes its own sockets and
-fails its other neighbour in turn, so the whole chain stops within milliseconds. The
-group's timeout bounds the rest. Once every member has ended, the driver removes the
-departed, asks `replan` for the survivors' layers and publishes the next generation from the
-first micro-batch with no output yet (re-run from the input: no activation is trusted across
-a failure). Every process holds the whole model, so a re-plan moves no weights.
+One process per device of the chain (process 0 holds the input). The driver publishes
+*generations* (which processes run which layers, from which micro-batch) in a `TCPStore`,
+and each generation's members pass micro-batches along a gloo group. A leave or a crash
+closes gloo sockets, so the whole chain stops within milliseconds; the driver re-plans the
+survivors and re-runs from the input (no activation is trusted across a failure).
+Details: docs/inference.md#the-process-pipeline
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Where to split a model across a chain of devices for inference (dynamic programming).
 
-The model is a sequence of layers; the devices form a chain in a given order, the first one
-holding the input (raw data stays where it was measured). Each device used takes one
-contiguous run of layers; a device may be skipped (it takes none). Between two consecutive
-devices used, the activations at the cut cross both devices' access links:
-``latency_a + latency_b + 8 bytes / min(up_bps_a, down_bps_b)`` for one transfer; with a
-batch of B samples sent as one transfer, each sample bears 1/B of the links' latency.
-
-Objectives, per sample:
-
-* `latency`: one sample end to end, the sum of every part's compute and every transfer;
-* `throughput`: samples streaming through the chain as a pipeline, limited by its slowest
-  stage (a device's compute, or a transfer): the plan minimises that bottleneck.
-
-Each device's part must fit its memory (its layers' weights plus their activations for a
-batch). Both objectives are solved exactly by one DP over (layers done, last device used);
-`brute_force_plan` is the reference the tests hold it to.
+Each device used takes one contiguous run of layers (raw data stays on the first, where it
+was measured), its part must fit its memory, and the activations at each cut cross both
+devices' links. One exact DP minimises one sample's latency or the pipeline's slowest
+stage; `brute_force_plan` is the reference the tests hold it to.
+Details: docs/inference.md#the-planners-model
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """Post-training static int8 quantization of a zoo model, its file, and what it costs to run.
 
-We use torch's FX graph mode (`prepare_fx`, calibrate, `convert_fx`): it fuses Conv+BN+ReLU
-and Linear+ReLU, observes activation ranges on calibration inputs, and gives a module that
-runs real int8 kernels in eager mode. torch 2.13 marks `torch.ao.quantization` deprecated in
-favour of torchao's PT2E flow, but PT2E's output is a float graph with quantize/dequantize
-nodes that only becomes int8 code through `torch.compile` (x86) or ExecuTorch (ARM); FX mode
-is what torch itself still ships that runs int8 on a CPU as it is, so we use it, knowingly,
-and keep its deprecation warnings out of the user's way.
-
-Backends: `qnnpack` (the default) has the ARM NEON kernels a Raspberry Pi or a Jetson's CPU
-runs, with per-tensor weights; `x86` (fbgemm/oneDNN) is for x86 CPUs, with per-channel
-weights and a reduced activation range (7 bits) against AVX2 overflow.
-
-The file holds the quantized state dict and what rebuilds its module (model name, width,
-shapes, backend); it loads with `torch.load(weights_only=True)`, no pickled code.
+We use torch's FX graph mode, knowingly, though torch 2.13 marks it deprecated: PT2E's
+output becomes int8 code only through `torch.compile` or ExecuTorch, while FX mode runs int8
+on a CPU as it is. Its deprecation warnings are kept out of the user's way. Backends:
+`qnnpack` (the default, ARM boards) and `x86`. The file loads with
+`torch.load(weights_only=True)`: no pickled code.
+Details: docs/inference.md#int8-with-fx-graph-mode
 """
 
 from __future__ import annotations

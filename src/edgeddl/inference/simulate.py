@@ -1,19 +1,10 @@
 """A plan executed on the simulated fleet: real outputs, virtual time, re-plan on leave.
 
-Micro-batches stream through the chain in order. Every device is two servers taken in FIFO
-order: its compute (the layers' FLOPs over the profile's FLOP/s plus its operators times the
-per-operator overhead, as the planner charges) and its uplink (the real bytes of the encoded
-activations over both devices' links, `fleet.link.transfer_time_s`, jitter and loss drawn
-from the scenario's seed). A device starts micro-batch b when it has finished b - 1 and has
-received b; it sends b when it has computed b and its uplink has carried b - 1.
-
-A leave (at a sample: when the first device is about to start the micro-batch holding it;
-or at a virtual time) is a barrier: the remaining devices are re-planned, work still in
-progress anywhere is dropped (the time spent on it counts as wasted), and every unfinished
-micro-batch resumes from the deepest activation a remaining device holds (one it computed
-or received), or from the input on the first device. Activations are the tensors that were
-actually computed, so fp32 outputs stay equal to single-device ones. Every device holds the
-whole model file, so a re-plan moves no weights.
+Micro-batches stream through the chain; each device is two FIFO servers (its compute and its
+uplink, charged as the planner charges). A leave is a barrier: the rest are re-planned and
+each unfinished micro-batch resumes from the deepest activation a remaining device holds.
+Activations are the tensors actually computed, so fp32 outputs equal single-device ones.
+Details: docs/inference.md#the-simulated-executor
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Envelopes: a payload between a device and the coordinator, signed and encrypted.
 
-On the wire (big-endian)::
-
-    header    MAGIC | step u64 | seq u64 | ledger index i64 | ledger head 32 B |
-              body SHA-256 32 B | run id, sender, recipient (each u8 length + UTF-8)
-    nonce     12 B, random
-    ciphertext  ChaCha20-Poly1305(body), header as associated data (len(body) + 16 B tag)
-    signature 64 B, Ed25519 by the sender over DOMAIN | header | nonce | tag
-
-The AEAD key comes from X25519 between the sender's and the recipient's static keys and
-HKDF-SHA256 with the run id, sender and recipient in its info, so each direction of each pair
-in each run has a key of its own. Nonces are 96 random bits rather than the sequence number:
-a device that restarts without its counter would reuse a counter nonce under the same key,
-which breaks ChaCha20-Poly1305 outright, while random nonces under one key stay safe far
-beyond any run's messages (birthday bound 2**48). The signature covers the header, which
-holds the body's SHA-256, and the nonce and tag, which bind it to this ciphertext: so
-``header | nonce | tag | signature`` (a *receipt*, ~190 B) proves on its own, to anyone with
-the sender's public key, what the sender sent and which ledger head it had seen; the ledger
-stores receipts (`edgeddl.security.ledger`). (Version 1 signed a SHA-256 of the whole
-ciphertext instead: one more pass over every byte on each side, for nothing the receipt
-needs, since the body's digest is in the header. Its receipts do not verify under v2.)
+ChaCha20-Poly1305 under a key per run, pair and direction (X25519 and HKDF), with random
+nonces (a restarted device cannot reuse one), and an Ed25519 signature over header, nonce
+and tag. Header, nonce, tag and signature alone (a *receipt*, ~190 B) prove what the sender
+sent and which ledger head it had seen; the ledger stores receipts.
+Details (the wire format, why random nonces, version 1): docs/trust.md#envelope-format
 """
 
 from __future__ import annotations

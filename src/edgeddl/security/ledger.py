@@ -1,25 +1,10 @@
 """The audit ledger: an append-only, hash-chained, signed JSON-lines file.
 
-Each line is one entry in canonical JSON (sorted keys, no spaces, ASCII)::
-
-    {"author", "index", "kind", "payload", "prev", "sig", "time"}
-
-`prev` is the SHA-256 of the previous line (64 zeros for the first), `sig` the author's
-Ed25519 signature (base64) over the entry without `sig`. The first entry is the
-coordinator's `run` entry naming the run id.
-
-Devices' word in the ledger: a payload may hold a device's envelope *receipt*
-(`edgeddl.security.envelope`): the header the device signed, including the ledger head
-(index and hash) it had last seen. `verify` checks each receipt's signature and that the
-entry at that index still has that hash, so a coordinator that rewrites an entry some device
-has seen is caught even though it can re-sign its own entries: it cannot re-sign the
-devices'. (A coordinator can still leave out whole updates; only the devices' own records
-could show that.)
-
-Durability: entries are written and fsynced in batches (`flush_every`, and on close); a
-crash loses at most the unflushed batch and can leave the last line torn (no newline).
-A torn last line is reported and ignored, never breaking what came before; reopening the
-ledger cuts it off before appending.
+Entries are chained by SHA-256 and signed by their author. Devices' signed receipts hold the
+ledger head they saw, so a coordinator that rewrites an entry a device has seen is caught
+(it can re-sign its own entries, not the devices'). Written and fsynced in batches; a crash
+can only tear the last line, which is reported, ignored and cut off on reopening.
+Details (the entry format): docs/trust.md#ledger-format
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """A simulated run with `[security]` on: every party's part, with the real primitives.
 
-The simulator plays the coordinator and every device, so it holds all their private keys
-(`security.keys_dir`, written by `edgeddl keys new NAME --out DIR`; each must match the
-public keys the scenario enrolls). Per step:
-
-* each taking part seals its real payload bytes for the coordinator (`Sender.seal`: signed
-  header with the ledger head it last saw, body encrypted), and the coordinator opens it
-  (`Receiver.open`). An accepted payload gets an `update` entry in the ledger (with the
-  device's signed receipt); a refused one a `reject` entry with its reason, and its update is
-  left out of the step: training goes on without it;
-* after the aggregation, an `aggregate` entry names the step's updates and the new model's
-  digest; joins, leaves and crashes get their entries; `run_end` closes the ledger with the
-  final model's digest (`edgeddl ledger verify RUN_DIR` checks it against `summary.json`).
-
-What it costs: every sealed payload is larger by its envelope (header, nonce, tag and
-signature), up and down; the bytes each device seals and opens are handed back so that the
-fleet charges the crypto as device compute (`Fleet.crypto_seconds`).
-
-A device group's `envelope_fault` makes its payloads arrive forged (signature by another
-key), tampered (a ciphertext byte flipped), replayed (its first payload sent again),
-oversized (past `max_payload_bytes`) or from an impostor (an identity nobody enrolled). The
-coordinator also refuses a payload sealed for another step than the current one.
+The simulator plays the coordinator and every device, so it holds all their private keys.
+Each device seals its real payload bytes, the coordinator opens and records them, and the
+ledger gets every update, refusal, aggregation and membership change. Envelopes and crypto
+are charged as bytes and device compute; `envelope_fault` makes a device group misbehave.
+Details: docs/trust.md#the-simulated-session
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Capability-aware batch balancing: split a fixed global batch by what devices can do.
 
-Each device's time for a step is linear in its share ``b``: ``t_i(b) = fixed_i + b * per_i``
-(``per_i`` its seconds per sample, ``fixed_i`` its per-step overheads plus, in the star
-topology, its own transfer times). Three modes:
-
-* ``capability`` — shares proportional to speed ``1 / per_i``: every member takes part, so
-  every shard of data is used, and compute finishes together when fixed costs are small.
-* ``min_time`` — minimise the slowest device's time: every busy device finishes at the same
-  ``T`` (water-filling, ``b_i = (T - fixed_i) / per_i``), so slow or far devices get less, and
-  a device whose fixed costs alone exceed ``T`` sits the step out (its data goes unused).
-* ``equal`` — the foil.
-
-Shares are rounded to whole samples (largest remainder) within each device's memory cap.
+Each device's step time is linear in its share (fixed costs plus seconds per sample), so
+shares can follow speed (``capability``), minimise the slowest device's time (``min_time``,
+water-filling) or be ``equal`` (the foil). They are rounded to whole samples within each
+device's memory cap.
+Details: docs/scenarios.md#balancing-trainbalance
 """
 
 from __future__ import annotations

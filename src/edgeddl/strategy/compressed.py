@@ -1,19 +1,10 @@
 """Data-parallel SGD with compressed gradients: each device compresses, the sum goes back.
 
-Per step, every device computes its own gradient (`per_device.py`), adds what its memory
-holds back (`ErrorFeedback.compensate`), compresses it, and the wire codec encodes the
-payload: its `len()` is what crosses the link. What the aggregator uses is the *decoded*
-payload (fp16 rounding on the wire included), so sender and receiver agree exactly.
-
-The aggregator (parameter server, or every replica after an all-reduce) takes the
-sample-weighted mean of the arrived payloads and every replica applies it with the same
-optimizer, so replicas stay identical. In the star, the coordinator sends that aggregate back
-at the next step's start, encoded dense or sparse, whichever is smaller (the union of sparse
-payloads is sparse); a device that missed a step fetches the whole model instead.
-
-A device whose work is lost (it crashed) loses its memory too: it restarts from nothing.
-Multi-round schemes (PowerSGD) are computed among the arrived devices; a crash means the
-rounds are computed again without it, as a real all-reduce would be re-run.
+Each device adds its error-feedback memory to its own gradient, compresses it, and the codec
+encodes it: the encoded length is what crosses the link, and the aggregator uses the decoded
+payload, so sender and receiver agree exactly. Every replica applies the sample-weighted
+mean with the same optimizer, so replicas stay identical.
+Details: docs/compression.md#compressed-data-parallel
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """Federated learning: FedAvg, FedProx and adaptive server optimizers, whatever carries it.
 
-A round (one step of the loop): a seeded `fraction` of the members is sampled
-(`plan`); each sampled client starts from the global model and runs its local steps of
-SGD on batches of its own shard (`train.momentum` and `train.weight_decay`, the optimizer
-state reset every round), with FedProx's term ``mu/2 ||w - w_global||^2`` when
-`proximal_mu` > 0; its update is ``delta = w_local - w_global``. The server averages the
-deltas of the clients whose update arrived (weighted by shard size, FedAvg's ``n_k / n``,
-or equally) and applies the mean with its optimizer (`server_opt.py`).
-
-BatchNorm: each client's running statistics follow its local batches as on a real device;
-they travel with its update as dense float32 (they are statistics, not gradients: never
-compressed) and the server takes their weighted mean, outside the server optimizer;
-`num_batches_tracked` takes the largest client's count.
-
-With `[compression]`, a client's delta goes through the same pieces as a compressed
-gradient (`CompressedDataParallel`: error feedback per client, compressor, wire codec; the
-server uses the decoded payloads). A client whose update misses the round's deadline keeps
-its error-feedback memory as it was before the round (its work is lost, as in a crash);
-a client that crashes loses it (`forget`).
+A round is one step of the loop: sampled clients train from the global model on their own
+shards, and the server averages their deltas and applies the mean with its optimizer
+(`server_opt.py`). BatchNorm statistics travel beside the deltas, never compressed; with
+`[compression]` a delta goes through the same pieces as a compressed gradient.
+Details: docs/federated.md#a-round-in-the-code
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Data-parallel SGD whose server looks at each device's gradient: robust rules, attacks.
 
-The fused pass of `DataParallel` only yields the sum of the devices' gradients, which is all
-a trusting mean needs. A screen, a robust rule (median, trimmed mean, Krum) or a simulated
-misbehaving device needs each device's own gradient, so this strategy computes them one
-device at a time (`per_device.py`, BatchNorm kept exact), lets each device's behaviour
-change what it sends, and hands the arrived gradients to the `RobustAggregator`. The dense
-float32 payload, and so the bytes on the wire, are the same as the fused path's.
-
-BatchNorm running statistics are folded in from the devices whose gradient passed the
-screen, weighted by samples (the rule itself only sees gradients).
-
-With `[robust] device_momentum`, each device keeps the momentum buffer the coordinator's SGD
-would have kept (`DeviceMomentum`: heavy ball, weight decay added first, as torch's SGD does)
-and sends it instead of its gradient; the coordinator's optimizer then has neither momentum
-nor weight decay. With the mean and the same shares every step this is the same update as
-the coordinator's momentum; a robust rule compares honest updates whose sampling noise is
-averaged over past steps (Karimireddy, He & Jaggi, 2021), which narrows their spread only
-where the gradient keeps its direction over those steps (on the robust benchmark, lr 0.1 and
-momentum 0.9, it does not: nnm is what closes the gap there). The buffer is the device's
-own: a crashed device restarts from zero, and what an attacker sends is its tampered
-momentum.
+The fused pass only yields the sum of the devices' gradients. A screen, a robust rule or a
+misbehaving device needs each one's own, so this strategy computes them one device at a time
+and hands them to the `RobustAggregator`; the bytes on the wire are the fused path's. With
+`[robust] device_momentum`, devices send their momentum instead of their gradient.
+Details: docs/trust.md#robust-data-parallel
 """
 
 from __future__ import annotations

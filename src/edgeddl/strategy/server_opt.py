@@ -1,16 +1,9 @@
 """The federated server's optimizer: how the mean client update moves the global model.
 
-Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2, with the mean
-update ``d`` (the negated pseudo-gradient) of a round:
-
-* ``avg`` (FedAvg with a server learning rate): ``x += lr * d``;
-* ``adam`` (FedAdam): ``m = b1 m + (1 - b1) d``, ``v = b2 v + (1 - b2) d^2``,
-  ``x += lr * m / (sqrt(v) + tau)``;
-* ``yogi`` (FedYogi): as adam, but ``v = v - (1 - b2) d^2 sign(v - d^2)``, so ``v`` moves
-  additively and cannot grow as fast as adam's.
-
-As in the paper there is no bias correction; ``v`` starts at ``tau^2`` and ``m`` at zero.
-Flat float32 tensors throughout: the strategy flattens the parameters end to end.
+``avg`` (FedAvg with a server learning rate), ``adam`` (FedAdam) and ``yogi`` (FedYogi),
+after Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2, without bias
+correction. Flat float32 tensors throughout: the strategy flattens the parameters end to end.
+Details (the update rules): docs/federated.md#server-optimizers
 """
 
 from __future__ import annotations

@@ -1,26 +1,11 @@
 """One device's step on a real fleet: the simulator's strategy, over a collective.
 
-A device of a real fleet runs the same strategy as the simulator (its `local_update`, then
-the aggregator's side on every replica: the same error feedback, compressor, wire codec,
-aggregation and optimizer). Only the exchange differs: here a sum over the members of the
-current quorum (`Collective.allreduce_sum`: torchft's fault-tolerant all-reduce).
-
-Per step, every member first sums a small table: one slot per member (its device index,
-weight, measured speed, loss, payload bytes, work seconds) plus its update's extras
-(BatchNorm statistics) times its weight. Then, by how the strategy's updates combine
-(`FleetStrategy.combine`):
-
-* `sum` (dense data-parallel, federated): the packed update times its weight rides in the
-  same sum; every member applies the mean (`apply_aggregate`, as the simulator does);
-* `payloads` (single-round compressors): each member writes its encoded payload at its own
-  offset of a byte buffer, zeros elsewhere, and the sum of those buffers is every payload
-  end to end (an all-gather carried by the one fault-tolerant collective). Every member
-  decodes every payload and aggregates exactly as the simulator's parameter server does;
-* `rounds` (PowerSGD): each round a sum of the members' weighted factors.
-
-A member that is healing (torchft zeroes its contribution) or whose share is empty sends
-nothing and still applies the step. `commit` runs only if torchft says every member's
-exchange succeeded, so replicas stay identical.
+Only the exchange differs from the simulator: a sum over the current quorum's members
+(torchft's fault-tolerant all-reduce). Per step the members sum a small table, then their
+updates as the strategy combines them (`sum`; `payloads`, an all-gather carried by the one
+sum; or `rounds`). `commit` runs only if every member's exchange succeeded, so replicas stay
+identical.
+Details: docs/real-fleet.md#the-all-reduce-step
 """
 
 from __future__ import annotations

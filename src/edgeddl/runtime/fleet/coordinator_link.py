@@ -1,16 +1,10 @@
 """A device's link to the coordinator: requests and answers over a gloo group of two.
 
-Where a step needs the coordinator itself (split learning: it holds the rear; a secured
-fleet: it opens, records and aggregates the sealed payloads) each device opens a link: it
-registers under `KEY_LINKS` in the coordinator's store, and the two form a gloo process group
-of two (coordinator rank 0, device rank 1) on a fresh `PrefixStore`. A request is a
-fixed-size header and up to two byte strings, its answer a header and one. torch.distributed
-moves the bytes; no socket is ours.
-
-The coordinator serves every link on its own thread (`LinkServer`) and hands each request to
-its `Handler` (`split_rear.py`, `secure_coordinator.py`), which answers or refuses it with a
-reason. A link whose device dies ends at once (gloo notices the closed connection); a device that
-lost its link (the coordinator restarted, or a request was refused mid-way) opens a new one.
+Split learning's rear and a secured fleet's sealed payloads need the coordinator itself, not
+a sum among devices. torch.distributed moves the bytes (no socket is ours); the coordinator
+serves each link on its own thread and hands each request to its `Handler`
+(`split_rear.py`, `secure_coordinator.py`).
+Details: docs/real-fleet.md#the-coordinator-link
 """
 
 from __future__ import annotations

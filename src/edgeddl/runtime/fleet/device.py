@@ -1,28 +1,11 @@
-"""One device of a real fleet: the simulator's strategy, step by step, over an quorum.
+"""One device of a real fleet: the simulator's strategy, step by step, over a quorum.
 
-Each device is one process (`edgeddl device --coordinator HOST:PORT --name NAME`). It reads
-the scenario from the coordinator's store, builds the same workload as the simulator
-(`edgeddl.workload`: data, seeded model, its own shard) and the same strategy, and trains
-through the strategy's interface (`FleetStrategy`, or `ConversationDevice` for split). Who
-takes part in a step, the fault-tolerant sum and the commit-or-nothing decision belong to a
-`Quorum`: torchft's Manager (`torchft_quorum.py`, the
-default) or torchrun elastic (`elastic.py`, for boards without a torchft build). The loop
-below cannot tell which one it runs on.
-
-One step, on every member:
-
-1. `start_step`: the quorum settles who takes part (a (re)joining device heals first).
-2. Its share of the global batch: the simulator's balancing, fed with the seconds per sample
-   every member measured (smoothed over steps); an equal share right after a change.
-3. Its own update on its shard (`local_update`: the simulator's per-device pass), paced to
-   a profile if asked, then the exchange: `AllReduceStep` (a sum over the members through
-   the quorum), `SecureDevice` (sealed to the coordinator) or `SplitDevice`.
-4. `should_commit`: only if every member's exchange succeeded is the update applied, so a
-   step is applied everywhere or nowhere.
-
-Every step's wall time is split like the simulator's virtual time (compute, data loading,
-communication, idle: waiting for a slower member), so the run folder has the same keys.
-Raw data never leaves the device; only payloads cross the network.
+Each device is one process that builds the simulator's workload and strategy and trains
+through the strategy's interface. Membership, the fault-tolerant sum and commit-or-nothing
+belong to a `Quorum` (torchft or torchrun elastic), which this loop cannot tell apart. Step
+times are split as the simulator's are, so the run folder has the same keys. Raw data never
+leaves the device; only payloads cross the network.
+Details (one step, on every member): docs/real-fleet.md#the-device-loop
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """The real fleet's fallback engine: torchrun elastic, for devices without a torchft build.
 
-torchft has no aarch64 wheel, and building it needs a Rust toolchain and crates.io on every
-board. With `edgeddl coordinator --engine elastic` devices need nothing beyond torch:
-
-* `edgeddl device` becomes a torchrun elastic agent (`elastic_launch`): it joins the
-  rendezvous held in the coordinator's store (c10d backend, `is_host=false`: the store is
-  the coordinator's, never an agent's, so no device is a single point of failure) and runs
-  one worker process, the device loop, over a gloo (or NCCL) process group of all members;
-* a failure (a peer dies, so its sum fails) ends the worker; every agent restarts its worker
-  after a new rendezvous among the devices still there, and a device that starts later joins
-  the same way (the agents notice it waiting and restart theirs);
-* a restarted worker takes its own state from disk (written as it went down) and the members
-  then adopt the state of the most advanced among them, so no committed step is lost or
-  applied twice and every member holds one model.
-
-Recovery costs a rendezvous and a worker start (seconds), against torchft's sub-second
-in-place healing: torchft stays the default.
+torchft has no aarch64 wheel, and building it needs Rust and crates.io on every board; this
+engine needs nothing beyond torch. A failure restarts every worker after a new rendezvous in
+the coordinator's store, and the members adopt the most advanced state, so no committed step
+is lost or applied twice. Recovery takes seconds, against torchft's sub-second healing, so
+torchft stays the default.
+Details: docs/real-fleet.md#the-elastic-engine
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
 """A secured real fleet: the coordinator opens, records and aggregates sealed payloads.
 
 With `[security]` on, a device's payload goes to the coordinator, not into a sum among
-devices: a sum cannot carry ciphertexts, and the coordinator is who must check each
-sender. Per step, over each device's link (`coordinator_link.py`):
-
-* "update": the device's payload sealed for the coordinator (its dense gradient and
-  BatchNorm batch statistics, its compressed payload, or its federated update with its
-  BatchNorm statistics: the simulator's bodies). The coordinator opens it (`Receiver`:
-  signature, ciphertext, sequence, size, enrolled sender), checks it is sealed for this step
-  by the device whose link it came over, decodes it, and records an `update` entry with the
-  device's receipt; a refused one gets a `reject` entry with its reason and the device sends
-  nothing this step (training goes on without it);
-* the devices' engine then sums only the step's table (who contributed, how many samples),
-  so every member knows the step's senders, and each asks for the "aggregate" of exactly
-  those: the coordinator computes it once (the strategy's own mean; with `[robust]` its
-  screen and rule, the screened updates named in the ledger; for compressed payloads its
-  `aggregate`) and seals it for each device, which opens it before it uses it (an empty
-  body: nothing usable passed the screen, the step changes nothing);
-* "commit" (the engine committed the step): the coordinator applies the aggregate to its
-  own replica of the model, exactly as the devices do, and records an `aggregate` entry with
-  the updates' entries and the model's digest. `run_end` closes the ledger with the final
-  digest, which the devices' models must match (`edgeddl ledger verify RUN_DIR`).
-
-"hello" answers a device's new link with the run id, the next sequence number the
-coordinator expects from it (a restarted device goes on from there) and the ledger head.
+devices: a sum cannot carry ciphertexts, and the coordinator is who must check each sender.
+Per step it answers "update" (open, check, record), "aggregate" (computed once, sealed for
+each device) and "commit" (applied to its own replica, recorded in the ledger).
+Details: docs/real-fleet.md#the-sealed-fleet
 """
 
 from __future__ import annotations

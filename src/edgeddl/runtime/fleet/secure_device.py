@@ -1,16 +1,10 @@
-"""A device of a secured real fleet: its payload sealed to the coordinator, the aggregate
-sealed back.
+"""A device of a secured real fleet: its payload sealed to the coordinator, the aggregate back.
 
-The device computes what it computes on any fleet (its gradient, compressed payload or
-federated update: the simulator's bodies), seals it for the coordinator with the ledger
-head it last saw, and sends it over its link (`secure_coordinator.py` has the coordinator's side).
-A refused payload is not retried: the device sends nothing this step. The quorum's sum then
-carries only the step's table, so every member names the same senders when it asks for the
-aggregate; the answer is sealed by the coordinator, and a device uses it only once it
-opens (the pair's AEAD key authenticates the coordinator) for this step with a body of the
-right size. The quorum's verdict then applies it everywhere or nowhere, and every member
-tells the coordinator, which applies it to its own replica and records it. Misbehaving
-devices (`behavior`) tamper with their update before sealing it.
+The device seals what it computes on any fleet, with the ledger head it last saw, and sends
+it over its link; a refused payload is not retried. It uses the coordinator's sealed
+aggregate only once it opens for this step with a body of the right size (the pair's AEAD
+key authenticates the coordinator), and the quorum's verdict applies it everywhere or nowhere.
+Details: docs/real-fleet.md#the-sealed-fleet
 """
 
 from __future__ import annotations

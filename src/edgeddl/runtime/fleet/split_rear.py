@@ -1,18 +1,9 @@
 """Split learning on a real fleet: the rear on the coordinator, and what it answers.
 
-The rear lives on the coordinator, so a split step is a conversation between each device
-and the coordinator over the device's link (`coordinator_link.py`), not a sum among
-devices. The requests go into the one `RearServer` (`strategy/split/roles.py`) one at a
-time, the order they come in; a device that dies mid-step is left out by the commit.
-
-Requests (`op`): the split step's "activations" and "head_gradients"; "commit" (the step's
-devices and samples, from the fleet's sum: the rear takes its step once, whichever member
-tells it first); "evaluate" (at evaluation steps the lead sends its front, and the
-coordinator tests the whole model and records the row).
-
-Every `--checkpoint-every` steps the rear and its optimizer go to `RUN/rear.pt`; a
-coordinator restarted on the run folder resumes the rear from there, so a coordinator crash
-rolls the rear back by less than that many steps while the devices keep their fronts.
+The rear lives on the coordinator, so a split step is a conversation over each device's link,
+not a sum among devices. Requests go into the one `RearServer` in the order they come. The
+rear is checkpointed, so a restarted coordinator loses fewer than `--checkpoint-every` steps.
+Details: docs/real-fleet.md#split-learnings-rear
 """
 
 from __future__ import annotations

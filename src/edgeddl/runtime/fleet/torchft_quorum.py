@@ -1,17 +1,9 @@
 """The real fleet's default engine: torchft on torch.distributed (gloo, or NCCL on GPUs).
 
-Membership, heartbeats and healing are torchft's `Manager` and lighthouse (which the
-coordinator runs); the sum is torchft's fault-tolerant all-reduce over a process group. No
-socket protocol of our own. Per step:
-
-* `start_quorum`: torchft settles who takes part; a (re)joining device heals from a peer
-  (model, optimizer, PowerSGD's warm start) before its first contribution, which is zeros;
-* `allreduce(SUM)`: the sums of `AllReduceStep` (torchft's AVG would divide by members, not
-  samples); a peer that dies mid-sum makes it fail on every survivor;
-* `should_commit`: the step is applied only if every member's sum succeeded.
-
-A lost coordinator (its store stops answering) is survived: the device keeps its state,
-reconnects within `--connect-timeout`, and goes on with a new Manager.
+Membership, heartbeats and healing are torchft's (its Manager, and the lighthouse the
+coordinator runs); the sum is its fault-tolerant all-reduce: no socket protocol of our own.
+A step is applied only if every member's sum succeeded, and a lost coordinator is survived.
+Details: docs/real-fleet.md#the-torchft-engine
 """
 
 from __future__ import annotations

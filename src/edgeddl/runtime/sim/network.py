@@ -1,24 +1,10 @@
 """The simulated transport: when each device's payloads arrive, on the virtual clock.
 
 Given who takes part in a step, their local work times and the real payload sizes, it lays
-out the step on each device's link (``edgeddl.fleet.link``) for one of two topologies:
-
-* ``star`` — parameter server on the coordinator. A step is: the coordinator sends every
-  device the parameters, or with compression the last aggregate (its uplink serves them one
-  after another, fastest link first), each device loads data and computes, uploads its
-  payload (the coordinator's downlink takes them in arrival order), the coordinator sums what
-  arrived. A scheme with several rounds (PowerSGD) uploads again after each round's
-  reduction comes back. A device's path to the coordinator crosses both access links: their
-  latencies add. Payload sizes may differ per device (sparse payloads).
-* ``ring`` — all-reduce among the devices, which keep replicas of the model. Every device
-  computes; when the last is done a ring reduce-scatter + all-gather of ``2 (m - 1)`` phases,
-  each moving ``1/m`` of the payload to the next device, runs (once per round); a phase
-  lasts as long as its slowest hop. A device joining mid-run first downloads the model from
-  a peer.
-
-A crash before a device's gradient is in (star) or before the all-reduce finishes (ring)
-loses that device's work; the others notice after ``failure_detection_s`` and the step ends
-without it (in the ring, a broken all-reduce runs again among the survivors).
+the step out on each device's link (``edgeddl.fleet.link``) for a ``star`` (parameter server
+on the coordinator) or a ``ring`` (all-reduce among the devices), and says whose work a
+crash lost.
+Details: docs/architecture.md#the-simulated-transport
 """
 
 from __future__ import annotations

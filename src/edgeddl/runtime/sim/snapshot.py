@@ -1,18 +1,10 @@
 """A running simulation's state as bytes, and back: what a checkpoint holds.
 
-Everything a simulated run changes as it goes (the strategy with its optimizer and
-error-feedback memories, the samplers, the clock, the fleet schedule, the network's random
-state, the recorder) is pickled whole, so that nothing is forgotten and a resumed run goes on
-bit for bit. Three rules keep that safe and small:
-
-* what a resumed run rebuilds identically from its scenario (data, task, fleet profiles, the
-  model object and its parameters) is *referenced* by name, not copied; the model's values
-  travel as a state dict and are loaded into the rebuilt model;
-* tensors travel as the raw bytes of their storages, one copy per storage, so views keep
-  sharing memory; a tensor that aliases a referenced one cannot be saved (it would come back
-  as a copy and drift);
-* loading allows only classes from torch.nn, torch.optim, numpy, edgeddl, a few builtins and
-  the model's own modules: a checkpoint cannot run other code.
+Everything a run changes is pickled whole, so nothing is forgotten and a resumed run goes on
+bit for bit. What the scenario rebuilds is referenced, not copied; tensors travel as their
+storages' bytes (views keep sharing); loading allows only known classes, so a checkpoint
+cannot run other code.
+Details: docs/architecture.md#checkpoints-of-a-simulated-run
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Split learning as a strategy: devices train fronts, the coordinator the rear.
 
-A step: every member runs its front on its share of the global batch and sends the
-activations at the cut (with the labels, or U-shaped without them); the coordinator runs the
-rear and sends back the gradient at the cut (U-shaped: the rear's output first, and the
-device sends the head's gradient back up); the device back-propagates through its front.
-After the step the rear takes one optimizer step with the sample-weighted mean of the
-devices' gradients, each device's front its own (`SplitModels` has the maths). With
-`splitfed`, the fronts (and heads) are then averaged, weighted by samples, and every device
-starts the next step from the average (it downloads it).
-
-Each device's step is `roles.device_step` talking to the `RearServer` (called directly
-here; a real fleet runs the same two across processes through `converse` and `answer`).
-Every tensor that crosses a cut goes through `CutWire`: the scenario's compressor (per
-sample: one scale or norm per sample), the wire codec, and back: each side computes with
-what it received, and the bytes that count are the encoded ones. Labels travel as codes of
-the fewest bits that hold the class count. Raw inputs never cross (the tests check it).
-
-The step is a chain of legs per device (`Leg`: device or coordinator FLOPs, bytes up or
-down); the simulator's exchange turns it into time with the fleet's profiles and links.
+A step: each device runs its front and sends the activations at the cut, the coordinator
+runs the rear and sends the gradient back (U-shaped: the labels stay on the device), and
+SplitFed then averages the fronts. Every crossing goes through `CutWire`, so the bytes that
+count are the encoded ones; raw inputs never cross. The step is a chain of legs per device,
+which the simulator's exchange turns into time.
+Details: docs/split.md#the-strategy
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """Split learning's maths: each device's front, the coordinator's rear, what crosses the cut.
 
-Per step and device k with batch (x_k, y_k), n_k of the step's N samples:
-
-* plain (labels sent): the device computes a_k = front_k(x_k) and sends a_k and y_k; the
-  coordinator computes the loss of rear(a_k) and sends back the gradient at the cut; the
-  device back-propagates it through its front;
-* U-shaped (labels stay): the coordinator sends back h_k = rear(a_k) instead; the device
-  runs its head, computes the loss, and sends the gradient at h_k up; the coordinator
-  back-propagates through the rear and sends the gradient at the cut down.
-
-The rear accumulates the sample-weighted mean of the devices' gradients (the gradient of the
-whole step's mean loss, as one model would get it); each device's front (and head) gets the
-gradient of its own mean loss. Averaging the fronts weighted by samples after the step
-(SplitFed) therefore gives exactly a data-parallel step of the whole model. Raw inputs never
-cross the cut. The methods are each side's part: the device's (`front_forward`,
-`head_backward`, `front_backward`) and the coordinator's (`rear_loss`, `rear_output`,
-`rear_backward_from`); `strategy/split/roles.py` joins them across a wire.
-
-The strategy that runs this on a fleet is `strategy/split/learning.py`.
+The rear accumulates the sample-weighted mean of the devices' gradients (what one model would
+get for the whole step), each front the gradient of its own loss, so averaging the fronts
+(SplitFed) gives exactly a data-parallel step. The methods are each side's part;
+`strategy/split/roles.py` joins them across a wire.
+Details: docs/split.md#the-maths-of-a-step
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Split learning across a wire: what a device does in a step, and the coordinator's rear.
 
-A step of device k is a conversation with the coordinator (`device_step`): the device sends
-its activations at the cut (and its labels, unless U-shaped) and gets back the gradient at
-the cut (U-shaped: first the rear's output, then, for the head's gradient, the gradient at
-the cut). Every tensor is encoded by `CutWire` (the scenario's compressor, one scale or norm
-per sample, and the wire codec) and decoded by the other side, so each side computes with
-what it received. The device reaches the coordinator through a `Call`: in the simulator a
-direct call into the `RearServer`, on a real fleet a round trip over the device's link to
-the coordinator (`runtime/fleet/coordinator_link.py`). Both run this same code.
-
-The `RearServer` answers requests as they come and accumulates each device's gradient times
-its samples in the rear. When the step is committed (`commit`: which devices, how many
-samples each) the rear takes one optimizer step with the sample-weighted mean. A device that
-was lost, or that sent twice (a step tried again), does not fit that sum: then the rear's
-gradient is computed again from what the committed devices sent, its BatchNorm statistics
-as they were before the step. A step the rear took is never gathered again: a request for
-it, or for an older one, is refused (devices that took that step in a quorum of their own,
-or a request that came after its step was committed), so no step is taken twice.
+`device_step` is a device's conversation with the coordinator. It reaches the `RearServer`
+through a `Call` (a direct call in the simulator, a round trip over the device's link on a
+real fleet), so both run this same code. The rear steps once per committed step, recomputes
+its gradient when a device was lost or sent twice, and refuses requests for a step it took.
+Details: docs/split.md#across-a-wire
 """
 
 from __future__ import annotations
