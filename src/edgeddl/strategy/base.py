@@ -114,6 +114,12 @@ class Aggregate:
     extras: torch.Tensor
     sent: list[torch.Tensor] = field(default_factory=list)
 
+    @classmethod
+    def of_packed(cls, flat: torch.Tensor, numel: int) -> Aggregate:
+        """The aggregate a mean of packed updates (`Update.packed`) stands for."""
+        values, extras = unpack(flat, numel)
+        return cls(values=values, extras=extras)
+
 
 @dataclass(slots=True)
 class StepPayloads:

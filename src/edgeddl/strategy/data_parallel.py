@@ -26,7 +26,15 @@ from edgeddl.compress.base import Layout, Payload, PhasedResult
 from edgeddl.compress.codec import dense_payload_bytes, dense_values
 from edgeddl.config.schema import TrainConfig
 from edgeddl.fleet.behaviors import Behaviors
-from edgeddl.strategy.base import Aggregate, Combine, Plan, StepCost, StepPayloads, Update
+from edgeddl.strategy.base import (
+    Aggregate,
+    Combine,
+    Plan,
+    StepCost,
+    StepPayloads,
+    Update,
+    unpack,
+)
 from edgeddl.strategy.fused import batchnorm_layers, segmented_batchnorm
 from edgeddl.strategy.per_device import (
     DeviceGradients,
@@ -172,14 +180,15 @@ class DataParallel:
         the mean of the extras of those that passed. None: nothing usable."""
         if self.robust is None:
             mean = weighted_mean(decoded, weights)
-            return Aggregate(values=mean[: self.numel], extras=mean[self.numel :])
+            return Aggregate.of_packed(mean, self.numel)
         n = self.numel
-        values, passed = self.robust.combine(step, devices, [u[:n] for u in decoded], weights)
+        parts = [unpack(u, n) for u in decoded]
+        values, passed = self.robust.combine(step, devices, [v for v, _ in parts], weights)
         if values is None:
             return None
         kept = torch.tensor([weights[i] for i in passed], dtype=torch.float32)
         kept = kept / kept.sum()
-        extras = weighted_mean([decoded[i][n:] for i in passed], kept.tolist())
+        extras = weighted_mean([parts[i][1] for i in passed], kept.tolist())
         return Aggregate(values=values.float(), extras=extras.float().reshape(-1))
 
     def on_commit(self, update: Update, sent: torch.Tensor | None) -> None:

@@ -80,7 +80,7 @@ class AllReduceStep:
         if outcome.total <= 0:
             return Pending(outcome, []) if s.sampled else None
         if dense:
-            agg = Aggregate(values=mean[: s.numel], extras=mean[s.numel :])
+            agg = Aggregate.of_packed(mean, s.numel)
             return Pending(outcome, [lambda: s.apply_aggregate(agg, outcome.devices)])
         if s.combine == "rounds":
             return self._rounds(outcome, mean, mine, members, step, collective)

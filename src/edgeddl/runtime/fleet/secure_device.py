@@ -137,7 +137,7 @@ class SecureDevice:
             values = dense_values(body, s.numel + extras)
         except CodecError as e:
             raise ExchangeError(f"step {step}: the coordinator's aggregate: {e}") from None
-        return Aggregate(values=values[: s.numel], extras=values[s.numel :])
+        return Aggregate.of_packed(values, s.numel)
 
     def _tell(self, store: Any, step: int, table: bytes) -> None:
         """The step is committed: the coordinator applies and records it (a failure is
