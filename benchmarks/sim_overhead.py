@@ -39,6 +39,7 @@ from torch.utils.data import TensorDataset
 
 import edgeddl
 import edgeddl.runtime.sim.loop as loop
+import edgeddl.runtime.sim.state as sim_state
 import edgeddl.strategy.build as strategy_build
 from common import (
     console,
@@ -159,8 +160,9 @@ def instrumented() -> Iterator[dict[str, Any]]:
         "eval_s": 0.0,
     }
     pending: list[np.ndarray] = []
-    # The loop builds its strategy through `strategy.build`: patch it where it is looked up.
-    base_sampler, base_strategy = loop.ShardSampler, strategy_build.DataParallel
+    # The run's state builds its sampler and strategy (`runtime/sim/state.py`, through
+    # `strategy.build`): patch them where they are looked up.
+    base_sampler, base_strategy = sim_state.ShardSampler, strategy_build.DataParallel
 
     class RecordingSampler(base_sampler):  # type: ignore[misc,valid-type]
         def take_many(self, devices: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -189,7 +191,7 @@ def instrumented() -> Iterator[dict[str, Any]]:
         return wrapper
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(loop, "ShardSampler", RecordingSampler))
+        stack.enter_context(mock.patch.object(sim_state, "ShardSampler", RecordingSampler))
         stack.enter_context(mock.patch.object(strategy_build, "DataParallel", TimedStrategy))
         base_evaluate = Classification.evaluate
 
