@@ -1,4 +1,4 @@
-"""Network-aware density: how much each device sends this round, from the link it measures.
+"""Network-aware density: how much each device sends this step, from the link it measures.
 
 On a mixed fleet a device on a fast LAN has time to spare while an LTE device still waits
 for its first packet, so one density for all wastes the fast links. The policy aims at a
@@ -23,7 +23,7 @@ HEADER_BYTES = 8
 
 
 class DensityPolicy:
-    """Chooses each device's density per round from its link (`AdaptConfig`)."""
+    """Chooses each device's density per step from its link (`AdaptConfig`)."""
 
     def __init__(self, cfg: AdaptConfig, numel: int) -> None:
         self.cfg = cfg

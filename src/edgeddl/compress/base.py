@@ -128,7 +128,7 @@ class PhasedResult:
 
 
 class PhasedCompressor(Protocol):
-    """A scheme whose devices exchange several rounds per step (PowerSGD).
+    """A scheme whose devices exchange several phases per step (PowerSGD).
 
     `run` computes every phase for all devices at once, given the reductions the transport
     would carry between phases; it changes no state, so a step whose set of devices changes

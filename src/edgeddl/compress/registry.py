@@ -26,7 +26,7 @@ def build_compressor(
 
 
 def build_phased(cfg: CompressorConfig, layout: Layout, seed: int) -> PhasedCompressor:
-    """The fleet's multi-phase scheme (one for all devices: its rounds involve them all)."""
+    """The fleet's multi-phase scheme (one for all devices: its phases involve them all)."""
     if cfg.spec.num_phases == 1:
         raise ValueError(f"compressor {cfg.compressor!r} is single-phase")
     return cast(PhasedCompressor, cfg.build(layout, seed))

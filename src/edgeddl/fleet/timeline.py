@@ -24,8 +24,8 @@ class StepRequest:
     compute_s: np.ndarray
     """Each participant's compute seconds for its share."""
     up_bytes: int | np.ndarray
-    """Bytes each device sends: one number for all, one per device, or one row per exchange
-    round (rounds x devices; PowerSGD sends twice)."""
+    """Bytes each device sends: one number for all, one per device, or one row per phase
+    (phases x devices; PowerSGD sends twice)."""
     down_bytes: int | np.ndarray
     """Bytes each device receives: star, at the step's start (the model state, or the last
     step's aggregate); ring, what a joiner fetches (the model state)."""
@@ -36,7 +36,7 @@ class StepRequest:
     agg_flops: float
     """FLOPs for the aggregator to take in one contribution."""
     mid_down_bytes: tuple[int, ...] = ()
-    """Star with several rounds: what the coordinator sends every device between rounds."""
+    """Star with several phases: what the coordinator sends every device between phases."""
     open_s: float = 0.0
     """Star: the coordinator's seconds to open one sealed update, first come first served
     as the updates arrive (0: nothing sealed)."""
@@ -44,8 +44,8 @@ class StepRequest:
     """Star: seconds from the step's start by which a device's upload must have arrived, or
     it is dropped (a federated round's deadline); 0 for none."""
 
-    def up_rounds(self) -> np.ndarray:
-        """Bytes sent as rounds x devices (float64)."""
+    def up_phases(self) -> np.ndarray:
+        """Bytes sent as phases x devices (float64)."""
         up = np.asarray(self.up_bytes, dtype=np.float64)
         if up.ndim < 2:
             up = np.broadcast_to(up, len(self.devices))[None]

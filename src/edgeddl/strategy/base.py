@@ -26,7 +26,7 @@ from edgeddl.compress.base import Payload, PhasedResult
 from edgeddl.compress.codec import dense_body
 
 LegKind = Literal["device", "coordinator", "up", "down"]
-Combine = Literal["sum", "payloads", "rounds"]
+Combine = Literal["sum", "payloads", "phases"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +129,14 @@ class StepPayloads:
     counts: list[int]
     step: int
     up_bytes: np.ndarray
-    """Encoded bytes each device sends, rounds x devices."""
+    """Encoded bytes each device sends, phases x devices."""
     updates: list[Update] = field(default_factory=list)
     mid_down_bytes: tuple[int, ...] = ()
-    """Bytes every device receives between rounds (multi-round schemes)."""
+    """Bytes every device receives between phases (multi-phase schemes)."""
     legs: list[Leg] = field(default_factory=list)
     """A conversation's chain of work and transfers per device (empty: send, then apply)."""
     phased: PhasedResult | None = None
-    """A multi-round scheme's rounds among all devices (PowerSGD)."""
+    """A multi-phase scheme's phases among all devices (PowerSGD)."""
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     """The step's batch, when the aggregate is computed from it in one fused pass."""
@@ -149,7 +149,7 @@ class StepPayloads:
                 "uses the per-device strategy"
             )
         if self.phased is not None:
-            raise ValueError("a multi-round compressor's payloads are summed on the way")
+            raise ValueError("a multi-phase compressor's payloads are summed on the way")
         return [u.body() for u in self.updates]
 
     def add_envelopes(self, envelope: np.ndarray) -> None:
@@ -270,7 +270,7 @@ class FleetStrategy(Strategy, Protocol):
 
     combine: Combine
     """How the members' updates combine: `sum` (a weighted mean of `Update.packed()`),
-    `payloads` (each decoded, then aggregated) or `rounds` (a multi-round scheme)."""
+    `payloads` (each decoded, then aggregated) or `phases` (a multi-phase scheme)."""
     sampled: bool
     """A step's devices are a sample (federated rounds): a step may have no update."""
     numel: int
@@ -307,18 +307,18 @@ class FleetStrategy(Strategy, Protocol):
         """What `update`'s payload carries, as the aggregator reads it (payloads)."""
         ...
 
-    def run_rounds(
+    def run_phases(
         self,
         update: Update | None,
         weight: float,
         step: int,
         reduce: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[PhasedResult, int]:
-        """A multi-round scheme's rounds for one member, summed by `reduce` (rounds)."""
+        """A multi-phase scheme's rounds for one member, summed by `reduce` (phases)."""
         ...
 
-    def commit_rounds(self, result: PhasedResult) -> None:
-        """What carries over to the next step of a multi-round scheme (rounds)."""
+    def commit_phases(self, result: PhasedResult) -> None:
+        """What carries over to the next step of a multi-phase scheme (phases)."""
         ...
 
 

@@ -78,8 +78,8 @@ class CompressedDataParallel(DataParallel):
         self.phased: PhasedCompressor | None = None
         if COMPRESSORS[comp.compressor].num_phases > 1:
             self.phased = build_phased(comp, self.layout, seed)
-        self.combine: Combine = "rounds" if self.phased is not None else "payloads"
-        """Payloads are decoded one by one (a multi-round scheme sums its rounds)."""
+        self.combine: Combine = "phases" if self.phased is not None else "payloads"
+        """Payloads are decoded one by one (a multi-phase scheme sums its phases)."""
         self.compressors: dict[int, Compressor] = {}
         self.memories: dict[int, ErrorFeedback] = {}
         self.last_down_bytes = 0
@@ -173,7 +173,7 @@ class CompressedDataParallel(DataParallel):
         return inputs
 
     def encode(self, d: int, compensated: torch.Tensor, step: int) -> bytes:
-        """Device `d`'s payload on the wire (single-round schemes): compress, then encode."""
+        """Device `d`'s payload on the wire (single-phase schemes): compress, then encode."""
         payload = self._compressor(d).compress(compensated, step)
         data = self.codecs[d].encode(payload)
         self.up_estimate[d] = len(data)
@@ -247,14 +247,14 @@ class CompressedDataParallel(DataParallel):
         """What `update`'s payload carries, as the aggregator reads it."""
         return self.decompressed(update.device, update.payload or b"", step)
 
-    def run_rounds(
+    def run_phases(
         self,
         update: Update | None,
         weight: float,
         step: int,
         reduce: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[PhasedResult, int]:
-        """A multi-round scheme's rounds for one member (`update` None: it sends zeros),
+        """A multi-phase scheme's phases for one member (`update` None: it sends zeros),
         each summed over the members by `reduce`; and the bytes its payloads take."""
         assert self.phased is not None
         device = self.params[0].device
@@ -266,7 +266,7 @@ class CompressedDataParallel(DataParallel):
         codec = self.codecs[update.device]
         return result, sum(len(codec.encode(p[0])) for p in result.payloads)
 
-    def commit_rounds(self, result: PhasedResult) -> None:
+    def commit_phases(self, result: PhasedResult) -> None:
         """Keep what carries over to the next step (PowerSGD's warm start)."""
         assert self.phased is not None
         self.phased.commit(result)
@@ -285,14 +285,14 @@ class CompressedDataParallel(DataParallel):
         self, x: torch.Tensor, y: torch.Tensor, counts: list[int], ids: list[int], step: int
     ) -> list[Update]:
         """Each device's update: its gradient (as its behaviour makes it), plus what its
-        memory holds back, compressed and encoded (a multi-round scheme encodes in rounds)."""
+        memory holds back, compressed and encoded (a multi-phase scheme encodes in phases)."""
         updates = super().device_updates(x, y, counts, ids, step)
         self.encode_updates(updates, step)
         return updates
 
     def encode_updates(self, updates: list[Update], step: int) -> None:
         """Each update's values plus what its device's memory holds back (`compensated`),
-        compressed and encoded (`payload`; a multi-round scheme encodes in rounds)."""
+        compressed and encoded (`payload`; a multi-phase scheme encodes in phases)."""
         ids = [u.device for u in updates]
         inputs = self.compensate(ids, [u.values for u in updates if u.values is not None], step)
         for u, c in zip(updates, inputs, strict=True):
@@ -343,7 +343,7 @@ class CompressedDataParallel(DataParallel):
         agg: torch.Tensor | None
         if self.phased is not None:
             result = ex.phased
-            if result is None or len(kept) < len(ex.updates):  # the rounds again, among survivors
+            if result is None or len(kept) < len(ex.updates):  # the phases again, among survivors
                 result = self.phased.run(inputs, w, ex.step)
             self.phased.commit(result)
             sent, agg = result.sent, result.aggregate

@@ -81,7 +81,7 @@ class DataParallel:
         self.dense_up_bytes = dense_payload_bytes(self.numel)
         """One uncompressed gradient on the wire."""
         self.sent_bytes = 0
-        """Encoded bytes of every payload that arrived, all rounds (for the summary)."""
+        """Encoded bytes of every payload that arrived, all phases (for the summary)."""
         self.num_payloads = 0
         """Payloads (device steps) that arrived."""
         self.num_empty = 0
@@ -159,7 +159,7 @@ class DataParallel:
     """Every member takes part in every step."""
     combine: Combine = "sum"
     """How the members' updates combine: `sum` (a weighted mean of `Update.packed()`),
-    `payloads` (each decoded, then aggregated) or `rounds` (a multi-round scheme)."""
+    `payloads` (each decoded, then aggregated) or `phases` (a multi-phase scheme)."""
 
     def extras_size(self) -> int:
         """Values an update's extras take (`Update.extras`): BatchNorm batch statistics."""
@@ -200,17 +200,17 @@ class DataParallel:
         assert update.values is not None
         return update.values
 
-    def run_rounds(
+    def run_phases(
         self,
         update: Update | None,
         weight: float,
         step: int,
         reduce: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[PhasedResult, int]:
-        raise ValueError(f"{self.name} updates are summed in one round (combine = sum)")
+        raise ValueError(f"{self.name} updates are summed in one phase (combine = sum)")
 
-    def commit_rounds(self, result: PhasedResult) -> None:
-        raise ValueError(f"{self.name} updates are summed in one round (combine = sum)")
+    def commit_phases(self, result: PhasedResult) -> None:
+        raise ValueError(f"{self.name} updates are summed in one phase (combine = sum)")
 
     def apply_aggregate(self, agg: Aggregate, devices: list[int]) -> None:
         """Every replica's step with the aggregate: the optimizer on the values, BatchNorm

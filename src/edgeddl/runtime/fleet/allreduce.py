@@ -3,7 +3,7 @@
 Only the exchange differs from the simulator: a sum over the current quorum's members
 (torchft's fault-tolerant all-reduce). Per step the members sum a small table, then their
 updates as the strategy combines them (`sum`; `payloads`, an all-gather carried by the one
-sum; or `rounds`). `commit` runs only if every member's exchange succeeded, so replicas stay
+sum; or `phases`). `commit` runs only if every member's exchange succeeded, so replicas stay
 identical.
 Details: docs/real-fleet.md#the-all-reduce-step
 """
@@ -82,11 +82,11 @@ class AllReduceStep:
         if dense:
             agg = Aggregate.of_packed(mean, s.numel)
             return Pending(outcome, [lambda: s.apply_aggregate(agg, outcome.devices)])
-        if s.combine == "rounds":
-            return self._rounds(outcome, mean, mine, members, step, collective)
+        if s.combine == "phases":
+            return self._phases(outcome, mean, mine, members, step, collective)
         return self._gathered(outcome, mean, rows, mine, slot, members, step, collective)
 
-    def _rounds(
+    def _phases(
         self,
         outcome: StepOutcome,
         extras: torch.Tensor,
@@ -95,7 +95,7 @@ class AllReduceStep:
         step: int,
         collective: Collective,
     ) -> Pending | None:
-        """A multi-round scheme (PowerSGD): each round's weighted factors summed over the
+        """A multi-phase scheme (PowerSGD): each phase's weighted factors summed over the
         members."""
         s = self.strategy
         failed: list[bool] = []
@@ -107,13 +107,13 @@ class AllReduceStep:
             return buf.to(v.device)
 
         weight = mine.weight / outcome.total if mine is not None else 0.0
-        result, sent_bytes = s.run_rounds(mine, weight, step, reduce)
+        result, sent_bytes = s.run_phases(mine, weight, step, reduce)
         if any(failed):
             return None
         outcome.payload_bytes = sent_bytes
 
         def finish() -> None:
-            s.commit_rounds(result)
+            s.commit_phases(result)
             if mine is not None:
                 s.on_commit(mine, result.sent[0])
             agg = Aggregate(values=result.aggregate, extras=extras)
@@ -132,7 +132,7 @@ class AllReduceStep:
         step: int,
         collective: Collective,
     ) -> Pending | None:
-        """Single-round payloads: every member's encoded payload, end to end."""
+        """Single-phase payloads: every member's encoded payload, end to end."""
         s = self.strategy
         data = mine.payload or b"" if mine is not None else b""
         sizes = [int(r[4]) for r in rows]

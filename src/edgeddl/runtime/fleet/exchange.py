@@ -45,9 +45,9 @@ class StepOutcome:
     total: int
     loss: float
     payload_bytes: int = 0
-    """This device's payloads in wire-codec bytes (all rounds)."""
+    """This device's payloads in wire-codec bytes (all phases)."""
     received_bytes: dict[int, int] = field(default_factory=dict)
-    """Payload bytes taken from each other contributing device (single-round compressors;
+    """Payload bytes taken from each other contributing device (single-phase compressors;
     counted only by a device that contributed itself)."""
     sent_to: list[int] = field(default_factory=list)
     """The other contributing devices this device's payload reached."""

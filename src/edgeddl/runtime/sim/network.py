@@ -145,7 +145,7 @@ class SimNetwork:
     def _star(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
         idx = req.devices
         c = self.fleet.coordinator_link
-        up, down = req.up_rounds(), req.down_each()
+        up, down = req.up_phases(), req.down_each()
         recv = self._broadcast(idx, down)
         done = recv + req.data_s + req.compute_s
         # Every transfer is drawn once; which devices are lost only changes the queueing.
@@ -154,7 +154,7 @@ class SimNetwork:
         agg_s = req.agg_flops / self.fleet.coordinator.flops_per_s
 
         def arrivals(keep: np.ndarray, start: float = 0.0) -> tuple[np.ndarray, float]:
-            """Last arrival of each device's upload, and the end of the last round, with the
+            """Last arrival of each device's upload, and the end of the last phase, with the
             first upload no earlier than `start`."""
             ready, out, sel = (
                 np.maximum(done, start),
@@ -171,7 +171,7 @@ class SimNetwork:
                 if req.open_s:  # sealed: the coordinator opens each update as it arrives
                     out[o] = fifo_finish_s(out[o] + req.open_s, np.full(len(o), req.open_s))
                 end = (out[sel].max() if len(sel) else 0.0) + agg_s * len(sel)
-                if r < len(mid):  # the round's reduction goes back before the next round
+                if r < len(mid):  # the phase's reduction goes back before the next phase
                     ready = end + mid[r]
             return out, end
 
@@ -181,14 +181,14 @@ class SimNetwork:
         while (newly := ~lost & (crash < arrive)).any():  # until no survivor crashes first
             lost |= newly
             detect = float((crash[lost] + self.fleet.failure_detection_s).max())
-            # Several rounds: a reduction may already hold the lost device's share, so the
-            # survivors run every round again once they notice (never under-charged).
+            # Several phases: a reduction may already hold the lost device's share, so the
+            # survivors run every phase again once they notice (never under-charged).
             arrive, in_s = arrivals(~lost, detect if len(up) > 1 else 0.0)
         end = max(in_s, detect + agg_s * int((~lost).sum()))
         dropped = np.zeros(len(idx), dtype=bool)
         if req.deadline_s > 0 and end > req.deadline_s:
             # The server stops waiting at the deadline: who has not arrived is dropped (a
-            # crashed device too), and the round ends once the arrived updates are taken in.
+            # crashed device too), and the phase ends once the arrived updates are taken in.
             dropped = ~lost & (arrive > req.deadline_s)
             lost |= dropped
             arrive, in_s = arrivals(~lost)
@@ -245,14 +245,14 @@ class SimNetwork:
         slowest = kinds[0] + kinds[1] * -np.log1p(-(u ** (1.0 / count)))
         return float(slowest.max(axis=1).sum())
 
-    def _ring_rounds_s(self, members: np.ndarray, rounds: list[float]) -> float:
-        return sum(self._ring_time(members, b) for b in rounds)
+    def _ring_phases_s(self, members: np.ndarray, phase_bytes: list[float]) -> float:
+        return sum(self._ring_time(members, b) for b in phase_bytes)
 
     def _ring(self, req: StepRequest, crash: np.ndarray) -> StepTimeline:
         idx, needs_model = req.devices, req.needs_model
         down_bytes = req.down_each()
-        # All-reduce payloads have one size on every device: one all-reduce per round.
-        rounds = [float(row.max()) for row in req.up_rounds()]
+        # All-reduce payloads have one size on every device: one all-reduce per phase.
+        phase_bytes = [float(row.max()) for row in req.up_phases()]
         f = self.fleet
         fetch = np.where(
             needs_model,
@@ -276,16 +276,16 @@ class SimNetwork:
                 break
             lost |= waiting
         start_reduce = reduce_at  # the first attempt: from here on devices communicate
-        end = reduce_at + self._ring_rounds_s(idx[~lost], rounds)
+        end = reduce_at + self._ring_phases_s(idx[~lost], phase_bytes)
         # A crash during the all-reduce breaks it: the survivors notice, then run it again,
         # as often as it takes. (Bytes of broken attempts are not counted: partial.)
         while (broke := ~lost & (crash < end)).any():
             lost |= broke
             reduce_at = max(reduce_at, float((crash[broke] + f.failure_detection_s).max()))
-            end = reduce_at + self._ring_rounds_s(idx[~lost], rounds)
+            end = reduce_at + self._ring_phases_s(idx[~lost], phase_bytes)
         reduce_at = start_reduce
         m = int((~lost).sum())
-        ring_bytes = round(2 * (m - 1) / m * sum(rounds)) if m > 1 else 0
+        ring_bytes = round(2 * (m - 1) / m * sum(phase_bytes)) if m > 1 else 0
         phases = [
             ("communication", fetch),
             ("data_loading", req.data_s),
