@@ -154,7 +154,7 @@ class SecureRun:
     def event(self, at_s: float, device: int, action: str) -> None:
         self.ledger.append(self.coordinator, action, {"device": self.names[device]}, time_s=at_s)
 
-    def exchange(
+    def seal_and_open(
         self, step: int, at_s: float, devices: np.ndarray, bodies: list[bytes]
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Seal each device's body, open it at the coordinator; (accepted, bytes on the
@@ -201,7 +201,7 @@ class SecureRun:
     ) -> SealedStep:
         """One step's payloads sealed and opened: what they cost each device in bytes (its
         update up, the model or aggregate down), and which were accepted."""
-        accepted, wire, entries = self.exchange(step, at_s, idx, bodies)
+        accepted, wire, entries = self.seal_and_open(step, at_s, idx, bodies)
         body = np.array([len(b) for b in bodies], dtype=np.int64)
         envelope = wire - body
         down = np.asarray(down_bytes, dtype=np.int64)
