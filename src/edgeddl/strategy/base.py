@@ -191,22 +191,8 @@ class StepCost:
     """Conversations: bytes each way per step beside the per-sample ones (SplitFed)."""
 
 
-class Strategy(Protocol):
-    """What every runtime asks of a strategy (see the module docstring).
-
-    `prepare` is the devices' side of a step (each device's update from its rows of the
-    batch), `commit` the aggregator's (aggregate the updates that arrived, apply, and let
-    each device's memory keep what it did not send). The rest says what a step costs, what a
-    crash loses, and what a real fleet copies between replicas.
-    """
-
-    name: str
-    model: nn.Module
-
-    def plan(self, members: np.ndarray, step: int) -> Plan | None:
-        """Who trains this step (a federated round's sample); None: every member, with the
-        runtime's balanced shares."""
-        ...
+class StepCosts(Protocol):
+    """What a step costs, in FLOPs and bytes (the runtime turns them into seconds)."""
 
     def step_cost(self, idx: np.ndarray) -> StepCost:
         """What a step costs devices `idx`, for balancing."""
@@ -224,8 +210,37 @@ class Strategy(Protocol):
         """FLOPs the aggregator spends once per step after the last arrival."""
         ...
 
-    def forget(self, device: int) -> None:
-        """A device crashed: whatever it kept (error-feedback memory, its front) is gone."""
+
+class Replicas(Protocol):
+    """What a real fleet copies between replicas, and what only one device holds."""
+
+    def replica_state(self) -> dict[str, Any]:
+        """What a replica joining a real fleet copies from a peer."""
+        ...
+
+    def load_replica_state(self, state: dict[str, Any]) -> None: ...
+
+    def device_state(self, device: int) -> dict[str, Any]:
+        """What only device `device` holds beyond the replica state."""
+        ...
+
+    def load_device_state(self, device: int, state: dict[str, Any]) -> None: ...
+
+
+class Strategy(StepCosts, Replicas, Protocol):
+    """What every runtime asks of a strategy (see the module docstring).
+
+    `prepare` is the devices' side of a step (each device's update from its rows of the
+    batch), `commit` the aggregator's (aggregate the updates that arrived, apply, and let
+    each device's memory keep what it did not send).
+    """
+
+    name: str
+    model: nn.Module
+
+    def plan(self, members: np.ndarray, step: int) -> Plan | None:
+        """Who trains this step (a federated round's sample); None: every member, with the
+        runtime's balanced shares."""
         ...
 
     def prepare(
@@ -239,6 +254,10 @@ class Strategy(Protocol):
         nothing arrived)."""
         ...
 
+    def forget(self, device: int) -> None:
+        """A device crashed: whatever it kept (error-feedback memory, its front) is gone."""
+        ...
+
     def screened_at(self, step: int) -> dict[int, str]:
         """Device -> reason for the updates a robust screen refused at `step`."""
         ...
@@ -250,18 +269,6 @@ class Strategy(Protocol):
     def report(self) -> dict[str, Any]:
         """The strategy's entries in summary.json (compression, robust, split)."""
         ...
-
-    def replica_state(self) -> dict[str, Any]:
-        """What a replica joining a real fleet copies from a peer."""
-        ...
-
-    def load_replica_state(self, state: dict[str, Any]) -> None: ...
-
-    def device_state(self, device: int) -> dict[str, Any]:
-        """What only device `device` holds beyond the replica state."""
-        ...
-
-    def load_device_state(self, device: int, state: dict[str, Any]) -> None: ...
 
 
 class FleetStrategy(Strategy, Protocol):
