@@ -215,7 +215,7 @@ def _decompress(frame: memoryview, limit: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Codec:
-    """Encodes payloads to bytes and back; see the module docstring for the format."""
+    """Encodes payloads to bytes and back; the format: docs/compression.md#the-wire-codec."""
 
     values: Literal["fp32", "fp16"] = "fp32"
     """Precision of float `values` on the wire (scales are always float32)."""

@@ -32,7 +32,7 @@ FORMAT = "edgeddl-int8-v1"
 
 @contextlib.contextmanager
 def _quiet_quantization() -> Iterator[None]:
-    """Hide torch.ao.quantization's deprecation notices (see the module docstring)."""
+    """Hide torch.ao.quantization's deprecation notices (docs/inference.md, int8)."""
     with warnings.catch_warnings():
         for message in (
             "torch.ao.quantization is deprecated",

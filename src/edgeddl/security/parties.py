@@ -40,7 +40,7 @@ class Refused(ValueError):
 
 
 class CoordinatorParty:
-    """The coordinator's envelopes and ledger; see the module docstring."""
+    """The coordinator's envelopes and ledger; see the module docstring and docs/trust.md."""
 
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
         cfg = scenario.security
@@ -127,7 +127,7 @@ class CoordinatorParty:
 
 
 class DeviceParty:
-    """A device's envelopes; see the module docstring."""
+    """A device's envelopes; see the module docstring and docs/trust.md."""
 
     def __init__(self, scenario: Scenario, idx: int, name: str) -> None:
         cfg = scenario.security

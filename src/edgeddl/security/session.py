@@ -58,7 +58,7 @@ class SealedStep:
 
 
 class SecureRun:
-    """The run's identities, envelopes and ledger (see the module docstring)."""
+    """The run's identities, envelopes and ledger (docs/trust.md#the-simulated-session)."""
 
     def __init__(
         self, scenario: Scenario, run_dir: Path, resume: dict[str, Any] | None = None

@@ -76,7 +76,8 @@ def balance_shares(
     mode: str = "capability",
     min_share: int = 1,
 ) -> np.ndarray:
-    """Integer samples per device summing to `global_batch` (see the module docstring).
+    """Integer samples per device summing to `global_batch`
+    (docs/scenarios.md#balancing-trainbalance).
 
     A device that takes part gets at least `min_share` samples (2 for models with BatchNorm,
     which cannot normalise a batch of one); when the batch is too small for every device to

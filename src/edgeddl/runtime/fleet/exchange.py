@@ -88,7 +88,6 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-
 class DeviceExchange(Protocol):
     """How a device of a real fleet carries its step: its own work on its batch (which may
     itself talk to the coordinator), then the fleet's sum, up to the quorum's verdict."""

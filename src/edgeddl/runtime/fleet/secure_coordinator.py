@@ -47,7 +47,7 @@ KEEP_STEPS = 4
 
 
 class SecureCoordinator:
-    """The coordinator's part in a secured real fleet; see the module docstring."""
+    """The coordinator's part in a secured real fleet (docs/real-fleet.md#the-sealed-fleet)."""
 
     def __init__(self, scenario: Scenario, out_dir: Path) -> None:
         self.names = scenario.fleet.device_names()

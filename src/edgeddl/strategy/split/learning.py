@@ -30,7 +30,7 @@ from edgeddl.task import LossFn
 
 
 class SplitLearning:
-    """Per-device fronts (and heads), the rear on the coordinator; see the module docstring."""
+    """Per-device fronts (and heads), the rear on the coordinator; docs/split.md#the-strategy."""
 
     name = "split"
 

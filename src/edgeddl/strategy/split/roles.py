@@ -155,7 +155,7 @@ class _Pending:
 
 
 class RearServer:
-    """The coordinator's side of split learning; see the module docstring."""
+    """The coordinator's side of split learning; docs/split.md#across-a-wire."""
 
     def __init__(
         self,
