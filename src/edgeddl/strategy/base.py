@@ -63,8 +63,6 @@ class Update:
     fleet's all-reduce carries them in its table."""
     payload: bytes | None = None
     """The encoded compressed payload (None: `values` travel dense)."""
-    received: Payload | None = None
-    """The payload as the aggregator decodes it (compressed)."""
     own: torch.Tensor | None = None
     """Error feedback: the device's own update before its memory was added."""
     compensated: torch.Tensor | None = None
