@@ -18,6 +18,7 @@ import edgeddl
 from edgeddl.cli.main import main
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.runtime.fleet.device_setup import check_real_fleet
+from edgeddl.security.handshake import handshake_bytes
 from edgeddl.security.keys import Identity, save_identity
 from edgeddl.security.ledger import LEDGER_FILE, model_digest, read_entries
 
@@ -67,9 +68,14 @@ def test_a_secured_run_costs_its_envelopes_and_leaves_a_verifiable_ledger(
     out = tmp_path / "sealed"
     sealed = _run(_raw(keys[1]), out)
     check_summary(sealed)
-    # Every payload up and every model down is larger by its envelope, nothing else.
+    # Every payload up and every model down is larger by its envelope, and each device
+    # made one session handshake: nothing else.
     steps = sum(d["steps"] for d in sealed["per_device"])
-    extra_up = sealed["bytes_up"] - plain["bytes_up"]
+    run_id = sealed["security"]["run_id"]
+    hellos = sum(
+        handshake_bytes(run_id, d["name"], "coordinator")[0] for d in sealed["per_device"]
+    )
+    extra_up = sealed["bytes_up"] - plain["bytes_up"] - hellos
     assert extra_up > 0 and extra_up % steps == 0 and 150 < extra_up // steps < 300
     assert sealed["bytes_down"] > plain["bytes_down"]
     # Sealing and opening is device work: more compute, and a longer run.

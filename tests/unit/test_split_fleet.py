@@ -57,6 +57,7 @@ class _Link:
 
     def __init__(self, service: SplitRear, name: str) -> None:
         self.service, self.name, self.seconds = service, name, 0.0
+        self.session = None
 
     def call(self, op, step, device, count, parts, loss=0.0, members=0):  # type: ignore[no-untyped-def]
         try:
@@ -111,7 +112,7 @@ def _devices(service: SplitRear, **split: object) -> list[SplitDevice]:
             NAMES[r],
             torch.device("cpu"),
             10.0,
-            connect=lambda store, name, t: _Link(service, name),
+            connect=lambda store, name, t, handshake: _Link(service, name),
         )
         for r in range(3)
     ]

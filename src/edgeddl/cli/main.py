@@ -188,6 +188,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     d.add_argument(
+        "--keys",
+        default="",
+        metavar="DIR",
+        help="[security]: this device's key folder (NAME.key, and coordinator.pub: the only "
+        "coordinator it will train for); default: the scenario's security.keys_dir",
+    )
+    d.add_argument(
         "--state-dir",
         default="",
         help="elastic engine: where the worker keeps its state between restarts "
@@ -394,6 +401,7 @@ def _cmd_device(args: argparse.Namespace) -> int:
             profile=args.profile,
             max_restarts=args.max_restarts,
             state_dir=args.state_dir,
+            keys_dir=args.keys,
         )
     )
     if report is not None:

@@ -1,34 +1,32 @@
-"""Envelopes: a payload between a device and the coordinator, signed and encrypted.
+"""Envelopes: a payload between a device and the coordinator, signed by its sender.
 
-ChaCha20-Poly1305 under a key per run, pair and direction (X25519 and HKDF), with random
-nonces (a restarted device cannot reuse one), and an Ed25519 signature over header, nonce
-and tag. Header, nonce, tag and signature alone (a *receipt*, ~190 B) prove what the sender
-sent and which ledger head it had seen; the ledger stores receipts.
-Details (the wire format, why random nonces, version 1): docs/trust.md#envelope-format
+A header (run, sender, recipient, step, sequence number, the ledger head the sender saw, the
+body's SHA-256) and an Ed25519 signature over it travel with the body. Confidentiality and
+forward secrecy come from the session the envelope travels in (`handshake.py`: each link's
+frames are encrypted under keys of that session only). Header and signature alone (a
+*receipt*, ~170 B) prove what the sender sent and which ledger head it had seen; the ledger
+stores receipts.
+Details (the wire format, version 3): docs/trust.md#envelope-format
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from edgeddl.security.keys import Identity, PublicIdentity, name_bytes
 
-from edgeddl.security.keys import Identity, PublicIdentity, check_name
-
-MAGIC = b"EDE1"
-DOMAIN = b"edgeddl envelope v2\x00"
+MAGIC = b"EDE3"
+DOMAIN = b"edgeddl envelope v3\x00"
 NO_LEDGER_HEAD = (-1, bytes(32))
 """(index, hash) of the ledger head before the sender has seen any entry."""
 _FIXED = struct.Struct(">4sQQq32s32s")
-NONCE_BYTES, TAG_BYTES, SIG_BYTES = 12, 16, 64
+SIG_BYTES = 64
+FRAME_BYTES = 16
+"""What the session's frame adds around an envelope (its AEAD tag)."""
 
 RejectReason = Literal[
     "bad_signature",
@@ -63,8 +61,7 @@ class Header:
         fixed = _FIXED.pack(
             MAGIC, self.step, self.seq, self.ledger_index, self.ledger_head, self.body_digest
         )
-        names = b"".join(_short(s) for s in (self.run_id, self.sender, self.recipient))
-        return fixed + names
+        return fixed + name_bytes(self.run_id, self.sender, self.recipient)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> tuple[Header, int]:
@@ -86,17 +83,12 @@ class Header:
         return cls(names[0], names[1], names[2], step, seq, index, head, digest), pos
 
 
-def _short(text: str) -> bytes:
-    raw = check_name(text).encode("utf-8")
-    return bytes([len(raw)]) + raw
-
-
 @dataclass(frozen=True, slots=True)
 class Opened:
     header: Header
     body: bytes
     receipt: bytes
-    """header | SHA-256(nonce | ciphertext) | signature: the sender's proof, for the ledger."""
+    """header | signature: the sender's proof, for the ledger."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,37 +103,21 @@ class Rejection:
 
 
 def overhead_bytes(run_id: str, sender: str, recipient: str) -> int:
-    """Bytes an envelope adds to its body on the wire (what the simulator counts)."""
+    """Bytes an envelope and its session frame add to a body on the wire (what the simulator
+    counts)."""
     names = sum(1 + len(s.encode("utf-8")) for s in (run_id, sender, recipient))
-    return _FIXED.size + names + NONCE_BYTES + TAG_BYTES + SIG_BYTES
+    return _FIXED.size + names + SIG_BYTES + FRAME_BYTES
 
 
-def _pair_key(
-    own: Identity, peer: PublicIdentity, run_id: str, *, outgoing: bool
-) -> ChaCha20Poly1305:
-    """The AEAD of one direction between `own` and `peer` in one run."""
-    sender, recipient = (own.name, peer.name) if outgoing else (peer.name, own.name)
-    shared = own.agree_key.exchange(peer.agree_key)
-    info = DOMAIN + b"".join(_short(s) for s in (run_id, sender, recipient))
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
-    return ChaCha20Poly1305(key)
-
-
-def _nonce_tag(sealed: bytes | memoryview) -> bytes:
-    """What the signature binds of the ciphertext: its nonce and its AEAD tag."""
-    return bytes(sealed[:NONCE_BYTES]) + bytes(sealed[-TAG_BYTES:])
-
-
-def _signed_message(header: bytes, nonce_tag: bytes) -> bytes:
-    return DOMAIN + header + nonce_tag
+def _signed_message(header: bytes | memoryview) -> bytes:
+    return DOMAIN + bytes(header)
 
 
 class Sender:
-    """Seals one identity's payloads in one run; numbers them from `first_seq`."""
+    """Signs one identity's payloads in one run; numbers them from `first_seq`."""
 
     def __init__(self, identity: Identity, run_id: str, *, first_seq: int = 0) -> None:
         self.identity, self.run_id, self.next_seq = identity, run_id, first_seq
-        self._keys: dict[str, ChaCha20Poly1305] = {}
 
     def seal(
         self,
@@ -162,14 +138,7 @@ class Sender:
             body_digest=hashlib.sha256(body).digest(),
         ).encode()
         self.next_seq += 1
-        aead = self._keys.get(recipient.name)
-        if aead is None:
-            aead = _pair_key(self.identity, recipient, self.run_id, outgoing=True)
-            self._keys[recipient.name] = aead
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = nonce + aead.encrypt(nonce, body, header)
-        signature = self.identity.sign(_signed_message(header, _nonce_tag(sealed)))
-        return header + sealed + signature
+        return header + body + self.identity.sign(_signed_message(header))
 
 
 class Receiver:
@@ -178,14 +147,6 @@ class Receiver:
     Per sender it keeps the highest sequence number accepted and which of the `window` below
     it were accepted, so it tells a replay (seen before) from a late arrival (out of order);
     both are refused, as is anything older than the window.
-
-    `check_signatures=False` leaves the senders' Ed25519 signatures unchecked (the receipt
-    is kept as it came). Authenticity then rests on the AEAD: its key comes from the static
-    X25519 keys of this receiver and the sender, bound to run and direction, so only that
-    sender could have sealed what opens, header included. That is enough for a party that
-    keeps no receipts for others to check: a device opening its coordinator's answers
-    (an Ed25519 verify, ~0.13 ms here, is most of a small payload's crypto). The
-    coordinator, whose ledger holds the devices' receipts, always checks.
     """
 
     def __init__(
@@ -196,12 +157,9 @@ class Receiver:
         *,
         max_payload_bytes: int,
         window: int = 64,
-        check_signatures: bool = True,
     ) -> None:
         self.identity, self.run_id, self.peers = identity, run_id, peers
         self.max_payload_bytes, self.window = max_payload_bytes, window
-        self.check_signatures = check_signatures
-        self._keys: dict[str, ChaCha20Poly1305] = {}
         self._seen: dict[str, tuple[int, int]] = {}  # sender -> (highest seq, bitmap below)
 
     def open(self, wire: bytes) -> Opened | Rejection:
@@ -215,8 +173,8 @@ class Receiver:
         except (ValueError, UnicodeDecodeError) as e:
             return Rejection("malformed", "", str(e))
         who = header.sender
-        if len(wire) < pos + NONCE_BYTES + TAG_BYTES + SIG_BYTES:
-            return Rejection("malformed", who, "shorter than its header, nonce, tag and signature")
+        if len(wire) < pos + SIG_BYTES:
+            return Rejection("malformed", who, "shorter than its header and signature")
         if header.recipient != self.identity.name:
             return Rejection("malformed", who, f"addressed to {header.recipient!r}")
         if header.run_id != self.run_id:
@@ -224,24 +182,16 @@ class Receiver:
         peer = self.peers.get(who)
         if peer is None:
             return Rejection("unknown_sender", who, f"{who!r} is not enrolled")
-        head, sealed, signature = view[:pos], view[pos:-SIG_BYTES], view[-SIG_BYTES:]
-        aead = self._keys.get(who)
-        if aead is None:
-            aead = self._keys[who] = _pair_key(self.identity, peer, self.run_id, outgoing=False)
-        try:
-            nonce = bytes(sealed[:NONCE_BYTES])
-            body = aead.decrypt(nonce, bytes(sealed[NONCE_BYTES:]), bytes(head))
-        except InvalidTag:
-            return Rejection("tampered", who, "ciphertext or header altered (AEAD tag mismatch)")
-        receipt = bytes(head) + _nonce_tag(sealed) + bytes(signature)
-        if self.check_signatures and verify_receipt(receipt, peer) is None:
+        head, signature = view[:pos], bytes(view[-SIG_BYTES:])
+        if not peer.verify(signature, _signed_message(head)):
             return Rejection("bad_signature", who, f"not signed by {who!r}")
+        body = bytes(view[pos:-SIG_BYTES])
         if hashlib.sha256(body).digest() != header.body_digest:
-            return Rejection("malformed", who, "body digest does not match the signed header")
+            return Rejection("tampered", who, "the body does not match its signed digest")
         verdict = self._check_sequence(who, header.seq)
         if verdict is not None:
             return verdict
-        return Opened(header, body, receipt)
+        return Opened(header, body, bytes(head) + signature)
 
     def windows(self) -> dict[str, tuple[int, int]]:
         """Per sender, (highest seq accepted, bitmap of the window below it): what a
@@ -275,8 +225,6 @@ def verify_receipt(receipt: bytes, signer: PublicIdentity) -> Header | None:
         header, pos = Header.decode(receipt)
     except (ValueError, UnicodeDecodeError):
         return None
-    signed = pos + NONCE_BYTES + TAG_BYTES
-    if len(receipt) != signed + SIG_BYTES or header.sender != signer.name:
+    if len(receipt) != pos + SIG_BYTES or header.sender != signer.name:
         return None
-    message = _signed_message(receipt[:pos], receipt[pos:signed])
-    return header if signer.verify(receipt[signed:], message) else None
+    return header if signer.verify(receipt[pos:], _signed_message(receipt[:pos])) else None

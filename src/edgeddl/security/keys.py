@@ -45,6 +45,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def name_bytes(*names: str) -> bytes:
+    """The names as they travel in headers: each checked, its length in one byte first."""
+    out = b""
+    for name in names:
+        raw = check_name(name).encode("utf-8")
+        out += bytes([len(raw)]) + raw
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class PublicIdentity:
     """Who someone is to everyone else: a name and two public keys."""

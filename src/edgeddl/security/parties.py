@@ -6,9 +6,11 @@ records each `update` with the device's receipt or each `reject` with its reason
 answers for each device, and closes the ledger with the final model's digest.
 `DeviceParty` seals a device's payloads with the ledger head it last saw (or, with an
 `envelope_fault`, what a misbehaving device would send instead) and opens the coordinator's
-answers. A device's new link starts with `hello`: the run id, the sequence number the
-coordinator expects from it next (so a restarted device goes on from there) and the ledger
-head. Which payloads they carry is the runtime's business
+answers. Every link is a session (`handshake.py`): the coordinator's `responder` and the
+device's `initiator`, the device trusting only the coordinator key it holds itself
+(`coordinator.pub` in its key folder). A device's new session starts with `hello`: the
+sequence number the coordinator expects from it next (so a restarted device goes on from
+there) and the ledger head. Which payloads they carry is the runtime's business
 (`runtime/fleet/secure_coordinator.py`, `runtime/fleet/split_rear.py`).
 """
 
@@ -21,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from edgeddl.compress.bitpack import CodecError
+from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.security.envelope import NO_LEDGER_HEAD, Opened, Receiver, Rejection, Sender
-from edgeddl.security.keys import enrolled
+from edgeddl.security.handshake import Initiator, Responder
+from edgeddl.security.keys import PublicIdentity, SecurityError, enrolled, key_paths, load_public
 from edgeddl.security.ledger import (
     LEDGER_FILE,
     Ledger,
@@ -64,6 +68,11 @@ class CoordinatorParty:
         )
         self.rejected: list[dict[str, object]] = []
         self.steps_aggregated = 0
+
+    def responder(self) -> Responder:
+        """A new link's side of the session handshake: only enrolled devices get through."""
+        devices = {n: p for n, p in self.peers.items() if n != SECURITY_COORDINATOR}
+        return Responder(self.identity, self.run_id, devices)
 
     def hello(self, name: str) -> bytes:
         index, head = self.ledger.head
@@ -129,29 +138,34 @@ class CoordinatorParty:
 class DeviceParty:
     """A device's envelopes; see the module docstring and docs/trust.md."""
 
-    def __init__(self, scenario: Scenario, idx: int, name: str) -> None:
+    def __init__(self, scenario: Scenario, idx: int, name: str, keys_dir: str = "") -> None:
+        """`keys_dir`: the device's own key folder (default: the scenario's)."""
         cfg = scenario.security
         peers = enrolled(cfg)
         fault = [g.envelope_fault for g in scenario.fleet.devices for _ in range(g.count)][idx]
-        self.identity = enrolled_identity(Path(cfg.keys_dir), name, peers)
+        folder = Path(keys_dir or cfg.keys_dir)
+        self.identity = enrolled_identity(folder, name, peers)
         self.signer = impostor(name) if fault == "impostor" else self.identity
-        """Who seals its payloads: an impostor signs as an identity nobody enrolled."""
+        """Who signs its payloads: an impostor signs as an identity nobody enrolled."""
         self.faulty = FaultySender(fault, cfg.max_payload_bytes)
-        self.coordinator = peers[SECURITY_COORDINATOR]
+        self.coordinator = pinned_coordinator(folder, peers)
         self.sender: Sender | None = None
         self.receiver: Receiver | None = None
         self.head = NO_LEDGER_HEAD
 
-    def start(self, hello: bytes) -> None:
-        """A new link: the coordinator's `hello`."""
+    def initiator(self) -> Initiator:
+        """A new link's side of the session handshake (always as the device itself)."""
+        return Initiator(self.identity, self.coordinator)
+
+    def start(self, hello: bytes, run_id: str) -> None:
+        """A new session in run `run_id` (what its handshake proved): the coordinator's
+        `hello`."""
         info = json.loads(hello)
-        run_id = str(info["run_id"])
+        if info.get("run_id") != run_id:
+            raise CodecError(f"the coordinator's hello names run {info.get('run_id')!r}")
         self.sender = Sender(self.signer, run_id, first_seq=int(info["next_seq"]))
         peers = {SECURITY_COORDINATOR: self.coordinator}
-        # The coordinator's answers: the AEAD authenticates it (see Receiver); no receipts
-        self.receiver = Receiver(
-            self.identity, run_id, peers, max_payload_bytes=1 << 31, check_signatures=False
-        )
+        self.receiver = Receiver(self.identity, run_id, peers, max_payload_bytes=1 << 31)
         self.saw(info["ledger"])
 
     def saw(self, head: list[Any]) -> None:
@@ -170,3 +184,25 @@ class DeviceParty:
             raise CodecError(f"the coordinator's answer for step {step} was refused ({opened})")
         self.head = (opened.header.ledger_index, opened.header.ledger_head)
         return opened.body
+
+
+def pinned_coordinator(folder: Path, peers: dict[str, PublicIdentity]) -> PublicIdentity:
+    """The coordinator a device trusts: `coordinator.pub` in its own key folder when it is
+    there (the scenario it read from the network must then enroll the same keys), else the
+    scenario's (ConfigError for a mismatch or a damaged file)."""
+    enrolled_key = peers.get(SECURITY_COORDINATOR)
+    _, public = key_paths(folder, SECURITY_COORDINATOR)
+    if not public.exists():
+        if enrolled_key is None:
+            raise ConfigError(f"security.coordinator: not enrolled, and no {public}")
+        return enrolled_key
+    try:
+        pinned = load_public(public)
+    except SecurityError as e:
+        raise ConfigError(str(e)) from None
+    if enrolled_key is None or enrolled_key.to_config() != pinned.to_config():
+        raise ConfigError(
+            f"{public}: the coordinator's scenario enrolls another coordinator key than this "
+            "device trusts; refusing to train for it"
+        )
+    return pinned

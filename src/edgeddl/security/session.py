@@ -1,9 +1,11 @@
 """A simulated run with `[security]` on: every party's part, with the real primitives.
 
 The simulator plays the coordinator and every device, so it holds all their private keys.
-Each device seals its real payload bytes, the coordinator opens and records them, and the
-ledger gets every update, refusal, aggregation and membership change. Envelopes and crypto
-are charged as bytes and device compute; `envelope_fault` makes a device group misbehave.
+Each device has a session with the coordinator (the real handshake, made again after it
+crashed or left), signs its real payload bytes and sends them in that session's frames; the
+coordinator opens and records them, and the ledger gets every update, refusal, aggregation
+and membership change. Handshakes, envelopes and crypto are charged as bytes and device
+compute; `envelope_fault` makes a device group misbehave.
 Details: docs/trust.md#the-simulated-session
 """
 
@@ -25,6 +27,7 @@ from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.security.envelope import Opened, Receiver, Rejection, Sender
+from edgeddl.security.handshake import Initiator, Responder, Session, handshake_bytes
 from edgeddl.security.keys import (
     Identity,
     PublicIdentity,
@@ -85,9 +88,17 @@ class SecureRun:
         faults = [g.envelope_fault for g in scenario.fleet.devices for _ in range(g.count)]
         self.faults = faults
         self.senders = []
-        for name, fault in zip(self.names, faults, strict=True):
-            who = self._identity(folder, name) if fault != "impostor" else None
-            self.senders.append(Sender(who or impostor(name), self.run_id))
+        self.identities = [self._identity(folder, name) for name in self.names]
+        for who, fault in zip(self.identities, faults, strict=True):
+            self.senders.append(
+                Sender(who if fault != "impostor" else impostor(who.name), self.run_id)
+            )
+        self.sessions: dict[int, tuple[Session, Session]] = {}
+        """Device -> (its session, the coordinator's) while it is in the fleet."""
+        self.handshake_bytes = np.array(
+            [handshake_bytes(self.run_id, n, SECURITY_COORDINATOR) for n in self.names]
+        )
+        """Per device, the bytes its handshake sends and receives."""
         self.faulty = [FaultySender(f, cfg.max_payload_bytes) for f in faults]
         self.receiver = Receiver(
             self.coordinator, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
@@ -119,6 +130,7 @@ class SecureRun:
             "first_wire": [f.first_wire for f in self.faulty],
             "rejected": list(self.rejected),
             "ledger_head": [self.ledger.index, self.ledger.head_hash],
+            "sessions": sorted(self.sessions),
         }
 
     def _resume(self, path: Path, state: dict[str, Any], flush_every: int) -> None:
@@ -147,12 +159,28 @@ class SecureRun:
             faulty.first_wire = wire
         self.rejected = list(state["rejected"])
         self.ledger = Ledger(path, flush_every=flush_every)
+        for d in state.get("sessions", []):  # the virtual fleet did not stop: no new handshake
+            self._session(d)
 
     def _identity(self, folder: Path, name: str) -> Identity:
         return enrolled_identity(folder, name, self.peers)
 
     def event(self, at_s: float, device: int, action: str) -> None:
+        if action in ("crash", "leave"):  # it comes back with a new session
+            self.sessions.pop(device, None)
         self.ledger.append(self.coordinator, action, {"device": self.names[device]}, time_s=at_s)
+
+    def _session(self, d: int) -> tuple[tuple[Session, Session], bool]:
+        """Device `d`'s session pair, and whether its handshake was made just now."""
+        pair = self.sessions.get(d)
+        if pair is not None:
+            return pair, False
+        devices = {n: p for n, p in self.peers.items() if n != SECURITY_COORDINATOR}
+        initiator = Initiator(self.identities[d], self.coordinator.public())
+        responder = Responder(self.coordinator, self.run_id, devices)
+        confirm, mine = initiator.confirm(responder.reply(initiator.hello()))
+        pair = self.sessions[d] = (mine, responder.accept(confirm))
+        return pair, True
 
     def seal_and_open(
         self, step: int, at_s: float, devices: np.ndarray, bodies: list[bytes]
@@ -161,11 +189,13 @@ class SecureRun:
         wire, the ledger index of each accepted update, -1 for a refused one)."""
         accepted = np.zeros(len(devices), dtype=bool)
         wire_bytes = np.zeros(len(devices), dtype=np.int64)
+        self.fresh = np.zeros(len(devices), dtype=bool)
         entries = []
         for i, (d, body) in enumerate(zip(devices.tolist(), bodies, strict=True)):
-            wire = self._send(d, body, step)
-            wire_bytes[i] = len(wire)
-            opened = self.receiver.open(wire)
+            (mine, theirs), self.fresh[i] = self._session(d)
+            frame = mine.seal(self._send(d, body, step))
+            wire_bytes[i] = len(frame)
+            opened = self.receiver.open(theirs.open(frame))
             if isinstance(opened, Opened) and opened.header.step != step:  # sealed for another
                 opened = Rejection(
                     "replayed", opened.header.sender, f"sealed for step {opened.header.step}"
@@ -205,9 +235,12 @@ class SecureRun:
         body = np.array([len(b) for b in bodies], dtype=np.int64)
         envelope = wire - body
         down = np.asarray(down_bytes, dtype=np.int64)
+        hello_up, hello_down = (np.where(self.fresh, n, 0) for n in self.handshake_bytes[idx].T)
+        up = np.asarray(up_bytes) + envelope[None]
+        up[0] += hello_up  # a new session's handshake before its first payload
         return SealedStep(
-            up_bytes=np.asarray(up_bytes) + envelope[None],
-            down_bytes=np.where(down > 0, down + envelope, 0),
+            up_bytes=up,
+            down_bytes=np.where(down > 0, down + envelope, 0) + hello_down,
             crypto_bytes=body + down,
             accepted=accepted,
             entries=entries,

@@ -109,7 +109,10 @@ def serve(
         handler = SplitRear.for_scenario(scenario, store, out_dir, checkpoint_every)
     elif scenario.security.enabled:  # it opens, records and aggregates every payload
         handler = SecureCoordinator(scenario, out_dir)
-    links = LinkServer(handler, store) if handler is not None else None
+    links = None
+    if handler is not None:
+        party = handler.seal  # [security]: every link is an authenticated session
+        links = LinkServer(handler, store, sessions=party.responder if party else None)
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1

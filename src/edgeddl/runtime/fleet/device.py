@@ -81,7 +81,11 @@ class DeviceRun:
         self.split: SplitDevice | None = None
         if scenario.train.strategy == "split":  # a conversation with the rear, each step
             split = build_split(scenario, w.model, w.task.loss_fn, w.info)
-            seal = DeviceParty(scenario, idx, opts.name) if scenario.security.enabled else None
+            seal = (
+                DeviceParty(scenario, idx, opts.name, opts.keys_dir)
+                if scenario.security.enabled
+                else None
+            )
             self.split = SplitDevice(split, idx, opts.name, comm, opts.timeout_s, seal=seal)
             self.strategy, self.exchange = split, self.split
         else:
@@ -90,7 +94,9 @@ class DeviceRun:
             self.strategy = local
             # sealed, payloads go to the coordinator: a sum cannot carry ciphertexts
             self.exchange = (
-                SecureDevice(scenario, local, idx, opts.name, comm, opts.timeout_s)
+                SecureDevice(
+                    scenario, local, idx, opts.name, comm, opts.timeout_s, keys_dir=opts.keys_dir
+                )
                 if scenario.security.enabled
                 else AllReduceStep(local, idx, comm)
             )

@@ -38,6 +38,9 @@ class DeviceOptions:
     state_dir: str = ""
     """Elastic engine: where the worker keeps its state between restarts ('': a folder
     under the system's temporary directory)."""
+    keys_dir: str = ""
+    """`[security]`: the device's key folder, with `coordinator.pub`, the coordinator it
+    trusts ('': the scenario's `security.keys_dir`)."""
 
 
 def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int]:

@@ -3,7 +3,11 @@
 With `[security]` on, a device's payload goes to the coordinator, not into a sum among
 devices: a sum cannot carry ciphertexts, and the coordinator is who must check each sender.
 Per step it answers "update" (open, check, record), "aggregate" (computed once, sealed for
-each device) and "commit" (applied to its own replica, recorded in the ledger).
+each device) and "commit" (applied to its own replica, recorded in the ledger). Every request
+comes over an authenticated session, and the coordinator trusts a request for no more than
+its sender may say: an aggregate's weights are those each device's own accepted update
+declared (checked against what that device may weigh), a request's table only chooses among
+the step's accepted updates, and a step is committed once most of its members said so.
 Details: docs/real-fleet.md#the-sealed-fleet
 """
 
@@ -42,6 +46,15 @@ class StepAggregate:
     screened: dict[int, str]
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A device's update the coordinator accepted: decoded, its ledger entry, its weight."""
+
+    update: Any
+    entry: int
+    weight: int
+
+
 KEEP_STEPS = 4
 """Steps of updates and aggregates the coordinator keeps after a commit."""
 
@@ -64,10 +77,20 @@ class SecureCoordinator:
             )
         self.seal = CoordinatorParty(scenario, out_dir)
         self.lock = threading.Lock()
-        self.updates: dict[int, dict[int, tuple[Any, int]]] = {}
-        """Step -> device -> (its decoded update, its ledger entry)."""
+        self.updates: dict[int, dict[int, Accepted]] = {}
+        """Step -> device -> its accepted update."""
         self.aggregates: dict[tuple[int, tuple[int, ...]], StepAggregate] = {}
         self.committed: set[int] = set()
+        self.votes: dict[tuple[int, tuple[int, ...]], set[int]] = {}
+        """(step, table) -> the members that said it was committed."""
+        fed = scenario.train.strategy == "federated"
+        uniform = scenario.federated.weighting == "uniform"
+        self.weights: list[tuple[int, int]] = [
+            ((1, 1) if uniform else (int(n), int(n))) if fed else (1, scenario.train.global_batch)
+            for n in sizes
+        ]
+        """Per device, the (least, most) weight its update may declare: a federated
+        client's is fixed (1, or its shard's size), a data-parallel device's its batch."""
 
     def max_request_bytes(self, op: str) -> int:
         return self.seal.max_payload_bytes if op == "update" else 8 * (2 * len(self.names) + 2)
@@ -88,56 +111,85 @@ class SecureCoordinator:
             if op == "hello":
                 return self.seal.hello(name), 0.0
             if op == "update":
+                least, most = self.weights[device]
+                if not least <= count <= most:
+                    raise ValueError(f"a weight of {count} (this device's is {least}..{most})")
                 wire = parts[0] if parts else b""
                 update, entry = self.seal.open(
                     name, step, wire, lambda b: self.strategy.decode_body(device, b)
                 )
-                self.updates.setdefault(step, {})[device] = (update, entry)
+                self.updates.setdefault(step, {})[device] = Accepted(update, entry, count)
                 return self.seal.head_json(), 0.0
             if op in ("aggregate", "commit"):
-                devices, weights = read_table(parts)
-                result = self._aggregate(step, devices, weights)
+                devices = read_table(parts, len(self.names))
+                result = self._aggregate(step, devices)
                 if op == "commit":
-                    self._commit(step, devices, result)
+                    self._vote(step, devices, device, result)
                     return b"", 0.0
                 return self.seal.seal(name, result.body, step), 0.0
         raise ValueError(f"{op} is not a request of a secured fleet")
 
-    def _aggregate(self, step: int, devices: tuple[int, ...], weights: list[int]) -> StepAggregate:
-        """The step's aggregate of `devices`' updates (each once per step and devices)."""
+    def _aggregate(self, step: int, devices: tuple[int, ...]) -> StepAggregate:
+        """The step's aggregate of `devices`' updates (each once per step and devices),
+        weighted as each update declared."""
         key = (step, devices)
         if key in self.aggregates:
             return self.aggregates[key]
+        if step in self.committed:
+            raise ValueError(f"step {step} is committed already")
         got = self.updates.get(step, {})
         missing = [self.names[d] for d in devices if d not in got]
         if missing:
             raise ValueError(f"step {step}: no accepted update from {', '.join(missing)}")
-        total = float(sum(weights))
-        w = [x / total for x in weights]
+        total = float(sum(got[d].weight for d in devices))
+        w = [got[d].weight / total for d in devices]
         s = self.strategy
-        agg = s.aggregate(step, list(devices), w, [got[d][0] for d in devices])
+        agg = s.aggregate(step, list(devices), w, [got[d].update for d in devices])
         body = dense_body(torch.cat([agg.values, agg.extras])) if agg else NOTHING_USABLE
         result = StepAggregate(body, agg, s.screened_at(step))
         self.aggregates = {k: v for k, v in self.aggregates.items() if k[0] > step - KEEP_STEPS}
         self.aggregates[key] = result
         return result
 
+    def _vote(
+        self, step: int, devices: tuple[int, ...], voter: int, result: StepAggregate
+    ) -> None:
+        """A member says the step was committed with `devices`: once most members said so,
+        the coordinator commits it too (one member, or one stolen key, cannot). A step
+        committed that way is proof the fleet committed the steps before it: any of those
+        still waiting (a member died before it said so) is committed first, with the table
+        most of its members named."""
+        if step in self.committed or voter not in devices:  # a member that sent nothing
+            return
+        votes = self.votes.setdefault((step, devices), set())
+        votes.add(voter)
+        if 2 * len(votes) <= len(devices):
+            return
+        for (earlier, table), said in sorted(self.votes.items()):
+            if earlier < step and earlier not in self.committed:
+                best = max(
+                    (k for k in self.votes if k[0] == earlier), key=lambda k: len(self.votes[k])
+                )
+                kept = self.aggregates.get(best)
+                if best == (earlier, table) and said and kept is not None:
+                    self._commit(earlier, table, kept)
+        self._commit(step, devices, result)
+
     def _commit(self, step: int, devices: tuple[int, ...], result: StepAggregate) -> None:
         """Apply the step's aggregate to the coordinator's replica, once; record it."""
-        if step in self.committed:
-            return
         used = [d for d in devices if d not in result.screened]
         if result.aggregate is not None:  # None: the model stays as it is
             # every member, screened or not, counts (a federated round's
             # num_batches_tracked): the devices apply the same without knowing who was
             self.strategy.apply_aggregate(result.aggregate, list(devices))
         self.committed.add(step)
-        entry = {d: self.updates[step][d][1] for d in devices}
+        entry = {d: self.updates[step][d].entry for d in devices}
         screened = {entry[d]: why for d, why in result.screened.items() if d in entry}
         self.seal.aggregate(step, [entry[d] for d in used], self.digest(), screened)
         # A member that was not in this step may still ask for an older one (joins race
         # with commits): keep the last few steps' updates.
         self.updates = {k: v for k, v in self.updates.items() if k > step - KEEP_STEPS}
+        self.votes = {k: v for k, v in self.votes.items() if k[0] > step}
 
     def digest(self) -> str:
         with torch.no_grad():
@@ -152,10 +204,11 @@ class SecureCoordinator:
             return out | ({"robust": robust} if robust is not None else {})
 
 
-def read_table(parts: list[bytes]) -> tuple[tuple[int, ...], list[int]]:
-    """A request's table of devices and their weights (samples), int64 end to end."""
-    table = np.frombuffer(parts[0], dtype=np.int64) if parts else np.zeros(0, np.int64)
-    n = len(table) // 2
-    if len(table) % 2 or not n:
-        raise ValueError("the table of devices and weights is malformed")
-    return tuple(table[:n].tolist()), table[n:].tolist()
+def read_table(parts: list[bytes], num_devices: int) -> tuple[int, ...]:
+    """A request's table: the step's members whose updates it names (int64, each once)."""
+    if not parts or len(parts[0]) % 8 or not parts[0]:
+        raise ValueError("the table of devices is malformed")
+    table = np.frombuffer(parts[0], dtype=np.int64).tolist()
+    if len(set(table)) != len(table) or not all(0 <= d < num_devices for d in table):
+        raise ValueError("the table of devices names a device twice, or one that is not")
+    return tuple(table)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from edgeddl.runtime.fleet.exchange import (
     sum_weighted,
 )
 from edgeddl.runtime.fleet.secure_coordinator import NOTHING_USABLE
-from edgeddl.runtime.fleet.split_device import Link
+from edgeddl.runtime.fleet.split_device import Connect, Link, open_link
 from edgeddl.security.parties import DeviceParty
 from edgeddl.strategy.base import Aggregate, FleetStrategy, Update
 
@@ -45,9 +44,10 @@ class SecureDevice:
         name: str,
         comm: torch.device,
         timeout_s: float,
-        connect: Callable[[Any, str, float], Link] = CoordinatorLink,
+        connect: Connect = CoordinatorLink,
+        keys_dir: str = "",
     ) -> None:
-        self.seal = DeviceParty(scenario, idx, name)
+        self.seal = DeviceParty(scenario, idx, name, keys_dir)
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
         self.timeout_s, self.connect = timeout_s, connect
         self._link: Link | None = None
@@ -57,9 +57,10 @@ class SecureDevice:
     def link(self, store: Any) -> Link:
         """The link to the coordinator; a new one starts with "hello"."""
         if self._link is None or self._store is not store:
-            link = self.connect(store, self.name, self.timeout_s)
-            self.seal.start(link.call("hello", 0, self.idx, 0, [])[0])
-            self._link, self._store = link, store
+            self._link = open_link(
+                self.connect, store, self.name, self.idx, self.timeout_s, self.seal
+            )
+            self._store = store
         return self._link
 
     def local_step(
@@ -95,7 +96,7 @@ class SecureDevice:
             return None
         outcome = summed[0]
         outcome.wire_bytes += outcome.payload_bytes
-        table = np.array([*outcome.devices, *outcome.counts], dtype=np.int64).tobytes()
+        table = np.array(outcome.devices, dtype=np.int64).tobytes()  # the weights: each its own
         agg = self._aggregate(store, step, table)
         apply = []
         if mine is not None and update is not None:  # its memory keeps what it did not send

@@ -24,6 +24,7 @@ import torch
 from edgeddl.compress.bitpack import CodecError
 from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink, LinkError
 from edgeddl.runtime.fleet.exchange import Collective, Contribution, Pending, sum_weighted
+from edgeddl.security.handshake import Initiator, Session
 from edgeddl.security.parties import DeviceParty
 from edgeddl.strategy.base import ConversationDevice, Update
 
@@ -32,6 +33,8 @@ class Link(Protocol):
     """A device's link to the coordinator (`CoordinatorLink`)."""
 
     seconds: float
+    session: Session | None
+    """With `[security]`: the link's authenticated session."""
 
     def call(
         self,
@@ -45,6 +48,26 @@ class Link(Protocol):
     ) -> tuple[bytes, float]: ...
 
 
+Connect = Callable[[Any, str, float, Initiator | None], Link]
+"""Opens a link to the coordinator: (its store, device name, timeout, the device's side of
+the session handshake, None without `[security]`)."""
+
+
+def open_link(
+    connect: Connect, store: Any, name: str, idx: int, timeout_s: float, seal: DeviceParty | None
+) -> Link:
+    """A new link; with `seal`, its session started with `hello` (LinkError if refused)."""
+    link = connect(store, name, timeout_s, seal.initiator() if seal is not None else None)
+    if seal is not None:
+        if link.session is None:
+            raise LinkError("the link to the coordinator has no session")
+        try:
+            seal.start(link.call("hello", 0, idx, 0, [])[0], link.session.run_id)
+        except CodecError as e:
+            raise LinkError(str(e)) from None
+    return link
+
+
 class SplitDevice:
     """Device `idx`'s side of split learning on a real fleet."""
 
@@ -55,7 +78,7 @@ class SplitDevice:
         name: str,
         comm: torch.device,
         timeout_s: float,
-        connect: Callable[[Any, str, float], Link] = CoordinatorLink,
+        connect: Connect = CoordinatorLink,
         seal: DeviceParty | None = None,
     ) -> None:
         self.s, self.idx, self.name, self.comm = strategy, idx, name, comm
@@ -73,10 +96,10 @@ class SplitDevice:
     def link(self, store: Any) -> Link:
         """The link to the rear, opened again after a failure or a new coordinator store."""
         if self._link is None or self._store is not store:
-            link = self.connect(store, self.name, self.timeout_s)
-            if self.seal is not None:
-                self.seal.start(link.call("hello", 0, self.idx, 0, [])[0])
-            self._link, self._store = link, store
+            self._link = open_link(
+                self.connect, store, self.name, self.idx, self.timeout_s, self.seal
+            )
+            self._store = store
         return self._link
 
     def drop_link(self) -> None:
