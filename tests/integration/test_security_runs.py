@@ -89,13 +89,14 @@ def test_a_secured_run_costs_its_envelopes_and_leaves_a_verifiable_ledger(
     state = torch.load(out / "model.pt", weights_only=True)
     assert sealed["model_digest"] == model_digest(state) == entries[-1]["payload"]["model_digest"]
     assert sealed["security"]["num_rejected"] == 0
-    assert main(["ledger", "verify", str(out)]) == 0
+    trusted = ["--keys", str(keys[0])]  # the auditor's keys, not the run folder's
+    assert main(["ledger", "verify", str(out), *trusted]) == 0
     assert f"{len(entries)} entries verified" in capsys.readouterr().out
     # A rewritten entry breaks verification, with one line.
     lines = (out / LEDGER_FILE).read_bytes().split(b"\n")
     lines[3] = lines[3].replace(b'"step":0', b'"step":9')
     (out / LEDGER_FILE).write_bytes(b"\n".join(lines))
-    assert main(["ledger", "verify", str(out)]) == 2
+    assert main(["ledger", "verify", str(out), *trusted]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

@@ -11,8 +11,27 @@ from rich.table import Table
 
 from edgeddl.security.envelope import Header
 
-FIRST_KEYS = ("device", "step", "reason", "detail", "seq", "size", "digest", "model_digest")
+FIRST_KEYS = (
+    "format",
+    "device",
+    "step",
+    "reason",
+    "detail",
+    "seq",
+    "size",
+    "digest",
+    "model_digest",
+    "model_sha256",
+    "summary_sha256",
+    "config_sha256",
+)
 """Payload keys shown first, in this order (the rest follow, then the receipt)."""
+FILE_KEYS = {
+    "config_sha256": "config",
+    "model_sha256": "model.pt",
+    "summary_sha256": "summary.json",
+}
+"""Digests of the run folder's files the ledger vouches for, shown by the file's name."""
 DIGEST_CHARS = 12
 """Digests and hashes are shown cut to this many hex digits."""
 
@@ -29,6 +48,7 @@ def _receipt_text(text: Any) -> str:
 def _value(key: str, value: Any) -> str:
     if key == "receipt":
         return _receipt_text(value)
+    key = FILE_KEYS.get(key, key)
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return f"{key} {value[:DIGEST_CHARS]}"
     if key == "screened" and isinstance(value, list):
@@ -45,7 +65,10 @@ def _key_order(key: str) -> tuple[int, str]:
     return len(FIRST_KEYS) + (key == "receipt"), key
 
 
-def print_timeline(entries: list[dict[str, Any] | None], torn_tail_bytes: int) -> None:
+def print_timeline(
+    entries: list[dict[str, Any] | None], torn_tail_bytes: int, head: str = ""
+) -> None:
+    """The entries as a table; `head`: a line about the signed head beside the ledger."""
     table = Table("#", "time s", "author", "kind", "what", title="ledger")
     times = [e.get("time") for e in entries if e is not None]
     start = next((t for t in times if isinstance(t, int | float)), None)
@@ -68,4 +91,6 @@ def print_timeline(entries: list[dict[str, Any] | None], torn_tail_bytes: int) -
     console.print(table)
     if torn_tail_bytes:
         console.print(f"a torn last line of {torn_tail_bytes} bytes (a crash mid-write)")
+    if head:
+        console.print(head)
     console.print("[dim]shown as written; `edgeddl ledger verify` checks it[/dim]")

@@ -15,6 +15,7 @@ from pathlib import Path
 from edgeddl.cli.catalog_cmd import CATALOG_COMMANDS, add_catalog_parsers
 from edgeddl.cli.checks import require_writable
 from edgeddl.cli.infer import add_infer_parser, cmd_infer
+from edgeddl.cli.ledger_cmd import add_ledger_parser, cmd_ledger
 from edgeddl.cli.runs_cmd import RUNS_COMMANDS, add_runs_parsers
 from edgeddl.config.compression import check_compression
 from edgeddl.config.loader import ConfigError, load_scenario, to_toml
@@ -209,26 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     kn.add_argument(
         "--out", type=Path, default=Path("."), help="folder for the key files (default: .)"
     )
+    add_ledger_parser(sub)  # verify, head, show
 
-    lg = sub.add_parser("ledger", help="check or read a run's audit ledger")
-    lsub = lg.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
-    lv = lsub.add_parser(
-        "verify", help="check the chain, every signature and the final model's digest"
-    )
-    ls = lsub.add_parser("show", help="print the ledger as a timeline")
-    for sp in (lv, ls):
-        sp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder")
-    lv.add_argument(
-        "--scenario",
-        default=None,
-        help="whose enrolled keys to trust (default: RUN_DIR/config.resolved.toml; an "
-        "auditor passes their own copy of the scenario)",
-    )
-    lv.add_argument(
-        "--partial",
-        action="store_true",
-        help="accept a ledger of a run that did not end (a crash): no run_end entry",
-    )
     return p
 
 
@@ -244,44 +227,6 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     print(f"# wrote {private} (private, keep it on {args.name}) and {public}")
     print("# add this to the scenario's [security] section:")
     print(identity.public().scenario_toml(), end="")
-    return 0
-
-
-def _cmd_ledger(args: argparse.Namespace) -> int:
-    import json
-
-    from edgeddl.security.ledger import LEDGER_FILE, read_entries
-
-    path = args.run_dir / LEDGER_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: no ledger (was the run's security enabled?)")
-    if args.ledger_command == "show":
-        from edgeddl.cli.ledger_view import print_timeline
-
-        print_timeline(*read_entries(path))
-        return 0
-    from edgeddl.security.keys import SecurityError, enrolled
-    from edgeddl.security.ledger import verify
-
-    # Only [security] is read: a run of your own model or data set verifies too.
-    config = args.scenario or args.run_dir / "config.resolved.toml"
-    scenario = load_scenario(config, own_model=True, own_data=True)
-    try:
-        peers = enrolled(scenario.security)
-    except SecurityError as e:
-        raise ConfigError(str(e)) from None
-    summary = args.run_dir / "summary.json"
-    final = json.loads(summary.read_text()).get("model_digest") if summary.is_file() else None
-    report = verify(path, peers, final_model_digest=final, complete=not args.partial)
-    if not report.ok:
-        raise ConfigError(f"{path}: {report.error}")
-    checked = "chain, signatures, receipts" + (", final model digest" if final else "")
-    torn = (
-        f"; a torn last line of {report.torn_tail_bytes} bytes ignored (a crash mid-write)"
-        if report.torn_tail_bytes
-        else ""
-    )
-    print(f"{path}: {report.num_entries} entries verified ({checked}){torn}")
     return 0
 
 
@@ -423,7 +368,7 @@ COMMANDS = {
     "device": _cmd_device,
     "infer": cmd_infer,
     "keys": _cmd_keys,
-    "ledger": _cmd_ledger,
+    "ledger": cmd_ledger,
 }
 
 

@@ -1,32 +1,41 @@
-"""The audit ledger: an append-only, hash-chained, signed JSON-lines file.
+"""The audit ledger: an append-only, hash-chained, signed JSON-lines file (format 2).
 
-Entries are chained by SHA-256 and signed by their author. Devices' signed receipts hold the
-ledger head they saw, so a coordinator that rewrites an entry a device has seen is caught
-(it can re-sign its own entries, not the devices'). Written and fsynced in batches; a crash
-can only tear the last line, which is reported, ignored and cut off on reopening.
+Entries are chained by SHA-256 and signed by their author, whose role must be allowed to
+write that kind (`ROLES`). Devices' signed receipts hold the ledger head they saw, so a
+coordinator that rewrites an entry a device has seen is caught. The `run` entry binds the
+run's config file, the closing entry the model and summary files, and a signed head
+(`sign_head`) pins a length an outsider can hold the ledger to. Written and fsynced in
+batches; a crash can only tear the last line, which is reported, ignored and cut off on
+reopening. `ledger_verify.verify` checks a ledger, `audit.verify_run` a run folder.
 Details (the entry format): docs/trust.md#ledger-format
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeddl.config.security import SECURITY_COORDINATOR
-from edgeddl.security.envelope import REJECT_REASONS, Opened, Rejection, verify_receipt
+from edgeddl.security.envelope import Opened, Rejection
 from edgeddl.security.keys import Identity, PublicIdentity
 
 LEDGER_FILE = "ledger.jsonl"
 """The ledger's name in a run folder."""
-DOMAIN = b"edgeddl ledger v1\x00"
+HEAD_FILE = "ledger.head.json"
+"""The signed head a closing run writes beside its ledger, for the user to publish."""
+CONFIG_FILE, MODEL_FILE, SUMMARY_FILE = "config.resolved.toml", "model.pt", "summary.json"
+"""The run folder's files the ledger vouches for (by SHA-256 of their bytes)."""
+FORMAT = 2
+"""The ledger format, in the `run` entry; format 1 (edgeddl before it) had none."""
+DOMAIN = b"edgeddl ledger v2\x00"
+HEAD_DOMAIN = b"edgeddl ledger head v2\x00"
 GENESIS = "0" * 64
 KINDS = (
     "run",
@@ -42,10 +51,24 @@ KINDS = (
     "resumed",
 )
 CLOSING = ("run_end", "interrupted")
-"""Entries that end a ledger; only a `resumed` entry may follow an `interrupted` one."""
-DIGEST_MARKS = ("checkpoint", "interrupted", "resumed")
-"""Entries that name the model's digest at a step boundary (simulated runs)."""
+"""Entries that end a ledger; only a `resumed` entry may follow an `interrupted` one. Each
+names the model's digest and the SHA-256 of the run's model and summary files."""
+DIGEST_MARKS = ("checkpoint", "interrupted", "resumed", "run_end")
+"""Entries that name the model's digest at a step boundary."""
 FIELDS = {"author", "index", "kind", "payload", "prev", "sig", "time"}
+HEAD_ORDER = ("run_id", "entries", "hash", "time", "signer", "signature")
+HEAD_FIELDS = set(HEAD_ORDER)
+ROLES: dict[str, frozenset[str]] = {
+    "coordinator": frozenset(KINDS),
+    "device": frozenset(),
+}
+"""Which role may write which entry kind. A device's word is its signed receipt inside the
+coordinator's entries; a device key may write no entry of its own."""
+
+
+def role_of(name: str) -> str:
+    """An identity's role: the coordinator's name is the coordinator's, any other a device's."""
+    return "coordinator" if name == SECURITY_COORDINATOR else "device"
 
 
 def canonical(obj: Any) -> bytes:
@@ -74,6 +97,27 @@ def model_digest(state: Mapping[str, Any]) -> str:
         h.update(canonical([name, str(array.dtype), list(array.shape)]))
         h.update(array.tobytes())
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes; OSError if it cannot be read."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_payload(run_id: str, scenario: str, devices: list[str], run_dir: Path) -> dict[str, Any]:
+    """The `run` entry: the format, the run, and the SHA-256 of the run's config file (written
+    before the ledger's first entry, so the ledger belongs to this folder's run)."""
+    return {
+        "format": FORMAT,
+        "run_id": run_id,
+        "scenario": scenario,
+        "devices": devices,
+        "config_sha256": file_sha256(Path(run_dir) / CONFIG_FILE),
+    }
 
 
 def update_payload(opened: Opened) -> dict[str, Any]:
@@ -110,7 +154,17 @@ def aggregate_payload(
     return payload
 
 
-def _split(data: bytes) -> tuple[list[bytes], int]:
+def closing_payload(run_dir: Path, digest: str) -> dict[str, Any]:
+    """What a `run_end` or `interrupted` entry vouches for: the model's digest and the
+    SHA-256 of the model and summary files (written before it)."""
+    return {
+        "model_digest": digest,
+        "model_sha256": file_sha256(Path(run_dir) / MODEL_FILE),
+        "summary_sha256": file_sha256(Path(run_dir) / SUMMARY_FILE),
+    }
+
+
+def split_lines(data: bytes) -> tuple[list[bytes], int]:
     """Complete lines, and the length of a torn last line (no newline) if there is one."""
     lines = data.split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline
@@ -125,7 +179,7 @@ class Ledger:
         self._pending: list[bytes] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = self.path.read_bytes() if self.path.exists() else b""
-        lines, self.torn_tail_bytes = _split(data)
+        lines, self.torn_tail_bytes = split_lines(data)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         if self.torn_tail_bytes:  # a crash mid-write: cut the partial line, chain on
             os.ftruncate(self._fd, len(data) - self.torn_tail_bytes)
@@ -150,6 +204,8 @@ class Ledger:
         time_s: float | None = None,
     ) -> int:
         """Sign and chain one entry; returns its index. Written at the next flush."""
+        if self._fd < 0:
+            raise ValueError(f"{self.path}: the ledger is closed; nothing may follow its end")
         if kind not in KINDS:
             raise ValueError(f"ledger entry kind {kind!r}: allowed: {', '.join(KINDS)}")
         entry: dict[str, Any] = {
@@ -207,7 +263,7 @@ def _fsync_dir(folder: Path) -> None:
 def read_entries(path: Path) -> tuple[list[dict[str, Any] | None], int]:
     """The entries as written, None for a line that is not a JSON table (unchecked:
     `verify` checks), and the torn tail's length."""
-    lines, torn = _split(Path(path).read_bytes())
+    lines, torn = split_lines(Path(path).read_bytes())
     entries: list[dict[str, Any] | None] = []
     for line in lines:
         try:
@@ -219,187 +275,65 @@ def read_entries(path: Path) -> tuple[list[dict[str, Any] | None], int]:
 
 
 @dataclass(frozen=True, slots=True)
-class VerifyReport:
-    num_entries: int
-    """Entries that verified (all of them when `ok`)."""
-    torn_tail_bytes: int
-    """Length of an incomplete last line (a crash mid-write), ignored; 0 if none."""
-    error: str = ""
-    """What is wrong with the first bad entry; "" if nothing."""
+class SignedHead:
+    """The coordinator's signed word on a ledger's length and last entry (like a Certificate
+    Transparency signed tree head): published, it holds the ledger to at least that much."""
 
-    @property
-    def ok(self) -> bool:
-        return not self.error
+    run_id: str
+    entries: int
+    """How many entries the ledger held."""
+    hash: str
+    """SHA-256 (hex) of entry `entries - 1`'s line."""
+    time: float
+    signer: str
+    signature: str
+    """Ed25519 (base64) by `signer` over `HEAD_DOMAIN` and the other fields."""
 
+    def message(self) -> bytes:
+        fields = {"entries": self.entries, "hash": self.hash, "run_id": self.run_id}
+        return HEAD_DOMAIN + canonical({**fields, "signer": self.signer, "time": self.time})
 
-class _Bad(Exception):
-    pass
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in HEAD_ORDER}
 
+    @classmethod
+    def from_json(cls, obj: Any) -> SignedHead:
+        """ValueError (one line) for anything but a head `to_json` wrote."""
+        if not isinstance(obj, dict) or set(obj) != HEAD_FIELDS:
+            raise ValueError(f"not a ledger head: its fields are not {', '.join(HEAD_ORDER)}")
+        types = {"run_id": str, "entries": int, "hash": str, "signer": str, "signature": str}
+        bad = [k for k, t in types.items() if not isinstance(obj[k], t) or isinstance(obj[k], bool)]
+        if bad or not isinstance(obj["time"], int | float) or obj["entries"] < 1:
+            raise ValueError(f"not a ledger head: {', '.join(bad) or 'time or entries'} malformed")
+        return cls(**{**obj, "time": float(obj["time"])})
 
-def verify(
-    path: Path,
-    peers: Mapping[str, PublicIdentity],
-    *,
-    final_model_digest: str | None = None,
-    complete: bool = False,
-) -> VerifyReport:
-    """Check the chain, every signature and receipt, and the final model's digest.
-
-    `peers`: the trusted public identities by name (devices and the coordinator).
-    `complete`: the run ended, so the ledger must end with `run_end` (or `interrupted`,
-    for a run stopped cleanly) and have no torn tail.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return VerifyReport(0, 0, f"{path}: cannot read: {e.strerror}")
-    lines, torn = _split(data)
-    hashes: list[str] = []
-    state = _State()
-    for i, line in enumerate(lines):
+    def signed_by(self, signer: PublicIdentity) -> bool:
         try:
-            _check_entry(i, line, hashes, peers, state)
-        except _Bad as e:
-            return VerifyReport(i, torn, f"entry {i}: {e}")
-        hashes.append(hashlib.sha256(line).hexdigest())
-    n = len(lines)
-    if not lines:
-        return VerifyReport(0, torn, "the ledger holds no complete entry")
-    if final_model_digest is not None and state.last_model_digest != final_model_digest:
-        where = f"entry {state.last_aggregate}" if state.last_aggregate >= 0 else "no aggregate"
-        return VerifyReport(
-            n,
-            torn,
-            f"{where}: the final model's digest {final_model_digest[:16]}... does not match "
-            f"the last aggregation's {str(state.last_model_digest)[:16]}...",
-        )
-    if complete and (torn or state.last_kind not in CLOSING):
-        why = f"a torn last line of {torn} bytes" if torn else f"its last is {state.last_kind!r}"
-        return VerifyReport(n, torn, f"entry {n}: the run ended but the ledger does not: {why}")
-    return VerifyReport(n, torn)
+            signature = strict_b64(self.signature)
+        except ValueError:
+            return False
+        return signer.name == self.signer and signer.verify(signature, self.message())
 
 
-@dataclass(slots=True)
-class _State:
-    run_id: str = ""
-    last_kind: str = ""
-    last_aggregate: int = -1
-    last_model_digest: str | None = None
-    update_steps: dict[int, int] = field(default_factory=dict)
-    """Index -> step of every update entry so far."""
-    marks: dict[int, str] = field(default_factory=dict)
-    """Index -> model digest of every checkpoint and interrupted entry so far."""
+def sign_head(
+    identity: Identity, run_id: str, entries: int, last_hash: str, time_s: float | None = None
+) -> SignedHead:
+    """`identity`'s signed head of a ledger of `entries` entries ending in `last_hash`."""
+    unsigned = SignedHead(
+        run_id, entries, last_hash, time.time() if time_s is None else time_s, identity.name, ""
+    )
+    signature = b64(identity.sign(unsigned.message()))
+    return SignedHead(run_id, entries, last_hash, unsigned.time, identity.name, signature)
 
 
-def _check_entry(
-    i: int, line: bytes, hashes: list[str], peers: Mapping[str, PublicIdentity], state: _State
-) -> None:
+def ledger_tip(path: Path) -> tuple[str, int, str]:
+    """(run id of its `run` entry, number of complete entries, hash of the last one) of a
+    ledger file, unchecked (`verify` checks); ValueError if it holds no run entry."""
+    lines, _ = split_lines(Path(path).read_bytes())
     try:
-        entry = json.loads(line)
-        if not isinstance(entry, dict) or set(entry) != FIELDS:
-            raise _Bad(f"fields are not {', '.join(sorted(FIELDS))}")
-        if canonical(entry) != line:
-            raise _Bad("not in canonical form (altered)")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _Bad(f"not a JSON entry ({e})") from None
-    if entry["index"] != i or entry["prev"] != (hashes[-1] if hashes else GENESIS):
-        raise _Bad("breaks the hash chain (index or prev hash)")
-    if state.last_kind == "run_end":
-        raise _Bad("follows the run_end entry")
-    if state.last_kind == "interrupted" and entry["kind"] != "resumed":
-        raise _Bad("follows an interrupted entry but is not a resumed one")
-    author, kind, payload = entry["author"], entry["kind"], entry["payload"]
-    if kind not in KINDS or not isinstance(payload, dict):
-        raise _Bad(f"unknown kind {kind!r} or payload not a table")
-    signer = peers.get(author) if isinstance(author, str) else None
-    if signer is None:
-        raise _Bad(f"author {author!r} is not enrolled")
-    unsigned = {k: v for k, v in entry.items() if k != "sig"}
-    try:
-        signature = strict_b64(entry["sig"])
-    except (TypeError, ValueError, binascii.Error):
-        raise _Bad("signature is not base64") from None
-    if not signer.verify(signature, DOMAIN + canonical(unsigned)):
-        raise _Bad(f"bad signature by {author!r}")
-    if i == 0:
-        if kind != "run" or author != SECURITY_COORDINATOR or not payload.get("run_id"):
-            raise _Bad("the first entry must be the coordinator's run entry with a run_id")
-        state.run_id = str(payload["run_id"])
-    if "receipt" in payload:
-        _check_receipt(payload, kind, hashes, peers, state)
-    elif kind == "update":
-        raise _Bad("an update without its device's receipt")
-    if kind == "reject" and payload.get("reason") not in REJECT_REASONS:
-        raise _Bad(f"rejection reason {payload.get('reason')!r} is not one of {REJECT_REASONS}")
-    if kind == "aggregate":
-        _check_aggregate(payload, hashes, state)
-        state.last_aggregate, state.last_model_digest = i, payload.get("model_digest")
-    if kind in DIGEST_MARKS:
-        _check_mark(kind, payload, state)
-        state.marks[i] = payload["model_digest"]
-    if kind == "update":
-        state.update_steps[i] = payload["step"]
-    state.last_kind = kind
-
-
-def _check_receipt(
-    payload: dict[str, Any],
-    kind: str,
-    hashes: list[str],
-    peers: Mapping[str, PublicIdentity],
-    state: _State,
-) -> None:
-    try:
-        receipt = strict_b64(payload["receipt"])
-    except (TypeError, ValueError, binascii.Error):
-        raise _Bad("receipt is not base64") from None
-    device = payload.get("device")
-    signer = peers.get(device) if isinstance(device, str) else None
-    header = verify_receipt(receipt, signer) if signer is not None else None
-    if header is None:
-        raise _Bad(f"receipt is not signed by device {device!r}")
-    if header.run_id != state.run_id:
-        raise _Bad(f"receipt is from run {header.run_id!r}, not {state.run_id!r}")
-    if header.ledger_index >= 0:
-        if header.ledger_index >= len(hashes):
-            raise _Bad(f"{device} saw entry {header.ledger_index}, which comes later")
-        if hashes[header.ledger_index] != header.ledger_head.hex():
-            raise _Bad(
-                f"{device} signed that it saw entry {header.ledger_index} with another hash: "
-                "history was rewritten"
-            )
-    if kind == "update":
-        claimed = (payload.get("step"), payload.get("seq"), payload.get("digest"))
-        signed = (header.step, header.seq, header.body_digest.hex())
-        if claimed != signed:
-            raise _Bad(f"update (step, seq, digest) {claimed} differs from what {device} signed")
-
-
-def _check_aggregate(payload: dict[str, Any], hashes: list[str], state: _State) -> None:
-    if not isinstance(payload.get("model_digest"), str):
-        raise _Bad("an aggregate without model_digest")
-    screened = payload.get("screened", [])
-    if not isinstance(screened, list) or not all(
-        isinstance(s, dict) and set(s) == {"update", "reason"} for s in screened
-    ):
-        raise _Bad("an aggregate's screened list is malformed")
-    for ref in [*payload.get("updates", []), *(s["update"] for s in screened)]:
-        if state.update_steps.get(ref) != payload.get("step"):
-            raise _Bad(f"aggregate names entry {ref}, not an update of step {payload.get('step')}")
-
-
-def _check_mark(kind: str, payload: dict[str, Any], state: _State) -> None:
-    """A checkpoint or interrupted entry names the model the last aggregate made; a resumed
-    entry names a checkpoint before it and goes on from that model (entries after that
-    checkpoint were lost with the process that wrote them)."""
-    digest = payload.get("model_digest")
-    if not isinstance(digest, str):
-        raise _Bad(f"a {kind} entry without model_digest")
-    if kind != "resumed":
-        if state.last_aggregate >= 0 and digest != state.last_model_digest:
-            raise _Bad(f"a {kind} entry's model digest is not the last aggregate's")
-        return
-    ref = payload.get("checkpoint_entry")
-    if not isinstance(ref, int) or state.marks.get(ref) != digest:
-        raise _Bad(f"resumed from entry {ref!r}, which is not a checkpoint of that model")
-    state.last_model_digest = digest
+        payload = json.loads(lines[0]).get("payload") if lines else None
+    except (ValueError, AttributeError):
+        payload = None
+    if not isinstance(payload, dict) or not isinstance(payload.get("run_id"), str):
+        raise ValueError(f"{path}: its first entry is not a run entry with a run_id")
+    return payload["run_id"], len(lines), hashlib.sha256(lines[-1]).hexdigest()

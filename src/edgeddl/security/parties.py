@@ -3,7 +3,7 @@
 `CoordinatorParty` opens what devices send (`Receiver`: signature, ciphertext, sequence,
 size, enrolled sender; then: sealed for this step, by the device whose link it came over),
 records each `update` with the device's receipt or each `reject` with its reason, seals its
-answers for each device, and closes the ledger with the final model's digest.
+answers for each device, and closes the ledger naming the final model's digest and files.
 `DeviceParty` seals a device's payloads with the ledger head it last saw (or, with an
 `envelope_fault`, what a misbehaving device would send instead) and opens the coordinator's
 answers. Every link is a session (`handshake.py`): the coordinator's `responder` and the
@@ -34,9 +34,16 @@ from edgeddl.security.ledger import (
     Ledger,
     aggregate_payload,
     reject_payload,
+    run_payload,
     update_payload,
 )
-from edgeddl.security.session import FaultySender, close_ledger, enrolled_identity, impostor
+from edgeddl.security.session import (
+    FaultySender,
+    close_ledger,
+    enrolled_identity,
+    impostor,
+    ledger_summary,
+)
 
 
 class Refused(ValueError):
@@ -57,14 +64,13 @@ class CoordinatorParty:
         )
         self.sender = Sender(self.identity, self.run_id)
         self.max_payload_bytes = cfg.max_payload_bytes
+        self.out_dir = out_dir
         path = out_dir / LEDGER_FILE
         if path.exists():  # an earlier run's in this folder: kept aside, not continued
             path.replace(path.with_name(LEDGER_FILE + ".previous"))
         self.ledger = Ledger(path, flush_every=cfg.ledger_flush_every)
         self.ledger.append(
-            self.identity,
-            "run",
-            {"run_id": self.run_id, "scenario": scenario.run.name, "devices": self.names},
+            self.identity, "run", run_payload(self.run_id, scenario.run.name, self.names, out_dir)
         )
         self.rejected: list[dict[str, object]] = []
         self.steps_aggregated = 0
@@ -124,15 +130,21 @@ class CoordinatorParty:
     def aggregate(
         self, step: int, entries: list[int], digest: str, screened: dict[int, str] | None = None
     ) -> None:
-        payload = aggregate_payload(step, entries, digest, screened)
-        self.ledger.append(self.identity, "aggregate", payload)
+        if entries or screened:  # else nothing arrived: an aggregate must name its inputs
+            payload = aggregate_payload(step, entries, digest, screened)
+            self.ledger.append(self.identity, "aggregate", payload)
         self.steps_aggregated += 1
 
-    def close(self, digest: str) -> dict[str, Any]:
-        """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
-        out = close_ledger(self.ledger, self.identity, self.run_id, self.rejected, digest)
+    def summary(self, digest: str) -> dict[str, Any]:
+        """The run's `model_digest` and `security` keys, before `close` (counted in)."""
+        out = ledger_summary(self.ledger, self.run_id, self.rejected, digest)
         out["security"]["steps_aggregated"] = self.steps_aggregated
         return out
+
+    def close(self, digest: str) -> None:
+        """Close the ledger with `run_end`, once the run folder's model.pt (the model of
+        `digest`) and summary.json are written."""
+        close_ledger(self.ledger, self.identity, self.run_id, self.out_dir, digest)
 
 
 class DeviceParty:

@@ -26,6 +26,7 @@ from edgeddl.config.compressors import COMPRESSORS
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
+from edgeddl.io import write_json_atomic
 from edgeddl.security.envelope import Opened, Receiver, Rejection, Sender
 from edgeddl.security.handshake import Initiator, Responder, Session, handshake_bytes
 from edgeddl.security.keys import (
@@ -37,12 +38,18 @@ from edgeddl.security.keys import (
     load_identity,
 )
 from edgeddl.security.ledger import (
+    CONFIG_FILE,
+    HEAD_FILE,
     LEDGER_FILE,
     Ledger,
     aggregate_payload,
+    closing_payload,
+    file_sha256,
     model_digest,
     read_entries,
     reject_payload,
+    run_payload,
+    sign_head,
     update_payload,
 )
 
@@ -104,6 +111,7 @@ class SecureRun:
             self.coordinator, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
         )
         self.max_payload_bytes = cfg.max_payload_bytes
+        self.run_dir = run_dir
         path = run_dir / LEDGER_FILE
         self.rejected: list[dict[str, object]] = []
         if resume is not None:
@@ -115,7 +123,7 @@ class SecureRun:
         self.ledger.append(
             self.coordinator,
             "run",
-            {"run_id": self.run_id, "scenario": scenario.run.name, "devices": self.names},
+            run_payload(self.run_id, scenario.run.name, self.names, run_dir),
             time_s=0.0,
         )
 
@@ -255,52 +263,48 @@ class SecureRun:
         screened: dict[int, str] | None = None,
     ) -> None:
         """The step's `aggregate` entry: `entries` it used, `screened` (entry -> reason)
-        the robust screen kept out."""
+        the robust screen kept out. None when nothing arrived: the model did not change,
+        and an aggregate must name its inputs."""
+        if not entries and not screened:
+            return
         payload = aggregate_payload(step, entries, digest(model), screened)
         self.ledger.append(self.coordinator, "aggregate", payload, time_s=at_s)
 
     def mark(self, kind: str, at_s: float, model: nn.Module, payload: dict[str, Any]) -> None:
-        """A `checkpoint`, `interrupted` or `resumed` entry with the model's digest."""
+        """A `checkpoint` or `resumed` entry with the model's digest (a resumed one also
+        with the config the run goes on with: a resume may change some keys)."""
+        if kind == "resumed":
+            payload = {**payload, "config_sha256": file_sha256(self.run_dir / CONFIG_FILE)}
         self.ledger.append(
             self.coordinator, kind, {**payload, "model_digest": digest(model)}, time_s=at_s
         )
 
-    def interrupted(self, at_s: float, model: nn.Module, step: int) -> dict[str, object]:
-        """Close the ledger with `interrupted` (a resumed run continues it); the run's
-        `model_digest` and `security` keys."""
-        return close_ledger(
+    def summary(self, model: nn.Module) -> dict[str, object]:
+        """The run's `model_digest` and `security` keys, before `close` (counted in)."""
+        return ledger_summary(self.ledger, self.run_id, self.rejected, digest(model))
+
+    def close(self, at_s: float, model: nn.Module, *, interrupted_at: int | None = None) -> None:
+        """Close the ledger with `run_end`, or `interrupted` at that step (a resumed run
+        continues it), once model.pt and summary.json are written."""
+        kind = "run_end" if interrupted_at is None else "interrupted"
+        payload = {} if interrupted_at is None else {"step": interrupted_at}
+        close_ledger(
             self.ledger,
             self.coordinator,
             self.run_id,
-            self.rejected,
+            self.run_dir,
             digest(model),
             at_s,
-            kind="interrupted",
-            payload={"step": step},
-        )
-
-    def summary(self, at_s: float, model: nn.Module) -> dict[str, object]:
-        """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
-        return close_ledger(
-            self.ledger, self.coordinator, self.run_id, self.rejected, digest(model), at_s
+            kind=kind,
+            payload=payload,
         )
 
 
-def close_ledger(
-    ledger: Ledger,
-    author: Identity,
-    run_id: str,
-    rejected: list[dict[str, object]],
-    final_digest: str,
-    at_s: float | None = None,
-    *,
-    kind: str = "run_end",
-    payload: dict[str, Any] | None = None,
+def ledger_summary(
+    ledger: Ledger, run_id: str, rejected: list[dict[str, object]], final_digest: str
 ) -> dict[str, Any]:
-    """`run_end` (or `interrupted`) with the final model's digest, the ledger closed; the
-    run's `model_digest` and `security` keys."""
-    ledger.append(author, kind, {**(payload or {}), "model_digest": final_digest}, time_s=at_s)
-    ledger.close()
+    """The run's `model_digest` and `security` keys for summary.json, which is written
+    before the ledger's closing entry: `ledger_entries` counts that entry."""
     reasons: dict[str, int] = {}
     for r in rejected:
         reasons[str(r["reason"])] = reasons.get(str(r["reason"]), 0) + 1
@@ -308,12 +312,33 @@ def close_ledger(
         "model_digest": final_digest,
         "security": {
             "run_id": run_id,
-            "ledger_entries": ledger.index + 1,
+            "ledger_entries": ledger.index + 2,
             "num_rejected": len(rejected),
             "rejected_by_reason": reasons,
             "rejected_payloads": rejected,
         },
     }
+
+
+def close_ledger(
+    ledger: Ledger,
+    author: Identity,
+    run_id: str,
+    run_dir: Path,
+    final_digest: str,
+    at_s: float | None = None,
+    *,
+    kind: str = "run_end",
+    payload: dict[str, Any] | None = None,
+) -> None:
+    """The closing order's last step, once model.pt and summary.json are written: `run_end`
+    (or `interrupted`) naming the final model's digest and both files' SHA-256, the ledger
+    closed, and its signed head written beside it (ledger.head.json, to publish)."""
+    closing = {**(payload or {}), **closing_payload(run_dir, final_digest)}
+    ledger.append(author, kind, closing, time_s=at_s)
+    ledger.close()
+    head = sign_head(author, run_id, ledger.index + 1, ledger.head_hash)
+    write_json_atomic(Path(run_dir) / HEAD_FILE, head.to_json())
 
 
 def impostor(name: str) -> Identity:

@@ -11,6 +11,7 @@ folder as the simulator, with wall-clock times.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -23,7 +24,13 @@ from torch.distributed import TCPStore
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.fleet.timeline import STATES
-from edgeddl.io import write_bytes_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from edgeddl.io import (
+    write_bytes_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_model_atomic,
+    write_text_atomic,
+)
 from edgeddl.report.files import metric_label, metric_plot
 from edgeddl.report.plots import plot_metric
 from edgeddl.report.recorder import metric_summary
@@ -54,6 +61,7 @@ from edgeddl.runtime.fleet.store import (
     row_key,
     silence_engine_logs,
 )
+from edgeddl.security.ledger import MODEL_FILE, SUMMARY_FILE
 from edgeddl.task import TASKS
 
 
@@ -167,23 +175,37 @@ def serve(
     summary["engine"], summary["backend"] = engine, backend
     summary["resumed_from_step"] = resume[1] if resume else None
     summary["checkpoint_step"] = checkpoint_step if checkpoint_step >= 0 else None
-    if links is not None:
-        served = {"links_opened": links.opened, "requests_refused": list(links.refused)}
-        if isinstance(handler, SplitRear):
-            summary["split"] = {**handler.summary(), **served}
-            summary.update(handler.close())  # with [security]: the digest and the ledger's end
-        elif isinstance(handler, SecureCoordinator):
-            sealed = handler.summary()
-            summary["model_digest"] = sealed["model_digest"]
-            summary["security"] = {**sealed["security"], **served}
-            if "robust" in sealed:  # the screen's rejections and the rule
-                summary["robust"] = sealed["robust"]
-    write_json_atomic(out_dir / "summary.json", summary)
+    with handler.lock if handler is not None else contextlib.nullcontext():
+        if links is not None:
+            served = {"links_opened": links.opened, "requests_refused": list(links.refused)}
+            if isinstance(handler, SplitRear):
+                summary["split"] = {**handler.summary(), **served}
+                summary.update(handler.sealed_summary())  # [security]: digest, ledger keys
+            elif isinstance(handler, SecureCoordinator):
+                sealed = handler.summary()
+                summary["model_digest"] = sealed["model_digest"]
+                summary["security"] = {**sealed["security"], **served}
+                if "robust" in sealed:  # the screen's rejections and the rule
+                    summary["robust"] = sealed["robust"]
+        _write_closing(out_dir, summary, handler)
     if rows:
         metric = TASKS[scenario.task].metric
         title = f"{scenario.run.name}: test {metric_label(metric)} (real fleet)"
         plot_metric(rows, out_dir / metric_plot(metric), metric, title, time_key="wall_time_s")
     return summary
+
+
+def _write_closing(
+    out_dir: Path, summary: dict[str, Any], handler: SplitRear | SecureCoordinator | None
+) -> None:
+    """summary.json; with `[security]` first model.pt (what the coordinator vouches for: its
+    replica, or split learning's rear) and last the ledger's closing entry naming both."""
+    seal = handler.seal if handler is not None else None
+    if handler is not None and seal is not None:
+        write_model_atomic(out_dir / MODEL_FILE, handler.model_state())
+    write_json_atomic(out_dir / SUMMARY_FILE, summary)
+    if handler is not None and seal is not None:
+        seal.close(handler.digest())
 
 
 def _lighthouse(heartbeat_timeout_ms: int) -> Any:

@@ -76,7 +76,9 @@ class SecureCoordinator:
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
             )
         self.seal = CoordinatorParty(scenario, out_dir)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        """Held per request, and by `serve` while it closes the run (the files, then the
+        ledger's closing entry): no request changes the model in between."""
         self.updates: dict[int, dict[int, Accepted]] = {}
         """Step -> device -> its accepted update."""
         self.aggregates: dict[tuple[int, tuple[int, ...]], StepAggregate] = {}
@@ -195,10 +197,15 @@ class SecureCoordinator:
         with torch.no_grad():
             return model_digest(self.strategy.model.state_dict())
 
+    def model_state(self) -> dict[str, Any]:
+        """The coordinator's replica (model.pt): the model every aggregate entry names."""
+        return self.strategy.model.state_dict()
+
     def summary(self) -> dict[str, Any]:
-        """Close the ledger with `run_end`; the run's `model_digest` and `security` keys."""
+        """The run's `model_digest` and `security` keys (the ledger is closed by `serve`,
+        once model.pt and summary.json are written)."""
         with self.lock:
-            out = self.seal.close(self.digest())
+            out = self.seal.summary(self.digest())
             out["security"]["coordinator_checksum"] = checksum(self.strategy.model)
             robust = self.strategy.report().get("robust")
             return out | ({"robust": robust} if robust is not None else {})

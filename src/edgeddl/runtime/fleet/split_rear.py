@@ -60,7 +60,8 @@ class SplitRear:
         """`[security]`: every tensor each way sealed, each one recorded in the ledger."""
         self.entries: dict[int, dict[int, list[int]]] = {}
         """Step -> device -> the ledger entries of what it sent."""
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        """Held per request, and by `serve` while it closes the run."""
         self.max_body, self.max_state = strategy.request_limits(global_batch)
         self.evaluated: set[int] = set()
         self.received = 0
@@ -180,12 +181,18 @@ class SplitRear:
     def digest(self) -> str:
         """The rear's digest: what the coordinator's ledger vouches for."""
         with torch.no_grad():
-            return model_digest(self.strategy.rear_state()["rear"])
+            return model_digest(self.model_state())
 
-    def close(self) -> dict[str, Any]:
-        """`[security]`: the ledger closed; the run's `model_digest` and `security` keys."""
+    def model_state(self) -> dict[str, Any]:
+        """The rear (model.pt with `[security]`): the part of the model the coordinator holds
+        and vouches for; the fronts are the devices'."""
+        return dict(self.strategy.rear_state()["rear"])
+
+    def sealed_summary(self) -> dict[str, Any]:
+        """`[security]`: the run's `model_digest` and `security` keys (the ledger is closed
+        by `serve`, once model.pt and summary.json are written); {} without."""
         with self.lock:
-            return self.seal.close(self.digest()) if self.seal is not None else {}
+            return self.seal.summary(self.digest()) if self.seal is not None else {}
 
     def summary(self) -> dict[str, Any]:
         """The run's `split` entry, with the bytes as the coordinator saw them."""

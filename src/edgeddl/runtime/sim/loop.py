@@ -309,24 +309,22 @@ def _evaluate(ctx: SimRun, st: SimState, num_members: int) -> dict[str, Any]:
 
 
 def _finish(ctx: SimRun, st: SimState, interrupted: bool, display: ProgressDisplay) -> RunResult:
-    """Close the run: the last evaluation, the ledger, summary, model and plots; an
-    interrupted run first writes the checkpoint it resumes from."""
+    """Close the run: the last evaluation, model, summary, the ledger's end and plots; an
+    interrupted run first writes the checkpoint it resumes from (named by a `checkpoint`
+    entry: the ledger's closing entry comes after the files it names)."""
     model, run_dir, secure = ctx.model, ctx.run_dir, ctx.secure
-    security: dict[str, Any] = {}
     if interrupted:
-        if secure is not None:  # the checkpoint names the ledger's interrupted entry
-            security = secure.interrupted(st.clock.now_s, model, st.step)
-        checkpoint(ctx, st, None)
+        checkpoint(ctx, st, "checkpoint")
         if st.rec.evals[-1]["step"] != st.step:
             _evaluate(ctx, st, len(st.members))
-    else:
-        if st.rec.evals[-1]["step"] != st.step:  # stopped early: the fleet emptied for good
-            _evaluate(ctx, st, 0)
-        if secure is not None:
-            security = secure.summary(st.clock.now_s, model)
+    elif st.rec.evals[-1]["step"] != st.step:  # stopped early: the fleet emptied for good
+        _evaluate(ctx, st, 0)
+    security = secure.summary(model) if secure is not None else {}
     summary = run_summary(ctx, st, "interrupted" if interrupted else "completed", security)
-    write_json_atomic(run_dir / "summary.json", summary)
     write_model_atomic(run_dir / "model.pt", model.state_dict())
+    write_json_atomic(run_dir / "summary.json", summary)
+    if secure is not None:  # last: its closing entry names model.pt's and summary.json's SHA-256
+        secure.close(st.clock.now_s, model, interrupted_at=st.step if interrupted else None)
     if not interrupted:  # a finished run has nothing to resume
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     metric = ctx.w.task.metric
