@@ -72,9 +72,7 @@ def test_a_secured_run_costs_its_envelopes_and_leaves_a_verifiable_ledger(
     # made one session handshake: nothing else.
     steps = sum(d["steps"] for d in sealed["per_device"])
     run_id = sealed["security"]["run_id"]
-    hellos = sum(
-        handshake_bytes(run_id, d["name"], "coordinator")[0] for d in sealed["per_device"]
-    )
+    hellos = sum(handshake_bytes(run_id, d["name"], "coordinator")[0] for d in sealed["per_device"])
     extra_up = sealed["bytes_up"] - plain["bytes_up"] - hellos
     assert extra_up > 0 and extra_up % steps == 0 and 150 < extra_up // steps < 300
     assert sealed["bytes_down"] > plain["bytes_down"]

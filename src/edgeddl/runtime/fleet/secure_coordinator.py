@@ -153,9 +153,7 @@ class SecureCoordinator:
         self.aggregates[key] = result
         return result
 
-    def _vote(
-        self, step: int, devices: tuple[int, ...], voter: int, result: StepAggregate
-    ) -> None:
+    def _vote(self, step: int, devices: tuple[int, ...], voter: int, result: StepAggregate) -> None:
         """A member says the step was committed with `devices`: once most members said so,
         the coordinator commits it too (one member, or one stolen key, cannot). A step
         committed that way is proof the fleet committed the steps before it: any of those
