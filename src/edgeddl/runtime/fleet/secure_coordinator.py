@@ -154,8 +154,9 @@ class SecureCoordinator:
         return result
 
     def _vote(self, step: int, devices: tuple[int, ...], voter: int, result: StepAggregate) -> None:
-        """A member says the step was committed with `devices`: once most members said so,
-        the coordinator commits it too (one member, or one stolen key, cannot). A step
+        """A member says the step was committed with `devices`: once most of the step's
+        senders (devices whose update it accepted) said so for the same table, the
+        coordinator commits it too (one member, or one stolen key, cannot). A step
         committed that way is proof the fleet committed the steps before it: any of those
         still waiting (a member died before it said so) is committed first, with the table
         most of its members named."""
@@ -163,8 +164,8 @@ class SecureCoordinator:
             return
         votes = self.votes.setdefault((step, devices), set())
         votes.add(voter)
-        if 2 * len(votes) <= len(devices):
-            return
+        if 2 * len(votes) <= len(self.updates.get(step, {})):
+            return  # most of the step's senders, not of a table the voter chose
         for (earlier, table), said in sorted(self.votes.items()):
             if earlier < step and earlier not in self.committed:
                 best = max(

@@ -227,18 +227,17 @@ class RearServer:
     def commit(self, step: int, devices: list[int], counts: list[int]) -> bool:
         """The rear's step with the sample-weighted mean of `devices`' gradients (none: the
         step is dropped). False if step `step` is not the one gathered, was applied already,
-        or lacks a device's complete contribution (nothing changes then)."""
+        lacks a device's complete contribution, or `counts` are not the samples each device
+        sent (nothing changes then)."""
         p = self._pending
         if p is None or p.step != step or p.applied:
             return False
         if any(d not in p.inputs or p.inputs[d].target is None for d in devices):
             return False
+        if list(counts) != [p.counts[d] for d in devices]:  # weights are what each sent
+            return False
         total = float(sum(counts))
-        if (
-            not p.clean
-            or set(devices) != set(p.inputs)
-            or list(counts) != [p.counts[d] for d in devices]
-        ):
+        if not p.clean or set(devices) != set(p.inputs):
             with torch.no_grad():
                 for b, v in zip(self.parts.rear.buffers(), p.buffers, strict=True):
                     b.copy_(v)
