@@ -35,6 +35,8 @@ def test_elastic_kill_9_of_a_device_the_others_restart_and_finish_consistent(
     summary = fleet.finish()
     assert summary["engine"] == "elastic"
     assert sorted(summary["devices_finished"]) == ["dev-0", "dev-2"]
+    # Each survivor ends well: the first to finish deletes its own state, not theirs.
+    assert [fleet.devices[n].returncode for n in ("dev-0", "dev-2")] == [0, 0], fleet.logs()
     for d in summary["per_device"]:
         assert d["final_step"] == steps
         assert d["restarts"] >= 1  # torchrun restarted its worker after the loss
@@ -63,3 +65,4 @@ def test_elastic_a_device_joining_mid_run_takes_part(fleet_factory) -> None:
     fleet.start("dev-2", "--profile", "paced_board")
     fleet.wait_for("dev-2", 100)
     fleet.check_late_join("dev-2", steps, after_step=60)
+    assert [p.returncode for p in fleet.devices.values()] == [0, 0, 0], fleet.logs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -48,6 +49,17 @@ def leb(n: int) -> bytes:
             return bytes(out)
 
 
+def claimed_numel(data: bytes) -> int:
+    """The numel `data`'s header claims (0 if none a decoder could take): what a test that
+    feeds the decoder arbitrary bytes expects, so the parser past the header is exercised."""
+    n = 0
+    for k, b in enumerate(data[2:8]):
+        n |= (b & 0x7F) << (7 * k)
+        if b < 0x80:
+            return n if n <= MAX_NUMEL else 0
+    return 0
+
+
 def floats(rng: np.random.Generator, n: int) -> torch.Tensor:
     x = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)).astype(np.float32)
     pick = rng.random(n) < 0.1
@@ -91,7 +103,7 @@ def assert_same(got: Payload, want: Payload) -> None:
 def roundtrip(codec: Codec, p: Payload) -> Payload:
     data = codec.encode(p)
     assert isinstance(data, bytes)
-    got = codec.decode(data)
+    got = codec.decode(data, p.numel)
     want = Payload(
         p.numel,
         values=None if p.values is None else wire_values(codec, p.values),
@@ -210,23 +222,24 @@ def test_input_tensors_are_converted() -> None:
         bits=1,
         scales=torch.tensor([0.5, 2.0], dtype=torch.float64),
     )
-    got = Codec().decode(Codec().encode(p))
+    got = Codec().decode(Codec().encode(p), 10)
     assert torch.equal(got.values, x.detach()[::5])
     assert torch.equal(got.indices, torch.tensor([1, 3, 5, 9]))
     assert torch.equal(got.codes, torch.tensor([1, 0, 1]))
     assert torch.equal(got.scales, torch.tensor([0.5, 2.0]))
     half = Payload(4, values=torch.tensor([1.5, -2.0, 65504.0, 1e-3], dtype=torch.float16))
-    assert torch.equal(Codec("fp16").decode(Codec("fp16").encode(half)).values, half.values.float())
+    back = Codec("fp16").decode(Codec("fp16").encode(half), 4).values
+    assert torch.equal(back, half.values.float())
     # decode takes any bytes-like object
     data = Codec().encode(p)
-    assert_same(Codec().decode(bytearray(data)), Codec().decode(memoryview(data)))
+    assert_same(Codec().decode(bytearray(data), 10), Codec().decode(memoryview(data), 10))
 
 
 def test_decoded_tensors_are_writable_copies() -> None:
     data = Codec().encode(Payload(3, values=torch.ones(3), scales=torch.ones(1)))
-    got = Codec().decode(data)
+    got = Codec().decode(data, 3)
     got.values.add_(1)  # would warn or fail on a read-only buffer
-    assert torch.equal(Codec().decode(data).values, torch.ones(3))
+    assert torch.equal(Codec().decode(data, 3).values, torch.ones(3))
 
 
 # --- sizes ---------------------------------------------------------------------------------
@@ -328,7 +341,7 @@ def test_dense_or_sparse_picks_the_smaller(
     else:
         assert_same(p, sparse)  # exact float32 values, even for an fp16 codec
         assert sizes[1] < sizes[0]
-    got = codec.decode(codec.encode(p))
+    got = codec.decode(codec.encode(p), numel)
     reconstructed = torch.zeros(numel)
     reconstructed[got.indices if got.indices is not None else slice(None)] = got.values
     assert torch.equal(reconstructed, wire_values(codec, x))
@@ -379,20 +392,20 @@ def test_every_truncation_is_rejected() -> None:
     for data in encodings:
         for end in range(len(data)):
             with pytest.raises(CodecError):
-                Codec().decode(data[:end])
+                Codec().decode(data[:end], claimed_numel(data))
 
 
 def test_trailing_byte_is_rejected() -> None:
     for data in valid_encodings():
         with pytest.raises(CodecError):
-            Codec().decode(data + b"\x00")
+            Codec().decode(data + b"\x00", claimed_numel(data))
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=80))
 def test_random_bytes_decode_or_raise_codec_error(data: bytes) -> None:
     try:
-        Codec().decode(data)
+        Codec().decode(data, claimed_numel(data))
     except CodecError as e:
         assert "\n" not in str(e)
 
@@ -400,12 +413,13 @@ def test_random_bytes_decode_or_raise_codec_error(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(flags=st.integers(0, 0x7F), rest=st.binary(max_size=80))
 def test_random_bodies_decode_or_raise_codec_error(flags: int, rest: bytes) -> None:
+    data = bytes([VERSION, flags]) + rest
     try:
-        p = Codec().decode(bytes([VERSION, flags]) + rest)
+        p = Codec().decode(data, claimed_numel(data))
     except CodecError:
         return
     # Whatever decodes is a payload the codec could have written.
-    assert_same(Codec().decode(Codec().encode(p)), p)
+    assert_same(Codec().decode(Codec().encode(p), p.numel), p)
 
 
 _ENCODINGS: list[bytes] = []
@@ -424,15 +438,15 @@ def test_flipped_bytes_decode_or_raise_codec_error(which: int, pos: int, xor: in
     data = bytearray(encodings[which % len(encodings)])
     data[pos % len(data)] ^= xor
     try:
-        p = Codec().decode(bytes(data))
+        p = Codec().decode(bytes(data), claimed_numel(data))
     except CodecError:
         return
-    assert_same(Codec().decode(Codec().encode(p)), p)
+    assert_same(Codec().decode(Codec().encode(p), p.numel), p)
 
 
 def reject(data: bytes, match: str) -> None:
     with pytest.raises(CodecError, match=match) as info:
-        Codec().decode(data)
+        Codec().decode(data, claimed_numel(data))
     assert "\n" not in str(info.value)
 
 
@@ -452,7 +466,7 @@ def test_bad_headers_are_rejected() -> None:
 
 def test_bad_indices_are_rejected() -> None:
     head = bytes([VERSION, FLAG_INDICES]) + leb(10)
-    assert Codec().decode(head + leb(2) + leb(3) + leb(2)).indices.tolist() == [2, 4]
+    assert Codec().decode(head + leb(2) + leb(3) + leb(2), 10).indices.tolist() == [2, 4]
     reject(head + leb(2) + leb(3) + leb(0), "strictly increasing")
     reject(head + leb(2) + leb(3) + leb(8), "out of range")  # index 10
     reject(head + leb(1) + leb(11), "beyond numel")
@@ -462,7 +476,7 @@ def test_bad_indices_are_rejected() -> None:
     # Bitmap: bits past numel must be clear.
     reject(bytes([VERSION, FLAG_INDICES | FLAG_BITMAP]) + leb(10) + b"\x01\x04", "past numel")
     ok = bytes([VERSION, FLAG_INDICES | FLAG_BITMAP]) + leb(10) + b"\x01\x02"
-    assert Codec().decode(ok).indices.tolist() == [0, 9]
+    assert Codec().decode(ok, 10).indices.tolist() == [0, 9]
 
 
 def test_bad_counts_are_rejected() -> None:
@@ -477,7 +491,7 @@ def test_bad_counts_are_rejected() -> None:
     reject(codes + leb(3) + bytes([17]) + bytes(7), "bits 17")
     reject(codes + leb(3) + bytes([3]) + b"\xff\x02", "padding")  # bit 9 of 9 used
     reject(codes + leb(11) + bytes([1, 0, 0]), "numel")
-    assert Codec().decode(codes + leb(3) + bytes([3]) + b"\xff\x00").codes.tolist() == [7, 7, 3]
+    assert Codec().decode(codes + leb(3) + bytes([3]) + b"\xff\x00", 10).codes.tolist() == [7, 7, 3]
 
 
 def zstd_frame(body: bytes, *, content_size: bool = True) -> bytes:
@@ -487,10 +501,10 @@ def zstd_frame(body: bytes, *, content_size: bool = True) -> bytes:
 def test_zstd_bodies_are_checked() -> None:
     head = bytes([VERSION, FLAG_VALUES | FLAG_ZSTD]) + leb(10)
     body = leb(10) + bytes(40)
-    assert Codec().decode(head + zstd_frame(body)).values.tolist() == [0.0] * 10
+    assert Codec().decode(head + zstd_frame(body), 10).values.tolist() == [0.0] * 10
     reject(head + b"not a zstd frame", "zstd")
     reject(head + zstd_frame(body)[:-3], "zstd")
-    reject(head + zstd_frame(body) + b"\x00", "after the frame")
+    reject(head + zstd_frame(body) + b"\x00", "unused data")
     reject(head + zstd_frame(body, content_size=False), "content size")
     reject(head + zstd_frame(body + b"\x00"), "trailing")
 
@@ -500,6 +514,39 @@ def test_zstd_bomb_is_refused_before_decompressing() -> None:
     # header cannot need.
     head = bytes([VERSION, FLAG_VALUES | FLAG_ZSTD]) + leb(10)
     reject(head + zstd_frame(bytes(100_000_000)), "at most")
+
+
+def zeros_frame(size: int) -> bytes:
+    """A zstd frame of `size` zero bytes that states its size, built 1 MiB at a time."""
+    stream = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    chunk = bytes(1 << 20)
+    parts = [stream.compress(chunk) for _ in range(size >> 20)]
+    return b"".join([*parts, stream.compress(bytes(size % len(chunk))), stream.flush()])
+
+
+def test_a_small_frame_never_makes_a_large_allocation() -> None:
+    """A 32 kB frame stating a 1 GiB body (dense values of a 2**28-value header). The bound
+    is the receiver's, never the header's: its tensor's length refuses the header, and the
+    configured payload limit refuses the body, both before anything near its size is
+    allocated. decode has no form without a bound."""
+    numel = 2**28
+    bomb = bytes([VERSION, FLAG_VALUES | FLAG_ZSTD]) + leb(numel)
+    bomb += zeros_frame(len(leb(numel)) + 4 * numel)
+    assert len(bomb) < 64 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=f"numel {numel} where 1000 was expected"):
+            Codec().decode(bomb, 1000)
+        with pytest.raises(CodecError, match=r"claims 1073741829 bytes, at most 65536 allowed$"):
+            Codec().decode(bomb, numel, max_bytes=65536)
+        with pytest.raises(CodecError, match=r"more than the limit of 1024$"):
+            Codec().decode(bomb, numel, max_bytes=1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # the frame and a copy of it, nothing of the body's size
+    with pytest.raises(TypeError):
+        Codec().decode(bomb)  # type: ignore[call-arg]
 
 
 def test_zstd_frame_that_lies_about_its_size_is_stopped() -> None:
@@ -556,5 +603,5 @@ def test_float16_values_travel_as_float16_whatever_the_codec() -> None:
     half = Codec().encode(Payload(numel=1000, values=x.half()))
     assert len(half) == len(Codec(values="fp16").encode(Payload(numel=1000, values=x)))
     assert len(half) < 0.6 * len(Codec().encode(Payload(numel=1000, values=x)))
-    back = Codec().decode(half).values
+    back = Codec().decode(half, 1000).values
     assert back is not None and torch.equal(back, x.half().float())

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import tomllib
 
 import numpy as np
 import pytest
 import torch
+from torch.nn.functional import cross_entropy
 
+from edgeddl.compress.base import Payload
+from edgeddl.compress.codec import Codec, CodecError
 from edgeddl.config.compression import CompressionConfig, CompressorConfig
+from edgeddl.config.loader import scenario_from_dict
 from edgeddl.config.schema import TrainConfig
 from edgeddl.models import build_model
+from edgeddl.security.keys import Identity
+from edgeddl.strategy.build import build_strategy
 from edgeddl.strategy.compressed import CompressedDataParallel
 from edgeddl.strategy.data_parallel import DataParallel
 
@@ -162,3 +169,30 @@ def test_fp16_wire_values_are_what_the_aggregator_uses() -> None:
     assert any(
         not torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters(), strict=True)
     )
+
+
+@pytest.mark.parametrize("compression", ["", '[compression]\ncompressor = "topk"\ndensity = 0.1\n'])
+def test_a_secured_strategy_decodes_no_payload_past_the_configured_limit(
+    compression: str,
+) -> None:
+    """With [security] on, `max_payload_bytes` bounds what an update decodes to: a frame of
+    a few bytes stating a dense body of 20 kB is refused (the model alone allows it)."""
+    text = (
+        '[[fleet.devices]]\nname = "pi"\nprofile = "rpi4"\ncount = 2\n'
+        '[data]\ndataset = "mnist1d"\n[model]\nname = "cnn1d"\n' + compression
+    )
+    secured = text + "[security]\nenabled = true\nmax_payload_bytes = 4096\n"
+    secured += Identity.generate("coordinator").public().scenario_toml()
+    plain, limited = _strategy(text), _strategy(secured)
+    numel = plain.numel + plain.extras_size()
+    frame = Codec(zstd=True).encode(Payload(numel, values=torch.zeros(numel)))
+    assert len(frame) < 100 and 4 * numel > 4096
+    assert plain.decode_body(0, frame) is not None
+    with pytest.raises(CodecError, match=r"at most 4096 allowed$"):
+        limited.decode_body(0, frame)
+
+
+def _strategy(toml: str) -> DataParallel:
+    model = build_model("cnn1d", input_shape=(1, 40), num_classes=10)
+    strategy, _ = build_strategy(scenario_from_dict(tomllib.loads(toml)), model, cross_entropy)
+    return strategy

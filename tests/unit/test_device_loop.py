@@ -10,116 +10,24 @@ from typing import Any
 
 import pytest
 import torch
+from fleet_fakes import SCENARIO, Alone, DictStore, device_run, params
 
 from edgeddl.config.loader import load_scenario
 from edgeddl.fleet.timeline import STATES
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions
 from edgeddl.runtime.fleet.quorum import RestartRequired, recoveries
-from edgeddl.runtime.fleet.store import KEY_ENGINES, KEY_MIN_DEVICES, KEY_ROWS, row_key
-
-SCENARIO = """
-[run]
-name = "loop"
-threads = 1
-
-[[fleet.devices]]
-name = "dev"
-profile = "pc"
-count = 2
-
-[data]
-dataset = "mnist1d"
-num_samples = 600
-
-[model]
-name = "cnn1d"
-
-[train]
-global_batch = 32
-num_steps = {steps}
-eval_every = 5
-"""
-
-
-class _Store:
-    """The coordinator's store, in a dict."""
-
-    def __init__(self) -> None:
-        self.kv: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes:
-        return self.kv[key]
-
-    def set(self, key: str, value: str | bytes) -> None:
-        self.kv[key] = value.encode() if isinstance(value, str) else value
-
-    def check(self, keys: list[str]) -> bool:
-        return all(k in self.kv for k in keys)
-
-    def add(self, key: str, n: int) -> int:
-        v = int(self.kv.get(key, b"0")) + n
-        self.kv[key] = str(v).encode()
-        return v
-
-
-class _Alone:
-    """An engine with one member: the sum is the contribution itself."""
-
-    def __init__(self, fail_at: set[int] = frozenset(), on_commit: Any = None) -> None:
-        self.step, self.fail_at, self.on_commit = 0, fail_at, on_commit
-        self.error: Exception | None = None
-
-    def start_step(self) -> tuple[int, int | None]:
-        self.error = None
-        return 1, 0
-
-    def current_step(self) -> int:
-        return self.step
-
-    def allreduce_sum(self, t: torch.Tensor) -> bool:
-        return self.step not in self.fail_at
-
-    def report_error(self, e: Exception) -> None:
-        self.error = e
-
-    def should_commit(self) -> bool:
-        if self.error is not None or self.step in self.fail_at:
-            return False
-        self.step += 1
-        if self.on_commit is not None:
-            self.on_commit()
-        return True
-
-    def is_lead(self) -> bool:
-        return True
-
-    def batches_committed(self) -> int:
-        return self.step
-
-    def catch_up(self, step: int, batches_committed: int) -> None:
-        self.step = step
-
-
-def _run(tmp_path: Path, steps: int) -> DeviceRun:
-    path = tmp_path / "loop.toml"
-    path.write_text(SCENARIO.format(steps=steps))
-    scenario = load_scenario(path)
-    return DeviceRun(DeviceOptions(coordinator="127.0.0.1:1", name="dev-0"), scenario, 0)
-
-
-def _params(run: DeviceRun) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in run.strategy.params]
+from edgeddl.runtime.fleet.store import KEY_MIN_DEVICES, KEY_ROWS, engine_key, row_key
 
 
 def test_a_lone_device_commits_every_step_and_its_wall_time_adds_up(tmp_path: Path) -> None:
-    run, store = _run(tmp_path, steps=10), _Store()
-    before = _params(run)
-    run.train(_Alone(), store)
+    run, store = device_run(tmp_path, steps=10), DictStore()
+    before = params(run)
+    run.train(Alone(), store)
     st = run.stats
     assert st.committed == 10 and st.failed == 0
     assert st.samples == 10 * 32  # alone, it takes the whole global batch every step
-    assert any(not torch.equal(a, b) for a, b in zip(before, _params(run), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(run), strict=True))
     report = run.report(final_step=10, resumed_from=None)
     assert set(report["breakdown_s"]) == set(STATES)
     assert report["time_s"] == pytest.approx(sum(report["breakdown_s"].values()))
@@ -129,27 +37,27 @@ def test_a_lone_device_commits_every_step_and_its_wall_time_adds_up(tmp_path: Pa
 
 
 def test_a_failed_exchange_applies_nothing_and_is_counted(tmp_path: Path) -> None:
-    run, store = _run(tmp_path, steps=3), _Store()
-    engine = _Alone(fail_at={1})
+    run, store = device_run(tmp_path, steps=3), DictStore()
+    engine = Alone(fail_at={1})
     run.step(engine, store)  # step 0 commits
-    after_first = _params(run)
+    after_first = params(run)
     run.step(engine, store)  # step 1's sum fails: nothing applied, the step is not counted
-    assert all(torch.equal(a, b) for a, b in zip(after_first, _params(run), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(after_first, params(run), strict=True))
     assert (run.stats.committed, run.stats.failed, engine.step) == (1, 1, 1)
 
 
 def test_a_stop_request_waits_for_the_update_then_restarts(tmp_path: Path) -> None:
-    run, store = _run(tmp_path, steps=5), _Store()
+    run, store = device_run(tmp_path, steps=5), DictStore()
 
     def stop_while_committing() -> None:  # what the elastic worker's SIGTERM handler does
         assert run.critical
         run.stop_requested = True
 
-    before = _params(run)
+    before = params(run)
     with pytest.raises(RestartRequired):
-        run.step(_Alone(on_commit=stop_while_committing), store)
+        run.step(Alone(on_commit=stop_while_committing), store)
     # The update of the committed step was applied before the stop: model and step agree.
-    assert any(not torch.equal(a, b) for a, b in zip(before, _params(run), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(run), strict=True))
 
 
 def test_a_device_the_others_finished_without_takes_their_state_not_their_step(
@@ -159,12 +67,12 @@ def test_a_device_the_others_finished_without_takes_their_state_not_their_step(
     quorum of its own once the others had finished and gone, and took that step again alone
     (seen: the rear stepped 41 times in 40 steps, and the run's last row was that device's).
     It takes the state the first device to finish left instead, and stops."""
-    store = _Store()
-    finisher = _run(tmp_path, steps=2)
-    finisher.train(_Alone(), store)
+    store = DictStore()
+    finisher = device_run(tmp_path, steps=2)
+    finisher.train(Alone(), store)
     scenario = finisher.scenario
 
-    class LateQuorum(_Alone):
+    class LateQuorum(Alone):
         def start_step(self) -> tuple[int, int | None]:
             finisher.finish(store, 2, None)  # the others finished while it waited
             return super().start_step()
@@ -174,7 +82,7 @@ def test_a_device_the_others_finished_without_takes_their_state_not_their_step(
     engine.step = 1  # it took step 0 with the others, then was left out of step 1
     behind.train(engine, store)
     assert engine.step == 2 and (behind.stats.committed, behind.stats.failed) == (0, 0)
-    assert all(torch.equal(a, b) for a, b in zip(_params(finisher), _params(behind), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(params(finisher), params(behind), strict=True))
 
 
 def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
@@ -186,22 +94,24 @@ def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
     A device's first quorum waits until --min-devices Managers are up."""
     from edgeddl.runtime.fleet import torchft_quorum as torchdist
 
-    polls: list[int] = []
+    polls: list[str] = []
+    other = engine_key("dev-1")
 
-    class Coordinator(_Store):
-        def add(self, key: str, n: int) -> int:
-            if key == KEY_ENGINES and n == 0:  # the device waits; the other's comes up
-                polls.append(super().add(key, 0))
-                return super().add(key, 1 if len(polls) == 2 else 0)
-            return super().add(key, n)
+    class Coordinator(DictStore):
+        def check(self, keys: list[str]) -> bool:
+            if keys == [other]:  # the device waits; the other's engine comes up meanwhile
+                polls.append(other)
+                if len(polls) == 2:
+                    self.set(other, "1")
+            return super().check(keys)
 
-    class Quorum(_Alone):
-        def __init__(self, run: DeviceRun, store: _Store, opts: Any, backend: str) -> None:
+    class Quorum(Alone):
+        def __init__(self, run: DeviceRun, store: DictStore, opts: Any, backend: str) -> None:
             super().__init__()
             self.store = store
 
         def start_step(self) -> tuple[int, int | None]:
-            assert self.store.kv.get(KEY_ENGINES) == b"2"  # never before both are up
+            assert other in self.store.kv  # never before both are up
             return super().start_step()
 
         def shutdown(self) -> None:
@@ -210,9 +120,10 @@ def test_the_first_quorum_waits_until_min_devices_have_their_engine_up(
     monkeypatch.setattr(torchdist, "TorchftQuorum", Quorum)
     store = Coordinator()
     store.set(KEY_MIN_DEVICES, "2")
-    run = _run(tmp_path, steps=2)
+    run = device_run(tmp_path, steps=2)
     report = torchdist.run_torchft(run.opts, store, run, "gloo")
-    assert report["final_step"] == 2 and polls[0] == 1  # it waited for the other
+    assert report["final_step"] == 2 and len(polls) == 2  # it waited for the other
+    assert store.kv[engine_key("dev-0")] == b"1"
 
 
 def test_recoveries_are_the_gaps_around_a_lost_step_or_member() -> None:
@@ -236,13 +147,13 @@ def test_pacing_waits_out_a_slow_profile_and_counts_a_fast_one_it_cannot_hold(
     )
     scenario = load_scenario(path)
     slow = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-0", profile="crawl"), scenario, 0)
-    slow.train(_Alone(), _Store())
+    slow.train(Alone(), DictStore())
     # 32 samples of the 1-D CNN at 1 MFLOP/s: the profile's seconds, not the machine's.
     per_step = 32 * slow.w.cost.train_flops_per_sample / 1.0e6
     work = slow.stats.seconds["compute"] + slow.stats.seconds["data_loading"]
     assert work >= 3 * per_step and slow.stats.pacing_overruns == 0
     fast = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-0", profile="blink"), scenario, 0)
-    fast.train(_Alone(), _Store())
+    fast.train(Alone(), DictStore())
     assert fast.stats.pacing_overruns == 3  # a profile no machine keeps up with
 
 
@@ -260,11 +171,11 @@ def test_an_elastic_worker_keeps_model_memory_and_counters_across_a_restart(
     scenario = load_scenario(path)
     opts = DeviceOptions(coordinator="h:1", name="dev-0")
     before = DeviceRun(opts, scenario, 0)
-    before.train(_Alone(), _Store())
+    before.train(Alone(), DictStore())
     _save_local(before, tmp_path / "state", step=4)
     after = DeviceRun(opts, scenario, 0)
     assert _load_local(after, tmp_path / "state") == 4
-    assert all(torch.equal(a, b) for a, b in zip(_params(before), _params(after), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(params(before), params(after), strict=True))
     memory = before.strategy.device_state(0)["memory"]["error"]
     assert memory.abs().sum() > 0  # top-k held most of the gradient back
     assert torch.equal(after.strategy.device_state(0)["memory"]["error"], memory)
@@ -282,8 +193,8 @@ def test_a_device_evaluates_as_the_simulator_does(tmp_path: Path) -> None:
     )
     path.write_text(text)
     run = DeviceRun(DeviceOptions(coordinator="127.0.0.1:1", name="dev-0"), load_scenario(path), 0)
-    store = _Store()
-    run.train(_Alone(), store)
+    store = DictStore()
+    run.train(Alone(), store)
     row = json.loads(store.get(row_key(1)))
     w = run.w
     expected = w.task.evaluate(run.strategy.model, w.x_test, w.y_test)  # the loop's call
@@ -346,7 +257,7 @@ def test_federated_rounds_on_two_members_give_the_simulators_model(tmp_path: Pat
 
     def train(i: int) -> None:
         try:
-            runs[i].train(_Pair(shared, i), _Store())
+            runs[i].train(_Pair(shared, i), DictStore())
         except BaseException as e:  # surfaced below, not lost in the thread
             errors.append(e)
             shared["barrier"].abort()
@@ -360,6 +271,6 @@ def test_federated_rounds_on_two_members_give_the_simulators_model(tmp_path: Pat
     assert all(r.stats.committed == rounds for r in runs)
     assert all(r.stats.samples == rounds * 3 * 16 for r in runs)  # every client, each round
     sim = edgeddl.run(scenario, out_dir=tmp_path / "sim", progress=False).model
-    for a, b, c in zip(_params(runs[0]), _params(runs[1]), sim.parameters(), strict=True):
+    for a, b, c in zip(params(runs[0]), params(runs[1]), sim.parameters(), strict=True):
         assert torch.equal(a, b)  # one model on both members
         torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)  # the simulator's

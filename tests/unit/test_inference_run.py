@@ -13,8 +13,8 @@ from torch import nn
 from edgeddl.cli.main import main
 from edgeddl.config.loader import load_scenario, to_toml
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.inference.activations import ActivationCodec, nbytes
-from edgeddl.inference.pipeline import run_processes
+from edgeddl.inference.activations import ActivationCodec, largest_payload_bytes, nbytes
+from edgeddl.inference.pipeline import received_shape, run_processes
 from edgeddl.inference.plan import LayerCosts, evaluate_cuts
 from edgeddl.inference.profile import chain_devices, layer_costs
 from edgeddl.inference.simulate import Leave, PipelineConfig, SimResult, simulate
@@ -157,11 +157,50 @@ def test_processes_outputs_equal_single_device_outputs(fleet: Fleet) -> None:
     finally:
         torch.set_num_threads(threads)
     runner = StageRunner(model_layers(model))
-    run = run_processes(runner, plan.segments, x, ActivationCodec("fp32"), 4, timeout_s=60)
+    codec = ActivationCodec("fp32")
+    limit = largest_payload_bytes(costs, codec, 4)
+    assert limit == 4 * 4 * 25 * 19  # the first conv's output is the largest
+    run = run_processes(runner, plan.segments, x, codec, 4, max_payload_bytes=limit, timeout_s=60)
     assert torch.equal(run.outputs, reference)
     assert run.bytes_sent == [4 * 30 * 25 * 19, 4 * 30 * 25 * 5, 0]
     assert run.wall_s > 0 and len(run.latency_s) == 8
     assert len(run.generations) == 1 and not run.departures and run.generations[0].rerun == 0
+
+
+class _Inflating:
+    """A stage that sends a peer 100 times the activation the plan's cut has (faulty or
+    hostile): module level, so the spawned processes can load it."""
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+
+    def __call__(self, start: int, end: int, act: torch.Tensor) -> torch.Tensor:
+        out = self.runner(start, end, act)
+        return out.repeat(100, *[1] * (out.dim() - 1)) if start == 0 else out
+
+
+def test_a_stage_never_allocates_what_a_peers_header_claims() -> None:
+    """A receiver sizes its buffers from the header its peer sends: one announcing more than
+    the plan's largest cut stops the plan instead of being allocated."""
+    model, shape = _model("cnn1d")
+    codec = ActivationCodec("int8")
+    limit = largest_payload_bytes(layer_costs(model, shape), codec, 4)
+    header = torch.zeros(8, dtype=torch.int64)
+    header[:4] = torch.tensor([3, 4, 25, 19])
+    assert received_shape(header, codec, limit) == (4, 25, 19)
+    for dims, why in [
+        ([3, 2**20, 2**20, 19], "announced an activation of shape"),
+        ([3, 4, -25, 19], "shape"),
+        ([9, 4, 25, 19], "9 dimensions"),
+        ([0], "0 dimensions"),
+    ]:
+        header[: len(dims)] = torch.tensor(dims)
+        with pytest.raises(ValueError, match=why):
+            received_shape(header, codec, limit)
+    runner = _Inflating(StageRunner(model_layers(model)))
+    x = torch.randn(8, *shape)
+    with pytest.raises(RuntimeError, match=r"plan 1 failed: .*process 1: a peer announced"):
+        run_processes(runner, [(0, 2), (2, 8)], x, codec, 4, max_payload_bytes=limit)
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="devices start training once N of them have connected; later ones join "
-        "mid-run (default: %(default)s)",
+        help="devices start training once N of the scenario's devices have connected (each "
+        "counted once); later ones join mid-run (default: %(default)s)",
     )
     co.add_argument(
         "--backend",
@@ -198,8 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--state-dir",
         default="",
-        help="elastic engine: where the worker keeps its state between restarts "
-        "(default: a folder under the system's temporary directory)",
+        help="elastic engine: where the worker keeps its state between restarts, in "
+        "NAME/RUN_ID under it (default: a folder under the system's temporary directory)",
     )
     k = sub.add_parser("keys", help="device and coordinator identities")
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

@@ -186,6 +186,8 @@ def _compress(body: bytes) -> bytes:
 
 
 def _decompress(frame: memoryview, limit: int) -> bytes:
+    """The body in a zstd `frame`, at most `limit` bytes: a frame must state its size, and
+    the output buffer is that size, so a small frame cannot make a large allocation."""
     try:
         size = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:
@@ -193,20 +195,19 @@ def _decompress(frame: memoryview, limit: int) -> bytes:
     if size < 0:
         raise CodecError("zstd body: frame does not state its content size")
     if size > limit:
-        raise CodecError(f"zstd body: claims {size} bytes, a valid body has at most {limit}")
+        raise CodecError(f"zstd body: claims {size} bytes, at most {limit} allowed")
     if not hasattr(_local, "decompressor"):
         _local.decompressor = zstandard.ZstdDecompressor()
-    # zstd stops with an error as soon as the frame outgrows its stated content size, so
-    # the check above bounds the memory a forged frame can make us allocate.
-    stream = _local.decompressor.decompressobj()
+    # One shot into a buffer of the stated size (never more than `limit`): zstd stops with
+    # an error as soon as a frame that lies about its size outgrows it.
     try:
-        body: bytes = stream.decompress(frame)
+        body: bytes = _local.decompressor.decompress(
+            frame, max_output_size=limit, allow_extra_data=False
+        )
     except zstandard.ZstdError as e:
-        raise CodecError(f"zstd body: {e}") from None
-    if not stream.eof:
-        raise CodecError("zstd body: truncated frame")
-    if stream.unused_data:
-        raise CodecError(f"zstd body: {len(stream.unused_data)} bytes after the frame")
+        raise CodecError(f"zstd body: {str(e).splitlines()[0]}") from None
+    if len(body) != size:
+        raise CodecError(f"zstd body: {len(body)} bytes where the frame states {size}")
     return body
 
 
@@ -282,12 +283,21 @@ class Codec:
                 flags |= FLAG_ZSTD
         return b"".join([bytes([VERSION, flags]), uvarint(numel), *parts])
 
-    def decode(self, data: bytes, expected: int | None = None) -> Payload:
+    def decode(
+        self, data: bytes | bytearray | memoryview, expected: int, max_bytes: int | None = None
+    ) -> Payload:
         """The payload `data` encodes; CodecError if it is not one this codec wrote.
 
-        A receiver that knows the tensor's length passes it as `expected`: a header claiming
-        another length is refused before anything is allocated (or decompressed).
+        Every receiver bounds what decoding may allocate: `expected` is the length of the
+        tensor it receives (its model's, its cut's), and a header claiming another is
+        refused before anything is allocated or decompressed, so the header never sets a
+        size. `max_bytes` (the configured payload limit, `security.max_payload_bytes`)
+        also bounds `data` and its body once decompressed.
         """
+        if not 0 <= expected <= MAX_NUMEL:
+            raise ValueError(f"expected must be in [0, {MAX_NUMEL}], got {expected}")
+        if max_bytes is not None and len(data) > max_bytes:
+            raise CodecError(f"{len(data)} bytes, more than the limit of {max_bytes}")
         r = _Reader(bytes(data))
         version = r.byte("version")
         if version != VERSION:
@@ -295,13 +305,12 @@ class Codec:
         flags = r.byte("flags")
         _check_flags(flags)
         numel = r.varint("numel")
-        if numel > MAX_NUMEL:
-            raise CodecError(f"numel {numel} exceeds {MAX_NUMEL}")
-        if expected is not None and numel != expected:
+        if numel != expected:
             raise CodecError(f"numel {numel} where {expected} was expected")
         if flags & FLAG_ZSTD:
+            limit = _max_body(flags, numel)
             frame = memoryview(r.data)[r.pos :]
-            r = _Reader(_decompress(frame, _max_body(flags, numel)))
+            r = _Reader(_decompress(frame, limit if max_bytes is None else min(limit, max_bytes)))
 
         indices = None
         if flags & FLAG_INDICES:
@@ -399,10 +408,12 @@ def dense_body(t: torch.Tensor) -> bytes:
     return Codec().encode(Payload(numel=flat.numel(), values=flat))
 
 
-def dense_values(data: bytes, numel: int, finite: bool = True) -> torch.Tensor:
+def dense_values(
+    data: bytes, numel: int, finite: bool = True, max_bytes: int | None = None
+) -> torch.Tensor:
     """The float32 values of a `dense_body` (CodecError if it is not one of `numel`, or,
-    with `finite`, if any is not finite)."""
-    payload = Codec().decode(data, numel)
+    with `finite`, if any is not finite; `max_bytes`: as `Codec.decode`)."""
+    payload = Codec().decode(data, numel, max_bytes)
     if payload.values is None or payload.values.numel() != numel or payload.indices is not None:
         raise CodecError(f"expected {numel} dense values")
     values = payload.values.float()

@@ -58,7 +58,8 @@ class SecurityConfig:
     devices: dict[str, PublicKeyConfig] = field(default_factory=dict)
     """Enrolled devices' public keys by device name; a device not listed is refused."""
     max_payload_bytes: int = 64 * 2**20
-    """Payloads larger than this on the wire are refused before any crypto is spent on them."""
+    """Payloads larger than this on the wire are refused before any crypto is spent on them,
+    and none is decoded (decompressed) past it."""
     ledger_flush_every: int = 32
     """Ledger entries written and fsynced together (a crash loses at most the unflushed)."""
     keys_dir: str = ""

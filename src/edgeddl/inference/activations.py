@@ -94,11 +94,23 @@ def nbytes(parts: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in parts)
 
 
+def largest_payload_bytes(layers: LayerCosts, codec: ActivationCodec, batch: int) -> int:
+    """The most bytes any cut of the model (or its input) sends for a micro-batch of
+    `batch`: what a stage of a pipeline may receive at most."""
+    _require_shapes(layers)
+    shapes = [layers.input_shape, *layers.out_shapes]
+    return max(codec.payload_bytes((batch, *s)) for s in shapes)
+
+
+def _require_shapes(layers: LayerCosts) -> None:
+    if not layers.out_shapes or not layers.input_shape:
+        raise ValueError("these layer costs carry no shapes; measure them with layer_costs")
+
+
 def wire_costs(layers: LayerCosts, codec: ActivationCodec, batch: int) -> LayerCosts:
     """`layers` with each cut's bytes per sample as `codec` sends a micro-batch of `batch`
     (the planner then weighs compressed activations, the int8 scales spread over the batch)."""
-    if not layers.out_shapes or not layers.input_shape:
-        raise ValueError("these layer costs carry no shapes; measure them with layer_costs")
+    _require_shapes(layers)
 
     def per_sample(shape: tuple[int, ...]) -> float:
         return codec.payload_bytes((batch, *shape)) / batch

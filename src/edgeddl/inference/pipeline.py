@@ -33,6 +33,7 @@ class WireCodec(Protocol):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]: ...
     def decode(self, parts: list[torch.Tensor]) -> torch.Tensor: ...
     def buffers(self, shape: tuple[int, ...]) -> list[torch.Tensor]: ...
+    def payload_bytes(self, shape: tuple[int, ...]) -> int: ...
 
 
 StageFn = Callable[[int, int, torch.Tensor], torch.Tensor]
@@ -112,6 +113,7 @@ def run_processes(
     codec: WireCodec,
     micro_batch: int,
     *,
+    max_payload_bytes: int,
     replan: Replan | None = None,
     leaves: Mapping[int, int] | None = None,
     crashes: Mapping[int, int] | None = None,
@@ -123,7 +125,9 @@ def run_processes(
 
     `leaves[i] = b`: process i leaves right before micro-batch b (at once if it holds no
     layers then); `crashes[i] = b`: it kills itself with SIGKILL there (fault injection).
-    After a departure `replan` gives the survivors' layers. Raises TimeoutError when the
+    After a departure `replan` gives the survivors' layers. A process receives no payload
+    larger than `max_payload_bytes` (the largest any cut of the model sends for a
+    micro-batch): a header announcing more stops the plan. Raises TimeoutError when the
     stream does not end within `timeout_s`, RuntimeError when it cannot go on.
     """
     from torch.distributed import TCPStore
@@ -138,8 +142,8 @@ def run_processes(
     procs = []
     for i in range(len(segments)):
         recv_end, send_end = ctx.Pipe(duplex=False)
-        args = (i, store.port, runner, x, codec, micro_batch, send_end, timeout_s, threads,
-                leaves.get(i), crashes.get(i))  # fmt: skip
+        args = (i, store.port, runner, x, codec, max_payload_bytes, micro_batch, send_end,
+                timeout_s, threads, leaves.get(i), crashes.get(i))  # fmt: skip
         p = ctx.Process(target=_worker, args=args, daemon=True)
         p.start()
         send_end.close()  # the child's copy stays open: EOF here means it exited
@@ -214,7 +218,7 @@ def run_processes(
                 receive_until(gen, lambda: not conns)  # every process exits: the last words
                 break
             if not gone:
-                raise RuntimeError(f"plan {g + 1} failed: {failures[0] if failures else '?'}")
+                raise RuntimeError(f"plan {g + 1} failed: {'; '.join(sorted(failures)) or '?'}")
             if 0 in gone:
                 raise RuntimeError("process 0 (the input) crashed: the stream cannot go on")
             if replan is None:
@@ -246,6 +250,25 @@ def run_processes(
     )
 
 
+def received_shape(header: torch.Tensor, codec: WireCodec, max_bytes: int) -> tuple[int, ...]:
+    """The shape a peer's header announces, once a payload of it is known to fit in
+    `max_bytes` (ValueError, one line, if not): the receiver allocates what the plan's
+    largest cut needs at most, never what a header claims."""
+    ndim = int(header[0])
+    if not 1 <= ndim < _HEADER:
+        raise ValueError(f"a peer announced an activation of {ndim} dimensions (1..{_HEADER - 1})")
+    shape = tuple(int(d) for d in header[1 : 1 + ndim].tolist())
+    if min(shape) < 1:
+        raise ValueError(f"a peer announced an activation of shape {shape}")
+    size = codec.payload_bytes(shape)
+    if size > max_bytes:
+        raise ValueError(
+            f"a peer announced an activation of shape {shape} ({size} bytes); the plan's "
+            f"largest is {max_bytes} bytes"
+        )
+    return shape
+
+
 class _Left(Exception):
     def __init__(self, micro_batch: int) -> None:
         super().__init__(f"left before micro-batch {micro_batch}")
@@ -258,6 +281,7 @@ def _worker(
     runner: StageFn,
     x: torch.Tensor,
     codec: WireCodec,
+    max_bytes: int,
     micro_batch: int,
     conn: Connection,
     timeout_s: float,
@@ -291,7 +315,7 @@ def _worker(
         )
         sent = [0]
         try:
-            _stream(rank, len(members), segments[rank], from_mb, runner, x, codec,
+            _stream(rank, len(members), segments[rank], from_mb, runner, x, codec, max_bytes,
                     micro_batch, conn, sent, leave_mb, crash_mb)  # fmt: skip
             msg: tuple[Any, ...] = ("done", sent[0])
         except _Left as lv:
@@ -314,6 +338,7 @@ def _stream(
     runner: StageFn,
     x: torch.Tensor,
     codec: WireCodec,
+    max_bytes: int,
     micro_batch: int,
     conn: Connection,
     sent: list[int],
@@ -336,8 +361,7 @@ def _stream(
         else:
             header = torch.empty(_HEADER, dtype=torch.int64)
             dist.recv(header, rank - 1)
-            shape = tuple(header[1 : 1 + int(header[0])].tolist())
-            parts = codec.buffers(shape)
+            parts = codec.buffers(received_shape(header, codec, max_bytes))
             for t in parts:
                 dist.recv(t, rank - 1)
             act = codec.decode(parts)

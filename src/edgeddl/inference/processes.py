@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgeddl.fleet.fleet import Fleet
-from edgeddl.inference.activations import ActivationCodec, wire_costs
+from edgeddl.inference.activations import ActivationCodec, largest_payload_bytes, wire_costs
 from edgeddl.inference.pipeline import ProcessRun, run_processes
 from edgeddl.inference.plan import LayerCosts, Plan
 from edgeddl.inference.profile import chain_devices
@@ -90,6 +90,7 @@ def run_on_processes(
         x,
         codec,
         mb,
+        max_payload_bytes=largest_payload_bytes(costs, codec, mb),
         replan=replan,
         leaves=leaves,
         crashes={names.index(n): b for n, b in (crashes or {}).items()},

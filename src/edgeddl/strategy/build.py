@@ -53,6 +53,7 @@ def build_strategy(
         raise ValueError("split learning is built by build_split")
     strategy: DataParallel
     policy = None
+    wire = None
     if scenario.train.strategy == "federated":
         if shard_sizes is None:
             raise ValueError("a federated strategy needs the devices' shard sizes")
@@ -74,6 +75,9 @@ def build_strategy(
         _wire_robust(scenario, [strategy], num_classes)
     else:  # a trusting mean of honest devices: the fused pass
         strategy = DataParallel(model, scenario.train, loss)
+    if scenario.security.enabled:  # no payload is decoded past the configured limit
+        for part in [strategy] + ([wire] if wire is not None else []):
+            part.max_payload_bytes = scenario.security.max_payload_bytes
     return strategy, policy
 
 
@@ -131,7 +135,7 @@ def build_split(
                     "part would be empty"
                 )
     with as_config_error("split"):
-        return SplitLearning(
+        split = SplitLearning(
             model,
             scenario.train,
             cfg,
@@ -141,6 +145,9 @@ def build_split(
             scenario.run.seed,
             loss,
         )
+    if scenario.security.enabled:  # no tensor is decoded past the configured limit
+        split.wire.max_bytes = scenario.security.max_payload_bytes
+    return split
 
 
 def _compressed(scenario: Scenario, model: nn.Module, loss: LossFn) -> CompressedDataParallel:

@@ -183,7 +183,7 @@ class CompressedDataParallel(DataParallel):
 
     def decode(self, d: int, data: bytes) -> Payload:
         """Device `d`'s payload as the receiver reads it (`CodecError` if malformed)."""
-        return self.codecs[d].decode(data, self.numel)
+        return self.codecs[d].decode(data, self.numel, self.max_payload_bytes)
 
     def decompressed(self, d: int, data: bytes, step: int) -> torch.Tensor:
         """What device `d`'s payload `data` carries, as the aggregation reads it."""

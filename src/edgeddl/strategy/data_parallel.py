@@ -90,6 +90,9 @@ class DataParallel:
         """Screen and rule for per-device updates (`[robust]`); None: the trusting mean."""
         self.behaviors: Behaviors | None = None
         """Simulated misbehaving devices; None: all honest."""
+        self.max_payload_bytes: int | None = None
+        """The configured payload limit (`security.max_payload_bytes`, when on): no update
+        is decoded past it; None: the model's size bounds it."""
 
     def plan(self, members: np.ndarray, step: int) -> Plan | None:
         """Every member trains, with the runtime's balanced shares."""
@@ -170,7 +173,7 @@ class DataParallel:
         it is not one, or if a value is not finite: with `[robust]`, the screen's to
         refuse, as in the simulator)."""
         finite = self.robust is None
-        return dense_values(body, self.numel + self.extras_size(), finite)
+        return dense_values(body, self.numel + self.extras_size(), finite, self.max_payload_bytes)
 
     def aggregate(
         self, step: int, devices: list[int], weights: list[float], decoded: list[Any]

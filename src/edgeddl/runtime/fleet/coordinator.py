@@ -50,17 +50,15 @@ from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
     KEY_DONE,
     KEY_ENGINE,
-    KEY_FAILED,
-    KEY_JOINED,
     KEY_LIGHTHOUSE,
     KEY_MIN_DEVICES,
-    KEY_ROWS,
+    KEY_ROWS_KNOWN,
     KEY_RUN_ID,
     KEY_SCENARIO,
     final_key,
-    row_key,
     silence_engine_logs,
 )
+from edgeddl.runtime.fleet.watch import DeviceWatch, RowReader
 from edgeddl.security.ledger import MODEL_FILE, SUMMARY_FILE
 from edgeddl.task import TASKS
 
@@ -110,6 +108,8 @@ def serve(
     store.set(KEY_MIN_DEVICES, str(min_devices))
     store.set(KEY_BACKEND, backend)
     store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
+    if earlier:  # devices that outlived the earlier coordinator hand in the rows it lacks
+        store.set(KEY_ROWS_KNOWN, str(max(int(r["step"]) for r in earlier)))
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
     handler: SplitRear | SecureCoordinator | None = None
@@ -125,44 +125,42 @@ def serve(
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1
     start, started_at = time.perf_counter(), time.time()
+    watch, reader = DeviceWatch(names), RowReader(started_at, earlier)
     done_at: float | None = None
-    failures, last = 0, ""
+    last = ""
     all_failed_at: float | None = None
     try:
         while True:
             if links is not None:
                 links.poll()
-            failed, joined = store.add(KEY_FAILED, 0), store.add(KEY_JOINED, 0)
-            if failed > failures:
-                failures = failed
-                last = store.get(KEY_FAILED + "/last").decode()
+            now = time.perf_counter()
+            if (message := watch.poll(store, now)) is not None:
+                last = message
                 print(f"edgeddl coordinator: device stopped on an error: {last}", flush=True)
-            if done_at is None and joined and failed >= joined:  # nobody is left training
-                all_failed_at = all_failed_at or time.perf_counter()
-                if time.perf_counter() - all_failed_at > linger_s:
+            if done_at is None and watch.num_failures and not watch.alive:  # nobody is left
+                all_failed_at = all_failed_at or now
+                if now - all_failed_at > linger_s:
                     raise FleetFailed(
                         f"every device stopped on an error (last: {last}); "
                         f"the run folder {out_dir} keeps what was written"
                     )
             else:
                 all_failed_at = None
-            num_rows = store.add(KEY_ROWS, 0)
-            if num_rows > len(rows):
-                rows += [
-                    _wall_row(json.loads(store.get(row_key(i))), started_at)
-                    for i in range(len(rows) + 1, num_rows + 1)
-                ]
+            # The checkpoint before the rows: every row up to its step was written before
+            # it, so metrics.jsonl has them all by the time the checkpoint is on disk.
+            checkpoint = _new_checkpoint(store, checkpoint_step)
+            if new_rows := reader.poll(store):
+                rows += new_rows
                 write_jsonl_atomic(out_dir / "metrics.jsonl", _merged(earlier, rows))
-            if store.check([KEY_CHECKPOINT_STEP]):
-                step = int(store.get(KEY_CHECKPOINT_STEP))
-                if step > checkpoint_step:
-                    write_bytes_atomic(out_dir / CHECKPOINT_FILE, store.get(KEY_CHECKPOINT))
-                    checkpoint_step = step
-            finals = {n: store.check([final_key(n)]) for n in names}
+            if checkpoint is not None:
+                checkpoint_step = checkpoint[0]
+                write_bytes_atomic(out_dir / CHECKPOINT_FILE, checkpoint[1])
             if done_at is None and store.check([KEY_DONE]):
-                done_at = time.perf_counter()
+                done_at = now
+            # After the first device's end: wait for the others still training, no longer
+            # than linger_s (a device killed without a word is not waited for).
             if done_at is not None and (
-                all(finals.values()) or time.perf_counter() - done_at > linger_s
+                not watch.awaited(now, linger_s) or now - done_at > linger_s
             ):
                 break
             time.sleep(poll_s)
@@ -220,13 +218,14 @@ def _lighthouse(heartbeat_timeout_ms: int) -> Any:
     )
 
 
-def _wall_row(row: dict[str, Any], started_at: float) -> dict[str, Any]:
-    """A device's evaluation row, its time stamp made seconds since this coordinator began
-    (the lead device that evaluates can change; the coordinator's clock does not)."""
-    at = row.pop("at", None)
-    if at is not None:
-        row["wall_time_s"] = at - started_at
-    return row
+def _new_checkpoint(store: Any, have: int) -> tuple[int, bytes] | None:
+    """(step, bytes) of the checkpoint the lead device left, if newer than step `have`."""
+    if not store.check([KEY_CHECKPOINT_STEP, KEY_CHECKPOINT]):
+        return None
+    step = store.get(KEY_CHECKPOINT_STEP)
+    if not step.isdigit() or int(step) <= have:
+        return None
+    return int(step), bytes(store.get(KEY_CHECKPOINT))
 
 
 def _merged(earlier: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -256,7 +255,9 @@ def _summary(
         "bytes_up": sum(r["bytes_up"] for r in reports),
         "bytes_down": sum(r["bytes_down"] for r in reports),
         "breakdown_s": {s: sum(r["breakdown_s"][s] for r in reports) for s in STATES},
-        "devices_finished": [r["name"] for r in reports],
+        # a device that joined as the run ended, and committed nothing, did not finish it
+        "devices_finished": [r["name"] for r in reports if r["steps"] > 0],
+        "devices_without_steps": [r["name"] for r in reports if r["steps"] == 0],
         "recovery_s": recoveries,
         "max_recovery_s": max(recoveries, default=0.0),
         "steps_not_committed": sum(r["steps_not_committed"] for r in reports),

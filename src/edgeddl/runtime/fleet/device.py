@@ -40,6 +40,7 @@ from edgeddl.runtime.fleet.split_device import SplitDevice
 from edgeddl.runtime.fleet.store import (
     KEY_DONE,
     KEY_ROWS,
+    KEY_ROWS_KNOWN,
     final_key,
     progress_key,
     row_key,
@@ -112,6 +113,8 @@ class DeviceRun:
         self.own_s_per_sample = 0.0  # smoothed
         self.critical = False  # committing a step: a stop request waits until it is done
         self.stop_requested = False
+        self.rows: list[dict[str, Any]] = []
+        """The evaluation rows this device reported (a restarted coordinator may lack some)."""
 
     def train(self, quorum: Quorum, store: Any) -> None:
         """Steps until the scenario's last one. A device the others finished without (left
@@ -300,15 +303,19 @@ class DeviceRun:
         self, quorum: Quorum, store: Any, step: int, loss: float, members: int
     ) -> None:
         t = self.scenario.train
+        lead = quorum.is_lead()
+        evaluate = lead and (step % t.eval_every == 0 or step == t.num_steps)
+        if evaluate and self.split is None:  # kept even if the coordinator is lost now
+            self.rows.append(self._evaluate(step, loss, members))
         try:  # a lost coordinator is noticed at the next step's start
             store.set(progress_key(self.opts.name), str(step))
-            if not quorum.is_lead():
+            if not lead:
                 return
-            if step % t.eval_every == 0 or step == t.num_steps:
+            if evaluate:
                 if self.split is not None:  # the rear is on the coordinator: it tests there
                     self.split.evaluate(store, step, loss, members)
                 else:
-                    self._report_eval(store, step, loss, members)
+                    _send_row(store, self.rows[-1])
             if self.checkpoint_every and step % self.checkpoint_every == 0:
                 batches = quorum.batches_committed()
                 data = pack(step, batches, self.strategy.replica_state(), self.toml)
@@ -333,19 +340,25 @@ class DeviceRun:
         )
         return int(shares[known.index(idx)])
 
-    def _report_eval(self, store: Any, step: int, train_loss: float, members: int) -> None:
-        """Test the model (replicas are equal; the simulator's evaluation) and hand the row
-        to the coordinator."""
+    def _evaluate(self, step: int, train_loss: float, members: int) -> dict[str, Any]:
+        """Test the model (replicas are equal; the simulator's evaluation): the row."""
         w = self.w
-        row = {
+        return {
             "step": step,
             "at": time.time(),  # the coordinator makes it a wall time since its own start
             "train_loss": train_loss,
             **w.task.evaluate(self.strategy.model, w.x_test, w.y_test),
             "num_members": members,
         }
-        i = store.add(KEY_ROWS, 1)
-        store.set(row_key(i), json.dumps(row))
+
+    def resend_rows(self, store: Any) -> None:
+        """Connected to a restarted coordinator: hand it the rows this device reported after
+        the last one the lost coordinator wrote (it died before it read them, or they never
+        reached it)."""
+        known = int(store.get(KEY_ROWS_KNOWN)) if store.check([KEY_ROWS_KNOWN]) else -1
+        for row in self.rows:
+            if row["step"] > known:
+                _send_row(store, row)
 
     def report(self, final_step: int, resumed_from: int | None) -> dict[str, Any]:
         """This device's part of summary.json: the simulator's per-device keys, in wall time,
@@ -393,3 +406,9 @@ class DeviceRun:
                 file=sys.stderr,
             )
         return report
+
+
+def _send_row(store: Any, row: dict[str, Any]) -> None:
+    """An evaluation row to the coordinator: announced, then written (it reads it once it
+    is there)."""
+    store.set(row_key(store.add(KEY_ROWS, 1)), json.dumps(row))

@@ -10,7 +10,7 @@ Details: docs/real-fleet.md#the-elastic-engine
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -66,7 +66,7 @@ def launch(opts: DeviceOptions, store: Any, num_devices: int, run_id: str) -> di
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # workers get a store of their own
-    folder = state_dir(opts) / run_id
+    folder = own_state_dir(opts, run_id)
     final = folder / f"{opts.name}.final.json"
     config = LaunchConfig(
         min_nodes=1,
@@ -118,11 +118,18 @@ def launch(opts: DeviceOptions, store: Any, num_devices: int, run_id: str) -> di
 
 def state_dir(opts: DeviceOptions) -> Path:
     """The folder for the worker's state: `--state-dir` as given to a worker, else (for the
-    agent, which adds the run id) one under the system's temporary directory."""
+    agent, which adds the device and the run id) one under the system's temporary
+    directory."""
     if opts.state_dir:
         return Path(opts.state_dir)
     host, port = parse_address(opts.coordinator)
     return Path(tempfile.gettempdir()) / f"edgeddl-state-{host}-{port}"
+
+
+def own_state_dir(opts: DeviceOptions, run_id: str) -> Path:
+    """The agent's folder for its worker's state in run `run_id`: this device's alone, so
+    devices sharing a machine (and a `--state-dir`) never read or delete each other's."""
+    return state_dir(opts) / opts.name / run_id
 
 
 class ElasticQuorum:
@@ -179,23 +186,47 @@ class ElasticQuorum:
 
 
 def _load_local(run: DeviceRun, folder: Path) -> int:
-    """This device's own state from before its restart (its step), or 0."""
-    path = folder / f"{run.opts.name}.pt"
+    """This device's own state from before its restart (its step), or 0. A state that
+    cannot be used (damaged, truncated, empty, another run's) leaves the device as it
+    started, with a one-line warning: its peers' state, or a fresh start, takes over."""
+    s, path = run.strategy, folder / f"{run.opts.name}.pt"
     if not path.exists():
         return 0
+    fresh = copy.deepcopy((s.replica_state(), s.device_state(run.idx)))
     try:
         ck = unpack(path.read_bytes(), run.toml, str(path))
         own = torch.load(path.with_suffix(".own.pt"), weights_only=True, map_location="cpu")
-    except (CheckpointError, OSError, RuntimeError) as e:  # damaged: start afresh, say so
-        print(f"edgeddl device {run.opts.name}: ignoring {path} ({e})", file=sys.stderr)
+        step = ck["step"]
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"{path}: step {step!r} is not a step")
+        s.load_replica_state(ck["replica"])
+        s.load_device_state(run.idx, own)  # its error-feedback memory
+    except Exception as e:  # a damaged file raises anything: unpickling, EOF, a wrong key
+        s.load_replica_state(fresh[0])  # nothing half-loaded stays
+        s.load_device_state(run.idx, fresh[1])
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        print(
+            f"edgeddl device {run.opts.name}: ignoring its saved state {path} ({reason}); "
+            "starting afresh",
+            file=sys.stderr,
+        )
         return 0
-    run.strategy.load_replica_state(ck["replica"])
-    run.strategy.load_device_state(run.idx, own)  # its error-feedback memory
-    stats_path = path.with_suffix(".json")
-    if stats_path.exists():
-        with contextlib.suppress(ValueError, TypeError):  # counters only: the state matters
-            run.stats = DeviceStats(**json.loads(stats_path.read_text()))
-    return int(ck["step"])
+    run.stats = _read_stats(path.with_suffix(".json")) or run.stats
+    return step
+
+
+def _read_stats(path: Path) -> DeviceStats | None:
+    """The counters saved beside the state, None if missing or damaged (they are only
+    reported: the state matters)."""
+    try:
+        stats = DeviceStats(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    fresh = DeviceStats()
+    for f in dataclasses.fields(DeviceStats):
+        if not isinstance(getattr(stats, f.name), type(getattr(fresh, f.name))):
+            return None
+    return stats
 
 
 def _save_local(run: DeviceRun, folder: Path, step: int) -> None:

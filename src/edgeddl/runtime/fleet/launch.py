@@ -7,19 +7,21 @@ every device of a fleet runs the same ones and the device command never changes.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from edgeddl.config.loader import ConfigError
+from edgeddl.config.schema import Scenario
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions, read_scenario
 from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
     KEY_DONE,
     KEY_ENGINE,
-    KEY_FAILED,
-    KEY_JOINED,
     KEY_RUN_ID,
     connect,
+    mark_joined,
+    mark_stopped,
     wait_for_devices,
 )
 
@@ -43,27 +45,27 @@ def run_device(opts: DeviceOptions) -> dict[str, Any] | None:
     worker = worker and engine == "elastic"
     if worker and store.check([KEY_DONE]):  # restarted as the run ended (a late join)
         return None
-    if not worker:  # a restarted elastic worker is the same device, not a new connection
-        store.add(KEY_JOINED, 1)
     try:
-        return _run(opts, store, engine, worker)
+        scenario, opts, idx = read_scenario(store, opts)
+        if not worker:  # a restarted elastic worker is the same device, not a new one
+            mark_joined(store, opts.name)
+        return _run(opts, store, engine, worker, scenario, idx)
     except Exception as e:
         if not worker:  # the agent reports for its workers, once it gives up
             reason = (str(e).splitlines() or [type(e).__name__])[0]
-            try:
-                store.set(KEY_FAILED + "/last", f"{opts.name or 'device'}: {reason}")
-                store.add(KEY_FAILED, 1)
-            except (RuntimeError, OSError):
-                pass  # the coordinator is gone too
+            with contextlib.suppress(RuntimeError, OSError):  # the coordinator is gone too
+                mark_stopped(store, opts.name, reason)
         raise
 
 
-def _run(opts: DeviceOptions, store: Any, engine: str, worker: bool) -> dict[str, Any]:
+def _run(
+    opts: DeviceOptions, store: Any, engine: str, worker: bool, scenario: Scenario, idx: int
+) -> dict[str, Any]:
     import torch
 
-    scenario, opts, idx = read_scenario(store, opts)
+    names = scenario.fleet.device_names()
     if not worker:
-        wait_for_devices(store, opts.connect_timeout_s)
+        wait_for_devices(store, names, opts.connect_timeout_s)
     backend = store.get(KEY_BACKEND).decode() if store.check([KEY_BACKEND]) else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError(
@@ -74,7 +76,7 @@ def _run(opts: DeviceOptions, store: Any, engine: str, worker: bool) -> dict[str
         from edgeddl.runtime.fleet.elastic import launch
 
         run_id = store.get(KEY_RUN_ID).decode()
-        return launch(opts, store, len(scenario.fleet.device_names()), run_id)
+        return launch(opts, store, len(names), run_id)
     run = DeviceRun(opts, scenario, idx, backend)
     if engine == "elastic":
         from edgeddl.runtime.fleet.elastic import run_worker

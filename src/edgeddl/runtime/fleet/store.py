@@ -25,18 +25,18 @@ KEY_BACKEND = "edgeddl/backend"
 KEY_RUN_ID = "edgeddl/run_id"
 """The elastic engine's rendezvous id (new for every coordinator)."""
 KEY_MIN_DEVICES = "edgeddl/min_devices"
-"""How many devices must have connected before the first step (later ones join mid-run)."""
+"""How many of the scenario's devices must be in before the first step, each counted once
+(later ones join mid-run)."""
 KEY_LIGHTHOUSE = "edgeddl/lighthouse"
 KEY_ROWS = "edgeddl/rows"
+"""How many evaluation rows have been announced; row i is under `row_key(i)` once written."""
+KEY_ROWS_KNOWN = "edgeddl/rows_known"
+"""A restarted coordinator's: the last step the earlier one wrote a row for. Devices that
+outlived it hand in the rows they reported after that step (`DeviceRun.resend_rows`)."""
 KEY_DONE = "edgeddl/done"
-KEY_JOINED = "edgeddl/joined"
-"""How many device processes have connected (each connection counts)."""
-KEY_ENGINES = "edgeddl/engines"
-"""How many device processes have their engine up (torchft: a Manager that heartbeats the
-lighthouse); each connection counts."""
 KEY_FAILED = "edgeddl/failed"
-"""How many device processes have stopped on an error; the last one's message is under
-KEY_FAILED + "/last"."""
+"""How many times a device process stopped on an error (each stop counts); the last one's
+message is under KEY_FAILED + "/last"."""
 
 ENGINES = ("torchft", "elastic")
 BACKENDS = ("gloo", "nccl")
@@ -44,6 +44,21 @@ BACKENDS = ("gloo", "nccl")
 
 def row_key(i: int) -> str:
     return f"edgeddl/row/{i}"
+
+
+def joined_key(name: str) -> str:
+    """Set by device `name` when it is in (again): it counts towards --min-devices."""
+    return f"edgeddl/joined/{name}"
+
+
+def engine_key(name: str) -> str:
+    """Set by device `name` once its engine is up (torchft: a Manager that heartbeats)."""
+    return f"edgeddl/engine_up/{name}"
+
+
+def stopped_key(name: str) -> str:
+    """Device `name` stopped on an error (its message); cleared when it joins again."""
+    return f"edgeddl/stopped/{name}"
 
 
 def final_key(name: str) -> str:
@@ -72,17 +87,21 @@ def advertised_host(coordinator_host: str) -> str:
 
 
 def connect(address: str, timeout_s: float) -> Any:
-    """The coordinator's store (a TCPStore client), waiting up to `timeout_s` for it."""
+    """The coordinator's store (a TCPStore client) once it holds the scenario (published
+    last, so every other key is there too), waiting up to `timeout_s` for it."""
     from torch.distributed import TCPStore
 
     host, port = parse_address(address)
+    timeout = timedelta(seconds=timeout_s)
     try:
-        return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store = TCPStore(host, port, is_master=False, timeout=timeout)
+        store.wait([KEY_SCENARIO], timeout)
     except RuntimeError:  # torch's DistStoreError: nobody answered in time
         raise ConnectionError(
             f"--coordinator: no coordinator answered at {address} within "
             f"{timeout_s:g} s (is `edgeddl coordinator` running there?)"
         ) from None
+    return store
 
 
 def answers(store: Any) -> bool:
@@ -94,25 +113,47 @@ def answers(store: Any) -> bool:
     return True
 
 
-def wait_for_devices(store: Any, timeout_s: float) -> None:
-    """Before the first step: wait until the coordinator's minimum of devices has connected
-    (a ConnectionError after `timeout_s`)."""
-
-    def joined() -> int:  # devices that connected and stopped on an error do not count
-        return int(store.add(KEY_JOINED, 0) - store.add(KEY_FAILED, 0))
-
-    _wait(store, timeout_s, joined, "connected")
+def mark_joined(store: Any, name: str) -> None:
+    """Device `name` is in (again, after a restart): its engine is not up yet."""
+    store.delete_key(stopped_key(name))
+    store.delete_key(engine_key(name))
+    store.set(joined_key(name), "1")
 
 
-def wait_for_engines(store: Any, timeout_s: float) -> None:
-    """Before the first quorum: wait until the coordinator's minimum of devices has its
-    engine up (a ConnectionError after `timeout_s`). torchft's lighthouse forms a quorum of
-    the replicas it has heard from: a device that asked before the others' Managers were up
-    would take the first step alone, and the others the same step again in a quorum of their
-    own (a split brain: two histories of one step). Once every Manager heartbeats, a quorum
-    needs more than half of them. A device that stopped on an error still counts here (it may
-    have stopped before its engine was up)."""
-    _wait(store, timeout_s, lambda: store.add(KEY_ENGINES, 0), "had their engine up")
+def mark_stopped(store: Any, name: str, reason: str) -> None:
+    """Device `name` ('' if it never learnt it) stopped on an error: the coordinator
+    prints `reason`, and the device no longer counts as in."""
+    if name:
+        store.set(stopped_key(name), reason)
+    store.set(KEY_FAILED + "/last", f"{name or 'device'}: {reason}")
+    store.add(KEY_FAILED, 1)
+
+
+def devices_in(store: Any, names: list[str]) -> list[str]:
+    """The scenario's devices that joined and have not stopped on an error since: each
+    device once, however often it connected (a name the scenario lacks never counts)."""
+    return [n for n in names if store.check([joined_key(n)]) and not store.check([stopped_key(n)])]
+
+
+def wait_for_devices(store: Any, names: list[str], timeout_s: float) -> None:
+    """Before the first step: wait until the coordinator's minimum of the scenario's devices
+    `names` are in (a ConnectionError after `timeout_s`)."""
+    _wait(store, timeout_s, lambda: len(devices_in(store, names)), "connected")
+
+
+def wait_for_engines(store: Any, names: list[str], timeout_s: float) -> None:
+    """Before the first quorum: wait until the coordinator's minimum of the scenario's
+    devices `names` have their engine up (a ConnectionError after `timeout_s`). torchft's
+    lighthouse forms a quorum of the replicas it has heard from: a device that asked before
+    the others' Managers were up would take the first step alone, and the others the same
+    step again in a quorum of their own (a split brain: two histories of one step). Once
+    every Manager heartbeats, a quorum needs more than half of them. A device that stopped
+    on an error still counts here (it may have stopped before its engine was up)."""
+
+    def up() -> int:
+        return sum(store.check([engine_key(n)]) or store.check([stopped_key(n)]) for n in names)
+
+    _wait(store, timeout_s, up, "had their engine up")
 
 
 def _wait(store: Any, timeout_s: float, count: Callable[[], int], what: str) -> None:

@@ -19,12 +19,12 @@ from edgeddl.runtime.fleet.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, u
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions
 from edgeddl.runtime.fleet.store import (
-    KEY_ENGINES,
-    KEY_JOINED,
     KEY_LIGHTHOUSE,
     advertised_host,
     answers,
     connect,
+    engine_key,
+    mark_joined,
     parse_address,
     wait_for_devices,
     wait_for_engines,
@@ -112,7 +112,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
     if store.check([KEY_CHECKPOINT_EVERY]):
         run.checkpoint_every = int(store.get(KEY_CHECKPOINT_EVERY))
     try:
-        _await_the_others(store, opts)
+        _await_the_others(store, opts, run.names)
         while True:
             try:
                 run.train(quorum, store)
@@ -130,13 +130,14 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 state = quorum.manager.state_dict()
                 quorum.shutdown()
                 store = connect(opts.coordinator, opts.connect_timeout_s)
-                store.add(KEY_JOINED, 1)
+                mark_joined(store, opts.name)
+                run.resend_rows(store)  # those the lost coordinator never wrote
                 # A restarted coordinator's --min-devices holds the first back until the
                 # others are in again (else it could finish the run before they notice).
-                wait_for_devices(store, opts.connect_timeout_s)
+                wait_for_devices(store, run.names, opts.connect_timeout_s)
                 quorum = TorchftQuorum(run, store, opts, backend)
                 quorum.manager.load_state_dict(state)
-                _await_the_others(store, opts)
+                _await_the_others(store, opts, run.names)
                 run.stats.reconnects += 1
         # Done before the Manager goes: a device left out of the last step gets a quorum of
         # its own only once this one stops heartbeating, and must then see the run is over.
@@ -145,9 +146,9 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
         quorum.shutdown()
 
 
-def _await_the_others(store: Any, opts: DeviceOptions) -> None:
+def _await_the_others(store: Any, opts: DeviceOptions, names: list[str]) -> None:
     """This device's Manager is up: the first quorum waits for --min-devices of them (see
     `wait_for_engines`: else the first device in could take step 0 alone and the others
     the same step again)."""
-    store.add(KEY_ENGINES, 1)
-    wait_for_engines(store, opts.connect_timeout_s)
+    store.set(engine_key(opts.name), "1")
+    wait_for_engines(store, names, opts.connect_timeout_s)

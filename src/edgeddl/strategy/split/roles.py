@@ -47,6 +47,9 @@ class CutWire:
         """What the same tensors take as plain fp32 (and labels as int64): the reference."""
         self.sent: list[tuple[int, str, int]] = []
         """(device, kind, bytes) of every tensor encoded since it was last cleared."""
+        self.max_bytes: int | None = None
+        """The configured payload limit (`security.max_payload_bytes`, when on): nothing is
+        decoded past it; None: the tensor's shape bounds it."""
 
     def _compressor(self, device: int, kind: str, shape: tuple[int, ...]) -> Compressor:
         key = (device, kind, shape)
@@ -84,7 +87,7 @@ class CutWire:
         that is damaged, of the wrong size, or labels out of range)."""
         numel = int(np.prod(shape, dtype=np.int64))
         if kind == "labels":
-            codes = self.codec.decode(data, expected=numel).codes
+            codes = self.codec.decode(data, numel, self.max_bytes).codes
             if codes is None or codes.numel() != numel:
                 raise CodecError(f"{kind}: expected {numel} label codes")
             top = int(codes.max()) if numel else 0
@@ -92,7 +95,7 @@ class CutWire:
                 raise CodecError(f"{kind}: a label of {top} (classes 0..{self.num_classes - 1})")
             return codes.to(torch.int64).view(shape)
         comp = self._compressor(device, kind, shape)
-        payload = self.codec.decode(data, expected=numel)
+        payload = self.codec.decode(data, numel, self.max_bytes)
         try:
             values = comp.decompress(payload, step)
         except (ValueError, RuntimeError, IndexError) as e:  # what the compressor cannot read
