@@ -2,12 +2,15 @@
 
 Goal: <= 5 % of the compute time of one training step on the slowest device profile (rpi4).
 
-With security off a payload costs no cryptography; with it on, a device seals its update
-(sign, encrypt) and opens the aggregate (decrypt, verify) every step. So the cost per step is
-one `Sender.seal` plus one `Receiver.open` of a payload of that size, timed here on this CPU
+With security off a payload costs no cryptography; with it on, a device signs its update
+(an envelope) and encrypts it in its session's frame, then decrypts the aggregate's frame
+(the session, whose handshake the coordinator signed, authenticates it: no signature check),
+every step. So the cost per step is one `Sender.seal` + `Session.seal`
+plus one `Session.open` + `Receiver.open` of a payload of that size, timed here on this CPU
 (OpenSSL through `cryptography`, one thread; torch limited to one thread too), best of
-`--repeats` batches of messages. The pairwise AEAD keys are derived once per peer and kept,
-as a sender and receiver do for a run.
+`--repeats` batches of messages. A session's handshake (two signatures, two verifications,
+an X25519 key pair and agreement on each side) is timed too, and amortised over
+`--session-steps` steps (a session lasts until its device restarts or its link fails).
 
 The step time is the simulator's own (`Fleet.work_time_s`: fixed per-step cost plus the
 share's FLOPs over the profile's FLOP/s) for a Raspberry Pi 4 in the paper fleet: its share of
@@ -20,7 +23,7 @@ Caveat: the crypto is timed on this machine's x86 core, the step on a modelled P
 Cortex-A72 runs ChaCha20-Poly1305, SHA-256 and Ed25519 some 3-6x slower (no SHA or AES
 extensions it could use here), which the last column estimates with a factor of 5.
 
-    python benchmarks/security_overhead.py          # ~10 s
+    python benchmarks/security_overhead.py          # ~30 s
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from edgeddl.fleet.fleet import (
 from edgeddl.models.cost import cached_model_cost
 from edgeddl.models.zoo import build_model
 from edgeddl.security.envelope import Opened, Receiver, Sender, overhead_bytes
+from edgeddl.security.handshake import Initiator, Responder, Session, handshake_bytes
 from edgeddl.security.keys import Identity, save_identity
 from edgeddl.strategy.balance import balance_shares
 
@@ -77,16 +81,47 @@ def pi_step(model_name: str) -> tuple[float, int, int]:
     return float(compute[0]), int(shares[pi]), cost.num_params * 4
 
 
+def _session_pair(device: Identity, coord: Identity) -> tuple[Session, Session]:
+    initiator = Initiator(device, coord.public())
+    responder = Responder(coord, "bench", {device.name: device.public()})
+    confirm, mine = initiator.confirm(responder.reply(initiator.hello()))
+    return mine, responder.accept(confirm)
+
+
+def handshake_s(repeats: int) -> dict[str, float]:
+    """Best seconds of one session handshake: the device's side (hello, checking the reply,
+    its confirm) and the coordinator's (its reply, checking the confirm)."""
+    device, coord = Identity.generate("rpi4-0"), Identity.generate("coordinator")
+    best = {"device": float("inf"), "coordinator": float("inf")}
+    for _ in range(repeats * 20):
+        t0 = time.perf_counter()
+        initiator = Initiator(device, coord.public())
+        hello = initiator.hello()
+        t1 = time.perf_counter()
+        responder = Responder(coord, "bench", {device.name: device.public()})
+        reply = responder.reply(hello)
+        t2 = time.perf_counter()
+        confirm, _ = initiator.confirm(reply)
+        t3 = time.perf_counter()
+        responder.accept(confirm)
+        t4 = time.perf_counter()
+        best["device"] = min(best["device"], (t1 - t0) + (t3 - t2))
+        best["coordinator"] = min(best["coordinator"], (t2 - t1) + (t4 - t3))
+    return best
+
+
 def crypto_s(body_bytes: int, repeats: int) -> dict[str, float]:
     """Best seconds, per message of `body_bytes`, for: the device sealing its update
-    (`seal`), the device opening the coordinator's answer (`device_open`: the AEAD
-    authenticates it, no signature check) and, for reference, the coordinator opening a
-    device's update (`coordinator_open`: signature checked, for the ledger's receipt)."""
+    (`seal`: sign, then its session's frame), the device opening the coordinator's answer
+    (`device_open`: the frame; the session authenticates it) and the coordinator opening a
+    device's update (`coordinator_open`: the frame and the signature, for the ledger's
+    receipt)."""
     device, coord = Identity.generate("rpi4-0"), Identity.generate("coordinator")
     body = np.random.default_rng(0).bytes(body_bytes)
     n = max(5, min(400, 4_000_000 // max(body_bytes, 1)))
     best = {"seal": float("inf"), "device_open": float("inf"), "coordinator_open": float("inf")}
     for _ in range(repeats):
+        mine, theirs = _session_pair(device, coord)
         up, down = Sender(device, "bench"), Sender(coord, "bench")
         at_coord = Receiver(coord, "bench", {device.name: device.public()}, max_payload_bytes=MAX)
         at_device = Receiver(
@@ -94,15 +129,15 @@ def crypto_s(body_bytes: int, repeats: int) -> dict[str, float]:
             "bench",
             {coord.name: coord.public()},
             max_payload_bytes=MAX,
-            check_signatures=False,
+            check_signatures=False,  # the session authenticates the coordinator
         )
-        wires = [down.seal(device.public(), body, step=i) for i in range(n)]
+        wires = [theirs.seal(down.seal(device.public(), body, step=i)) for i in range(n)]
         t0 = time.perf_counter()
-        sealed = [up.seal(coord.public(), body, step=i) for i in range(n)]
+        sealed = [mine.seal(up.seal(coord.public(), body, step=i)) for i in range(n)]
         t1 = time.perf_counter()
-        opened = [at_coord.open(w) for w in sealed]
+        opened = [at_coord.open(theirs.open(w)) for w in sealed]
         t2 = time.perf_counter()
-        answers = [at_device.open(w) for w in wires]
+        answers = [at_device.open(mine.open(w)) for w in wires]
         t3 = time.perf_counter()
         assert all(isinstance(o, Opened) and o.body == body for o in opened + answers)
         for key, secs in (
@@ -157,6 +192,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=40, help="simulated 1-D CNN steps, each side")
     p.add_argument("--resnet-steps", type=int, default=3, help="simulated ResNet-32 steps")
+    p.add_argument(
+        "--session-steps",
+        type=int,
+        default=100,
+        help="steps a session lasts, over which its handshake is amortised (default 100)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -168,11 +209,19 @@ def main() -> None:
     ]
     extra = overhead_bytes("bench", "rpi4-0", "coordinator")
     empty = crypto_s(0, args.repeats)
+    hs = handshake_s(args.repeats)
+    hello_up, hello_down = handshake_bytes("bench", "rpi4-0", "coordinator")
+    print(
+        f"session handshake: device {hs['device'] * 1e3:.3f} ms, coordinator "
+        f"{hs['coordinator'] * 1e3:.3f} ms; {hello_up} B up, {hello_down} B down; "
+        f"amortised over {args.session_steps} steps"
+    )
+    amortised = hs["device"] / args.session_steps
     rows, results = [], []
     for label, model_name, body in cases:
         step_s, samples, _ = steps[model_name]
         t = crypto_s(body, args.repeats)
-        device_s = t["seal"] + t["device_open"]
+        device_s = t["seal"] + t["device_open"] + amortised
         ratio = device_s / step_s
         results.append(
             {
@@ -193,7 +242,7 @@ def main() -> None:
                 label,
                 f"{body:,}",
                 f"{extra} ({extra / body:.2%})",
-                f"{t['seal'] * 1e6:.0f} + {t['device_open'] * 1e6:.0f}",
+                f"{t['seal'] * 1e6:.0f} + {t['device_open'] * 1e6:.0f} + {amortised * 1e6:.0f}",
                 f"{t['coordinator_open'] * 1e6:.0f}",
                 f"{model_name}, {samples} samples: {step_s * 1e3:.2f}",
                 f"{ratio:.2%}",
@@ -206,7 +255,7 @@ def main() -> None:
             "payload",
             "body B",
             "envelope B",
-            "device seal + open us",
+            "device seal + open + handshake/steps us",
             "coordinator open us",
             "rpi4 step ms (compute)",
             "crypto/step",
@@ -217,11 +266,12 @@ def main() -> None:
     # The simulator's crypto model, fitted here: empty envelopes, then per body byte
     # (sealed and opened) from the largest payload.
     big = max(results, key=lambda r: r["body_bytes"])
+    per_byte = big["seal_s"] + big["device_open_s"] - empty["seal"] - empty["device_open"]
     fitted = {
         "seal_s": empty["seal"],
         "open_s": empty["device_open"],
         "verify_s": empty["coordinator_open"] - empty["device_open"],
-        "byte_s": (big["device_s"] - empty["seal"] - empty["device_open"]) / big["body_bytes"],
+        "byte_s": per_byte / big["body_bytes"],
     }
     model = {
         "seal_s": CRYPTO_SEAL_S,
@@ -257,6 +307,9 @@ def main() -> None:
             {
                 "goal": GOAL,
                 "empty_envelope": empty,
+                "handshake_s": hs,
+                "handshake_bytes": {"up": hello_up, "down": hello_down},
+                "session_steps": args.session_steps,
                 "fitted": fitted,
                 "simulator_constants": model,
                 "results": results,

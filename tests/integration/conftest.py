@@ -209,9 +209,14 @@ def fleet_factory(tmp_path: Path):
     made: list[Fleet] = []
 
     def make(
-        steps: int, extra: str = "", coordinator_args: tuple[str, ...] = (), train: str = ""
+        steps: int,
+        extra: str = "",
+        coordinator_args: tuple[str, ...] = (),
+        train: str = "",
+        folder: Path | None = None,
     ) -> Fleet:
-        made.append(Fleet(tmp_path, steps, extra, coordinator_args, train))
+        """A fleet in `tmp_path` (or `folder`, for a second fleet beside the first)."""
+        made.append(Fleet(folder or tmp_path, steps, extra, coordinator_args, train))
         return made[-1]
 
     yield make

@@ -120,7 +120,13 @@ def serve(
     links = None
     if handler is not None:
         party = handler.seal  # [security]: every link is an authenticated session
-        links = LinkServer(handler, store, sessions=party.responder if party else None)
+        near = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        links = LinkServer(
+            handler,
+            store,
+            sessions=party.responder if party else None,
+            client=lambda: TCPStore(near, port, is_master=False, timeout=timedelta(seconds=30)),
+        )
     store.set(KEY_SCENARIO, toml)  # last: a device that sees it sees everything above
     names = scenario.fleet.device_names()
     checkpoint_step = resume[1] if resume else -1

@@ -224,9 +224,14 @@ class LinkServer:
         timeout_s: float = 3600.0,
         sessions: Callable[[], Responder] | None = None,
         max_links: int = 64,
+        client: Callable[[], Any] | None = None,
     ) -> None:
+        """`client` opens a store connection of a link's own for its set-up (a store
+        client answers one call at a time: a link whose device never comes must not hold
+        up the coordinator's other reads); default: `store` itself."""
         self.handler, self.store, self.timeout_s = handler, store, timeout_s
         self.sessions, self.max_links = sessions, max_links
+        self.client = client or (lambda: store)
         self.opened = 0
         self.refused: list[str] = []
         self._seen = 0  # the highest link index looked at
@@ -276,7 +281,7 @@ class LinkServer:
         name = ""
         try:
             name = self.store.get(link_key(i)).decode(errors="replace")[:255]
-            pg = _group(self.store, i, 0, HANDSHAKE_TIMEOUT_S)
+            pg = _group(self.client(), i, 0, HANDSHAKE_TIMEOUT_S)
             session = None
             if self.sessions is not None:
                 session = self._handshake(pg, name)
