@@ -13,17 +13,19 @@ import numpy as np
 from edgeddl.config.profiles import DEVICE_PROFILES, LINK_PROFILES
 from edgeddl.config.schema import DeviceProfile, LinkProfile, Scenario
 
-CRYPTO_SEAL_S = 5.0e-5
-"""Sealing an empty envelope on the development machine (the `pc` profile): the header,
-Ed25519 sign (fitted by `benchmarks/security_overhead.py`: 0.05 ms)."""
-CRYPTO_OPEN_S = 1.2e-5
-"""A device opening the coordinator's answer: AEAD only, no signature check (0.012 ms)."""
-CRYPTO_VERIFY_S = 1.3e-4
+CRYPTO_SEAL_S = 4.6e-5
+"""Sealing an empty envelope in its session's frame on the development machine (the `pc`
+profile): the header, Ed25519 sign, the frame (fitted by `benchmarks/security_overhead.py`:
+0.044-0.049 ms)."""
+CRYPTO_OPEN_S = 1.0e-5
+"""Opening an envelope's frame: a device opening the coordinator's answer (its session
+authenticates it: no signature check; 0.010-0.011 ms)."""
+CRYPTO_VERIFY_S = 1.1e-4
 """The coordinator checking a device's Ed25519 signature, as it must for its ledger's
-receipt (0.13 ms on top of an open)."""
-CRYPTO_BYTE_S = 3.2e-9
-"""Per body byte, sealed once and opened once: ChaCha20-Poly1305 both ways and SHA-256 of
-the body on each side (fitted: 3.0-3.3 ms a MB)."""
+receipt (0.106-0.113 ms on top of an open)."""
+CRYPTO_BYTE_S = 2.2e-9
+"""Per body byte, sealed once and opened once: ChaCha20-Poly1305 both ways (the session's
+frame) and SHA-256 of the body on each side (fitted: 2.2 ms a MB)."""
 CRYPTO_REFERENCE = "pc"
 
 

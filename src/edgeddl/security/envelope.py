@@ -4,7 +4,7 @@ A header (run, sender, recipient, step, sequence number, the ledger head the sen
 body's SHA-256) and an Ed25519 signature over it travel with the body. Confidentiality and
 forward secrecy come from the session the envelope travels in (`handshake.py`: each link's
 frames are encrypted under keys of that session only). Header and signature alone (a
-*receipt*, ~170 B) prove what the sender sent and which ledger head it had seen; the ledger
+*receipt*, ~180 B) prove what the sender sent and which ledger head it had seen; the ledger
 stores receipts.
 Details (the wire format, version 3): docs/trust.md#envelope-format
 """
