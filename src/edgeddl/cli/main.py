@@ -323,7 +323,11 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     metric = TASKS[scenario.task].metric
     value = summary[f"final_{metric}"]
     print(f"{out}: {metric_label(metric)} {value}, {summary['num_steps']} steps")
-    return 0
+    # The run folder is written: end now. A link still open (a device, or a rogue holding a
+    # device's key) has a thread blocked in gloo, which would abort the interpreter's exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
