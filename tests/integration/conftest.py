@@ -23,6 +23,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from edgeddl.config.loader import load_scenario
+from edgeddl.runtime.fleet.signed_store import unchecked
 from edgeddl.runtime.fleet.store import progress_key
 
 STALL_S = 120.0
@@ -147,7 +148,7 @@ class Fleet:
 
     def progress(self, name: str) -> int:
         key = progress_key(name)
-        return int(self.store.get(key)) if self.store.check([key]) else 0
+        return int(unchecked(self.store.get(key))) if self.store.check([key]) else 0
 
     def wait_for(self, name: str, step: int) -> None:
         def reached() -> bool:

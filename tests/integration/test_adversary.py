@@ -20,6 +20,7 @@ import pytest
 import torch
 from test_sealed_real_fleet import DEVICES, _security
 
+from edgeddl.runtime.fleet.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP
 from edgeddl.runtime.fleet.coordinator_link import (
     KEY_LINKS,
     OPS,
@@ -31,6 +32,7 @@ from edgeddl.runtime.fleet.coordinator_link import (
     _send,
     link_key,
 )
+from edgeddl.runtime.fleet.store import KEY_DONE, KEY_ROWS, final_key, progress_key, row_key
 from edgeddl.security.handshake import Initiator
 from edgeddl.security.keys import Identity, load_identity, load_public
 from edgeddl.security.ledger import LEDGER_FILE, Ledger
@@ -110,9 +112,21 @@ def test_a_rogue_without_keys_changes_nothing(fleet_factory, tmp_path: Path) -> 
     for i in range(top + 1, top + 21):
         store.set(link_key(i), "dev-2")
     store.add(KEY_LINKS, 20)
+    # Store values: a forged end, progress, evaluation row, final report and checkpoint.
+    store.set(KEY_DONE, "dev-0")
+    store.set(progress_key("dev-1"), str(STEPS))
+    store.set(row_key(store.add(KEY_ROWS, 1)), json.dumps({"step": 7, "test_accuracy": 0.99}))
+    store.set(final_key("dev-0"), json.dumps({"name": "dev-0", "steps": 10**6}))
+    store.set(KEY_CHECKPOINT, b"poison")
+    store.set(KEY_CHECKPOINT_STEP, "999")
     assert fleet.progress("dev-0") < STEPS, "the fleet ended before the attacks: make it longer"
     summary = fleet.finish()
     _check_attacked(summary, fleet, tmp_path, clean=None)
+    assert summary["num_steps"] == STEPS and summary["checkpoint_step"] != 999
+    assert {d["name"]: d["steps"] for d in summary["per_device"]}["dev-0"] <= STEPS
+    rows = [json.loads(x) for x in (fleet.out / "metrics.jsonl").read_text().splitlines()]
+    assert 7 not in {r["step"] for r in rows}
+    assert (fleet.out / "checkpoint.pt").read_bytes() != b"poison"
     log = (tmp_path / "coordinator-1.log").read_text()
     assert "refused dev-1's session handshake" in log
     assert "did not start with a session handshake" in log

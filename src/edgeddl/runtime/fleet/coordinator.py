@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 import uuid
 from datetime import timedelta
@@ -23,6 +24,7 @@ from torch.distributed import TCPStore
 
 from edgeddl.config.loader import to_toml
 from edgeddl.config.schema import Scenario
+from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.fleet.timeline import STATES
 from edgeddl.io import (
     write_bytes_atomic,
@@ -45,6 +47,7 @@ from edgeddl.runtime.fleet.checkpoint import (
 )
 from edgeddl.runtime.fleet.coordinator_link import LinkServer
 from edgeddl.runtime.fleet.secure_coordinator import SecureCoordinator
+from edgeddl.runtime.fleet.signed_store import ForgedValue, fleet_store
 from edgeddl.runtime.fleet.split_rear import SplitRear
 from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
@@ -83,6 +86,7 @@ def serve(
     If `out_dir` holds a checkpoint of this scenario, the run resumes from it.
     """
     silence_engine_logs()
+    store: Any
     try:
         store = TCPStore(
             host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
@@ -90,13 +94,15 @@ def serve(
     except RuntimeError as e:  # torch's DistNetworkError: the port is taken, or no such host
         reason = str(e).splitlines()[0]
         raise OSError(f"--port: cannot listen on {host}:{port} ({reason})") from None
+    if scenario.security.enabled:  # the store is open to anyone: its values are signed
+        store = fleet_store(store, scenario, SECURITY_COORDINATOR)
     toml = to_toml(scenario)
     resume = read_checkpoint(out_dir, toml)
     lighthouse = _lighthouse(heartbeat_timeout_ms) if engine == "torchft" else None
     rows: list[dict[str, Any]] = []  # this run's rows, after those of an earlier coordinator
     earlier: list[dict[str, Any]] = []
     if resume is not None:
-        store.set(KEY_RESUME, resume[0])  # type: ignore[arg-type]  # bytes are fine
+        store.set(KEY_RESUME, resume[0])
         metrics = out_dir / "metrics.jsonl"
         if metrics.exists():
             earlier = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
@@ -137,43 +143,46 @@ def serve(
     all_failed_at: float | None = None
     try:
         while True:
-            if links is not None:
-                links.poll()
-            now = time.perf_counter()
-            if (message := watch.poll(store, now)) is not None:
-                last = message
-                print(f"edgeddl coordinator: device stopped on an error: {last}", flush=True)
-            if done_at is None and watch.num_failures and not watch.alive:  # nobody is left
-                all_failed_at = all_failed_at or now
-                if now - all_failed_at > linger_s:
-                    raise FleetFailed(
-                        f"every device stopped on an error (last: {last}); "
-                        f"the run folder {out_dir} keeps what was written"
-                    )
-            else:
-                all_failed_at = None
-            # The checkpoint before the rows: every row up to its step was written before
-            # it, so metrics.jsonl has them all by the time the checkpoint is on disk.
-            checkpoint = _new_checkpoint(store, checkpoint_step)
-            if new_rows := reader.poll(store):
-                rows += new_rows
-                write_jsonl_atomic(out_dir / "metrics.jsonl", _merged(earlier, rows))
-            if checkpoint is not None:
-                checkpoint_step = checkpoint[0]
-                write_bytes_atomic(out_dir / CHECKPOINT_FILE, checkpoint[1])
-            if done_at is None and store.check([KEY_DONE]):
-                done_at = now
-            # After the first device's end: wait for the others still training, no longer
-            # than linger_s (a device killed without a word is not waited for).
-            if done_at is not None and (
-                not watch.awaited(now, linger_s) or now - done_at > linger_s
-            ):
-                break
+            try:  # a value replaced between its check and its read: skipped
+                if links is not None:
+                    links.poll()
+                now = time.perf_counter()
+                if (message := watch.poll(store, now)) is not None:
+                    last = message
+                    print(f"edgeddl coordinator: device stopped on an error: {last}", flush=True)
+                if done_at is None and watch.num_failures and not watch.alive:  # nobody is left
+                    all_failed_at = all_failed_at or now
+                    if now - all_failed_at > linger_s:
+                        raise FleetFailed(
+                            f"every device stopped on an error (last: {last}); "
+                            f"the run folder {out_dir} keeps what was written"
+                        )
+                else:
+                    all_failed_at = None
+                # The checkpoint before the rows: every row up to its step was written before
+                # it, so metrics.jsonl has them all by the time the checkpoint is on disk.
+                checkpoint = _new_checkpoint(store, checkpoint_step)
+                if new_rows := reader.poll(store):
+                    rows += new_rows
+                    write_jsonl_atomic(out_dir / "metrics.jsonl", _merged(earlier, rows))
+                if checkpoint is not None:
+                    checkpoint_step = checkpoint[0]
+                    write_bytes_atomic(out_dir / CHECKPOINT_FILE, checkpoint[1])
+                if done_at is None and store.check([KEY_DONE]):
+                    done_at = now
+                # After the first device's end: wait for the others still training, no longer
+                # than linger_s (a device killed without a word is not waited for).
+                if done_at is not None and (
+                    not watch.awaited(now, linger_s) or now - done_at > linger_s
+                ):
+                    break
+            except ForgedValue as e:
+                print(f"edgeddl coordinator: {e}", file=sys.stderr, flush=True)
             time.sleep(poll_s)
     finally:
         if lighthouse is not None:
             lighthouse.shutdown()
-    reports = [json.loads(store.get(final_key(n))) for n in names if store.check([final_key(n)])]
+    reports = _reports(store, names)
     rows = _merged(earlier, rows)
     summary = _summary(scenario, rows, reports, time.perf_counter() - start)
     summary["engine"], summary["backend"] = engine, backend
@@ -222,6 +231,18 @@ def _lighthouse(heartbeat_timeout_ms: int) -> Any:
         quorum_tick_ms=50,
         heartbeat_timeout_ms=heartbeat_timeout_ms,
     )
+
+
+def _reports(store: Any, names: list[str]) -> list[dict[str, Any]]:
+    """The devices' final reports (with `[security]`: those their devices signed)."""
+    out = []
+    for name in names:
+        try:
+            if store.check([final_key(name)]):
+                out.append(json.loads(store.get(final_key(name))))
+        except (ForgedValue, ValueError) as e:
+            print(f"edgeddl coordinator: {name}'s final report: {e}", file=sys.stderr)
+    return out
 
 
 def _new_checkpoint(store: Any, have: int) -> tuple[int, bytes] | None:

@@ -77,8 +77,9 @@ def link_key(i: int) -> str:
 def _group(store: Any, i: int, rank: int, timeout_s: float) -> Any:
     from torch.distributed import PrefixStore, ProcessGroupGloo
 
+    raw = getattr(store, "raw", store)  # under a SignedStore: torch's own store
     return ProcessGroupGloo(
-        PrefixStore(f"edgeddl/link-group/{i}", store), rank, 2, timedelta(seconds=timeout_s)
+        PrefixStore(f"edgeddl/link-group/{i}", raw), rank, 2, timedelta(seconds=timeout_s)
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
+from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.runtime.fleet.store import KEY_DONE, KEY_SCENARIO
 from edgeddl.security.session import check_sealable
@@ -45,7 +46,12 @@ class DeviceOptions:
 
 def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int]:
     """The coordinator's scenario, the options with the name settled, this device's index."""
-    scenario = scenario_from_dict(tomllib.loads(store.get(KEY_SCENARIO).decode()))
+    data = bytes(store.get(KEY_SCENARIO))
+    if opts.keys_dir:  # [security]: only a scenario the coordinator it trusts signed
+        data = signed_scenario(data, opts.keys_dir)
+    elif data[:1] == bytes([len(SECURITY_COORDINATOR)]):  # signed, and nothing to check it by
+        data = data[1 + len(SECURITY_COORDINATOR) + 64 :]
+    scenario = scenario_from_dict(tomllib.loads(data.decode()))
     names = scenario.fleet.device_names()
     if not opts.name:
         opts = dataclasses.replace(opts, name=_name_from_rank(names))
@@ -58,6 +64,23 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
     check_real_fleet(scenario)
     return scenario, opts, names.index(opts.name)
+
+
+def signed_scenario(data: bytes, keys_dir: str) -> bytes:
+    """The scenario in `data` once the coordinator key in `keys_dir` (coordinator.pub)
+    signed it; ConfigError (one line) otherwise."""
+    from pathlib import Path
+
+    from edgeddl.runtime.fleet.signed_store import fleet_authors, open_value
+    from edgeddl.security.keys import SecurityError, key_paths, load_public
+
+    _, public = key_paths(Path(keys_dir), SECURITY_COORDINATOR)
+    try:
+        coordinator = load_public(public)
+    except SecurityError as e:
+        raise ConfigError(f"--keys: {e}") from None
+    allowed = fleet_authors([])(KEY_SCENARIO) or frozenset()
+    return open_value(KEY_SCENARIO, data, {SECURITY_COORDINATOR: coordinator}, allowed)
 
 
 def check_real_fleet(scenario: Scenario) -> None:

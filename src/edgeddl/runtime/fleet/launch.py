@@ -14,6 +14,7 @@ from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions, read_scenario
+from edgeddl.runtime.fleet.signed_store import unchecked
 from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
     KEY_DONE,
@@ -41,21 +42,45 @@ def run_device(opts: DeviceOptions) -> dict[str, Any] | None:
         if worker:  # restarted after the coordinator ended the run: nothing left to do
             return None
         raise
-    engine = store.get(KEY_ENGINE).decode() if store.check([KEY_ENGINE]) else "torchft"
-    worker = worker and engine == "elastic"
+    # Which engine, before the scenario (and the keys to check it by) is read: only to know
+    # whether this is a restarted elastic worker; what the device runs on is read checked.
+    hint = unchecked(store.get(KEY_ENGINE)) if store.check([KEY_ENGINE]) else b"torchft"
+    worker = worker and hint == b"elastic"
     if worker and store.check([KEY_DONE]):  # restarted as the run ended (a late join)
         return None
     try:
         scenario, opts, idx = read_scenario(store, opts)
+        store = device_store(store, scenario, opts)
+    except ConfigError as e:
+        if not worker:
+            _stopped(store, opts.name, e)
+        raise
+    engine = store.get(KEY_ENGINE).decode() if store.check([KEY_ENGINE]) else "torchft"
+    try:
         if not worker:  # a restarted elastic worker is the same device, not a new one
             mark_joined(store, opts.name)
         return _run(opts, store, engine, worker, scenario, idx)
     except Exception as e:
         if not worker:  # the agent reports for its workers, once it gives up
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            with contextlib.suppress(RuntimeError, OSError):  # the coordinator is gone too
-                mark_stopped(store, opts.name, reason)
+            _stopped(store, opts.name, e)
         raise
+
+
+def _stopped(store: Any, name: str, e: Exception) -> None:
+    """Leave the error that stops this device with the coordinator, which reports it."""
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    with contextlib.suppress(RuntimeError, OSError):  # the coordinator is gone too
+        mark_stopped(store, name, reason)
+
+
+def device_store(store: Any, scenario: Scenario, opts: DeviceOptions) -> Any:
+    """With `[security]`: the store with this device's values signed and every read checked
+    (`signed_store.py`)."""
+    if not scenario.security.enabled:
+        return store
+    from edgeddl.runtime.fleet.signed_store import fleet_store
+
+    return fleet_store(store, scenario, opts.name, opts.keys_dir)
 
 
 def _run(

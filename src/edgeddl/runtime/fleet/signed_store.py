@@ -2,14 +2,15 @@
 
 The store (torch's `TCPStore`) is open to anyone who reaches the coordinator's port: it is
 not a trust boundary. A secured fleet writes its values through `SignedStore`: each value
-carries its author's name and an Ed25519 signature over (the coordinator's epoch, the key,
-the value), and a read returns it only if its author may write that key (`author_of`): the
-coordinator its announcements (scenario, engine, the checkpoint to resume from), a device
-the keys named after it (its progress, final report, joins), any enrolled party the shared
-ones (evaluation rows, the fleet's checkpoint and final state). A forged, moved or replayed
-value raises `ForgedValue`, which the reader treats as if the value were not there.
-Counters (`add`) are not values: nothing trusts them for more than a hint.
-Details: docs/real-fleet.md#the-store
+carries its author's name and an Ed25519 signature over (the key, the author, the value),
+and a read returns it only if an author who may write that key signed it (`fleet_authors`):
+the coordinator its announcements (scenario, engine, the checkpoint to resume from), a
+device the keys named after it (its progress, final report, joins), any enrolled party the
+shared ones (evaluation rows, the fleet's checkpoint and final state). A forged value, or
+one moved to another key, raises `ForgedValue`: a device refuses to go on (one line), the
+coordinator reads it as absent. Counters (`add`) and the engines' own keys are not values:
+nothing trusts them for more than a hint.
+Details: docs/trust.md#the-store
 """
 
 from __future__ import annotations
@@ -17,23 +18,55 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edgeddl.config.loader import ConfigError
+from edgeddl.config.security import SECURITY_COORDINATOR
+from edgeddl.runtime.fleet import checkpoint as ck
+from edgeddl.runtime.fleet import store as keys
 from edgeddl.security.keys import Identity, PublicIdentity, name_bytes
 
 DOMAIN = b"edgeddl store v1\x00"
 SIG_BYTES = 64
 
 
-class ForgedValue(ValueError):
-    """A store value that its key's author did not sign (or that names no author)."""
+class ForgedValue(ConfigError):
+    """A store value that no author allowed for its key signed."""
 
 
 AuthorOf = Callable[[str], frozenset[str] | None]
-"""Who may write a key: the names allowed, or None for a key that is not signed (counters,
-the engines' own keys)."""
+"""Who may write a key: the names allowed, or None for a key that is not signed."""
+
+
+def _message(key: str, who: bytes, value: bytes) -> bytes:
+    return DOMAIN + key.encode() + b"\x00" + who + value
+
+
+def open_value(
+    key: str, data: bytes, peers: Mapping[str, PublicIdentity], allowed: frozenset[str]
+) -> bytes:
+    """The value `data` holds for `key`; ForgedValue unless one of `allowed` signed it."""
+    n = data[0] if data else 0
+    if len(data) < 1 + n + SIG_BYTES:
+        raise ForgedValue(f"the store's {key}: not a signed value (someone else wrote it)")
+    who, sig, value = data[: 1 + n], data[1 + n : 1 + n + SIG_BYTES], data[1 + n + SIG_BYTES :]
+    author = who[1:].decode("utf-8", errors="replace")
+    signer = peers.get(author)
+    if signer is None or author not in allowed:
+        raise ForgedValue(f"the store's {key}: written by {author!r}, who may not write it")
+    if not signer.verify(sig, _message(key, who, value)):
+        raise ForgedValue(f"the store's {key}: not signed by {author!r} (someone else wrote it)")
+    return value
+
+
+def unchecked(data: bytes) -> bytes:
+    """A signed value's bytes without checking who signed it: for a reader that only
+    watches (a progress display, a test), never one that acts on it."""
+    n = data[0] if data else 0
+    return data[1 + n + SIG_BYTES :] if 0 < n < 32 and len(data) >= 1 + n + SIG_BYTES else data
 
 
 class SignedStore:
-    """A store whose values `identity` signs and whose reads are checked against `peers`."""
+    """A store whose values `identity` signs and whose reads are checked against `peers`
+    (`raw`: the store itself, for what the engines build on it)."""
 
     def __init__(
         self,
@@ -41,77 +74,96 @@ class SignedStore:
         identity: Identity,
         peers: Mapping[str, PublicIdentity],
         author_of: AuthorOf,
-        epoch: bytes = b"",
     ) -> None:
-        self.raw, self.identity, self.peers = raw, identity, peers
-        self.author_of, self.epoch = author_of, epoch
-
-    def sign(self, key: str, value: bytes) -> bytes:
-        who = name_bytes(self.identity.name)
-        message = DOMAIN + self.epoch + key.encode() + b"\x00" + who + value
-        return who + self.identity.sign(message) + value
-
-    def open(self, key: str, data: bytes) -> bytes:
-        """The value of `data` read at `key`; ForgedValue unless an allowed author signed it
-        for this key and epoch."""
-        allowed = self.author_of(key)
-        if allowed is None:
-            return data
-        if not data or len(data) < 1 + data[0] + SIG_BYTES:
-            raise ForgedValue(f"{key}: not a signed value")
-        n = data[0]
-        try:
-            author = data[1 : 1 + n].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ForgedValue(f"{key}: an author name that is not UTF-8") from None
-        signer = self.peers.get(author)
-        if signer is None or author not in allowed:
-            raise ForgedValue(f"{key}: written by {author!r}, who may not write it")
-        who, sig, value = data[: 1 + n], data[1 + n : 1 + n + SIG_BYTES], data[1 + n + SIG_BYTES :]
-        if not signer.verify(sig, DOMAIN + self.epoch + key.encode() + b"\x00" + who + value):
-            raise ForgedValue(f"{key}: the signature of {author!r} does not check")
-        return value
+        self.raw, self.identity, self.peers, self.author_of = raw, identity, peers, author_of
 
     def set(self, key: str, value: str | bytes) -> None:
         data = value.encode() if isinstance(value, str) else bytes(value)
         if self.author_of(key) is not None:
-            data = self.sign(key, data)
+            who = name_bytes(self.identity.name)
+            data = who + self.identity.sign(_message(key, who, data)) + data
         self.raw.set(key, data)
 
     def get(self, key: str) -> bytes:
-        return self.open(key, bytes(self.raw.get(key)))
+        data = bytes(self.raw.get(key))
+        allowed = self.author_of(key)
+        return data if allowed is None else open_value(key, data, self.peers, allowed)
 
-    def check(self, keys: list[str]) -> bool:
-        return bool(self.raw.check(keys))
+    def check(self, keys_: list[str]) -> bool:
+        """Whether every key holds a value (for a signed key: one its author signed)."""
+        if not self.raw.check(keys_):
+            return False
+        for key in keys_:
+            if self.author_of(key) is not None:
+                try:
+                    self.get(key)
+                except ForgedValue:
+                    return False
+        return True
 
     def add(self, key: str, amount: int) -> int:
         return int(self.raw.add(key, amount))
 
-    def __getattr__(self, name: str) -> Any:  # what else the engines ask of a store
+    def __getattr__(self, name: str) -> Any:  # anything else the engines ask of a store
         return getattr(self.raw, name)
 
 
-def fleet_authors(devices: list[str], coordinator: str, store_keys: Any) -> AuthorOf:
-    """Who may write each of the fleet's keys (`store_keys`: the `store` module, whose key
-    names and key functions this reads)."""
-    k = store_keys
-    mine = frozenset({coordinator})
-    everyone = frozenset(devices) | mine
+def raw_store(store: Any) -> Any:
+    """The store itself under a `SignedStore` (what torch's own stores are built on)."""
+    return getattr(store, "raw", store)
+
+
+def fleet_authors(devices: list[str]) -> AuthorOf:
+    """Who may write each of the fleet's keys."""
+    coordinator = frozenset({SECURITY_COORDINATOR})
+    everyone = frozenset(devices) | coordinator
     announced = {
-        k.KEY_SCENARIO, k.KEY_ENGINE, k.KEY_BACKEND, k.KEY_RUN_ID, k.KEY_MIN_DEVICES,
-        k.KEY_LIGHTHOUSE, k.KEY_ROWS_KNOWN,
+        keys.KEY_SCENARIO,
+        keys.KEY_ENGINE,
+        keys.KEY_BACKEND,
+        keys.KEY_RUN_ID,
+        keys.KEY_MIN_DEVICES,
+        keys.KEY_LIGHTHOUSE,
+        keys.KEY_ROWS_KNOWN,
+        ck.KEY_RESUME,
+        ck.KEY_CHECKPOINT_EVERY,
     }
-    per_device = [f("") for f in (k.final_key, k.progress_key, k.joined_key, k.engine_key, k.stopped_key)]
+    shared = {keys.KEY_DONE, ck.KEY_CHECKPOINT, ck.KEY_CHECKPOINT_STEP, ck.KEY_FINAL_STATE}
+    per_device = [
+        f("")
+        for f in (
+            keys.final_key,
+            keys.progress_key,
+            keys.joined_key,
+            keys.stopped_key,
+            keys.engine_key,
+        )
+    ]
+    rows = keys.row_key(0)[:-1]
 
     def author_of(key: str) -> frozenset[str] | None:
         if key in announced:
-            return mine
+            return coordinator
+        if key in shared or key.startswith(rows):
+            return everyone
         for prefix in per_device:
             if key.startswith(prefix):
                 name = key[len(prefix) :]
                 return frozenset({name}) if name in devices else frozenset()
-        if key.startswith(k.row_key(0)[:-1]) or key == k.KEY_DONE:
-            return everyone
         return None
 
     return author_of
+
+
+def fleet_store(raw: Any, scenario: Any, name: str, keys_dir: str = "") -> SignedStore:
+    """`raw` with the values of party `name` (a device, or the coordinator) signed with its
+    key from `keys_dir` (default: the scenario's), and every read checked against the
+    scenario's enrolled identities."""
+    from pathlib import Path
+
+    from edgeddl.security.keys import enrolled
+    from edgeddl.security.session import enrolled_identity
+
+    peers = enrolled(scenario.security)
+    identity = enrolled_identity(Path(keys_dir or scenario.security.keys_dir), name, peers)
+    return SignedStore(raw, identity, peers, fleet_authors(scenario.fleet.device_names()))

@@ -18,6 +18,7 @@ from torch.distributed import ReduceOp
 from edgeddl.runtime.fleet.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpack
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions
+from edgeddl.runtime.fleet.signed_store import fleet_store
 from edgeddl.runtime.fleet.store import (
     KEY_LIGHTHOUSE,
     advertised_host,
@@ -130,6 +131,8 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 state = quorum.manager.state_dict()
                 quorum.shutdown()
                 store = connect(opts.coordinator, opts.connect_timeout_s)
+                if run.scenario.security.enabled:  # values signed, reads checked
+                    store = fleet_store(store, run.scenario, opts.name, opts.keys_dir)
                 mark_joined(store, opts.name)
                 run.resend_rows(store)  # those the lost coordinator never wrote
                 # A restarted coordinator's --min-devices holds the first back until the
