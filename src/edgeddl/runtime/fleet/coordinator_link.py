@@ -231,7 +231,7 @@ class LinkServer:
         client answers one call at a time: a link whose device never comes must not hold
         up the coordinator's other reads); default: `store` itself."""
         self.handler, self.store, self.timeout_s = handler, store, timeout_s
-        self.sessions, self.max_links = sessions, max_links
+        self.sessions = sessions
         self.client = client or (lambda: store)
         self.opened = 0
         self.refused: list[str] = []

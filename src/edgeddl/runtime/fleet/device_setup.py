@@ -14,6 +14,7 @@ from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.fleet.fleet import Fleet
+from edgeddl.runtime.fleet.signed_store import unchecked
 from edgeddl.runtime.fleet.store import KEY_DONE, KEY_SCENARIO
 from edgeddl.security.session import check_sealable
 
@@ -47,10 +48,9 @@ class DeviceOptions:
 def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int]:
     """The coordinator's scenario, the options with the name settled, this device's index."""
     data = bytes(store.get(KEY_SCENARIO))
-    if opts.keys_dir:  # [security]: only a scenario the coordinator it trusts signed
-        data = signed_scenario(data, opts.keys_dir)
-    elif data[:1] == bytes([len(SECURITY_COORDINATOR)]):  # signed, and nothing to check it by
-        data = data[1 + len(SECURITY_COORDINATOR) + 64 :]
+    # [security] with --keys: only a scenario the coordinator it trusts signed; without,
+    # signed or not, the network's word for it
+    data = signed_scenario(data, opts.keys_dir) if opts.keys_dir else unchecked(data)
     scenario = scenario_from_dict(tomllib.loads(data.decode()))
     names = scenario.fleet.device_names()
     if not opts.name:
