@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_sealed_real_fleet import DEVICES, _security
+from test_sealed_real_fleet import DEVICES, PACED, _security
 
 from edgeddl.runtime.fleet.checkpoint import KEY_CHECKPOINT, KEY_CHECKPOINT_STEP
 from edgeddl.runtime.fleet.coordinator_link import (
@@ -51,17 +51,6 @@ def _verify(run_dir: Path, *args: str | Path) -> subprocess.CompletedProcess[str
         capture_output=True,
         text=True,
     )
-
-
-# Steps of about 0.1 s that leave the CPU free: the rogue's attacks take seconds.
-PACED = """
-[profiles.paced_board]
-flops_per_s = 1.0e8
-memory_bytes = 4.0e9
-op_overhead_s = 0.0
-step_overhead_s = 0.0
-io_bytes_per_s = 1.0e9
-"""
 
 
 def _fleet(fleet_factory, keys: Path):  # type: ignore[no-untyped-def]
@@ -130,6 +119,38 @@ def test_a_rogue_without_keys_changes_nothing(fleet_factory, tmp_path: Path) -> 
     log = (tmp_path / "coordinator-1.log").read_text()
     assert "refused dev-1's session handshake" in log
     assert "did not start with a session handshake" in log
+
+
+def test_a_rogue_replica_on_the_lighthouse_heals_nobody(fleet_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """torchft's lighthouse is open to anyone: a rogue joins the quorums claiming a step far
+    ahead, so every device must heal from it, and offers a poisoned state whose unpickling
+    runs a command. The devices heal from the coordinator instead: the rogue's steps fail
+    (nothing is committed without the coordinator's state), nothing of it is loaded or run,
+    and once it is gone the fleet finishes as the coordinator's replica."""
+    keys = tmp_path / "keys"
+    fleet = _fleet(fleet_factory, keys)
+    fleet.wait_for("dev-0", 2)
+    marker = tmp_path / "the-rogue-ran-code"
+    rogue = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "rogue_replica.py"),
+            str(fleet.port),
+            str(STEPS - 50),
+            "10",
+            str(marker),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rogue.returncode == 0, rogue.stderr[-2000:]
+    assert int(rogue.stdout.split()[-1]) >= 2, "the rogue never got into the fleet's quorums"
+    assert fleet.progress("dev-0") < STEPS - 50, "the fleet ended before the rogue left"
+    summary = fleet.finish()
+    assert not marker.exists()
+    _check_attacked(summary, fleet, tmp_path, clean=None)
+    assert all(np.isfinite(d["checksum"]) for d in summary["per_device"])
 
 
 def test_a_rogue_with_a_stolen_device_key(fleet_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,16 @@ torchft = pytest.importorskip("torchft")
 pytestmark = pytest.mark.slow
 
 DEVICES = ("dev-0", "dev-1", "dev-2")
+
+# Steps of about 0.1 s that leave the CPU free: the rogue's attacks take seconds.
+PACED = """
+[profiles.paced_board]
+flops_per_s = 1.0e8
+memory_bytes = 4.0e9
+op_overhead_s = 0.0
+step_overhead_s = 0.0
+io_bytes_per_s = 1.0e9
+"""
 
 
 def _security(folder: Path, devices: tuple[str, ...] = DEVICES) -> str:
@@ -229,3 +241,52 @@ def test_a_robust_rule_on_a_sealed_real_fleet_outlasts_hostile_devices(
         for s in e["payload"].get("screened", [])
     ]
     assert set(screened) == {"nan"} and len(screened) == robust["num_rejected"]
+
+
+def test_a_device_joining_a_sealed_fleet_heals_from_the_coordinator(
+    fleet_factory, tmp_path: Path
+) -> None:
+    """torchft heals a joiner; in a sealed fleet the state comes from the coordinator's
+    replica over the joiner's session (`heal.py`), never from a peer."""
+    keys, steps = tmp_path / "keys", 300
+    fleet = fleet_factory(
+        steps=steps, extra=PACED + _security(keys), coordinator_args=("--min-devices", "2")
+    )
+    for name in DEVICES[:2]:
+        fleet.start(name, "--profile", "paced_board")
+    fleet.wait_for("dev-0", 20)
+    fleet.start("dev-2", "--profile", "paced_board")
+    fleet.wait_for("dev-2", 1)
+    fleet.check_late_join("dev-2", steps, after_step=20)
+    _check(json.loads((fleet.out / "summary.json").read_text()), steps, fleet.out)
+
+
+def test_a_restarted_coordinator_of_a_sealed_fleet_resumes_its_replica(
+    fleet_factory, tmp_path: Path
+) -> None:
+    """kill -9 of the coordinator: the new one resumes its replica from the checkpoint, and
+    the devices go on from the coordinator's state (not their own, newer one), so every
+    replica is the coordinator's at the end."""
+    keys, steps = tmp_path / "keys", 300
+    fleet = fleet_factory(steps=steps, extra=PACED + _security(keys))
+    fleet.coordinator.kill()  # start again with a short checkpoint interval
+    fleet.coordinator.wait()
+    fleet.start_coordinator("--checkpoint-every", "20", "--min-devices", "2")
+    for name in DEVICES[:2]:
+        fleet.start(name, "--profile", "paced_board")
+    fleet.wait_for("dev-0", 45)
+    fleet.wait_for("dev-1", 45)
+    assert (fleet.out / "checkpoint.pt").exists()
+    os.kill(fleet.coordinator.pid, signal.SIGKILL)
+    fleet.coordinator.wait()
+    fleet.start_coordinator("--checkpoint-every", "20", "--min-devices", "2")
+    summary = fleet.finish()
+    resumed = summary["resumed_from_step"]
+    assert resumed is not None and resumed >= 20
+    for d in summary["per_device"]:
+        assert d["final_step"] == steps and d["coordinator_reconnects"] == 1
+    sec = summary["security"]
+    assert {round(d["checksum"], 6) for d in summary["per_device"]} == {
+        round(sec["coordinator_checksum"], 6)
+    }
+    assert summary["replicas_consistent"] and summary["final_test_accuracy"] > 0.3

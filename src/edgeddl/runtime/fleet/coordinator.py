@@ -44,6 +44,7 @@ from edgeddl.runtime.fleet.checkpoint import (
     KEY_RESUME,
     FleetFailed,
     read_checkpoint,
+    unpack,
 )
 from edgeddl.runtime.fleet.coordinator_link import LinkServer
 from edgeddl.runtime.fleet.secure_coordinator import SecureCoordinator
@@ -122,7 +123,9 @@ def serve(
     if scenario.train.strategy == "split":  # the coordinator holds the rear
         handler = SplitRear.for_scenario(scenario, store, out_dir, checkpoint_every)
     elif scenario.security.enabled:  # it opens, records and aggregates every payload
-        handler = SecureCoordinator(scenario, out_dir)
+        # its replica is the fleet's (a device that heals takes it): from the checkpoint too
+        replica = unpack(resume[0], toml, "the checkpoint") if resume is not None else None
+        handler = SecureCoordinator(scenario, out_dir, replica)
     links = None
     if handler is not None:
         party = handler.seal  # [security]: every link is an authenticated session

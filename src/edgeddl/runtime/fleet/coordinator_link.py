@@ -48,6 +48,7 @@ OPS = (
     "update",
     "aggregate",
     "handshake",
+    "state",
 )
 HEADER = 8
 """Request: op, step, device, samples, loss, members, then the byte length of up to two

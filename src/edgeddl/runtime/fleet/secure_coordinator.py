@@ -3,7 +3,8 @@
 With `[security]` on, a device's payload goes to the coordinator, not into a sum among
 devices: a sum cannot carry ciphertexts, and the coordinator is who must check each sender.
 Per step it answers "update" (open, check, record), "aggregate" (computed once, sealed for
-each device) and "commit" (applied to its own replica, recorded in the ledger). Every request
+each device) and "commit" (applied to its own replica, recorded in the ledger); "state"
+gives a device that heals the coordinator's replica (`heal.py`), not a peer's. Every request
 comes over an authenticated session, and the coordinator trusts a request for no more than
 its sender may say: an aggregate's weights are those each device's own accepted update
 declared (checked against what that device may weigh), a request's table only chooses among
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 
 from edgeddl.compress.codec import dense_body
-from edgeddl.config.loader import ConfigError
+from edgeddl.config.loader import ConfigError, to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.runtime.fleet.allreduce import checksum
+from edgeddl.runtime.fleet.checkpoint import pack
 from edgeddl.security.ledger import model_digest
 from edgeddl.security.parties import CoordinatorParty
 from edgeddl.strategy.base import Aggregate, FleetStrategy
@@ -62,8 +64,12 @@ KEEP_STEPS = 4
 class SecureCoordinator:
     """The coordinator's part in a secured real fleet (docs/real-fleet.md#the-sealed-fleet)."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path) -> None:
+    def __init__(
+        self, scenario: Scenario, out_dir: Path, resume: dict[str, Any] | None = None
+    ) -> None:
+        """`resume`: the checkpoint a restarted coordinator resumes from (`checkpoint.unpack`)."""
         self.names = scenario.fleet.device_names()
+        self.toml = to_toml(scenario)
         w = build_workload(scenario)
         # the same threads as the devices: the replicas' sums must agree to the bit
         torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
@@ -76,6 +82,12 @@ class SecureCoordinator:
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
             )
         self.seal = CoordinatorParty(scenario, out_dir)
+        self.at_step, self.batches = 0, 0
+        """The step the coordinator's replica is at (its committed steps), and how many
+        updates they used: what a healing device takes (`state`)."""
+        if resume is not None:
+            self.strategy.load_replica_state(resume["replica"])
+            self.at_step, self.batches = int(resume["step"]), int(resume["batches_committed"])
         self.lock = threading.RLock()
         """Held per request, and by `serve` while it closes the run (the files, then the
         ledger's closing entry): no request changes the model in between."""
@@ -122,6 +134,8 @@ class SecureCoordinator:
                 )
                 self.updates.setdefault(step, {})[device] = Accepted(update, entry, count)
                 return self.seal.head_json(), 0.0
+            if op == "state":
+                return self._state(step), 0.0
             if op in ("aggregate", "commit"):
                 devices = read_table(parts, len(self.names))
                 result = self._aggregate(step, devices)
@@ -130,6 +144,17 @@ class SecureCoordinator:
                     return b"", 0.0
                 return self.seal.seal(name, result.body, step), 0.0
         raise ValueError(f"{op} is not a request of a secured fleet")
+
+    def _state(self, step: int) -> bytes:
+        """The replica at `step` for a device that heals (torchft's quorum put it behind
+        its peers); empty while the steps before it are still being committed. A negative
+        step: wherever the replica is (a device back after a coordinator restart)."""
+        step = self.at_step if step < 0 else step
+        if step < self.at_step:
+            raise ValueError(f"the fleet is past step {step} (at {self.at_step})")
+        if step > self.at_step:
+            return b""
+        return pack(step, self.batches, self.strategy.replica_state(), self.toml)
 
     def _aggregate(self, step: int, devices: tuple[int, ...]) -> StepAggregate:
         """The step's aggregate of `devices`' updates (each once per step and devices),
@@ -184,6 +209,7 @@ class SecureCoordinator:
             # num_batches_tracked): the devices apply the same without knowing who was
             self.strategy.apply_aggregate(result.aggregate, list(devices))
         self.committed.add(step)
+        self.at_step, self.batches = step + 1, self.batches + len(devices)
         entry = {d: self.updates[step][d].entry for d in devices}
         screened = {entry[d]: why for d, why in result.screened.items() if d in entry}
         self.seal.aggregate(step, [entry[d] for d in used], self.digest(), screened)

@@ -140,6 +140,17 @@ class SecureDevice:
             raise ExchangeError(f"step {step}: the coordinator's aggregate: {e}") from None
         return Aggregate.of_packed(values, s.numel)
 
+    def coordinator_state(self, store: Any, step: int) -> bytes | None:
+        """The coordinator's replica at `step` (negative: wherever it is), packed, for
+        torchft to heal this device with (`heal.CoordinatorTransport`); None while the
+        coordinator is not there yet."""
+        try:
+            data, _ = self.link(store).call("state", step, self.idx, 0, [])
+        except LinkError:
+            self._link = None
+            raise
+        return data or None
+
     def _tell(self, store: Any, step: int, table: bytes) -> None:
         """The step is committed: the coordinator applies and records it (a failure is
         reported; the other members tell it too)."""

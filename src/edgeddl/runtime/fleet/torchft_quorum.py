@@ -18,6 +18,7 @@ from torch.distributed import ReduceOp
 from edgeddl.runtime.fleet.checkpoint import KEY_CHECKPOINT_EVERY, KEY_RESUME, unpack
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions
+from edgeddl.runtime.fleet.secure_device import SecureDevice
 from edgeddl.runtime.fleet.signed_store import fleet_store
 from edgeddl.runtime.fleet.store import (
     KEY_LIGHTHOUSE,
@@ -44,6 +45,7 @@ class TorchftQuorum:
         self.group_store = TCPStore(self.advertised, 0, is_master=True, wait_for_workers=False)
         timeout = timedelta(seconds=opts.timeout_s)
         self.manager = Manager(
+            checkpoint_transport=_heal_transport(run, store, timeout),
             pg=_process_group(backend, timeout),
             load_state_dict=run.strategy.load_replica_state,
             state_dict=run.strategy.replica_state,
@@ -95,6 +97,18 @@ class TorchftQuorum:
         self.manager.shutdown(wait=False)
 
 
+def _heal_transport(run: DeviceRun, store: Any, timeout: timedelta) -> Any:
+    """Where this device takes the fleet's state when torchft heals it: a secured
+    data-parallel fleet's coordinator, over its session; else a peer, tensors only
+    (docs/trust.md#the-lighthouse)."""
+    from edgeddl.runtime.fleet.heal import CoordinatorTransport, SafeHTTPTransport, state_bound
+
+    ex = run.exchange
+    if isinstance(ex, SecureDevice):
+        return CoordinatorTransport(lambda step: ex.coordinator_state(store, step), run.toml)
+    return SafeHTTPTransport(timeout, state_bound(run.strategy.replica_state()))
+
+
 def _process_group(backend: str, timeout: timedelta) -> Any:
     from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
@@ -139,7 +153,12 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 # others are in again (else it could finish the run before they notice).
                 wait_for_devices(store, run.names, opts.connect_timeout_s)
                 quorum = TorchftQuorum(run, store, opts, backend)
-                quorum.manager.load_state_dict(state)
+                if isinstance(run.exchange, SecureDevice):
+                    # [security]: the coordinator's replica is the fleet's, also when a
+                    # restarted one resumed from a checkpoint behind this device
+                    _adopt_coordinator_state(run, quorum, store)
+                else:  # keep this (newer) state
+                    quorum.manager.load_state_dict(state)
                 _await_the_others(store, opts, run.names)
                 run.stats.reconnects += 1
         # Done before the Manager goes: a device left out of the last step gets a quorum of
@@ -147,6 +166,17 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
         return run.finish(store, quorum.current_step(), resume["step"] if resume else None)
     finally:
         quorum.shutdown()
+
+
+def _adopt_coordinator_state(run: DeviceRun, quorum: TorchftQuorum, store: Any) -> None:
+    """Go on from the coordinator's replica and step (a secured data-parallel fleet)."""
+    assert isinstance(run.exchange, SecureDevice)
+    data = run.exchange.coordinator_state(store, -1)
+    if data is None:  # the coordinator serves a negative step at once
+        raise RuntimeError("the coordinator did not give its state")
+    ck = unpack(data, run.toml, "the coordinator's state")
+    run.strategy.load_replica_state(ck["replica"])
+    quorum.catch_up(int(ck["step"]), int(ck["batches_committed"]))
 
 
 def _await_the_others(store: Any, opts: DeviceOptions, names: list[str]) -> None:
