@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from edgeddl.runtime.fleet.signed_store import unchecked
+from edgeddl.runtime.fleet.store import KEY_RUN_ID
 from edgeddl.security.keys import Identity, save_identity
 
 torchft = pytest.importorskip("torchft")
@@ -229,3 +233,29 @@ def test_a_robust_rule_on_a_sealed_real_fleet_outlasts_hostile_devices(
         for s in e["payload"].get("screened", [])
     ]
     assert set(screened) == {"nan"} and len(screened) == robust["num_rejected"]
+
+
+def test_devices_bind_to_a_restarted_sealed_coordinators_new_run(
+    fleet_factory, tmp_path: Path
+) -> None:
+    """A restarted coordinator is a new run: devices that outlived the first one bind to
+    its run id, prove it with its handshake, and go on with it."""
+    steps = 200
+    keys = tmp_path / "keys"
+    fleet = fleet_factory(
+        steps=steps, extra=_security(keys), coordinator_args=("--min-devices", "3")
+    )
+    for name in DEVICES:
+        fleet.start(name, "--keys", str(keys))
+    for name in DEVICES:  # all in before the kill (a slow start would meet it mid-way)
+        fleet.wait_for(name, 30)
+    first_run = unchecked(fleet.store.get(KEY_RUN_ID)).decode()
+    os.kill(fleet.coordinator.pid, signal.SIGKILL)
+    fleet.coordinator.wait()
+    fleet.start_coordinator()
+    summary = fleet.finish()
+    assert summary["security"]["run_id"] not in ("", first_run)
+    for d in summary["per_device"]:
+        assert d["final_step"] == steps and d["coordinator_reconnects"] == 1
+    assert summary["replicas_consistent"]
+    assert "another run" not in fleet.logs()

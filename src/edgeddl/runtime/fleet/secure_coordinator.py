@@ -62,7 +62,8 @@ KEEP_STEPS = 4
 class SecureCoordinator:
     """The coordinator's part in a secured real fleet (docs/real-fleet.md#the-sealed-fleet)."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path) -> None:
+    def __init__(self, scenario: Scenario, out_dir: Path, run_id: str) -> None:
+        """`run_id`: the coordinator's run, which every session's handshake names."""
         self.names = scenario.fleet.device_names()
         w = build_workload(scenario)
         # the same threads as the devices: the replicas' sums must agree to the bit
@@ -75,7 +76,7 @@ class SecureCoordinator:
                 "security.enabled: a compressed payload carries no BatchNorm statistics on a "
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
             )
-        self.seal = CoordinatorParty(scenario, out_dir)
+        self.seal = CoordinatorParty(scenario, out_dir, run_id)
         self.lock = threading.RLock()
         """Held per request, and by `serve` while it closes the run (the files, then the
         ledger's closing entry): no request changes the model in between."""

@@ -133,6 +133,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 store = connect(opts.coordinator, opts.connect_timeout_s)
                 if run.scenario.security.enabled:  # values signed, reads checked
                     store = fleet_store(store, run.scenario, opts.name, opts.keys_dir)
+                    run.prove_run(store)  # bound to the new coordinator's run, proven
                 mark_joined(store, opts.name)
                 run.resend_rows(store)  # those the lost coordinator never wrote
                 # A restarted coordinator's --min-devices holds the first back until the
