@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeddl.runtime.fleet.signed_store import unchecked
+from edgeddl.runtime.fleet.store import KEY_RUN_ID
 from edgeddl.security.keys import Identity, save_identity
 
 torchft = pytest.importorskip("torchft")
@@ -266,17 +268,19 @@ def test_a_restarted_coordinator_of_a_sealed_fleet_resumes_its_replica(
 ) -> None:
     """kill -9 of the coordinator: the new one resumes its replica from the checkpoint, and
     the devices go on from the coordinator's state (not their own, newer one), so every
-    replica is the coordinator's at the end."""
+    replica is the coordinator's at the end. The new coordinator is a new run: the devices
+    bind to its run id and prove it with its handshake."""
     keys, steps = tmp_path / "keys", 300
     fleet = fleet_factory(steps=steps, extra=PACED + _security(keys))
     fleet.coordinator.kill()  # start again with a short checkpoint interval
     fleet.coordinator.wait()
     fleet.start_coordinator("--checkpoint-every", "20", "--min-devices", "2")
     for name in DEVICES[:2]:
-        fleet.start(name, "--profile", "paced_board")
+        fleet.start(name, "--profile", "paced_board", "--keys", str(keys))
     fleet.wait_for("dev-0", 45)
     fleet.wait_for("dev-1", 45)
     assert (fleet.out / "checkpoint.pt").exists()
+    first_run = unchecked(fleet.store.get(KEY_RUN_ID)).decode()
     os.kill(fleet.coordinator.pid, signal.SIGKILL)
     fleet.coordinator.wait()
     fleet.start_coordinator("--checkpoint-every", "20", "--min-devices", "2")
@@ -290,3 +294,5 @@ def test_a_restarted_coordinator_of_a_sealed_fleet_resumes_its_replica(
         round(sec["coordinator_checksum"], 6)
     }
     assert summary["replicas_consistent"] and summary["final_test_accuracy"] > 0.3
+    assert sec["run_id"] not in ("", first_run)
+    assert "another run" not in fleet.logs()

@@ -143,7 +143,7 @@ def test_the_coordinator_serves_its_replica_only_at_its_own_step(tmp_path: Path)
     for run in ("run", "run2"):  # as the coordinator leaves it before the ledger starts
         (tmp_path / run).mkdir()
         (tmp_path / run / "config.resolved.toml").write_text(to_toml(scenario))
-    c = SecureCoordinator(scenario, tmp_path / "run")
+    c = SecureCoordinator(scenario, tmp_path / "run", "run-1")
     ask = lambda step: c.answer("pi-0", "state", step, 0, 0, [], [])[0]  # noqa: E731
     assert ask(1) == b""  # not there yet: the healing device asks again
     ck = unpack(ask(0), to_toml(scenario), "x")
@@ -155,6 +155,7 @@ def test_the_coordinator_serves_its_replica_only_at_its_own_step(tmp_path: Path)
     resumed = SecureCoordinator(
         scenario,
         tmp_path / "run2",
+        "run-2",
         {"step": 3, "batches_committed": 6, "replica": mine | {"model": moved}},
     )
     with pytest.raises(ValueError, match="past step 2"):

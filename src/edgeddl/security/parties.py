@@ -17,7 +17,6 @@ there) and the ledger head. Which payloads they carry is the runtime's business
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,12 +52,13 @@ class Refused(ValueError):
 class CoordinatorParty:
     """The coordinator's envelopes and ledger; see the module docstring and docs/trust.md."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path) -> None:
+    def __init__(self, scenario: Scenario, out_dir: Path, run_id: str) -> None:
+        """`run_id`: the coordinator's run (its store's values are bound to the same)."""
         cfg = scenario.security
         self.names = scenario.fleet.device_names()
         self.peers = enrolled(cfg)
         self.identity = enrolled_identity(Path(cfg.keys_dir), SECURITY_COORDINATOR, self.peers)
-        self.run_id = f"{scenario.run.name}-{uuid.uuid4().hex[:12]}"
+        self.run_id = run_id
         self.receiver = Receiver(
             self.identity, self.run_id, self.peers, max_payload_bytes=cfg.max_payload_bytes
         )

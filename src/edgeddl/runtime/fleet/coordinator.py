@@ -95,8 +95,12 @@ def serve(
     except RuntimeError as e:  # torch's DistNetworkError: the port is taken, or no such host
         reason = str(e).splitlines()[0]
         raise OSError(f"--port: cannot listen on {host}:{port} ({reason})") from None
+    # New for every coordinator, a restarted one too: every signed value is bound to it (an
+    # earlier run's, replayed, does not check), and the session handshake proves it.
+    run_id = f"edgeddl-{uuid.uuid4().hex[:12]}"
     if scenario.security.enabled:  # the store is open to anyone: its values are signed
-        store = fleet_store(store, scenario, SECURITY_COORDINATOR)
+        store = fleet_store(store, scenario, SECURITY_COORDINATOR, run_id=run_id)
+    store.set(KEY_RUN_ID, run_id)
     toml = to_toml(scenario)
     resume = read_checkpoint(out_dir, toml)
     lighthouse = _lighthouse(heartbeat_timeout_ms) if engine == "torchft" else None
@@ -114,18 +118,17 @@ def serve(
     store.set(KEY_ENGINE, engine)
     store.set(KEY_MIN_DEVICES, str(min_devices))
     store.set(KEY_BACKEND, backend)
-    store.set(KEY_RUN_ID, f"edgeddl-{uuid.uuid4().hex[:12]}")
     if earlier:  # devices that outlived the earlier coordinator hand in the rows it lacks
         store.set(KEY_ROWS_KNOWN, str(max(int(r["step"]) for r in earlier)))
     if lighthouse is not None:
         store.set(KEY_LIGHTHOUSE, lighthouse.address())
     handler: SplitRear | SecureCoordinator | None = None
     if scenario.train.strategy == "split":  # the coordinator holds the rear
-        handler = SplitRear.for_scenario(scenario, store, out_dir, checkpoint_every)
+        handler = SplitRear.for_scenario(scenario, store, out_dir, checkpoint_every, run_id)
     elif scenario.security.enabled:  # it opens, records and aggregates every payload
         # its replica is the fleet's (a device that heals takes it): from the checkpoint too
         replica = unpack(resume[0], toml, "the checkpoint") if resume is not None else None
-        handler = SecureCoordinator(scenario, out_dir, replica)
+        handler = SecureCoordinator(scenario, out_dir, run_id, replica)
     links = None
     if handler is not None:
         party = handler.seal  # [security]: every link is an authenticated session

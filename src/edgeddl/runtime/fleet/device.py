@@ -32,7 +32,7 @@ from edgeddl.runtime.fleet.checkpoint import (
     unpack,
 )
 from edgeddl.runtime.fleet.coordinator_link import LinkError
-from edgeddl.runtime.fleet.device_setup import DeviceOptions, pacing_fleet
+from edgeddl.runtime.fleet.device_setup import DeviceOptions, pacing_fleet, prove_run
 from edgeddl.runtime.fleet.exchange import DeviceExchange, ExchangeError
 from edgeddl.runtime.fleet.quorum import DeviceStats, Quorum, RestartRequired, recoveries
 from edgeddl.runtime.fleet.secure_device import SecureDevice
@@ -115,6 +115,13 @@ class DeviceRun:
         self.stop_requested = False
         self.rows: list[dict[str, Any]] = []
         """The evaluation rows this device reported (a restarted coordinator may lack some)."""
+
+    def prove_run(self, store: Any) -> None:
+        """`[security]`: the run `store` is bound to, proven by the coordinator's handshake on
+        this device's link (opened now; the exchange goes on with it): `prove_run`."""
+        exchange = self.exchange
+        if isinstance(exchange, SecureDevice | SplitDevice):
+            prove_run(store, lambda: exchange.link(store), self.opts.connect_timeout_s)
 
     def train(self, quorum: Quorum, store: Any) -> None:
         """Steps until the scenario's last one. A device the others finished without (left

@@ -1,22 +1,28 @@
 """What a device of a real fleet settles before it trains: its options, the scenario it
 reads from the coordinator's store (refusing what a real fleet cannot carry, with one line),
-its name, and the fleet it paces itself to."""
+its name, the run it proves the store is bound to (`[security]`), and the fleet it paces
+itself to."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeddl.config.loader import ConfigError, scenario_from_dict
 from edgeddl.config.schema import Scenario
 from edgeddl.config.security import SECURITY_COORDINATOR
 from edgeddl.fleet.fleet import Fleet
 from edgeddl.runtime.fleet.signed_store import unchecked
-from edgeddl.runtime.fleet.store import KEY_DONE, KEY_SCENARIO
+from edgeddl.runtime.fleet.store import KEY_SCENARIO
 from edgeddl.security.session import check_sealable
+
+if TYPE_CHECKING:  # torch's: the CLI starts without it
+    from edgeddl.runtime.fleet.split_device import Link
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,12 +51,15 @@ class DeviceOptions:
     trusts ('': the scenario's `security.keys_dir`)."""
 
 
-def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int]:
-    """The coordinator's scenario, the options with the name settled, this device's index."""
-    data = bytes(store.get(KEY_SCENARIO))
-    # [security] with --keys: only a scenario the coordinator it trusts signed; without,
-    # signed or not, the network's word for it
-    data = signed_scenario(data, opts.keys_dir) if opts.keys_dir else unchecked(data)
+def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOptions, int, str]:
+    """The coordinator's scenario, the options with the name settled, this device's index,
+    and with `--keys` the run id the scenario is bound to ('' without: the network's word)."""
+    # [security] with --keys: only a scenario the coordinator it trusts signed for the run
+    # the store names; without, signed or not, the network's word for it
+    if opts.keys_dir:
+        run_id, data = signed_scenario(store, opts.keys_dir)
+    else:
+        run_id, data = "", unchecked(bytes(store.get(KEY_SCENARIO)))
     scenario = scenario_from_dict(tomllib.loads(data.decode()))
     names = scenario.fleet.device_names()
     if not opts.name:
@@ -60,27 +69,59 @@ def read_scenario(store: Any, opts: DeviceOptions) -> tuple[Scenario, DeviceOpti
         raise ConfigError(
             f"--name: {opts.name!r} is not a device of the scenario; allowed: {shown}"
         )
-    if store.check([KEY_DONE]):
-        raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
     check_real_fleet(scenario)
-    return scenario, opts, names.index(opts.name)
+    return scenario, opts, names.index(opts.name), run_id
 
 
-def signed_scenario(data: bytes, keys_dir: str) -> bytes:
-    """The scenario in `data` once the coordinator key in `keys_dir` (coordinator.pub)
-    signed it; ConfigError (one line) otherwise."""
+def signed_scenario(store: Any, keys_dir: str) -> tuple[str, bytes]:
+    """(run id, scenario) in `store` once the coordinator key in `keys_dir`
+    (coordinator.pub) signed both, the scenario for that run; ForgedValue or ConfigError
+    (one line) otherwise."""
     from pathlib import Path
 
-    from edgeddl.runtime.fleet.signed_store import fleet_authors, open_value
+    from edgeddl.runtime.fleet.signed_store import fleet_authors, open_value, run_id_of
     from edgeddl.security.keys import SecurityError, key_paths, load_public
 
     _, public = key_paths(Path(keys_dir), SECURITY_COORDINATOR)
     try:
-        coordinator = load_public(public)
+        peers = {SECURITY_COORDINATOR: load_public(public)}
     except SecurityError as e:
         raise ConfigError(f"--keys: {e}") from None
+    run_id = run_id_of(store, peers)
     allowed = fleet_authors([])(KEY_SCENARIO) or frozenset()
-    return open_value(KEY_SCENARIO, data, {SECURITY_COORDINATOR: coordinator}, allowed)
+    return run_id, open_value(KEY_SCENARIO, bytes(store.get(KEY_SCENARIO)), peers, allowed, run_id)
+
+
+def prove_run(store: Any, link: Callable[[], Link], timeout_s: float) -> None:
+    """`[security]`: the run `store` is bound to, proven by the coordinator's handshake on a
+    link `link()` opens (waiting up to `timeout_s` for one), before anything bound to it is
+    trusted. The store's run id is only the store's word: one recorded in an earlier run
+    could have been replayed with that run's end, final state and checkpoints. A store bound
+    to another run than the coordinator's: ConfigError (one line), the device stops."""
+    from edgeddl.runtime.fleet.coordinator_link import LinkError
+    from edgeddl.runtime.fleet.signed_store import SignedStore
+
+    if not isinstance(store, SignedStore):
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            session = link().session
+            break
+        except LinkError as e:
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"--connect-timeout: no session with the coordinator within {timeout_s:g} "
+                    f"s to prove its run, so nothing in its store is trusted ({e})"
+                ) from None
+            time.sleep(1.0)  # refused, or not served yet: ask again
+    proven = session.run_id if session is not None else None
+    if proven != store.run_id:
+        raise ConfigError(
+            f"--coordinator: its store names run {store.run_id!r}, but the coordinator's "
+            f"handshake proves run {proven!r}: the store's values are another run's "
+            "(replayed); refusing to act on them"
+        )
 
 
 def check_real_fleet(scenario: Scenario) -> None:

@@ -12,9 +12,11 @@ from typing import Any
 
 from edgeddl.config.loader import ConfigError
 from edgeddl.config.schema import Scenario
+from edgeddl.runtime.fleet.coordinator_link import CoordinatorLink
 from edgeddl.runtime.fleet.device import DeviceRun
-from edgeddl.runtime.fleet.device_setup import DeviceOptions, read_scenario
-from edgeddl.runtime.fleet.signed_store import unchecked
+from edgeddl.runtime.fleet.device_setup import DeviceOptions, prove_run, read_scenario
+from edgeddl.runtime.fleet.signed_store import SignedStore, unchecked
+from edgeddl.runtime.fleet.split_device import Link, open_link
 from edgeddl.runtime.fleet.store import (
     KEY_BACKEND,
     KEY_DONE,
@@ -25,6 +27,7 @@ from edgeddl.runtime.fleet.store import (
     mark_stopped,
     wait_for_devices,
 )
+from edgeddl.security.parties import DeviceParty
 
 
 def run_device(opts: DeviceOptions) -> dict[str, Any] | None:
@@ -46,11 +49,15 @@ def run_device(opts: DeviceOptions) -> dict[str, Any] | None:
     # whether this is a restarted elastic worker; what the device runs on is read checked.
     hint = unchecked(store.get(KEY_ENGINE)) if store.check([KEY_ENGINE]) else b"torchft"
     worker = worker and hint == b"elastic"
-    if worker and store.check([KEY_DONE]):  # restarted as the run ended (a late join)
-        return None
     try:
-        scenario, opts, idx = read_scenario(store, opts)
-        store = device_store(store, scenario, opts)
+        scenario, opts, idx, run_id = read_scenario(store, opts)
+        store = device_store(store, scenario, opts, run_id)
+        # [security]: only this run's end counts (it only keeps the device from starting;
+        # nothing shared is acted on before the coordinator proves the run, `_run`)
+        if store.check([KEY_DONE]):
+            if worker:  # restarted as the run ended (a late join)
+                return None
+            raise ConfigError(f"--coordinator: the run at {opts.coordinator} has already finished")
     except ConfigError as e:
         if not worker:
             _stopped(store, opts.name, e)
@@ -73,14 +80,21 @@ def _stopped(store: Any, name: str, e: Exception) -> None:
         mark_stopped(store, name, reason)
 
 
-def device_store(store: Any, scenario: Scenario, opts: DeviceOptions) -> Any:
+def device_store(store: Any, scenario: Scenario, opts: DeviceOptions, run_id: str = "") -> Any:
     """With `[security]`: the store with this device's values signed and every read checked
-    (`signed_store.py`)."""
+    (`signed_store.py`), bound to run `run_id` (default: the one the store names)."""
     if not scenario.security.enabled:
         return store
     from edgeddl.runtime.fleet.signed_store import fleet_store
 
-    return fleet_store(store, scenario, opts.name, opts.keys_dir)
+    return fleet_store(store, scenario, opts.name, opts.keys_dir, run_id)
+
+
+def _agent_link(store: Any, scenario: Scenario, opts: DeviceOptions, idx: int) -> Link:
+    """The elastic agent's own link, only for the coordinator's handshake (its workers, which
+    train, open theirs)."""
+    seal = DeviceParty(scenario, idx, opts.name, opts.keys_dir)
+    return open_link(CoordinatorLink, store, opts.name, idx, opts.timeout_s, seal)
 
 
 def _run(
@@ -100,9 +114,12 @@ def _run(
     if engine == "elastic" and not worker:
         from edgeddl.runtime.fleet.elastic import launch
 
-        run_id = store.get(KEY_RUN_ID).decode()
+        # fails at once on a store that lies, not in every restarted worker
+        prove_run(store, lambda: _agent_link(store, scenario, opts, idx), opts.connect_timeout_s)
+        run_id = store.run_id if isinstance(store, SignedStore) else store.get(KEY_RUN_ID).decode()
         return launch(opts, store, len(names), run_id)
     run = DeviceRun(opts, scenario, idx, backend)
+    run.prove_run(store)  # [security]: before it acts on anything shared
     if engine == "elastic":
         from edgeddl.runtime.fleet.elastic import run_worker
 

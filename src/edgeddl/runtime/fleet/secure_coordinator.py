@@ -65,9 +65,14 @@ class SecureCoordinator:
     """The coordinator's part in a secured real fleet (docs/real-fleet.md#the-sealed-fleet)."""
 
     def __init__(
-        self, scenario: Scenario, out_dir: Path, resume: dict[str, Any] | None = None
+        self,
+        scenario: Scenario,
+        out_dir: Path,
+        run_id: str,
+        resume: dict[str, Any] | None = None,
     ) -> None:
-        """`resume`: the checkpoint a restarted coordinator resumes from (`checkpoint.unpack`)."""
+        """`run_id`: the coordinator's run, which every session's handshake names;
+        `resume`: the checkpoint a restarted coordinator resumes from (`checkpoint.unpack`)."""
         self.names = scenario.fleet.device_names()
         self.toml = to_toml(scenario)
         w = build_workload(scenario)
@@ -81,7 +86,7 @@ class SecureCoordinator:
                 "security.enabled: a compressed payload carries no BatchNorm statistics on a "
                 "real fleet yet; use a model without BatchNorm, or no [compression]"
             )
-        self.seal = CoordinatorParty(scenario, out_dir)
+        self.seal = CoordinatorParty(scenario, out_dir, run_id)
         self.at_step, self.batches = 0, 0
         """The step the coordinator's replica is at (its committed steps), and how many
         updates they used: what a healing device takes (`state`)."""

@@ -71,10 +71,11 @@ class SplitRear:
 
     @classmethod
     def for_scenario(
-        cls, scenario: Scenario, store: Any, out_dir: Path, checkpoint_every: int
+        cls, scenario: Scenario, store: Any, out_dir: Path, checkpoint_every: int, run_id: str
     ) -> SplitRear:
         """The scenario's rear (built as every device builds its front) and test set; the
-        rear of `out_dir/rear.pt` if an earlier coordinator of this run left one."""
+        rear of `out_dir/rear.pt` if an earlier coordinator of this run left one. `run_id`:
+        the coordinator's run, which every session's handshake names (`[security]`)."""
         w = build_workload(scenario)
         # the same threads as the devices: the replicas' sums must agree to the bit
         torch.set_num_threads(scenario_threads(scenario, w.cost.train_flops_per_sample))
@@ -87,7 +88,7 @@ class SplitRear:
             store,
             lambda model: w.task.evaluate(model, w.x_test, w.y_test),
             checkpoint=(out_dir / REAR_FILE, checkpoint_every, toml),
-            seal=CoordinatorParty(scenario, out_dir) if scenario.security.enabled else None,
+            seal=CoordinatorParty(scenario, out_dir, run_id) if scenario.security.enabled else None,
         )
         path = out_dir / REAR_FILE
         if path.exists():

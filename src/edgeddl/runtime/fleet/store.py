@@ -23,7 +23,8 @@ KEY_ENGINE = "edgeddl/engine"
 KEY_BACKEND = "edgeddl/backend"
 """The process groups' backend: 'gloo' (CPUs, or a mixed fleet) or 'nccl' (GPUs only)."""
 KEY_RUN_ID = "edgeddl/run_id"
-"""The elastic engine's rendezvous id (new for every coordinator)."""
+"""The run's id, new for every coordinator: with `[security]` every signed value is bound to
+it and the session handshake proves it; also the elastic engine's rendezvous id."""
 KEY_MIN_DEVICES = "edgeddl/min_devices"
 """How many of the scenario's devices must be in before the first step, each counted once
 (later ones join mid-run)."""

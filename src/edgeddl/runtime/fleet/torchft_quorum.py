@@ -137,7 +137,8 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                     raise
                 if quorum.current_step() >= run.scenario.train.num_steps:
                     break  # the run is over; the coordinator left first: nothing to wait for
-                # The coordinator is gone: wait for its restart, keep this (newer) state.
+                # The coordinator is gone: wait for its restart (then go on from this,
+                # newer, state; a secured fleet from the restarted coordinator's).
                 print(
                     f"edgeddl device {opts.name}: coordinator lost ({e}); reconnecting",
                     file=sys.stderr,
@@ -147,6 +148,7 @@ def run_torchft(opts: DeviceOptions, store: Any, run: DeviceRun, backend: str) -
                 store = connect(opts.coordinator, opts.connect_timeout_s)
                 if run.scenario.security.enabled:  # values signed, reads checked
                     store = fleet_store(store, run.scenario, opts.name, opts.keys_dir)
+                    run.prove_run(store)  # bound to the new coordinator's run, proven
                 mark_joined(store, opts.name)
                 run.resend_rows(store)  # those the lost coordinator never wrote
                 # A restarted coordinator's --min-devices holds the first back until the
