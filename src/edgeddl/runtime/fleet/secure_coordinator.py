@@ -27,6 +27,7 @@ from edgeddl.config.loader import ConfigError, to_toml
 from edgeddl.config.schema import Scenario
 from edgeddl.runtime.fleet.allreduce import checksum
 from edgeddl.runtime.fleet.checkpoint import pack
+from edgeddl.runtime.fleet.votes import StepVotes
 from edgeddl.security.ledger import model_digest
 from edgeddl.security.parties import CoordinatorParty
 from edgeddl.strategy.base import Aggregate, FleetStrategy
@@ -100,8 +101,8 @@ class SecureCoordinator:
         """Step -> device -> its accepted update."""
         self.aggregates: dict[tuple[int, tuple[int, ...]], StepAggregate] = {}
         self.committed: set[int] = set()
-        self.votes: dict[tuple[int, tuple[int, ...]], set[int]] = {}
-        """(step, table) -> the members that said it was committed."""
+        self.votes = StepVotes()
+        """Who said which step was committed with which table."""
         fed = scenario.train.strategy == "federated"
         uniform = scenario.federated.weighting == "uniform"
         self.weights: list[tuple[int, int]] = [
@@ -186,25 +187,14 @@ class SecureCoordinator:
     def _vote(self, step: int, devices: tuple[int, ...], voter: int, result: StepAggregate) -> None:
         """A member says the step was committed with `devices`: once most of the step's
         senders (devices whose update it accepted) said so for the same table, the
-        coordinator commits it too (one member, or one stolen key, cannot). A step
-        committed that way is proof the fleet committed the steps before it: any of those
-        still waiting (a member died before it said so) is committed first, with the table
-        most of its members named."""
+        coordinator commits it too (one member, or one stolen key, cannot), after any
+        earlier step still waiting (`StepVotes.add`) whose aggregate it still keeps."""
         if step in self.committed or voter not in devices:  # a member that sent nothing
             return
-        votes = self.votes.setdefault((step, devices), set())
-        votes.add(voter)
-        if 2 * len(votes) <= len(self.updates.get(step, {})):
-            return  # most of the step's senders, not of a table the voter chose
-        for (earlier, table), said in sorted(self.votes.items()):
-            if earlier < step and earlier not in self.committed:
-                best = max(
-                    (k for k in self.votes if k[0] == earlier), key=lambda k: len(self.votes[k])
-                )
-                kept = self.aggregates.get(best)
-                if best == (earlier, table) and said and kept is not None:
-                    self._commit(earlier, table, kept)
-        self._commit(step, devices, result)
+        for earlier, table in self.votes.add(step, devices, voter, self.updates.get(step, {})):
+            kept = result if earlier == step else self.aggregates.get((earlier, table))
+            if kept is not None:
+                self._commit(earlier, table, kept)
 
     def _commit(self, step: int, devices: tuple[int, ...], result: StepAggregate) -> None:
         """Apply the step's aggregate to the coordinator's replica, once; record it."""
@@ -221,7 +211,7 @@ class SecureCoordinator:
         # A member that was not in this step may still ask for an older one (joins race
         # with commits): keep the last few steps' updates.
         self.updates = {k: v for k, v in self.updates.items() if k > step - KEEP_STEPS}
-        self.votes = {k: v for k, v in self.votes.items() if k[0] > step}
+        self.votes.forget(step)
 
     def digest(self) -> str:
         with torch.no_grad():

@@ -7,8 +7,9 @@ carries the step's table (who contributed, samples, loss, speed), and with Split
 member's front (and head) after its own optimizer step, times its samples: the weighted
 mean every member loads is the simulator's SplitFed average. That optimizer step is
 tentative until the engine's verdict: a step that is not committed puts the front and its
-optimizer back as they were. Once a step is committed every member tells the rear (which
-steps once, whichever member told it first), so a lost lead cannot leave the rear behind.
+optimizer back as they were. Once a step is committed every member tells the rear, which
+steps once (whichever member told it first; with `[security]`, once most of the step's
+senders told it the same table), so a lost lead cannot leave the rear behind.
 """
 
 from __future__ import annotations

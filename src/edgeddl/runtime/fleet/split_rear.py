@@ -3,6 +3,9 @@
 The rear lives on the coordinator, so a split step is a conversation over each device's link,
 not a sum among devices. Requests go into the one `RearServer` in the order they come. The
 rear is checkpointed, so a restarted coordinator loses fewer than `--checkpoint-every` steps.
+With `[security]` the rear takes a step once most of the step's senders told it the step was
+committed (`StepVotes`): a request for another step waits for that, as it needs the rear
+that took the step.
 Details: docs/real-fleet.md#split-learnings-rear
 """
 
@@ -24,6 +27,7 @@ from edgeddl.config.schema import Scenario
 from edgeddl.io import write_bytes_atomic
 from edgeddl.runtime.fleet.checkpoint import pack, unpack
 from edgeddl.runtime.fleet.store import KEY_ROWS, row_key
+from edgeddl.runtime.fleet.votes import StepVotes, Table
 from edgeddl.security.ledger import model_digest
 from edgeddl.security.parties import CoordinatorParty
 from edgeddl.strategy.base import ConversationRear
@@ -35,6 +39,11 @@ REAR_FILE = "rear.pt"
 """The rear's checkpoint in the run folder."""
 Evaluate = Callable[[nn.Module], dict[str, float]]
 """A model's test metrics."""
+VOTE_WAIT_S = 1.0
+"""With `[security]`: the longest a request waits for a step members told committed to be
+decided. Honest members tell together (they leave the same sum), so past it most of the
+step's senders were lost before they told, and the step is dropped: fewer may not commit it.
+Below the devices' `--timeout`, so a device whose request waited is still answered."""
 
 
 class SplitRear:
@@ -50,6 +59,7 @@ class SplitRear:
         timeout_s: float = 3600.0,
         checkpoint: tuple[Path, int, str] | None = None,
         seal: CoordinatorParty | None = None,
+        vote_wait_s: float = VOTE_WAIT_S,
     ) -> None:
         self.strategy, self.names, self.global_batch = strategy, names, global_batch
         self.store, self.evaluate, self.timeout_s = store, evaluate, timeout_s
@@ -62,6 +72,18 @@ class SplitRear:
         """Step -> device -> the ledger entries of what it sent."""
         self.lock = threading.RLock()
         """Held per request, and by `serve` while it closes the run."""
+        self.decided = threading.Condition(self.lock)
+        """Notified when a step voted on is committed or dropped."""
+        self.senders: dict[int, set[int]] = {}
+        """Step -> the devices whose requests the rear answered (with `[security]`: who may
+        vote on it, and most of whom must)."""
+        self.votes = StepVotes()
+        self.told: set[int] = set()
+        """With `[security]`: steps the rear gathered that a member told it were committed,
+        not yet decided (a request for another step waits for them)."""
+        self.vote_wait_s = vote_wait_s
+        self.dropped = 0
+        """With `[security]`: steps voted on that the rear did not take."""
         self.max_body, self.max_state = strategy.request_limits(global_batch)
         self.evaluated: set[int] = set()
         self.received = 0
@@ -131,6 +153,8 @@ class SplitRear:
         with self.lock:
             if op == "hello" and seal is not None:
                 return seal.hello(name), 0.0
+            if seal is not None and op != "commit":
+                self._wait_for_votes(step, op == "evaluate")
             if op in ("activations", "head_gradients"):
                 s.check_step(step)  # before opening: a stale request leaves no entry
             if op in ("activations", "head_gradients", "evaluate") and seal is not None:
@@ -143,6 +167,7 @@ class SplitRear:
                 if not 0 < count <= self.global_batch:
                     raise ValueError(f"{count} samples (global_batch {self.global_batch})")
                 reply = s.answer(op, device, step, count, parts)
+                self.senders.setdefault(step, set()).add(device)
                 if seal is not None:
                     reply = (seal.seal(name, reply[0], step), reply[1])
                 self.received += sum(len(p) for p in parts)
@@ -152,17 +177,64 @@ class SplitRear:
                 table = np.frombuffer(parts[0], dtype=np.int64) if parts else np.zeros(0, np.int64)
                 if len(table) % 2:
                     raise ValueError("a commit's table of devices and samples is malformed")
-                devices, counts = table[: len(table) // 2], table[len(table) // 2 :]
-                if s.commit_rear(step, devices.tolist(), counts.tolist()):
-                    self._keep(step + 1)  # the step counter once the step is committed
-                    if seal is not None:
-                        sent = self.entries.pop(step, {})
-                        used = [e for d in devices.tolist() for e in sent.get(d, [])]
-                        seal.aggregate(step, used, self.digest())
-                        self.entries = {k: v for k, v in self.entries.items() if k > step}
+                if seal is None:  # the first member to tell decides
+                    self._commit(step, tuple(table.tolist()))
+                    return b"", 0.0
+                senders = self.senders.get(step, set())
+                if senders:  # even a member that sent nothing: the next step waits for it
+                    self.told.add(step)
+                for voted, t in self.votes.add(step, tuple(table.tolist()), device, senders):
+                    self._commit(voted, t)
                 return b"", 0.0
             self._evaluate(step, parts[0] if parts else b"", header)
             return b"", 0.0
+
+    def _commit(self, step: int, table: Table) -> None:
+        """The rear's step with `table` (its devices, then the samples each sent), once;
+        with `[security]` recorded, or counted as dropped if the rear cannot take it."""
+        devices, counts = list(table[: len(table) // 2]), list(table[len(table) // 2 :])
+        seal = self.seal
+        if self.strategy.commit_rear(step, devices, counts):
+            self._keep(step + 1)  # the step counter once the step is committed
+            if seal is not None:
+                sent = self.entries.get(step, {})
+                used = [e for d in devices for e in sent.get(d, [])]
+                seal.aggregate(step, used, self.digest())
+        elif seal is None:
+            return  # the next member's tell may commit it
+        else:
+            self.dropped += 1
+            print(f"edgeddl coordinator: the rear cannot take step {step}", flush=True)
+        self._decided(step)
+
+    def _decided(self, step: int) -> None:
+        """Step `step` is committed or dropped: what was kept for it and older steps goes,
+        and the requests waiting for it go on."""
+        self.entries = {k: v for k, v in self.entries.items() if k > step}
+        self.senders = {k: v for k, v in self.senders.items() if k > step}
+        self.votes.forget(step)
+        self.told = {t for t in self.told if t > step}
+        self.decided.notify_all()
+
+    def _wait_for_votes(self, step: int, evaluate: bool) -> None:
+        """A request for another step than one voted on waits until that step is decided
+        (an evaluation: until its own step is). Past `vote_wait_s`, the steps it waited for
+        are dropped: most of their senders never told (lost mid-step), and fewer cannot
+        commit them (docs/real-fleet.md#split-learnings-rear)."""
+
+        def waiting_for() -> list[int]:
+            return sorted(t for t in self.told if (t <= step if evaluate else t != step))
+
+        if self.decided.wait_for(lambda: not waiting_for(), self.vote_wait_s):
+            return
+        for v in waiting_for():
+            self.dropped += 1
+            print(
+                f"edgeddl coordinator: the rear drops step {v}: most of its senders did not "
+                f"tell it committed within {self.vote_wait_s} s",
+                flush=True,
+            )
+            self._decided(v)
 
     def _evaluate(self, step: int, state: bytes, header: list[float]) -> None:
         """The whole model from the lead's front (and head) and the rear: a metrics row."""
@@ -200,4 +272,5 @@ class SplitRear:
         with self.lock:
             out = self.strategy.rear_summary(self.received, self.received_dense)
             out["rear_resumed_from_step"] = self.resumed_from
+            out["rear_steps_dropped"] = self.dropped
             return out
