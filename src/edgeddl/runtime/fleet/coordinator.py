@@ -167,7 +167,11 @@ def serve(
                     all_failed_at = None
                 # The checkpoint before the rows: every row up to its step was written before
                 # it, so metrics.jsonl has them all by the time the checkpoint is on disk.
-                checkpoint = _new_checkpoint(store, checkpoint_step)
+                checkpoint = (
+                    handler.checkpoint(checkpoint_step, checkpoint_every)
+                    if isinstance(handler, SecureCoordinator)  # its own replica, no device's
+                    else _new_checkpoint(store, checkpoint_step)
+                )
                 if new_rows := reader.poll(store):
                     rows += new_rows
                     write_jsonl_atomic(out_dir / "metrics.jsonl", _merged(earlier, rows))

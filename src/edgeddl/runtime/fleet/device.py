@@ -323,7 +323,9 @@ class DeviceRun:
                     self.split.evaluate(store, step, loss, members)
                 else:
                     _send_row(store, self.rows[-1])
-            if self.checkpoint_every and step % self.checkpoint_every == 0:
+            # a secured fleet's coordinator checkpoints its own replica
+            own = not isinstance(self.exchange, SecureDevice)
+            if own and self.checkpoint_every and step % self.checkpoint_every == 0:
                 batches = quorum.batches_committed()
                 data = pack(step, batches, self.strategy.replica_state(), self.toml)
                 store.set(KEY_CHECKPOINT, data)

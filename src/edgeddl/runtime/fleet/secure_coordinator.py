@@ -162,6 +162,16 @@ class SecureCoordinator:
             return b""
         return pack(step, self.batches, self.strategy.replica_state(), self.toml)
 
+    def checkpoint(self, have: int, every: int) -> tuple[int, bytes] | None:
+        """(step, bytes) of the replica as a checkpoint, once it passed a multiple of
+        `every` beyond step `have` (0: never). A secured fleet's checkpoint is the
+        coordinator's own replica: a device's (signed, but by any enrolled key) is not
+        what a restarted coordinator resumes from."""
+        with self.lock:
+            if every <= 0 or self.at_step // every <= max(have, 0) // every:
+                return None
+            return self.at_step, self._state(self.at_step)
+
     def _aggregate(self, step: int, devices: tuple[int, ...]) -> StepAggregate:
         """The step's aggregate of `devices`' updates (each once per step and devices),
         weighted as each update declared."""
