@@ -14,10 +14,12 @@ from fleet_fakes import SCENARIO, Alone, DictStore, device_run, params
 
 from edgeddl.config.loader import load_scenario
 from edgeddl.fleet.timeline import STATES
+from edgeddl.runtime.fleet.checkpoint import KEY_FINAL_STATE, pack
 from edgeddl.runtime.fleet.device import DeviceRun
 from edgeddl.runtime.fleet.device_setup import DeviceOptions
 from edgeddl.runtime.fleet.quorum import RestartRequired, recoveries
-from edgeddl.runtime.fleet.store import KEY_MIN_DEVICES, KEY_ROWS, engine_key, row_key
+from edgeddl.runtime.fleet.secure_device import SecureDevice
+from edgeddl.runtime.fleet.store import KEY_DONE, KEY_MIN_DEVICES, KEY_ROWS, engine_key, row_key
 
 
 def test_a_lone_device_commits_every_step_and_its_wall_time_adds_up(tmp_path: Path) -> None:
@@ -82,6 +84,43 @@ def test_a_device_the_others_finished_without_takes_their_state_not_their_step(
     engine.step = 1  # it took step 0 with the others, then was left out of step 1
     behind.train(engine, store)
     assert engine.step == 2 and (behind.stats.committed, behind.stats.failed) == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(params(finisher), params(behind), strict=True))
+
+
+def test_a_secured_device_left_behind_takes_the_coordinators_state_not_the_stores(
+    tmp_path: Path,
+) -> None:
+    """In a secured fleet the final state in the store is signed by whoever finished first,
+    so by any enrolled key: the device left behind takes the coordinator's replica at the
+    last step instead, over its session (here a stand-in that is there on the second ask)."""
+    store = DictStore()
+    finisher = device_run(tmp_path, steps=2)
+    finisher.train(Alone(), store)
+    scenario = finisher.scenario
+    rogue = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-1"), scenario, 1)
+    with torch.no_grad():
+        for p in rogue.strategy.model.parameters():
+            p.fill_(7.0)
+    store.set(KEY_FINAL_STATE, pack(2, 2, rogue.strategy.replica_state(), finisher.toml))
+    store.set(KEY_DONE, "1")
+    asked: list[int] = []
+
+    class Coordinator(SecureDevice):
+        def __init__(self) -> None:  # only its session's answers matter here
+            pass
+
+        def coordinator_state(self, store: Any, step: int) -> bytes | None:
+            asked.append(step)
+            if len(asked) < 2:  # still committing the last step
+                return None
+            return pack(step, 2, finisher.strategy.replica_state(), finisher.toml)
+
+    behind = DeviceRun(DeviceOptions(coordinator="h:1", name="dev-1"), scenario, 1)
+    behind.exchange = Coordinator()
+    engine = Alone()
+    engine.step = 1
+    behind.train(engine, store)
+    assert asked == [2, 2] and engine.step == 2
     assert all(torch.equal(a, b) for a, b in zip(params(finisher), params(behind), strict=True))
 
 

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("torchft")
 
 from edgeddl.config.loader import scenario_from_dict, to_toml
-from edgeddl.runtime.fleet.checkpoint import pack, unpack
+from edgeddl.runtime.fleet.checkpoint import CheckpointError, pack, unpack
 from edgeddl.runtime.fleet.heal import (
     STATE_KEY,
     CoordinatorTransport,
@@ -105,10 +105,10 @@ def test_the_coordinator_transport_waits_for_the_coordinator_to_reach_the_step()
 
 def test_the_coordinator_transport_loads_nothing_it_was_not_asked_for() -> None:
     never = CoordinatorTransport(lambda step: None, TOML)
-    with pytest.raises(HealError, match="did not reach step 9"):
+    with pytest.raises(CheckpointError, match="did not reach step 9"):
         never.recv_checkpoint(0, "", 9, timedelta(seconds=0.2))
     other = CoordinatorTransport(lambda step: pack(4, 0, {}, TOML), TOML)
-    with pytest.raises(HealError, match="at step 4, not 5"):
+    with pytest.raises(CheckpointError, match="at step 4, not 5"):
         other.recv_checkpoint(0, "", 5, T)
     wrong = CoordinatorTransport(lambda step: pack(5, 0, {}, "another"), TOML)
     with pytest.raises(Exception, match="another scenario"):

@@ -6,11 +6,15 @@ scenario, and leaves it in the coordinator's store; the coordinator writes it to
 `RUN/checkpoint.pt` atomically (temp + rename). A coordinator started on a run folder that
 holds one hands it to every device that starts from nothing; devices that outlived the
 coordinator keep their newer state and heal the others (torchft takes the highest step).
+With `[security]` the coordinator holds the fleet's replica: it checkpoints that, and every
+device goes on from it (`await_state`).
 """
 
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,27 @@ def unpack(data: bytes, scenario_toml: str, where: str) -> dict[str, Any]:
             f"{where}: the checkpoint is of another scenario; use another --out "
             "or delete the file to start afresh"
         )
+    return ck
+
+
+POLL_S = 0.05
+"""How often a device asks again while the coordinator finishes the step before."""
+
+
+def await_state(
+    fetch: Callable[[int], bytes | None], step: int, timeout_s: float, scenario_toml: str
+) -> dict[str, Any]:
+    """A secured fleet's coordinator's replica at `step` (`fetch`: its packed state, None
+    while it is not there yet), once the coordinator has committed the steps before;
+    CheckpointError if it does not get there within `timeout_s` or sends another step."""
+    deadline = time.monotonic() + timeout_s
+    while (data := fetch(step)) is None:
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"the coordinator did not reach step {step} to take it from")
+        time.sleep(POLL_S)
+    ck = unpack(data, scenario_toml, "the coordinator's state")
+    if int(ck["step"]) != step:
+        raise CheckpointError(f"the coordinator sent its state at step {ck['step']}, not {step}")
     return ck
 
 

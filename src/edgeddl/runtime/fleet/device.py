@@ -28,6 +28,8 @@ from edgeddl.runtime.fleet.checkpoint import (
     KEY_CHECKPOINT,
     KEY_CHECKPOINT_STEP,
     KEY_FINAL_STATE,
+    CheckpointError,
+    await_state,
     pack,
     unpack,
 )
@@ -151,7 +153,20 @@ class DeviceRun:
         one with that step; alone, this device would take it again: a second history.)"""
         if not store.check([KEY_FINAL_STATE]):  # the run ended short (another's error)
             return
-        ck = unpack(store.get(KEY_FINAL_STATE), self.toml, "the fleet's final state")
+        ex = self.exchange
+        if isinstance(ex, SecureDevice):  # the coordinator's, not a value any key can sign
+            try:
+                ck = await_state(
+                    lambda s: ex.coordinator_state(store, s),
+                    self.scenario.train.num_steps,
+                    self.opts.timeout_s,
+                    self.toml,
+                )
+            except (CheckpointError, LinkError) as e:
+                print(f"edgeddl device {self.opts.name}: the final state: {e}", file=sys.stderr)
+                return
+        else:
+            ck = unpack(store.get(KEY_FINAL_STATE), self.toml, "the fleet's final state")
         self.strategy.load_replica_state(ck["replica"])
         quorum.catch_up(int(ck["step"]), int(ck["batches_committed"]))
 

@@ -20,7 +20,6 @@ Details: docs/trust.md#the-lighthouse
 from __future__ import annotations
 
 import io
-import time
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -29,12 +28,10 @@ from typing import Any
 import torch
 from torchft.checkpointing import CheckpointTransport, HTTPTransport
 
-from edgeddl.runtime.fleet.checkpoint import unpack
+from edgeddl.runtime.fleet.checkpoint import await_state
 
 STATE_KEY = "default"
 """The key torchft's Manager files the state callbacks it is given under."""
-POLL_S = 0.05
-"""How often a healing device asks again while the coordinator finishes the step before."""
 
 
 class HealError(RuntimeError):
@@ -90,7 +87,7 @@ def load_tensors(data: bytes, where: str) -> object:
 
 Fetch = Callable[[int], bytes | None]
 """The coordinator's state at a step, packed (`checkpoint.pack`); None while it has not
-reached that step yet; HealError (or LinkError) if it never will."""
+reached that step yet; an error if it never will (`checkpoint.await_state`)."""
 
 
 class CoordinatorTransport(CheckpointTransport[dict[str, Any]]):
@@ -112,14 +109,7 @@ class CoordinatorTransport(CheckpointTransport[dict[str, Any]]):
     ) -> dict[str, Any]:
         """The coordinator's state at `step` (the peers' step, as the lighthouse said),
         once the coordinator has committed the steps before it."""
-        deadline = time.monotonic() + timeout.total_seconds()
-        while (data := self.fetch(step)) is None:
-            if time.monotonic() > deadline:
-                raise HealError(f"the coordinator did not reach step {step} to heal from")
-            time.sleep(POLL_S)
-        ck = unpack(data, self.toml, "the coordinator's state")
-        if int(ck["step"]) != step:
-            raise HealError(f"the coordinator sent its state at step {ck['step']}, not {step}")
+        ck = await_state(self.fetch, step, timeout.total_seconds(), self.toml)
         return {
             "user": {STATE_KEY: ck["replica"]},
             "torchft": {"step": step, "batches_committed": int(ck["batches_committed"])},
