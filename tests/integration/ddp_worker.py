@@ -26,20 +26,55 @@ def data(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[rank::world], y[rank::world]
 
 
+MATCHED = {"rank": 4, "error_feedback": "off", "dense_steps": 2}
+"""PowerSGD as torch's hook is set below: error feedback off (torch's memory keeps the
+input less the *mean* approximation, edgeddl's less the rank's own), compression from the
+third step."""
+LAYOUT: list[Any] = []
+"""The bucket's layout in the edgeddl PowerSGD run, for torch's to start from its Q."""
+
+
+def torch_powersgd(ddp: DDP) -> Any:
+    """torch's own PowerSGD hook with the settings of MATCHED, starting from the Q that
+    edgeddl's PowerSGD draws for the same bucket."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+    from edgeddl.compress.lowrank import PowerSGD
+
+    state = ps.PowerSGDState(
+        process_group=None,
+        matrix_approximation_rank=MATCHED["rank"],
+        start_powerSGD_iter=MATCHED["dense_steps"],
+        min_compression_rate=1,  # edgeddl compresses a matrix whenever its factors are smaller
+        use_error_feedback=False,
+        warm_start=True,
+    )
+    ddp.register_comm_hook(state, ps.powerSGD_hook)
+    layout = LAYOUT[0]
+    q = PowerSGD(layout, MATCHED["rank"], seed=0).state_dict()["q"]
+    p_len = sum(s[0] * min(MATCHED["rank"], s[0], s[1]) for s in layout.shapes if len(s) == 2)
+    return state, q, p_len
+
+
 def train(mode: str, options: dict[str, Any]) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     ddp = DDP(model)
-    state = None
-    if mode != "plain":
+    state, torch_state = None, None
+    if mode == "torch_powersgd":
+        torch_state, q, p_len = torch_powersgd(ddp)
+    elif mode != "plain":
         state = CompressionState(mode, **options)
         ddp.register_comm_hook(state, compression_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     x, y = data(rank, world)
     gen = torch.Generator().manual_seed(rank)
     trajectory, losses = [], []
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if torch_state is not None and step == MATCHED["dense_steps"]:  # its first Q: ours
+            torch_state.p_memory_dict[0] = torch.empty(p_len)
+            torch_state.q_memory_dict[0] = q.clone()
         rows = torch.randint(0, len(x), (BATCH,), generator=gen)
         loss = nn.functional.cross_entropy(ddp(x[rows]), y[rows])
         opt.zero_grad()
@@ -47,13 +82,17 @@ def train(mode: str, options: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         losses.append(float(loss))
         trajectory.append(torch.cat([p.detach().flatten() for p in model.parameters()]).tolist())
+    if mode == "powersgd" and options == MATCHED:
+        LAYOUT.append(state.buckets[0].layout)  # type: ignore[union-attr]
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
     flat = torch.tensor(trajectory[-1])
     same = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(same, flat)
     return {
-        "trajectory": trajectory if mode in ("plain", "none") else [],
+        "trajectory": trajectory
+        if mode in ("plain", "none", "torch_powersgd") or options == MATCHED
+        else [],
         "first_loss": sum(losses[:5]) / 5,
         "last_loss": sum(losses[-5:]) / 5,
         "accuracy": acc,
@@ -76,6 +115,8 @@ def main(out: str) -> None:
         "powersgd": ("powersgd", {"rank": 4}),
         "dgc": ("dgc", {"density": 0.05}),
         "fp16": ("fp16", {}),
+        "powersgd_matched": ("powersgd", MATCHED),
+        "torch_powersgd": ("torch_powersgd", {}),
     }
     result = {name: train(mode, opts) for name, (mode, opts) in runs.items()}
     if dist.get_rank() == 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from edgeddl.ddp import CompressionState
 
@@ -32,6 +33,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_none_is_plain_ddp_to_the_bit(runs: dict[str, Any]) -> None:
     assert runs["none"]["trajectory"] == runs["plain"]["trajectory"]
     assert runs["none"]["bytes_sent"] == runs["none"]["dense_bytes"] > 0
+
+
+def test_powersgd_agrees_with_torchs_own_hook(runs: dict[str, Any]) -> None:
+    """Matched settings (`ddp_worker.MATCHED`: rank 4, compression from the third step,
+    no error feedback, torch's `min_compression_rate=1`, torch started from edgeddl's Q):
+    the two trajectories agree to float tolerance, and differ from plain DDP's."""
+    ours, theirs, plain = (
+        torch.tensor(runs[k]["trajectory"]) for k in ("powersgd_matched", "torch_powersgd", "plain")
+    )
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (ours[-1] - plain[-1]).abs().max() > 1e-2  # compressed: not plain DDP
+    assert torch.equal(ours[:2], plain[:2])  # the dense first steps
 
 
 @pytest.mark.parametrize(
