@@ -75,8 +75,8 @@ class CompressionState:
                 + ", ".join(sorted(allowed))
             )
         self.cfg = CompressorConfig(compressor=compressor, **options)  # one-line errors
-        self.compressor, self.dense_steps, self.seed = compressor, dense_steps, seed
-        self.momentum, self.process_group, self.options = momentum, process_group, options
+        self.dense_steps, self.seed = dense_steps, seed
+        self.momentum, self.process_group = momentum, process_group
         self.codec: Codec = build_codec(self.cfg)
         self.buckets: dict[int, _Bucket] = {}
         self.step, self.bytes_sent, self.dense_bytes = 0, 0, 0
@@ -115,7 +115,7 @@ def compression_hook(
     if bucket.is_last():
         state.step += 1
     state.dense_bytes += buf.numel() * buf.element_size()
-    if step < state.dense_steps or state.compressor == "none":
+    if step < state.dense_steps or state.cfg.compressor == "none":
         state.bytes_sent += buf.numel() * buf.element_size()
         buf.div_(world)
         dist.all_reduce(buf, group=group)
